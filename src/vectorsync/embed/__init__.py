@@ -1,0 +1,5 @@
+"""Embedders: text → vector."""
+
+from .base import Embedder
+
+__all__ = ["Embedder"]

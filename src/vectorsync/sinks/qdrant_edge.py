@@ -1,0 +1,215 @@
+"""qdrant-edge sink: Qdrant's engine in-process, one shard folder per collection.
+
+An update that has returned is in the shard's write-ahead log and survives a crash, so a
+returned call is an acknowledged write. A shard has a single writer: we hold an advisory
+lock on the folder so a second process gets a clear error instead of a WAL lock failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from .._blocking import BlockingLane
+from ..errors import ConfigError, PermanentError, SinkError
+from ..model import Point, SinkRecord
+from .base import CollectionSpec, Hit
+
+__all__ = ["QdrantEdgeSink"]
+
+_LOCK = ".vectorsync.lock"
+
+
+@contextlib.contextmanager
+def wrap_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (PermanentError, SinkError):
+        raise
+    except Exception as exc:  # qdrant-edge raises plain Exception for every failure
+        raise SinkError(f"qdrant-edge: {what}: {exc}") from exc
+
+
+class QdrantEdgeSink:
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self._lane = BlockingLane(f"qdrant-edge-{name}")
+        self._shards: dict[str, Any] = {}
+        self._lock: IO[str] | None = None
+
+    async def open(self) -> None:
+        await self._lane.run(self._take_lock)
+
+    def _take_lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = (self.path / _LOCK).open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise PermanentError(
+                f"sink {self.name!r}: {str(self.path)!r} is in use by another process "
+                f"(pid {holder}); a qdrant-edge folder has one writer: stop it or use another path"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+
+    async def close(self) -> None:
+        await self._lane.run(self._close_all)
+        self._lane.shutdown()
+
+    def _close_all(self) -> None:
+        for shard in self._shards.values():
+            shard.flush()
+            shard.close()
+        self._shards.clear()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _shard(self, collection: str) -> Any:
+        try:
+            return self._shards[collection]
+        except KeyError:
+            raise PermanentError(
+                f"sink {self.name!r}: collection {collection!r} was not opened"
+            ) from None
+
+    async def ensure_collection(self, spec: CollectionSpec) -> None:
+        await self._lane.run(self._ensure, spec)
+
+    def _ensure(self, spec: CollectionSpec) -> None:
+        import qdrant_edge as qe
+
+        distance = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot,
+                    "euclid": qe.Distance.Euclid}[spec.distance]
+        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=spec.dimension, distance=distance))
+        folder = self.path / spec.name
+        if spec.name not in self._shards:
+            try:
+                if (folder / "wal").exists():
+                    shard = qe.EdgeShard.load(str(folder), config)
+                else:
+                    shard = qe.EdgeShard.create(str(folder), config)
+            except Exception as exc:
+                raise PermanentError(
+                    f"sink {self.name!r}: cannot open collection {spec.name!r} at {str(folder)!r} "
+                    f"with dimension {spec.dimension} and {spec.distance} distance: {exc}. "
+                    "If the embedder changed, use a new collection name or remove the folder"
+                ) from exc
+            self._shards[spec.name] = shard
+        shard = self._shards[spec.name]
+        schema_types = {
+            "keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
+            "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool,
+            "datetime": qe.PayloadSchemaType.Datetime, "text": qe.PayloadSchemaType.Text,
+        }
+        existing = shard.info().payload_schema
+        with wrap_errors(f"index {spec.name!r}"):
+            for field, kind in spec.indexes.items():
+                if field not in existing:
+                    shard.update(qe.UpdateOperation.create_field_index(field, schema_types[kind]))
+
+    async def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        await self._lane.run(self._upsert, collection, points)
+
+    def _upsert(self, collection: str, points: Sequence[Point]) -> None:
+        import qdrant_edge as qe
+
+        batch = [qe.Point(p.id, p.vector, p.payload) for p in points]
+        with wrap_errors(f"upsert into {collection!r}"):
+            self._shard(collection).update(qe.UpdateOperation.upsert_points(batch))
+
+    async def overwrite_payloads(
+        self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        await self._lane.run(self._overwrite, collection, payloads)
+
+    def _overwrite(self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        import qdrant_edge as qe
+
+        shard = self._shard(collection)
+        overwrite = qe.UpdateOperation.overwrite_payload
+        with wrap_errors(f"overwrite payloads in {collection!r}"):
+            for pid, payload in payloads:
+                shard.update(overwrite([pid], payload))
+
+    async def delete(self, collection: str, ids: Sequence[str]) -> None:
+        await self._lane.run(self._delete, collection, list(ids))
+
+    def _delete(self, collection: str, ids: list[str]) -> None:
+        import qdrant_edge as qe
+
+        with wrap_errors(f"delete from {collection!r}"):
+            self._shard(collection).update(qe.UpdateOperation.delete_points(ids))
+
+    async def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[SinkRecord]:
+        return await self._lane.run(self._retrieve, collection, list(ids), with_vectors)
+
+    def _retrieve(self, collection: str, ids: list[str], with_vectors: bool) -> list[SinkRecord]:
+        with wrap_errors(f"retrieve from {collection!r}"):
+            records = self._shard(collection).retrieve(
+                ids, with_payload=True, with_vector=with_vectors
+            )
+        return [_record(r, with_vectors) for r in records]
+
+    async def scroll(
+        self, collection: str, *, with_vectors: bool = False, page: int = 1000
+    ) -> AsyncIterator[SinkRecord]:
+        offset: Any = None
+        while True:
+            records, offset = await self._lane.run(
+                self._scroll_page, collection, offset, page, with_vectors
+            )
+            for r in records:
+                yield r
+            if offset is None:
+                return
+
+    def _scroll_page(
+        self, collection: str, offset: Any, page: int, with_vectors: bool
+    ) -> tuple[list[SinkRecord], Any]:
+        import qdrant_edge as qe
+
+        request = qe.ScrollRequest(
+            offset=offset, limit=page, with_payload=True, with_vector=with_vectors
+        )
+        with wrap_errors(f"scroll {collection!r}"):
+            records, next_offset = self._shard(collection).scroll(request)
+        return [_record(r, with_vectors) for r in records], next_offset
+
+    async def count(self, collection: str) -> int:
+        return await self._lane.run(self._count, collection)
+
+    def _count(self, collection: str) -> int:
+        import qdrant_edge as qe
+
+        with wrap_errors(f"count {collection!r}"):
+            return int(self._shard(collection).count(qe.CountRequest(exact=True)))
+
+    async def search(self, collection: str, vector: Sequence[float], limit: int = 5) -> list[Hit]:
+        return await self._lane.run(self._search, collection, list(vector), limit)
+
+    def _search(self, collection: str, vector: list[float], limit: int) -> list[Hit]:
+        import qdrant_edge as qe
+
+        request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector), with_payload=True)
+        with wrap_errors(f"search {collection!r}"):
+            scored = self._shard(collection).query(request)
+        return [Hit(float(s.score), _record(s, False)) for s in scored]
+
+
+def _record(r: Any, with_vectors: bool) -> SinkRecord:
+    vector = list(r.vector) if with_vectors and r.vector is not None else None
+    return SinkRecord(id=str(r.id), payload=dict(r.payload or {}), vector=vector)

@@ -1,0 +1,66 @@
+"""The source port: change capture plus level-triggered re-reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..model import Change, Key
+
+__all__ = ["Backlog", "Source", "TableSpec"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableSpec:
+    table: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backlog:
+    """Changes committed after a position and not yet applied."""
+
+    changes: int
+    oldest_committed_at: float | None
+
+
+class Source(Protocol):
+    """A database that owns the truth.
+
+    Positions are integers, totally ordered per source. ``read_changes`` returns changes
+    with ``position > after`` in position order; ``fetch`` re-reads current rows (a missing
+    key means the row is gone). ``ack`` tells the source that everything up to
+    ``position`` is durably applied, so it may release it.
+    """
+
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def columns(self, table: str) -> dict[str, str]:
+        """Column name → declared type; ConfigError if the table does not exist."""
+        ...
+
+    async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
+        """Install change capture idempotently; returns the tables snapshotted now (new ones)."""
+        ...
+
+    async def resnapshot(self, spec: TableSpec) -> None:
+        """Enqueue every existing key of a table as a change (after its mapping changed)."""
+        ...
+
+    async def head(self) -> int:
+        """The newest committed position."""
+        ...
+
+    async def read_changes(self, after: int, limit: int) -> list[Change]: ...
+
+    async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        ...
+
+    async def ack(self, position: int) -> None: ...
+
+    async def backlog(self, after: int) -> Backlog: ...

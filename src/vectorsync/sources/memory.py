@@ -1,0 +1,103 @@
+"""An in-memory source: tables of rows plus an outbox, for users' tests and ours.
+
+It keeps the same contract as the SQLite source (tests/contract runs one suite on both).
+``emit`` injects raw changes, e.g. duplicated or out-of-order ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+from ..model import Change, Key, Op
+from .base import Backlog, TableSpec
+
+__all__ = ["MemorySource"]
+
+
+class MemorySource:
+    def __init__(self, name: str = "memory", tables: dict[str, dict[str, str]] | None = None) -> None:
+        self.name = name
+        self._schemas: dict[str, dict[str, str]] = dict(tables or {})
+        self._rows: dict[str, dict[Key, dict[str, Any]]] = {t: {} for t in self._schemas}
+        self._keys: dict[str, str] = {}
+        self._outbox: list[Change] = []
+        self._seq = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def create_table(self, table: str, columns: dict[str, str]) -> None:
+        self._schemas[table] = dict(columns)
+        self._rows.setdefault(table, {})
+
+    def rows(self, table: str) -> dict[Key, dict[str, Any]]:
+        return {k: dict(v) for k, v in self._rows[table].items()}
+
+    # -- writes, as an application would make them --------------------------------------
+    def upsert(self, table: str, row: dict[str, Any]) -> None:
+        key = row[self._key_column(table)]
+        op: Op = "update" if key in self._rows[table] else "insert"
+        self._rows[table][key] = dict(row)
+        self._capture(table, key, op)
+
+    def delete(self, table: str, key: Key) -> None:
+        if self._rows[table].pop(key, None) is not None:
+            self._capture(table, key, "delete")
+
+    def emit(self, changes: Iterable[Change]) -> None:
+        """Append raw changes (positions are reassigned in the given order)."""
+        for c in changes:
+            self._capture(c.table, c.key, c.op)
+
+    def _key_column(self, table: str) -> str:
+        return self._keys.get(table, "id")
+
+    def _capture(self, table: str, key: Key, op: Op) -> None:
+        if table not in self._keys:
+            return  # no capture installed yet: setup() snapshots what exists
+        self._seq += 1
+        self._outbox.append(
+            Change(table=table, key=key, op=op, position=self._seq, committed_at=time.time())
+        )
+
+    # -- the Source port ----------------------------------------------------------------
+    async def columns(self, table: str) -> dict[str, str]:
+        if table not in self._schemas:
+            known = ", ".join(sorted(self._schemas)) or "none"
+            raise ConfigError(f"source {self.name!r}: table {table!r} not found (tables: {known})")
+        return dict(self._schemas[table])
+
+    async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
+        new = [s for s in tables if self._keys.get(s.table) != s.key]
+        for spec in new:
+            self._keys[spec.table] = spec.key
+            await self.resnapshot(spec)
+        return [s.table for s in new]
+
+    async def resnapshot(self, spec: TableSpec) -> None:
+        for key in list(self._rows[spec.table]):
+            self._capture(spec.table, key, "snapshot")
+
+    async def head(self) -> int:
+        return self._seq
+
+    async def read_changes(self, after: int, limit: int) -> list[Change]:
+        return [c for c in self._outbox if c.position > after][:limit]
+
+    async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        rows = self._rows[table]
+        return {k: dict(rows[k]) for k in keys if k in rows}
+
+    async def ack(self, position: int) -> None:
+        self._outbox = [c for c in self._outbox if c.position > position]
+
+    async def backlog(self, after: int) -> Backlog:
+        pending = [c for c in self._outbox if c.position > after]
+        oldest = min((c.committed_at for c in pending), default=None)
+        return Backlog(changes=len(pending), oldest_committed_at=oldest)

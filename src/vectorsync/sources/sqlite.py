@@ -1,0 +1,244 @@
+"""SQLite source: triggers feed an outbox table inside the source database.
+
+SQLite has one writer at a time, so outbox sequence numbers are assigned in commit order
+and a ``seq > position`` cursor is safe (unlike PostgreSQL outboxes). Installing the
+triggers and enqueueing every existing key happen in one write transaction, so the
+snapshot hands over to the stream with no gap and no loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import String
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from .._blocking import BlockingLane
+from ..errors import ConfigError, PermanentError, SourceError
+from ..model import Change, Key
+from .base import Backlog, TableSpec
+
+__all__ = ["OUTBOX", "SqliteSource"]
+
+logger = logging.getLogger(__name__)
+
+OUTBOX = "_vectorsync_outbox"
+_DIALECT = sqlite_dialect.dialect()
+_quote = _DIALECT.identifier_preparer.quote_identifier
+_literal_processor = String().literal_processor(_DIALECT)
+_FETCH_CHUNK = 500
+
+_OUTBOX_DDL = f"""CREATE TABLE IF NOT EXISTS {OUTBOX} (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    key,
+    op TEXT NOT NULL,
+    committed_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
+)"""
+
+
+def _literal(value: str) -> str:
+    assert _literal_processor is not None
+    return str(_literal_processor(value))
+
+
+@contextlib.contextmanager
+def wrap_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise SourceError(f"sqlite source: {what}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise PermanentError(f"sqlite source: {what}: {exc}") from exc
+
+
+def trigger_sql(spec: TableSpec) -> dict[str, str]:
+    """The three capture triggers of a table, by name, exactly as sqlite_master keeps them."""
+    t, k, lit = _quote(spec.table), _quote(spec.key), _literal(spec.table)
+    ins = f"INSERT INTO {OUTBOX}(tbl, key, op)"
+    base = f"_vectorsync_{spec.table}"
+    return {
+        f"{base}_ins": f"CREATE TRIGGER {_quote(base + '_ins')} AFTER INSERT ON {t} BEGIN "
+        f"{ins} VALUES ({lit}, NEW.{k}, 'insert'); END",
+        f"{base}_upd": f"CREATE TRIGGER {_quote(base + '_upd')} AFTER UPDATE ON {t} BEGIN "
+        f"{ins} SELECT {lit}, OLD.{k}, 'delete' WHERE OLD.{k} IS NOT NEW.{k}; "
+        f"{ins} VALUES ({lit}, NEW.{k}, 'update'); END",
+        f"{base}_del": f"CREATE TRIGGER {_quote(base + '_del')} AFTER DELETE ON {t} BEGIN "
+        f"{ins} VALUES ({lit}, OLD.{k}, 'delete'); END",
+    }
+
+
+class SqliteSource:
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self._lane = BlockingLane(f"sqlite-source-{name}")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._lane.run(self._connect)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._lane.run(self._conn.close)
+            self._conn = None
+        self._lane.shutdown()
+
+    def _connect(self) -> None:
+        if not self.path.exists():
+            raise ConfigError(
+                f"source {self.name!r}: SQLite database {str(self.path)!r} does not exist; "
+                "check sources.<name>.path"
+            )
+        with wrap_errors("connect"):
+            self._conn = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA busy_timeout = 30000")
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("source is not open")
+        return self._conn
+
+    async def columns(self, table: str) -> dict[str, str]:
+        return await self._lane.run(self._columns, table)
+
+    def _columns(self, table: str) -> dict[str, str]:
+        with wrap_errors(f"describe {table!r}"):
+            rows = self._db.execute(f"PRAGMA table_info({_quote(table)})").fetchall()
+            if not rows:
+                tables = [
+                    r[0]
+                    for r in self._db.execute(
+                        "SELECT name FROM sqlite_master WHERE type = 'table' "
+                        "AND name NOT LIKE '\\_vectorsync%' ESCAPE '\\' ORDER BY name"
+                    )
+                ]
+                raise ConfigError(
+                    f"source {self.name!r}: table {table!r} not found in {str(self.path)!r} "
+                    f"(tables: {', '.join(tables) or 'none'})"
+                )
+        return {r[1]: (r[2] or "").upper() for r in rows}
+
+    async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
+        return await self._lane.run(self._setup, list(tables))
+
+    def _setup(self, tables: list[TableSpec]) -> list[str]:
+        db = self._db
+        with wrap_errors("install capture"):
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(_OUTBOX_DDL)
+                existing = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type='trigger'"))
+                snapshotted = [spec.table for spec in tables if self._install(spec, existing)]
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return snapshotted
+
+    def _install(self, spec: TableSpec, existing: dict[str, str]) -> bool:
+        wanted = trigger_sql(spec)
+        if all(existing.get(name) == sql for name, sql in wanted.items()):
+            return False
+        for name, sql in wanted.items():
+            self._db.execute(f"DROP TRIGGER IF EXISTS {_quote(name)}")
+            self._db.execute(sql)
+        self._enqueue_all(spec)
+        logger.info(
+            "capture installed; existing rows enqueued",
+            extra={"action": "source_setup", "source": self.name, "table": spec.table},
+        )
+        return True
+
+    def _enqueue_all(self, spec: TableSpec) -> None:
+        self._db.execute(
+            f"INSERT INTO {OUTBOX}(tbl, key, op) "
+            f"SELECT ?, {_quote(spec.key)}, 'snapshot' FROM {_quote(spec.table)}",
+            (spec.table,),
+        )
+
+    async def resnapshot(self, spec: TableSpec) -> None:
+        await self._lane.run(self._resnapshot, spec)
+
+    def _resnapshot(self, spec: TableSpec) -> None:
+        with wrap_errors(f"resnapshot {spec.table!r}"):
+            self._enqueue_all(spec)
+
+    async def head(self) -> int:
+        return await self._lane.run(self._head)
+
+    def _head(self) -> int:
+        with wrap_errors("read head"):
+            if not self._installed():
+                return 0
+            row = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = ?", (OUTBOX,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _installed(self) -> bool:
+        found = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (OUTBOX,)
+        ).fetchone()
+        return found is not None
+
+    async def read_changes(self, after: int, limit: int) -> list[Change]:
+        return await self._lane.run(self._read_changes, after, limit)
+
+    def _read_changes(self, after: int, limit: int) -> list[Change]:
+        with wrap_errors("read outbox"):
+            rows = self._db.execute(
+                f"SELECT seq, tbl, key, op, committed_at FROM {OUTBOX} "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [
+            Change(table=t, key=k, op=op, position=seq, committed_at=ts)
+            for seq, t, k, op, ts in rows
+        ]
+
+    async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        return await self._lane.run(self._fetch, table, key, list(keys))
+
+    def _fetch(self, table: str, key: str, keys: list[Key]) -> dict[Key, dict[str, Any]]:
+        found: dict[Key, dict[str, Any]] = {}
+        with wrap_errors(f"re-read {table!r}"):
+            for i in range(0, len(keys), _FETCH_CHUNK):
+                chunk = keys[i : i + _FETCH_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                cur = self._db.execute(
+                    f"SELECT * FROM {_quote(table)} WHERE {_quote(key)} IN ({marks})", chunk
+                )
+                names = [d[0] for d in cur.description]
+                for values in cur:
+                    row = dict(zip(names, values, strict=True))
+                    found[row[key]] = row
+        return found
+
+    async def ack(self, position: int) -> None:
+        await self._lane.run(self._ack, position)
+
+    def _ack(self, position: int) -> None:
+        with wrap_errors("release outbox"):
+            self._db.execute(f"DELETE FROM {OUTBOX} WHERE seq <= ?", (position,))
+
+    async def backlog(self, after: int) -> Backlog:
+        return await self._lane.run(self._backlog, after)
+
+    def _backlog(self, after: int) -> Backlog:
+        with wrap_errors("read backlog"):
+            if not self._installed():
+                return Backlog(changes=0, oldest_committed_at=None)
+            count, oldest = self._db.execute(
+                f"SELECT COUNT(*), MIN(committed_at) FROM {OUTBOX} WHERE seq > ?", (after,)
+            ).fetchone()
+        return Backlog(changes=int(count), oldest_committed_at=oldest)

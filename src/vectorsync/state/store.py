@@ -1,0 +1,348 @@
+"""The state store on SQLAlchemy Core: one code path for SQLite and PostgreSQL.
+
+A batch's outcome (record state, cached vectors, dead letters, counters and the new
+position) is committed in one transaction, after the sink acknowledged its writes: that
+ordering is the no-loss guarantee.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, Table, and_, create_engine, delete, event, func, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
+from .._blocking import BlockingLane
+from ..errors import PermanentError, RetryableError
+from ..model import RecordState
+from . import schema as s
+
+__all__ = ["BatchCommit", "DeadLetter", "MappingCounts", "StateStore"]
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    mapping: str
+    key: str
+    operation: str
+    error_type: str
+    message: str
+    details: dict[str, Any]
+    position: int
+    error_count: int = 1
+    status: str = "pending"
+    id: int | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class BatchCommit:
+    """Everything one batch changes in the state store, applied atomically."""
+
+    source: str
+    position: int
+    upserts: list[RecordState] = field(default_factory=list)
+    deletes: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key)
+    vectors: dict[str, tuple[str, list[float]]] = field(default_factory=dict)  # hash → (model, v)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    resolved: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key) now synced
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)  # (mapping, name) → +n
+
+    def count(self, mapping: str, name: str, n: int = 1) -> None:
+        if n:
+            self.counters[(mapping, name)] = self.counters.get((mapping, name), 0) + n
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingCounts:
+    records: int
+    dead_letters: int
+    counters: dict[str, int]
+
+
+@contextlib.contextmanager
+def wrap_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sa_exc.OperationalError as exc:
+        raise RetryableError(f"state store: {what}: {exc.orig}") from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise PermanentError(f"state store: {what}: {exc}") from exc
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA synchronous = NORMAL")
+    cur.execute("PRAGMA busy_timeout = 30000")
+    cur.close()
+
+
+def encode_vector(vector: Sequence[float]) -> bytes:
+    return array("f", vector).tobytes()
+
+
+def decode_vector(blob: bytes) -> list[float]:
+    values = array("f")
+    values.frombytes(blob)
+    return values.tolist()
+
+
+class StateStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lane = BlockingLane("state")
+        self._engine: Engine | None = None
+
+    @property
+    def redacted_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    async def open(self) -> None:
+        await self._lane.run(self._open)
+
+    def _open(self) -> None:
+        url = make_url(self.url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        with wrap_errors("create schema"):
+            s.metadata.create_all(engine)
+            with engine.begin() as conn:
+                self._upsert(conn, s.meta, [{"name": "schema_version", "value": str(s.SCHEMA_VERSION)}],
+                             ["name"])
+        self._engine = engine
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._lane.run(self._engine.dispose)
+            self._engine = None
+        self._lane.shutdown()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("state store is not open")
+        return self._engine
+
+    def _upsert(
+        self, conn: Connection, table: Table, rows: list[dict[str, Any]], keys: list[str]
+    ) -> None:
+        if not rows:
+            return
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(table)
+        update = {c: stmt.excluded[c] for c in rows[0] if c not in keys}
+        conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update), rows)
+
+    # -- positions ----------------------------------------------------------------------
+    async def position(self, source: str) -> int:
+        return await self._lane.run(self._position, source)
+
+    def _position(self, source: str) -> int:
+        with wrap_errors("read position"), self.engine.connect() as conn:
+            value = conn.scalar(
+                select(s.positions.c.position).where(
+                    s.positions.c.source == source, s.positions.c.stream == ""
+                )
+            )
+        return int(value or 0)
+
+    # -- record state -------------------------------------------------------------------
+    async def record_states(self, mapping: str, keys: Sequence[str]) -> dict[str, RecordState]:
+        return await self._lane.run(self._record_states, mapping, list(keys))
+
+    def _record_states(self, mapping: str, keys: list[str]) -> dict[str, RecordState]:
+        t = s.record_state
+        found: dict[str, RecordState] = {}
+        with wrap_errors("read record state"), self.engine.connect() as conn:
+            for i in range(0, len(keys), _CHUNK):
+                rows = conn.execute(
+                    select(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]))
+                ).mappings()
+                for r in rows:
+                    found[r["key"]] = RecordState(**r)
+        return found
+
+    async def all_record_states(self, mapping: str) -> list[RecordState]:
+        return await self._lane.run(self._all_record_states, mapping)
+
+    def _all_record_states(self, mapping: str) -> list[RecordState]:
+        t = s.record_state
+        with wrap_errors("read record state"), self.engine.connect() as conn:
+            rows = conn.execute(select(t).where(t.c.mapping == mapping)).mappings()
+            return [RecordState(**r) for r in rows]
+
+    # -- embedding cache ----------------------------------------------------------------
+    async def cached_vectors(self, model: str, hashes: Sequence[str]) -> dict[str, list[float]]:
+        return await self._lane.run(self._cached_vectors, model, list(hashes))
+
+    def _cached_vectors(self, model: str, hashes: list[str]) -> dict[str, list[float]]:
+        t = s.embedding_cache
+        found: dict[str, list[float]] = {}
+        with wrap_errors("read embedding cache"), self.engine.connect() as conn:
+            for i in range(0, len(hashes), _CHUNK):
+                rows = conn.execute(
+                    select(t.c.text_hash, t.c.vector).where(
+                        t.c.model == model, t.c.text_hash.in_(hashes[i : i + _CHUNK])
+                    )
+                )
+                found.update((h, decode_vector(v)) for h, v in rows)
+        return found
+
+    # -- the batch commit ---------------------------------------------------------------
+    async def commit(self, batch: BatchCommit) -> None:
+        await self._lane.run(self._commit, batch)
+
+    def _commit(self, batch: BatchCommit) -> None:
+        now = time.time()
+        with wrap_errors("commit batch"), self.engine.begin() as conn:
+            self._apply_records(conn, batch)
+            self._upsert(conn, s.embedding_cache, [
+                {"model": m, "text_hash": h, "vector": encode_vector(v), "created_at": now}
+                for h, (m, v) in batch.vectors.items()
+            ], ["model", "text_hash"])
+            self._apply_dead_letters(conn, batch, now)
+            self._apply_counters(conn, batch.counters)
+            self._upsert(conn, s.positions, [{"source": batch.source, "stream": "",
+                                              "position": batch.position, "updated_at": now}],
+                         ["source", "stream"])
+
+    def _apply_records(self, conn: Connection, batch: BatchCommit) -> None:
+        t = s.record_state
+        rows = [
+            {"mapping": r.mapping, "key": r.key, "point_id": r.point_id,
+             "text_hash": r.text_hash, "payload_hash": r.payload_hash,
+             "source_version": r.source_version, "schema_version": r.schema_version,
+             "synced_at": r.synced_at}
+            for r in batch.upserts
+        ]
+        self._upsert(conn, t, rows, ["mapping", "key"])
+        for mapping, keys in _group(batch.deletes).items():
+            for i in range(0, len(keys), _CHUNK):
+                conn.execute(delete(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK])))
+
+    def _apply_dead_letters(self, conn: Connection, batch: BatchCommit, now: float) -> None:
+        t = s.dead_letter
+        for dl in batch.dead_letters:
+            where = and_(t.c.mapping == dl.mapping, t.c.key == dl.key)
+            previous = conn.scalar(select(t.c.error_count).where(where))
+            values = {"operation": dl.operation, "error_type": dl.error_type,
+                      "message": dl.message, "details": orjson.dumps(dl.details, default=str).decode(),
+                      "position": dl.position, "status": "pending", "updated_at": now}
+            if previous is None:
+                conn.execute(t.insert().values(mapping=dl.mapping, key=dl.key, error_count=1,
+                                               created_at=now, **values))
+            else:
+                conn.execute(t.update().where(where).values(error_count=previous + 1, **values))
+        for mapping, keys in _group(batch.resolved).items():
+            for i in range(0, len(keys), _CHUNK):
+                conn.execute(
+                    t.update()
+                    .where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]),
+                           t.c.status == "pending")
+                    .values(status="resolved", updated_at=now)
+                )
+
+    def _apply_counters(self, conn: Connection, counters: Mapping[tuple[str, str], int]) -> None:
+        t = s.mapping_counters
+        for (mapping, name), n in counters.items():
+            where = and_(t.c.mapping == mapping, t.c.name == name)
+            updated = conn.execute(t.update().where(where).values(value=t.c.value + n))
+            if updated.rowcount == 0:
+                conn.execute(t.insert().values(mapping=mapping, name=name, value=n))
+
+    # -- schema registry ----------------------------------------------------------------
+    async def register_schema(
+        self, mapping: str, digest: str, definition: Mapping[str, Any]
+    ) -> tuple[int, bool]:
+        """Record the mapping's definition; returns (version, changed since last run)."""
+        return await self._lane.run(self._register_schema, mapping, digest, dict(definition))
+
+    def _register_schema(
+        self, mapping: str, digest: str, definition: dict[str, Any]
+    ) -> tuple[int, bool]:
+        t = s.schema_registry
+        with wrap_errors("register schema"), self.engine.begin() as conn:
+            last = conn.execute(
+                select(t.c.version, t.c.hash, t.c.definition)
+                .where(t.c.mapping == mapping).order_by(t.c.version.desc()).limit(1)
+            ).first()
+            if last is not None and last.hash == digest:
+                return int(last.version), False
+            version = 1 if last is None else int(last.version) + 1
+            evolution = "create" if last is None else _evolution(orjson.loads(last.definition),
+                                                                 definition)
+            conn.execute(t.insert().values(
+                mapping=mapping, version=version, hash=digest,
+                definition=orjson.dumps(definition, option=orjson.OPT_SORT_KEYS).decode(),
+                evolution=evolution, previous_version=None if last is None else last.version,
+                created_at=time.time(),
+            ))
+        return version, last is not None
+
+    # -- reading for status -------------------------------------------------------------
+    async def mapping_counts(self, mapping: str) -> MappingCounts:
+        return await self._lane.run(self._mapping_counts, mapping)
+
+    def _mapping_counts(self, mapping: str) -> MappingCounts:
+        rs, dl, mc = s.record_state, s.dead_letter, s.mapping_counters
+        with wrap_errors("read status"), self.engine.connect() as conn:
+            records = conn.scalar(select(func.count()).where(rs.c.mapping == mapping)) or 0
+            dead = conn.scalar(select(func.count()).where(dl.c.mapping == mapping,
+                                                          dl.c.status == "pending")) or 0
+            counters = dict(conn.execute(select(mc.c.name, mc.c.value).where(mc.c.mapping == mapping)).all())
+        return MappingCounts(records=int(records), dead_letters=int(dead),
+                             counters={k: int(v) for k, v in counters.items()})
+
+    async def dead_letters(
+        self, mapping: str | None = None, status: str | None = "pending"
+    ) -> list[DeadLetter]:
+        return await self._lane.run(self._dead_letters, mapping, status)
+
+    def _dead_letters(self, mapping: str | None, status: str | None) -> list[DeadLetter]:
+        t = s.dead_letter
+        query = select(t).order_by(t.c.id)
+        if mapping is not None:
+            query = query.where(t.c.mapping == mapping)
+        if status is not None:
+            query = query.where(t.c.status == status)
+        with wrap_errors("read dead letters"), self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [DeadLetter(**{**r, "details": orjson.loads(r["details"])}) for r in rows]
+
+
+def _group(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for mapping, key in pairs:
+        grouped.setdefault(mapping, []).append(key)
+    return grouped
+
+
+def _evolution(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    if old.get("model") != new.get("model") or old.get("dimension") != new.get("dimension"):
+        return "model_change"
+    if old.get("text") != new.get("text"):
+        return "template_change"
+    old_cols, new_cols = set(old.get("payload", ())), set(new.get("payload", ()))
+    if new_cols - old_cols:
+        return "add_column"
+    if old_cols - new_cols:
+        return "drop_column"
+    return "definition_change"

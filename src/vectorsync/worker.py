@@ -1,0 +1,456 @@
+"""The sync worker: one pipeline per source.
+
+Three stages overlap, joined by bounded queues:
+
+* **prepare** reads a batch of changes, coalesces them per key (latest position wins),
+  re-reads the current rows of those keys in one query, renders text and payload and
+  compares hashes with record state — deciding per key: embed+upsert, payload-only,
+  delete, skip, or dead-letter;
+* **embed** computes vectors for the texts whose content hash changed (cache first);
+* **write** sends acknowledged writes to the sinks, then commits record state and the new
+  position in one state transaction, then lets the source release the changes.
+
+A crash anywhere replays at most the batches whose state was not committed; every write
+is idempotent (deterministic point ids, upserts), so replay converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _failpoints
+from .backoff import Backoff, retrying
+from .config import MappingConfig
+from .embed.base import Embedder
+from .errors import PermanentError, RecordError, VectorsyncError
+from .model import Change, Key, Point, RecordState, content_hash, point_id
+from .render import Renderer
+from .sinks.base import Sink
+from .sources.base import Source
+from .state.store import BatchCommit, DeadLetter, StateStore
+
+__all__ = ["BatchReport", "MappingRuntime", "SourceWorker"]
+
+logger = logging.getLogger(__name__)
+
+_WRITE_CHUNK = 512
+_DETAIL_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingRuntime:
+    """A mapping with its adapters resolved (built by the engine)."""
+
+    config: MappingConfig
+    renderer: Renderer
+    embedder: Embedder
+    sink: Sink
+    schema_version: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def collection(self) -> str:
+        return self.config.collection_name
+
+
+@dataclass(slots=True, kw_only=True)
+class _Upsert:
+    key: Key
+    state: RecordState
+    payload: dict[str, Any]
+    text: str
+    vector: list[float] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class _MappingWork:
+    mapping: MappingRuntime
+    upserts: list[_Upsert] = field(default_factory=list)
+    payload_only: list[tuple[RecordState, dict[str, Any]]] = field(default_factory=list)
+    deletes: list[tuple[str, str]] = field(default_factory=list)  # (key, point id)
+    failed: list[DeadLetter] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # keys now consistent (resolve their DLQ)
+    skipped: int = 0
+    embedded: int = 0
+    cache_hits: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class _Batch:
+    position: int
+    changes: int
+    work: list[_MappingWork]
+    planned: list[tuple[tuple[str, str], RecordState | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchReport:
+    """What one committed batch did; handed to the progress callback."""
+
+    source: str
+    position: int
+    target: int | None
+    changes: int
+    counts: dict[str, int]
+
+
+_DONE = object()
+
+
+class SourceWorker:
+    def __init__(
+        self,
+        source: Source,
+        mappings: Sequence[MappingRuntime],
+        state: StateStore,
+        *,
+        batch_size: int = 1000,
+        max_in_flight: int = 2,
+        poll_interval: float = 0.2,
+        embedding_cache: bool = True,
+        backoff: Backoff | None = None,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.state = state
+        self._by_table: dict[str, list[MappingRuntime]] = {}
+        for m in mappings:
+            self._by_table.setdefault(m.config.table, []).append(m)
+        self._batch_size = batch_size
+        self._max_in_flight = max_in_flight
+        self._poll = poll_interval
+        self._use_cache = embedding_cache
+        self._backoff = backoff or Backoff()
+        self._on_batch = on_batch
+        # Planned-but-uncommitted record state, so a key in two in-flight batches is compared
+        # with what the earlier one will have written (not with stale committed state).
+        self._overlay: dict[tuple[str, str], RecordState | None] = {}
+        self._inflight_vectors: dict[str, list[float]] = {}
+        self._pending_dlq: dict[str, set[str]] = {}
+        self.totals: dict[str, int] = {}
+
+    # -- the pipeline -------------------------------------------------------------------
+    async def run(self, *, once: bool, stop: asyncio.Event) -> None:
+        """Sync until ``stop`` is set; with ``once``, until everything committed before the
+        call is applied."""
+        for mappings in self._by_table.values():
+            for m in mappings:
+                letters = await self.state.dead_letters(m.name, status="pending")
+                self._pending_dlq[m.name] = {d.key for d in letters}
+        cursor = await self.state.position(self.source.name)
+        target = await self.source.head() if once else None
+        embed_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
+        write_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
+        stages = [
+            self._prepare_stage(cursor, target, stop, embed_q),
+            self._embed_stage(embed_q, write_q),
+            self._write_stage(write_q, target, stop),
+        ]
+        tasks = [asyncio.create_task(s) for s in stages]
+        try:
+            await _gather_or_fail(tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _prepare_stage(
+        self, cursor: int, target: int | None, stop: asyncio.Event, out: asyncio.Queue[Any]
+    ) -> None:
+        while not stop.is_set() and (target is None or cursor < target):
+            changes = await self._retry(
+                "read changes", lambda c=cursor: self.source.read_changes(c, self._batch_size), stop
+            )
+            if target is not None:
+                changes = [c for c in changes if c.position <= target]
+            if not changes:
+                if target is not None:  # nothing left up to the target: finish there
+                    await out.put(_Batch(position=target, changes=0, work=[]))
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._poll)
+                continue
+            cursor = changes[-1].position
+            await out.put(await self._prepare(changes))
+        await out.put(_DONE)
+
+    async def _embed_stage(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
+        while (batch := await inp.get()) is not _DONE:
+            for work in batch.work:
+                await self._embed(work)
+            await out.put(batch)
+        await out.put(_DONE)
+
+    async def _write_stage(
+        self, inp: asyncio.Queue[Any], target: int | None, stop: asyncio.Event
+    ) -> None:
+        while (batch := await inp.get()) is not _DONE:
+            for work in batch.work:
+                await self._write(work, stop)
+            _failpoints.hit("after_sink_write")
+            commit = self._commit_for(batch)
+            await self._retry("commit state", lambda c=commit: self.state.commit(c), stop)
+            _failpoints.hit("after_state_commit")
+            self._settle(batch)
+            try:
+                await self.source.ack(batch.position)
+            except VectorsyncError as exc:  # harmless: the next ack covers it
+                logger.warning("source ack failed: %s", exc, extra={"action": "source_ack"})
+            self._report(batch, target)
+
+    async def _retry(
+        self, what: str, call: Callable[[], Awaitable[Any]], stop: asyncio.Event
+    ) -> Any:
+        return await retrying(f"{self.source.name}: {what}", call, self._backoff, stop)
+
+    # -- prepare ------------------------------------------------------------------------
+    async def _prepare(self, changes: Sequence[Change]) -> _Batch:
+        latest: dict[tuple[str, Key], Change] = {}
+        for change in changes:
+            latest[(change.table, change.key)] = change  # in position order: last wins
+        by_table: dict[str, dict[Key, Change]] = {}
+        for (table, key), change in latest.items():
+            by_table.setdefault(table, {})[key] = change
+        batch = _Batch(position=changes[-1].position, changes=len(changes), work=[])
+        for table, keyed in by_table.items():
+            mappings = self._by_table.get(table, [])
+            if not mappings:
+                continue
+            rows = await self.source.fetch(table, mappings[0].config.key, list(keyed))
+            for m in mappings:
+                work = _MappingWork(mapping=m)
+                await self._plan(work, keyed, rows, batch)
+                batch.work.append(work)
+        return batch
+
+    async def _plan(
+        self,
+        work: _MappingWork,
+        keyed: dict[Key, Change],
+        rows: dict[Key, dict[str, Any]],
+        batch: _Batch,
+    ) -> None:
+        m = work.mapping
+        states = await self._states(m.name, [str(k) for k in keyed])
+        now = time.time()
+        for key, change in keyed.items():
+            skey = str(key)
+            state = states.get(skey)
+            row = rows.get(key)
+            if row is None:
+                # Delete even without state: a crash after a sink write but before the state
+                # commit leaves a point that no state row knows of.
+                work.deletes.append((skey, point_id(m.name, key)))
+                self._plan_state(batch, (m.name, skey), None)
+                work.done.append(skey)
+                continue
+            try:
+                rendered = m.renderer.render(row)
+            except RecordError as exc:
+                work.failed.append(_dead_letter(m.name, skey, change, exc, row))
+                continue
+            text_hash = content_hash(m.embedder.model_id, rendered.text)
+            version = max(change.position, state.source_version if state else 0)
+            new = RecordState(
+                mapping=m.name, key=skey, point_id=point_id(m.name, key), text_hash=text_hash,
+                payload_hash=rendered.payload_hash, source_version=version,
+                schema_version=m.schema_version, synced_at=now,
+            )
+            payload = {**rendered.payload, "_vs_key": key, "_vs_text_hash": text_hash,
+                       "_vs_version": version, "_vs_schema": m.schema_version}
+            work.done.append(skey)
+            if state is None or state.text_hash != text_hash:
+                work.upserts.append(_Upsert(key=key, state=new, payload=payload,
+                                            text=rendered.text))
+            elif (state.payload_hash, state.schema_version) != (new.payload_hash,
+                                                                 new.schema_version):
+                work.payload_only.append((new, payload))
+            else:
+                work.skipped += 1
+                continue
+            self._plan_state(batch, (m.name, skey), new)
+
+    def _plan_state(
+        self, batch: _Batch, key_pair: tuple[str, str], planned: RecordState | None
+    ) -> None:
+        batch.planned.append((key_pair, planned))
+        self._overlay[key_pair] = planned
+
+    async def _states(self, mapping: str, keys: list[str]) -> dict[str, RecordState]:
+        stored = await self.state.record_states(mapping, keys)
+        for key in keys:
+            if (mapping, key) in self._overlay:
+                planned = self._overlay[(mapping, key)]
+                if planned is None:
+                    stored.pop(key, None)
+                else:
+                    stored[key] = planned
+        return stored
+
+    # -- embed --------------------------------------------------------------------------
+    async def _embed(self, work: _MappingWork) -> None:
+        if not work.upserts:
+            return
+        embedder = work.mapping.embedder
+        vectors: dict[str, list[float]] = {}
+        wanted = list(dict.fromkeys(u.state.text_hash for u in work.upserts))
+        for h in wanted:
+            if h in self._inflight_vectors:
+                vectors[h] = self._inflight_vectors[h]
+        if self._use_cache:
+            missing = [h for h in wanted if h not in vectors]
+            if missing:
+                vectors.update(await self.state.cached_vectors(embedder.model_id, missing))
+        work.cache_hits = len(vectors)
+        texts = {u.state.text_hash: u.text for u in work.upserts if u.state.text_hash not in vectors}
+        rejected: dict[str, RecordError] = {}
+        items = list(texts.items())
+        for i in range(0, len(items), embedder.batch_size):
+            chunk = items[i : i + embedder.batch_size]
+            vectors.update(await self._embed_isolating(embedder, chunk, rejected))
+        work.embedded = len(texts) - len(rejected)
+        kept: list[_Upsert] = []
+        for u in work.upserts:
+            error = rejected.get(u.state.text_hash)
+            if error is not None:
+                change = Change(table=work.mapping.config.table, key=u.key, op="update",
+                                position=u.state.source_version)
+                work.failed.append(_dead_letter(work.mapping.name, u.state.key, change, error, None))
+                work.done.remove(u.state.key)
+                continue
+            u.vector = vectors[u.state.text_hash]
+            self._inflight_vectors[u.state.text_hash] = u.vector
+            kept.append(u)
+        work.upserts = kept
+
+    async def _embed_isolating(
+        self, embedder: Embedder, chunk: list[tuple[str, str]], rejected: dict[str, RecordError]
+    ) -> dict[str, list[float]]:
+        """Embed a chunk; if the model rejects it, find the texts it rejects one by one."""
+        try:
+            vectors = await embedder.embed([t for _, t in chunk])
+        except RecordError as exc:
+            if len(chunk) == 1:
+                rejected[chunk[0][0]] = exc
+                return {}
+            found: dict[str, list[float]] = {}
+            for item in chunk:
+                found.update(await self._embed_isolating(embedder, [item], rejected))
+            return found
+        if len(vectors) != len(chunk) or any(len(v) != embedder.dimension for v in vectors):
+            raise PermanentError(
+                f"embedder {embedder.name!r} returned {len(vectors)} vectors of the wrong shape "
+                f"for {len(chunk)} texts (expected dimension {embedder.dimension})"
+            )
+        return {h: v for (h, _), v in zip(chunk, vectors, strict=True)}
+
+    # -- write --------------------------------------------------------------------------
+    async def _write(self, work: _MappingWork, stop: asyncio.Event) -> None:
+        m = work.mapping
+        sink, coll = m.sink, m.collection
+        points = [Point(id=u.state.point_id, vector=u.vector or [], payload=u.payload)
+                  for u in work.upserts]
+        for i in range(0, len(points), _WRITE_CHUNK):
+            chunk = points[i : i + _WRITE_CHUNK]
+            await self._retry(f"upsert into {coll}", lambda c=chunk: sink.upsert(coll, c), stop)
+        payloads = [(s.point_id, p) for s, p in work.payload_only]
+        for i in range(0, len(payloads), _WRITE_CHUNK):
+            part = payloads[i : i + _WRITE_CHUNK]
+            await self._retry(
+                f"payload update in {coll}", lambda c=part: sink.overwrite_payloads(coll, c), stop
+            )
+        ids = [pid for _, pid in work.deletes]
+        for i in range(0, len(ids), _WRITE_CHUNK):
+            part_ids = ids[i : i + _WRITE_CHUNK]
+            await self._retry(f"delete from {coll}", lambda c=part_ids: sink.delete(coll, c), stop)
+
+    def _commit_for(self, batch: _Batch) -> BatchCommit:
+        commit = BatchCommit(source=self.source.name, position=batch.position)
+        for work in batch.work:
+            name = work.mapping.name
+            model = work.mapping.embedder.model_id
+            commit.upserts.extend(u.state for u in work.upserts)
+            commit.upserts.extend(s for s, _ in work.payload_only)
+            commit.deletes.extend((name, key) for key, _ in work.deletes)
+            if self._use_cache:
+                commit.vectors.update(
+                    (u.state.text_hash, (model, u.vector)) for u in work.upserts if u.vector
+                )
+            commit.dead_letters.extend(work.failed)
+            pending = self._pending_dlq.setdefault(name, set())
+            commit.resolved.extend((name, k) for k in work.done if k in pending)
+            for name_, n in self._counts(work).items():
+                commit.count(name, name_, n)
+        return commit
+
+    @staticmethod
+    def _counts(work: _MappingWork) -> dict[str, int]:
+        return {
+            "upserted": len(work.upserts), "payload_only": len(work.payload_only),
+            "deleted": len(work.deletes), "skipped": work.skipped, "failed": len(work.failed),
+            "embedded": work.embedded, "cache_hits": work.cache_hits,
+        }
+
+    def _settle(self, batch: _Batch) -> None:
+        """After the commit: drop overlay entries this batch planned (unless re-planned)."""
+        for key_pair, planned in batch.planned:
+            if self._overlay.get(key_pair, planned) is planned:
+                self._overlay.pop(key_pair, None)
+        for work in batch.work:
+            for u in work.upserts:
+                self._inflight_vectors.pop(u.state.text_hash, None)
+            pending = self._pending_dlq.setdefault(work.mapping.name, set())
+            pending.difference_update(work.done)
+            pending.update(d.key for d in work.failed)
+            for d in work.failed:
+                logger.warning(
+                    "record dead-lettered: %s %s: %s", work.mapping.name, d.key, d.message,
+                    extra={"action": "dead_letter", "mapping": work.mapping.name, "key": d.key},
+                )
+
+    def _report(self, batch: _Batch, target: int | None) -> None:
+        counts: dict[str, int] = {}
+        for work in batch.work:
+            for k, n in self._counts(work).items():
+                counts[k] = counts.get(k, 0) + n
+                self.totals[k] = self.totals.get(k, 0) + n
+        self.totals["changes"] = self.totals.get("changes", 0) + batch.changes
+        logger.info(
+            "batch committed", extra={"action": "batch_commit", "source": self.source.name,
+                                      "position": batch.position, "changes": batch.changes,
+                                      **counts},
+        )
+        if self._on_batch is not None:
+            self._on_batch(BatchReport(source=self.source.name, position=batch.position,
+                                       target=target, changes=batch.changes, counts=counts))
+
+
+def _dead_letter(
+    mapping: str, key: str, change: Change, exc: RecordError, row: dict[str, Any] | None
+) -> DeadLetter:
+    details: dict[str, Any] = {"table": change.table, "op": change.op}
+    if row is not None:
+        details["row"] = {
+            k: (v[:_DETAIL_CHARS] if isinstance(v, str) else v) for k, v in row.items()
+        }
+    return DeadLetter(mapping=mapping, key=key, operation=change.op, error_type=exc.kind,
+                      message=str(exc), details=details, position=change.position)
+
+
+async def _gather_or_fail(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for all tasks; the first failure cancels the rest and is raised."""
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for t in done:
+        if t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+    if pending:
+        await asyncio.gather(*pending)
