@@ -74,7 +74,10 @@ class SentenceTransformersEmbedder:
                 "vectorsync loads models offline only"
             )
         import torch
+        import transformers
         from sentence_transformers import SentenceTransformer
+
+        transformers.utils.logging.disable_progress_bar()
 
         if self._threads:
             torch.set_num_threads(self._threads)
