@@ -1,0 +1,135 @@
+"""Shared test helpers: a SQLite application database, configs, and a convergence check
+that reads both stores directly."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from vectorsync.config import Config, load_config
+from vectorsync.embed.hash import HashEmbedder
+from vectorsync.model import content_hash, point_id
+from vectorsync.render import Renderer
+from vectorsync.sinks.base import CollectionSpec, Sink
+
+ARTICLES_DDL = (
+    "CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
+    "tags TEXT, published INTEGER)"
+)
+WORDS = "alpha beta gamma delta vector graph sync chunk entity embed crash order".split()
+
+
+class App:
+    """The application that owns the truth, writing to SQLite as any app would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fresh = not path.exists()
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        if fresh:
+            self.db.execute(ARTICLES_DDL)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def insert(self, key: int, **values: Any) -> None:
+        row = {"title": f"title {key}", "body": f"body of {key}", "author": "ann",
+               "tags": "a", "published": 2020, **values}
+        self.db.execute(
+            "INSERT INTO articles (id, title, body, author, tags, published) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key, row["title"], row["body"], row["author"], row["tags"], row["published"]),
+        )
+
+    def update(self, key: int, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self.db.execute(f"UPDATE articles SET {sets} WHERE id = ?", (*values.values(), key))
+
+    def delete(self, key: int) -> None:
+        self.db.execute("DELETE FROM articles WHERE id = ?", (key,))
+
+    def rows(self) -> dict[int, dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM articles")
+        names = [d[0] for d in cur.description]
+        return {r[0]: dict(zip(names, r, strict=True)) for r in cur}
+
+    def random_ops(self, rng: random.Random, n: int, keys: int = 200) -> None:
+        """Random inserts, text updates, metadata updates and deletes, in small transactions."""
+        existing = set(self.rows())
+        for _ in range(n):
+            key = rng.randint(1, keys)
+            op = rng.random()
+            self.db.execute("BEGIN")
+            if key not in existing:
+                self.insert(key, body=" ".join(rng.choices(WORDS, k=6)))
+                existing.add(key)
+            elif op < 0.35:
+                self.update(key, body=" ".join(rng.choices(WORDS, k=6)))
+            elif op < 0.7:
+                self.update(key, author=rng.choice(["ann", "bob", "cy"]),
+                            published=rng.randint(2000, 2030))
+            elif op < 0.8:
+                self.update(key, title=f"retitled {rng.randint(0, 9)}", tags="b")
+            else:
+                self.delete(key)
+                existing.discard(key)
+            self.db.execute("COMMIT")
+
+
+def write_config(
+    folder: Path,
+    *,
+    sink: str = 'kind = "qdrant-edge"\npath = ".vectorsync/qdrant"',
+    text: str = "{{ title }}\\n{{ body }}",
+    extra_mapping: str = "",
+    batch_size: int = 1000,
+) -> Path:
+    path = folder / "vectorsync.toml"
+    lines = [
+        "[state]", 'url = "sqlite:///.vectorsync/state.db"',
+        "[sync]", f"batch_size = {batch_size}",
+        "[sources.app]", 'kind = "sqlite"', 'path = "app.db"', "poll_interval = 0.05",
+        "[sinks.vectors]", sink,
+        "[embedders.default]", 'kind = "hash"',
+        "[[mappings]]", 'name = "articles"', 'source = "app"', 'table = "articles"',
+        'key = "id"', f'text = "{text}"', 'payload = ["author", "tags", "published"]',
+        'sink = "vectors"', extra_mapping,
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def read_sink(sink: Sink, collection: str, dimension: int = 384) -> dict[str, Any]:
+    await sink.ensure_collection(CollectionSpec(name=collection, dimension=dimension,
+                                                distance="cosine"))
+    return {r.id: r async for r in sink.scroll(collection, with_vectors=True)}
+
+
+async def assert_converged(config: Config, app: App, sink: Sink) -> None:
+    """The sink holds exactly one point per live row, with the vector of its current text
+    and its current payload — read from both stores directly."""
+    mapping = config.mappings[0]
+    renderer = Renderer(mapping)
+    embedder = HashEmbedder()
+    rows = app.rows()
+    points = await read_sink(sink, mapping.collection_name)
+    expected_ids = {point_id(mapping.name, k): k for k in rows}
+    assert set(points) == set(expected_ids), (
+        f"missing {len(set(expected_ids) - set(points))}, orphaned {len(set(points) - set(expected_ids))}"
+    )
+    for pid, key in expected_ids.items():
+        rendered = renderer.render(rows[key])
+        record = points[pid]
+        for field, value in rendered.payload.items():
+            assert record.payload[field] == value, (key, field)
+        assert record.payload["_vs_key"] == key
+        assert record.payload["_vs_text_hash"] == content_hash(embedder.model_id, rendered.text)
+        assert record.vector is not None
+        want = embedder.vector(rendered.text)
+        assert max(abs(a - b) for a, b in zip(record.vector, want, strict=True)) < 1e-5, key
+
+
+def load(path: Path) -> Config:
+    return load_config(path)

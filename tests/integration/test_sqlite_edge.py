@@ -1,0 +1,176 @@
+"""The skeleton's guarantees, SQLite → qdrant-edge, in-process against the real engines."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import App, assert_converged, load, write_config
+from vectorsync.embed.hash import HashEmbedder
+from vectorsync.engine import Engine
+from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
+from vectorsync.sources.sqlite import OUTBOX
+
+
+async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> dict[str, int]:
+    config = load(config_path)
+    embedders = {"default": embedder} if embedder else None
+    async with Engine.open(config, embedders=embedders) as engine:
+        result = await engine.run(once=True)
+    return {"changes": result.changes, **result.counts}
+
+
+async def check(config_path: Path, app: App) -> None:
+    config = load(config_path)
+    sink = QdrantEdgeSink("check", config.resolve(Path(".vectorsync/qdrant")))
+    await sink.open()
+    try:
+        await assert_converged(config, app, sink)
+    finally:
+        await sink.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_changes_converge(workdir: Path, app: App, seed: int) -> None:
+    rng = random.Random(seed)
+    app.random_ops(rng, 150)
+    cfg = write_config(workdir, batch_size=37)
+    await sync_once(cfg)  # snapshot of the existing rows
+    await check(cfg, app)
+    app.random_ops(rng, 400)
+    await sync_once(cfg)
+    await check(cfg, app)
+
+
+async def test_existing_rows_snapshot_then_stream_without_gap(workdir: Path, app: App) -> None:
+    for k in range(1, 51):
+        app.insert(k)
+    cfg = write_config(workdir)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.prepare()  # triggers installed + snapshot enqueued atomically
+        app.update(3, body="changed between setup and the first run")
+        app.insert(51)
+        app.delete(7)
+        await engine.run(once=True)
+    await check(cfg, app)
+
+
+async def test_minimal_embedding(workdir: Path, app: App) -> None:
+    for k in range(1, 21):
+        app.insert(k)
+    cfg = write_config(workdir)
+    embedder = HashEmbedder("default")
+    counts = await sync_once(cfg, embedder)
+    assert embedder.texts_embedded == 20 and counts["upserted"] == 20
+
+    app.update(5, author="zed", published=1999)  # metadata only
+    app.update(6, tags="x,y")
+    before = embedder.texts_embedded
+    counts = await sync_once(cfg, embedder)
+    assert embedder.texts_embedded == before, "a metadata-only change called the embedder"
+    assert counts["payload_only"] == 2 and counts["upserted"] == 0
+
+    app.update(7, body="a new body")
+    app.update(8, title="a new title")
+    app.update(8, title="another title")  # two changes of one key coalesce: one embedding
+    before = embedder.texts_embedded
+    counts = await sync_once(cfg, embedder)
+    assert embedder.texts_embedded - before == 2
+    assert counts["upserted"] == 2
+
+    before = embedder.texts_embedded
+    counts = await sync_once(cfg, embedder)
+    assert embedder.texts_embedded == before
+    assert counts.get("upserted", 0) == counts.get("payload_only", 0) == 0
+    app.update(9, author=None)  # the trigger fires but the rendered text is the same
+    app.update(10, body="body of 10")  # rewritten with the same value: nothing to write
+    counts = await sync_once(cfg, embedder)
+    assert embedder.texts_embedded == before
+    assert counts["skipped"] == 1 and counts["payload_only"] == 1
+    await check(cfg, app)
+
+
+async def test_reverted_text_comes_from_the_embedding_cache(workdir: Path, app: App) -> None:
+    app.insert(1, body="first version")
+    cfg = write_config(workdir)
+    embedder = HashEmbedder("default")
+    await sync_once(cfg, embedder)
+    app.update(1, body="second version")
+    await sync_once(cfg, embedder)
+    app.update(1, body="first version")
+    counts = await sync_once(cfg, embedder)
+    assert embedder.texts_embedded == 2 and counts["cache_hits"] == 1
+    await check(cfg, app)
+
+
+async def test_template_change_rechecks_every_record_but_embeds_only_changed_texts(
+    workdir: Path, app: App
+) -> None:
+    for k in range(1, 11):
+        app.insert(k, body=f"body {k}")
+    app.insert(11, body="")
+    cfg = write_config(workdir)
+    embedder = HashEmbedder("default")
+    await sync_once(cfg, embedder)
+    # a template whose output differs only for the row with an empty body
+    cfg = write_config(workdir, text="{{ title }}\\n{{ body or 'untitled' }}")
+    counts = await sync_once(cfg, embedder)
+    assert counts["changes"] == 11
+    assert counts["upserted"] == 1 and embedder.texts_embedded == 12
+    assert counts["payload_only"] == 10  # bookkeeping: new schema version on every point
+    await check(cfg, app)
+
+
+async def test_duplicated_and_shuffled_changes_converge_to_the_same_state(
+    workdir: Path, app: App
+) -> None:
+    rng = random.Random(7)
+    app.random_ops(rng, 200)
+    cfg = write_config(workdir, batch_size=25)
+    await sync_once(cfg)
+    app.random_ops(rng, 300)
+    await sync_once(cfg)
+    await check(cfg, app)
+    # Deliver every change of the history again: twice each, in random order.
+    db = sqlite3.connect(workdir / "app.db", isolation_level=None)
+    keys = [(k,) for k in range(1, 201)]
+    replay = [(k, op) for (k,) in keys for op in ("insert", "update", "delete")] * 2
+    rng.shuffle(replay)
+    db.executemany(f"INSERT INTO {OUTBOX}(tbl, key, op) VALUES ('articles', ?, ?)", replay)
+    db.close()
+    counts = await sync_once(cfg)
+    assert counts["changes"] == len(replay)
+    assert counts.get("upserted", 0) == 0 and counts.get("payload_only", 0) == 0
+    await check(cfg, app)
+
+
+async def test_bad_rows_are_dead_lettered_and_the_rest_syncs(workdir: Path, app: App) -> None:
+    for k in range(1, 11):
+        app.insert(k)
+    app.update(2, title=None, body=None)  # NULL text
+    app.update(3, body="x" * 500)  # over max_text_length
+    app.update(4, published=0)  # the template divides by it
+    cfg = write_config(
+        workdir, text="{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}",
+        extra_mapping="max_text_length = 300",
+    )
+    counts = await sync_once(cfg)
+    assert counts["failed"] == 3 and counts["upserted"] == 7
+    async with Engine.open(load(cfg)) as engine:
+        letters = {d.key: d for d in await engine.state.dead_letters()}
+        [status] = await engine.status()
+    assert status.dead_letters == 3 and status.records == 7
+    assert letters["2"].error_type == "empty_text" and "body, title" in letters["2"].message
+    assert letters["3"].error_type == "text_too_long" and "max_text_length" in letters["3"].message
+    assert letters["4"].error_type == "render" and "ZeroDivisionError" in letters["4"].message
+    assert letters["4"].details["row"]["published"] == 0
+
+    app.update(2, title="fixed", body="fixed")  # fixing the row resolves its dead letter
+    counts = await sync_once(cfg)
+    async with Engine.open(load(cfg)) as engine:
+        assert {d.key for d in await engine.state.dead_letters()} == {"3", "4"}
+        resolved = await engine.state.dead_letters(status="resolved")
+    assert [d.key for d in resolved] == ["2"]
