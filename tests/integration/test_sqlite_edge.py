@@ -174,3 +174,14 @@ async def test_bad_rows_are_dead_lettered_and_the_rest_syncs(workdir: Path, app:
         assert {d.key for d in await engine.state.dead_letters()} == {"3", "4"}
         resolved = await engine.state.dead_letters(status="resolved")
     assert [d.key for d in resolved] == ["2"]
+
+
+async def test_primary_key_change_moves_the_point(workdir: Path, app: App) -> None:
+    app.insert(1)
+    app.insert(2)
+    cfg = write_config(workdir)
+    await sync_once(cfg)
+    app.db.execute("UPDATE articles SET id = 100 WHERE id = 1")
+    counts = await sync_once(cfg)
+    assert counts["deleted"] == 1 and counts["upserted"] == 1
+    await check(cfg, app)

@@ -40,6 +40,7 @@ class QdrantEdgeSink:
         self.path = path
         self._lane = BlockingLane(f"qdrant-edge-{name}")
         self._shards: dict[str, Any] = {}
+        self._specs: dict[str, CollectionSpec] = {}
         self._lock: IO[str] | None = None
 
     async def open(self) -> None:
@@ -94,6 +95,14 @@ class QdrantEdgeSink:
                     "euclid": qe.Distance.Euclid}[spec.distance]
         config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=spec.dimension, distance=distance))
         folder = self.path / spec.name
+        known = self._specs.get(spec.name)
+        if known is not None and (known.dimension, known.distance) != (spec.dimension,
+                                                                       spec.distance):
+            raise PermanentError(
+                f"sink {self.name!r}: collection {spec.name!r} is open with dimension "
+                f"{known.dimension} and {known.distance} distance, not {spec.dimension} and "
+                f"{spec.distance}; use another collection name"
+            )
         if spec.name not in self._shards:
             try:
                 if (folder / "wal").exists():
@@ -107,6 +116,7 @@ class QdrantEdgeSink:
                     "If the embedder changed, use a new collection name or remove the folder"
                 ) from exc
             self._shards[spec.name] = shard
+            self._specs[spec.name] = spec
         shard = self._shards[spec.name]
         schema_types = {
             "keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,

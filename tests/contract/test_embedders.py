@@ -1,0 +1,49 @@
+"""One contract, every embedder: the hash embedder and the bundled MiniLM model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+
+from vectorsync.embed.base import Embedder
+from vectorsync.embed.hash import HashEmbedder
+from vectorsync.embed.sentence_transformers import SentenceTransformersEmbedder
+
+
+@pytest.fixture(params=["hash", pytest.param("minilm", marks=pytest.mark.embedding_model)])
+async def embedder(request: pytest.FixtureRequest) -> AsyncIterator[Embedder]:
+    e: Embedder
+    if request.param == "hash":
+        e = HashEmbedder("hash")
+    else:
+        e = SentenceTransformersEmbedder("minilm", threads=1)
+    await e.open()
+    yield e
+    await e.close()
+
+
+async def test_vectors_are_deterministic_normalised_and_of_the_declared_dimension(
+    embedder: Embedder,
+) -> None:
+    texts = ["json.loads parses a JSON document", "subprocess.run runs a command", "é ünïcode"]
+    first = await embedder.embed(texts)
+    again = await embedder.embed(list(reversed(texts)))
+    assert len(first) == 3 and all(len(v) == embedder.dimension for v in first)
+    assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-4) for v in first)
+    for a, b in zip(first, reversed(again), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert embedder.model_id and embedder.texts_embedded >= 6
+
+
+@pytest.mark.embedding_model
+async def test_minilm_is_semantic_and_pinned() -> None:
+    e = SentenceTransformersEmbedder("minilm", threads=1)
+    await e.open()
+    q, near, far = await e.embed(["read a JSON file", "parse JSON text into objects",
+                                  "compress a directory into a tar archive"])
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert cos(q, near) > cos(q, far) + 0.2
+    assert e.dimension == 384 and e.model_id.startswith("st:all-MiniLM-L6-v2@")
+    await e.close()

@@ -1,0 +1,86 @@
+"""One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from vectorsync.errors import PermanentError
+from vectorsync.model import Point
+from vectorsync.sinks.base import CollectionSpec, Sink
+from vectorsync.sinks.memory import MemorySink
+from vectorsync.sinks.qdrant import QdrantSink
+from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
+
+SPEC = CollectionSpec(name="docs", dimension=4, distance="cosine",
+                      indexes={"author": "keyword", "year": "integer"})
+
+
+def _id(n: int) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, str(n)))
+
+
+@pytest.fixture(params=["memory", "qdrant-edge", "qdrant-local"])
+async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sink]:
+    s: Sink
+    if request.param == "memory":
+        s = MemorySink()
+    elif request.param == "qdrant-edge":
+        s = QdrantEdgeSink("edge", tmp_path / "edge")
+    else:
+        s = QdrantSink("qdrant", path=":memory:")
+    await s.open()
+    await s.ensure_collection(SPEC)
+    yield s
+    await s.close()
+
+
+async def test_upsert_is_idempotent_and_normalises_cosine_vectors(sink: Sink) -> None:
+    p = Point(id=_id(1), vector=[3.0, 0.0, 4.0, 0.0], payload={"author": "ann", "year": 2020})
+    await sink.upsert("docs", [p])
+    await sink.upsert("docs", [p])
+    assert await sink.count("docs") == 1
+    [rec] = await sink.retrieve("docs", [_id(1)], with_vectors=True)
+    assert rec.payload == {"author": "ann", "year": 2020}
+    assert rec.vector == pytest.approx([0.6, 0.0, 0.8, 0.0], abs=1e-6)
+
+
+async def test_overwrite_payload_keeps_vector_and_replaces_all_fields(sink: Sink) -> None:
+    await sink.upsert("docs", [Point(id=_id(1), vector=[1, 0, 0, 0], payload={"a": 1, "b": 2})])
+    await sink.overwrite_payloads("docs", [(_id(1), {"a": 5})])
+    [rec] = await sink.retrieve("docs", [_id(1)], with_vectors=True)
+    assert rec.payload == {"a": 5}
+    assert rec.vector == pytest.approx([1, 0, 0, 0])
+
+
+async def test_delete_scroll_and_search(sink: Sink) -> None:
+    points = [Point(id=_id(i), vector=[1.0, float(i), 0, 0], payload={"n": i}) for i in range(25)]
+    await sink.upsert("docs", points)
+    await sink.delete("docs", [_id(3), _id(4), _id(999)])
+    seen = [r async for r in sink.scroll("docs", page=7)]
+    assert sorted(r.payload["n"] for r in seen) == [i for i in range(25) if i not in (3, 4)]
+    hits = await sink.search("docs", [1.0, 0.0, 0.0, 0.0], limit=2)
+    assert [h.record.payload["n"] for h in hits] == [0, 1]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_reopening_with_another_dimension_is_refused(sink: Sink) -> None:
+    await sink.upsert("docs", [Point(id=_id(1), vector=[1, 0, 0, 0], payload={})])
+    with pytest.raises(PermanentError, match="docs"):
+        await sink.ensure_collection(CollectionSpec(name="docs", dimension=8, distance="cosine"))
+
+
+async def test_edge_writes_survive_reopen(tmp_path: Path) -> None:
+    first = QdrantEdgeSink("edge", tmp_path / "edge")
+    await first.open()
+    await first.ensure_collection(SPEC)
+    await first.upsert("docs", [Point(id=_id(1), vector=[1, 0, 0, 0], payload={"k": 1})])
+    await first.close()
+    again = QdrantEdgeSink("edge", tmp_path / "edge")
+    await again.open()
+    await again.ensure_collection(SPEC)
+    assert [r.payload async for r in again.scroll("docs")] == [{"k": 1}]
+    await again.close()

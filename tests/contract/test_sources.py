@@ -1,0 +1,123 @@
+"""One contract, every source: the in-memory adapter and SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import App
+from vectorsync.errors import ConfigError
+from vectorsync.sources.base import Source, TableSpec
+from vectorsync.sources.memory import MemorySource
+from vectorsync.sources.sqlite import SqliteSource
+
+SPEC = TableSpec(table="articles", key="id")
+COLUMNS = {"id": "INTEGER", "title": "TEXT", "body": "TEXT", "author": "TEXT", "tags": "TEXT",
+           "published": "INTEGER"}
+
+
+class Harness:
+    """Writes rows the way an application would, for either source."""
+
+    def __init__(self, source: Source, write: Callable[[str, int, dict[str, object] | None], None]):
+        self.source = source
+        self._write = write
+
+    def upsert(self, key: int, **values: object) -> None:
+        self._write("upsert", key, {"id": key, "title": f"t{key}", "body": "b", "author": "a",
+                                    "tags": "x", "published": 1, **values})
+
+    def delete(self, key: int) -> None:
+        self._write("delete", key, None)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        mem = MemorySource("app", {"articles": COLUMNS})
+
+        def write_mem(op: str, key: int, row: dict[str, object] | None) -> None:
+            if row is None:
+                mem.delete("articles", key)
+            else:
+                mem.upsert("articles", row)
+
+        yield Harness(mem, write_mem)
+        return
+    app = App(tmp_path / "app.db")
+    src = SqliteSource("app", tmp_path / "app.db")
+
+    def write_sql(op: str, key: int, row: dict[str, object] | None) -> None:
+        if row is None:
+            app.delete(key)
+        elif app.db.execute("SELECT 1 FROM articles WHERE id = ?", (key,)).fetchone():
+            app.update(key, **{k: v for k, v in row.items() if k != "id"})
+        else:
+            app.insert(key, **{k: v for k, v in row.items() if k != "id"})
+
+    await src.open()
+    yield Harness(src, write_sql)
+    await src.close()
+    app.close()
+
+
+async def test_columns_and_unknown_table(harness: Harness) -> None:
+    assert await harness.source.columns("articles") == COLUMNS
+    with pytest.raises(ConfigError, match="table 'nope' not found"):
+        await harness.source.columns("nope")
+
+
+async def test_existing_rows_are_snapshotted_once_then_changes_stream(harness: Harness) -> None:
+    src = harness.source
+    harness.upsert(1)
+    harness.upsert(2)
+    assert await src.setup([SPEC]) == ["articles"]
+    assert await src.setup([SPEC]) == []  # idempotent: no second snapshot
+    harness.upsert(2, body="new")
+    harness.upsert(3)
+    harness.delete(1)
+    changes = await src.read_changes(0, 100)
+    assert [(c.key, c.op) for c in changes] == [
+        (1, "snapshot"), (2, "snapshot"), (2, "update"), (3, "insert"), (1, "delete")
+    ]
+    positions = [c.position for c in changes]
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+    assert await src.head() == positions[-1]
+    assert [c.key for c in await src.read_changes(positions[1], 2)] == [2, 3]
+
+
+async def test_fetch_rereads_current_rows_and_omits_deleted(harness: Harness) -> None:
+    src = harness.source
+    await src.setup([SPEC])
+    harness.upsert(1, body="v1")
+    harness.upsert(1, body="v2")
+    harness.upsert(2)
+    harness.delete(2)
+    rows = await src.fetch("articles", "id", [1, 2, 99])
+    assert list(rows) == [1] and rows[1]["body"] == "v2"
+
+
+async def test_ack_releases_and_backlog_counts(harness: Harness) -> None:
+    src = harness.source
+    await src.setup([SPEC])
+    for k in range(1, 6):
+        harness.upsert(k)
+    backlog = await src.backlog(0)
+    assert backlog.changes == 5 and backlog.oldest_committed_at is not None
+    await src.ack(3)
+    assert [c.key for c in await src.read_changes(0, 100)] == [4, 5]
+    assert (await src.backlog(3)).changes == 2
+    assert await src.head() == 5
+
+
+async def test_resnapshot_enqueues_every_live_key(harness: Harness) -> None:
+    src = harness.source
+    await src.setup([SPEC])
+    harness.upsert(1)
+    harness.upsert(2)
+    head = await src.head()
+    await src.resnapshot(SPEC)
+    assert sorted(c.key for c in await src.read_changes(head, 100)) == [1, 2]
+
