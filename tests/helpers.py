@@ -18,7 +18,20 @@ ARTICLES_DDL = (
     "CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
     "tags TEXT, published INTEGER)"
 )
-WORDS = "alpha beta gamma delta vector graph sync chunk entity embed crash order".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "vector",
+    "graph",
+    "sync",
+    "chunk",
+    "entity",
+    "embed",
+    "crash",
+    "order",
+]
 
 
 class App:
@@ -35,8 +48,14 @@ class App:
         self.db.close()
 
     def insert(self, key: int, **values: Any) -> None:
-        row = {"title": f"title {key}", "body": f"body of {key}", "author": "ann",
-               "tags": "a", "published": 2020, **values}
+        row = {
+            "title": f"title {key}",
+            "body": f"body of {key}",
+            "author": "ann",
+            "tags": "a",
+            "published": 2020,
+            **values,
+        }
         self.db.execute(
             "INSERT INTO articles (id, title, body, author, tags, published) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -68,8 +87,9 @@ class App:
             elif op < 0.35:
                 self.update(key, body=" ".join(rng.choices(WORDS, k=6)))
             elif op < 0.7:
-                self.update(key, author=rng.choice(["ann", "bob", "cy"]),
-                            published=rng.randint(2000, 2030))
+                self.update(
+                    key, author=rng.choice(["ann", "bob", "cy"]), published=rng.randint(2000, 2030)
+                )
             elif op < 0.8:
                 self.update(key, title=f"retitled {rng.randint(0, 9)}", tags="b")
             else:
@@ -88,22 +108,36 @@ def write_config(
 ) -> Path:
     path = folder / "vectorsync.toml"
     lines = [
-        "[state]", 'url = "sqlite:///.vectorsync/state.db"',
-        "[sync]", f"batch_size = {batch_size}",
-        "[sources.app]", 'kind = "sqlite"', 'path = "app.db"', "poll_interval = 0.05",
-        "[sinks.vectors]", sink,
-        "[embedders.default]", 'kind = "hash"',
-        "[[mappings]]", 'name = "articles"', 'source = "app"', 'table = "articles"',
-        'key = "id"', f'text = "{text}"', 'payload = ["author", "tags", "published"]',
-        'sink = "vectors"', extra_mapping,
+        "[state]",
+        'url = "sqlite:///.vectorsync/state.db"',
+        "[sync]",
+        f"batch_size = {batch_size}",
+        "[sources.app]",
+        'kind = "sqlite"',
+        'path = "app.db"',
+        "poll_interval = 0.05",
+        "[sinks.vectors]",
+        sink,
+        "[embedders.default]",
+        'kind = "hash"',
+        "[[mappings]]",
+        'name = "articles"',
+        'source = "app"',
+        'table = "articles"',
+        'key = "id"',
+        f'text = "{text}"',
+        'payload = ["author", "tags", "published"]',
+        'sink = "vectors"',
+        extra_mapping,
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 async def read_sink(sink: Sink, collection: str, dimension: int = 384) -> dict[str, Any]:
-    await sink.ensure_collection(CollectionSpec(name=collection, dimension=dimension,
-                                                distance="cosine"))
+    await sink.ensure_collection(
+        CollectionSpec(name=collection, dimension=dimension, distance="cosine")
+    )
     return {r.id: r async for r in sink.scroll(collection, with_vectors=True)}
 
 
@@ -116,9 +150,8 @@ async def assert_converged(config: Config, app: App, sink: Sink) -> None:
     rows = app.rows()
     points = await read_sink(sink, mapping.collection_name)
     expected_ids = {point_id(mapping.name, k): k for k in rows}
-    assert set(points) == set(expected_ids), (
-        f"missing {len(set(expected_ids) - set(points))}, orphaned {len(set(points) - set(expected_ids))}"
-    )
+    missing, orphaned = set(expected_ids) - set(points), set(points) - set(expected_ids)
+    assert not missing and not orphaned, f"missing {len(missing)}, orphaned {len(orphaned)}"
     for pid, key in expected_ids.items():
         rendered = renderer.render(rows[key])
         record = points[pid]

@@ -51,7 +51,11 @@ async def retrying(
             delay = backoff.delay(attempt)
             attempt += 1
             logger.warning(
-                "%s failed (attempt %d), retrying in %.2fs: %s", what, attempt, delay, exc,
+                "%s failed (attempt %d), retrying in %.2fs: %s",
+                what,
+                attempt,
+                delay,
+                exc,
                 extra={"action": "retry", "what": what, "attempt": attempt},
             )
             if stop is None:

@@ -46,12 +46,23 @@ out = Console()
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar=CONFIG_ENV, show_envvar=True,
-                 help="config file [default: ./vectorsync.toml]"),
+    typer.Option(
+        "--config",
+        "-c",
+        envvar=CONFIG_ENV,
+        show_envvar=True,
+        help="config file [default: ./vectorsync.toml]",
+    ),
 ]
 VerboseOption = Annotated[
-    bool, typer.Option("--verbose", "-v", envvar="VECTORSYNC_VERBOSE", show_envvar=True,
-                       help="log progress and show tracebacks")
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        envvar="VECTORSYNC_VERBOSE",
+        show_envvar=True,
+        help="log progress and show tracebacks",
+    ),
 ]
 
 _verbose = False
@@ -96,9 +107,15 @@ def _config(path: Path | None) -> Config:
 @app.command()
 def run(
     config: ConfigOption = None,
-    once: Annotated[bool, typer.Option("--once", envvar="VECTORSYNC_ONCE", show_envvar=True,
-                                       help="apply what was committed before start, then exit")]
-    = False,
+    once: Annotated[
+        bool,
+        typer.Option(
+            "--once",
+            envvar="VECTORSYNC_ONCE",
+            show_envvar=True,
+            help="apply what was committed before start, then exit",
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Sync continuously (or --once) from every source into every sink."""
@@ -120,9 +137,16 @@ async def _run(cfg: Config, once: bool) -> RunResult:
         total = sum(max(0, h - p) for p, h in targets.values()) if once else None
         done: dict[str, int] = {name: p for name, (p, _) in targets.items()}
         with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err, disable=not err.is_terminal, transient=False,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not err.is_terminal,
+            transient=False,
         ) as progress:
             task = progress.add_task("syncing" if once else "streaming", total=total, rate="")
 
@@ -179,15 +203,32 @@ def status(
     if as_json:
         out.print_json(json.dumps({"mappings": rows}))
         return
-    table = Table("mapping", "source → sink", "position", "lag", "lag (s)", "records",
-                  "dead letters", "embedded", "payload-only", "deleted")
+    table = Table(
+        "mapping",
+        "source → sink",
+        "position",
+        "lag",
+        "lag (s)",
+        "records",
+        "dead letters",
+        "embedded",
+        "payload-only",
+        "deleted",
+    )
     for r in rows:
         c = r["counters"]
         lag_s = "-" if r["lag_seconds"] is None else f"{r['lag_seconds']:.1f}"
         table.add_row(
-            r["mapping"], f"{r['source']} → {r['sink']}/{r['collection']}", str(r["position"]),
-            str(r["lag_changes"]), lag_s, str(r["records"]), str(r["dead_letters"]),
-            str(c.get("embedded", 0)), str(c.get("payload_only", 0)), str(c.get("deleted", 0)),
+            r["mapping"],
+            f"{r['source']} → {r['sink']}/{r['collection']}",
+            str(r["position"]),
+            str(r["lag_changes"]),
+            lag_s,
+            str(r["records"]),
+            str(r["dead_letters"]),
+            str(c.get("embedded", 0)),
+            str(c.get("payload_only", 0)),
+            str(c.get("deleted", 0)),
         )
     out.print(table)
 
@@ -214,11 +255,13 @@ def search(
 
 @app.command()
 def demo(
-    directory: Annotated[Path, typer.Option("--dir", help="where the demo's files go (recreated)")]
-    = Path("vectorsync-demo"),
+    directory: Annotated[
+        Path, typer.Option("--dir", help="where the demo's files go (recreated)")
+    ] = Path("vectorsync-demo"),
     records: Annotated[int, typer.Option(help="how many stdlib symbols to load at most")] = 3000,
-    embedder: Annotated[str, typer.Option(help="sentence-transformers or hash")]
-    = "sentence-transformers",
+    embedder: Annotated[
+        str, typer.Option(help="sentence-transformers or hash")
+    ] = "sentence-transformers",
     verbose: VerboseOption = False,
 ) -> None:
     """The main job on embedded defaults: the Python standard library's docs in SQLite,

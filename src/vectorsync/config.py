@@ -54,7 +54,9 @@ class StateConfig(_Frozen):
 class SqliteSourceConfig(_Frozen):
     kind: Literal["sqlite"]
     path: Path
-    poll_interval: float = Field(0.2, gt=0, description="seconds between outbox polls when idle")
+    poll_interval: float = Field(
+        default=0.2, gt=0, description="seconds between outbox polls when idle"
+    )
 
 
 SourceConfig = Annotated[SqliteSourceConfig, Field(discriminator="kind")]
@@ -68,14 +70,16 @@ class QdrantEdgeSinkConfig(_Frozen):
 class QdrantSinkConfig(_Frozen):
     kind: Literal["qdrant"]
     url: str | None = None
-    path: str | None = Field(None, description='a folder, or ":memory:"')
+    path: str | None = Field(default=None, description='a folder, or ":memory:"')
     api_key: SecretStr | None = None
     timeout: float = 30.0
 
     @model_validator(mode="after")
     def _one_location(self) -> QdrantSinkConfig:
         if (self.url is None) == (self.path is None):
-            raise ValueError('set exactly one of url (a Qdrant server) or path (a folder or ":memory:")')
+            raise ValueError(
+                'set exactly one of url (a Qdrant server) or path (a folder or ":memory:")'
+            )
         return self
 
 
@@ -84,16 +88,18 @@ SinkConfig = Annotated[QdrantEdgeSinkConfig | QdrantSinkConfig, Field(discrimina
 
 class SentenceTransformersEmbedderConfig(_Frozen):
     kind: Literal["sentence-transformers"]
-    model: str | None = Field(None, description="a local model folder; default: bundled MiniLM")
-    batch_size: int = Field(64, gt=0)
-    threads: int | None = Field(None, gt=0, description="torch threads; default: all cores")
+    model: str | None = Field(
+        default=None, description="a local model folder; default: bundled MiniLM"
+    )
+    batch_size: int = Field(default=64, gt=0)
+    threads: int | None = Field(default=None, gt=0, description="torch threads; default: all cores")
     normalize: bool = True
 
 
 class HashEmbedderConfig(_Frozen):
     kind: Literal["hash"]
-    dimension: int = Field(384, gt=0)
-    batch_size: int = Field(256, gt=0)
+    dimension: int = Field(default=384, gt=0)
+    batch_size: int = Field(default=256, gt=0)
 
 
 EmbedderConfig = Annotated[
@@ -111,7 +117,9 @@ class MappingConfig(_Frozen):
     sink: str
     collection: str | None = None
     embedder: str = "default"
-    max_text_length: int = Field(20_000, gt=0, description="longer rendered text is dead-lettered")
+    max_text_length: int = Field(
+        default=20_000, gt=0, description="longer rendered text is dead-lettered"
+    )
 
     @property
     def collection_name(self) -> str:
@@ -119,13 +127,15 @@ class MappingConfig(_Frozen):
 
 
 class SyncConfig(_Frozen):
-    batch_size: int = Field(1000, gt=0, description="changes read from a source per batch")
-    max_in_flight: int = Field(2, gt=0, description="batches between capture, embedding and writes")
+    batch_size: int = Field(default=1000, gt=0, description="changes read from a source per batch")
+    max_in_flight: int = Field(
+        default=2, gt=0, description="batches between capture, embedding and writes"
+    )
 
 
 class Config(_Frozen):
-    state: StateConfig = StateConfig()
-    sync: SyncConfig = SyncConfig()
+    state: StateConfig = Field(default_factory=StateConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
     sources: dict[str, SourceConfig]
     sinks: dict[str, SinkConfig]
     embedders: dict[str, EmbedderConfig]

@@ -30,19 +30,118 @@ from .worker import BatchReport
 
 __all__ = ["run_demo", "stdlib_symbols"]
 
-MODULES = (
-    "abc argparse array ast asyncio base64 bisect bz2 calendar cmath collections "
-    "collections.abc concurrent.futures configparser contextlib copy csv dataclasses datetime "
-    "decimal difflib email enum filecmp fnmatch fractions functools getpass gettext glob gzip "
-    "hashlib heapq hmac html html.parser http.client http.server imaplib importlib inspect io "
-    "ipaddress itertools json keyword linecache locale logging lzma mailbox math mimetypes "
-    "multiprocessing numbers operator optparse os os.path pathlib pickle pkgutil platform "
-    "plistlib poplib pprint queue quopri random re reprlib sched secrets selectors shelve "
-    "shlex shutil signal smtplib socket socketserver sqlite3 ssl stat statistics string "
-    "struct subprocess tarfile tempfile textwrap threading time timeit tokenize traceback "
-    "types typing unicodedata unittest urllib.parse urllib.request uuid warnings weakref "
-    "xml.dom.minidom xml.etree.ElementTree zipfile zlib zoneinfo"
-).split()
+MODULES = [
+    "abc",
+    "argparse",
+    "array",
+    "ast",
+    "asyncio",
+    "base64",
+    "bisect",
+    "bz2",
+    "calendar",
+    "cmath",
+    "collections",
+    "collections.abc",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "getpass",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "html.parser",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "importlib",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "keyword",
+    "linecache",
+    "locale",
+    "logging",
+    "lzma",
+    "mailbox",
+    "math",
+    "mimetypes",
+    "multiprocessing",
+    "numbers",
+    "operator",
+    "optparse",
+    "os",
+    "os.path",
+    "pathlib",
+    "pickle",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "pprint",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "reprlib",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "signal",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "sqlite3",
+    "ssl",
+    "stat",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "timeit",
+    "tokenize",
+    "traceback",
+    "types",
+    "typing",
+    "unicodedata",
+    "unittest",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zlib",
+    "zoneinfo",
+]
 
 DDL = """CREATE TABLE symbols (
     id TEXT PRIMARY KEY,      -- qualified name, e.g. json.loads
@@ -120,8 +219,9 @@ def _module_rows(module_name: str, module: Any) -> Iterator[dict[str, Any]]:
             yield _row(f"{module_name}.{name}", "class", module_name, name, obj)
             for meth_name, meth in sorted(vars(obj).items()):
                 if not meth_name.startswith("_") and inspect.isfunction(meth):
-                    yield _row(f"{module_name}.{name}.{meth_name}", "method", module_name,
-                               meth_name, meth)
+                    yield _row(
+                        f"{module_name}.{name}.{meth_name}", "method", module_name, meth_name, meth
+                    )
         elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
             yield _row(f"{module_name}.{name}", "function", module_name, name, obj)
 
@@ -132,15 +232,24 @@ def _row(qualname: str, kind: str, module: str, name: str, obj: Any) -> dict[str
     if kind in ("function", "method"):
         with contextlib.suppress(TypeError, ValueError):
             signature = str(inspect.signature(obj))
-    return {"id": qualname, "kind": kind, "module": module, "name": name,
-            "signature": signature, "doc": doc, "summary": doc.split("\n", 1)[0][:200],
-            "doc_lines": doc.count("\n") + 1}
+    return {
+        "id": qualname,
+        "kind": kind,
+        "module": module,
+        "name": name,
+        "signature": signature,
+        "doc": doc,
+        "summary": doc.split("\n", 1)[0][:200],
+        "doc_lines": doc.count("\n") + 1,
+    }
 
 
 def _insert(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
     db.executemany(
         "INSERT INTO symbols (id, kind, module, name, signature, doc, summary, doc_lines) "
-        "VALUES (:id, :kind, :module, :name, :signature, :doc, :summary, :doc_lines)", rows)
+        "VALUES (:id, :kind, :module, :name, :signature, :doc, :summary, :doc_lines)",
+        rows,
+    )
 
 
 async def run_demo(directory: Path, *, records: int, embedder: str, console: Console) -> None:
@@ -158,9 +267,12 @@ async def run_demo(directory: Path, *, records: int, embedder: str, console: Con
     kinds: dict[str, int] = {}
     for r in rows:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-    console.print(f"1. Loaded {len(rows)} standard-library symbols into SQLite "
-                  f"({', '.join(f'{n} {k}{"es" if k == "class" else "s"}' for k, n in sorted(kinds.items()))}): "
-                  f"{directory / 'app.db'}")
+    plural = {"class": "classes"}
+    counted = ", ".join(f"{n} {plural.get(k, k + 's')}" for k, n in sorted(kinds.items()))
+    console.print(
+        f"1. Loaded {len(rows)} standard-library symbols into SQLite ({counted}): "
+        f"{directory / 'app.db'}"
+    )
     (directory / "vectorsync.toml").write_text(CONFIG.format(embedder=embedder))
     config = load_config(directory / "vectorsync.toml")
 
@@ -176,18 +288,26 @@ async def run_demo(directory: Path, *, records: int, embedder: str, console: Con
                 table.add_column(col, overflow="fold")
             for hit in await engine.search("stdlib", query, limit=3):
                 p = hit.record.payload
-                table.add_row(f"{hit.score:.3f}", str(p["_vs_key"]), str(p["kind"]),
-                              str(p["summary"])[:90])
+                table.add_row(
+                    f"{hit.score:.3f}", str(p["_vs_key"]), str(p["kind"]), str(p["summary"])[:90]
+                )
             console.print(table)
     db.close()
-    console.print(f"Done in {time.monotonic() - started:.0f}s. Try: vectorsync status -c "
-                  f"{directory / 'vectorsync.toml'}")
+    console.print(
+        f"Done in {time.monotonic() - started:.0f}s. Try: vectorsync status -c "
+        f"{directory / 'vectorsync.toml'}"
+    )
 
 
 async def _initial_sync(engine: Engine, total: int, console: Console) -> None:
-    with Progress(TextColumn("   initial sync"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("   initial sync"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         task = progress.add_task("sync", total=total, rate="")
 
         def on_batch(report: BatchReport) -> None:
@@ -197,8 +317,10 @@ async def _initial_sync(engine: Engine, total: int, console: Console) -> None:
 
         result = await engine.run(once=True, on_batch=on_batch)
     c = result.counts
-    console.print(f"3. Synced {result.changes} records in {result.seconds:.1f}s: "
-                  f"{c.get('embedded', 0)} embedded, {c.get('upserted', 0)} points written")
+    console.print(
+        f"3. Synced {result.changes} records in {result.seconds:.1f}s: "
+        f"{c.get('embedded', 0)} embedded, {c.get('upserted', 0)} points written"
+    )
 
 
 async def _live_changes(
@@ -212,20 +334,30 @@ async def _live_changes(
 
     stop = asyncio.Event()
     streaming = asyncio.create_task(engine.run(stop=stop, on_batch=on_batch))
-    edited = [r[0] for r in db.execute(
-        "SELECT id FROM symbols WHERE kind = 'function' ORDER BY id LIMIT 10")]
-    db.executemany("UPDATE symbols SET doc = ? || doc WHERE id = ?",
-                   [("Reviewed for the vectorsync demo. ", k) for k in edited])
-    db.execute("UPDATE symbols SET stability = 'deprecated' WHERE module IN ('optparse', 'imaplib')")
+    edited = [
+        r[0]
+        for r in db.execute("SELECT id FROM symbols WHERE kind = 'function' ORDER BY id LIMIT 10")
+    ]
+    db.executemany(
+        "UPDATE symbols SET doc = ? || doc WHERE id = ?",
+        [("Reviewed for the vectorsync demo. ", k) for k in edited],
+    )
+    db.execute(
+        "UPDATE symbols SET stability = 'deprecated' WHERE module IN ('optparse', 'imaplib')"
+    )
     meta = db.execute("SELECT changes()").fetchone()[0]
-    gone = [r[0] for r in db.execute("SELECT id FROM symbols WHERE kind = 'method' "
-                                      "ORDER BY id DESC LIMIT 5")]
+    gone = [
+        r[0]
+        for r in db.execute("SELECT id FROM symbols WHERE kind = 'method' ORDER BY id DESC LIMIT 5")
+    ]
     db.executemany("DELETE FROM symbols WHERE id = ?", [(k,) for k in gone])
     _insert(db, held_back)
     db.commit()
-    console.print(f"4. Live changes committed while the engine streams: {len(edited)} text "
-                  f"edits, {meta} metadata-only edits, {len(gone)} deletes, "
-                  f"{len(held_back)} inserts")
+    console.print(
+        f"4. Live changes committed while the engine streams: {len(edited)} text "
+        f"edits, {meta} metadata-only edits, {len(gone)} deletes, "
+        f"{len(held_back)} inserts"
+    )
     await _caught_up(engine, deadline=120.0)
     stop.set()
     await streaming
@@ -245,4 +377,3 @@ async def _caught_up(engine: Engine, deadline: float) -> None:
             return
         await asyncio.sleep(0.1)
     raise TimeoutError(f"the engine did not catch up within {deadline:.0f}s")
-

@@ -1,7 +1,7 @@
 """The composition root: the only module that knows concrete adapters.
 
-    async with Engine.open(config) as engine:
-        await engine.run(once=True)
+async with Engine.open(config) as engine:
+    await engine.run(once=True)
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
     if path is not None and path != ":memory:":
         path = str(config.resolve(Path(path)))
     return QdrantSink(
-        name, url=cfg.url, path=path, timeout=cfg.timeout,
+        name,
+        url=cfg.url,
+        path=path,
+        timeout=cfg.timeout,
         api_key=cfg.api_key.get_secret_value() if cfg.api_key else None,
     )
 
@@ -95,7 +98,10 @@ def build_embedder(name: str, cfg: EmbedderConfig) -> Embedder:
     from .embed.sentence_transformers import SentenceTransformersEmbedder
 
     return SentenceTransformersEmbedder(
-        name, model=cfg.model, batch_size=cfg.batch_size, threads=cfg.threads,
+        name,
+        model=cfg.model,
+        batch_size=cfg.batch_size,
+        threads=cfg.threads,
         normalize=cfg.normalize,
     )
 
@@ -145,12 +151,12 @@ class Engine:
         engine = cls(
             config,
             state=state or StateStore(config.state_url()),
-            sources=sources or {n: build_source(n, config.sources[n], config)
-                                for n in _used(config, "source")},
-            sinks=sinks or {n: build_sink(n, config.sinks[n], config)
-                            for n in _used(config, "sink")},
-            embedders=embedders or {n: build_embedder(n, config.embedders[n])
-                                    for n in _used(config, "embedder")},
+            sources=sources
+            or {n: build_source(n, config.sources[n], config) for n in _used(config, "source")},
+            sinks=sinks
+            or {n: build_sink(n, config.sinks[n], config) for n in _used(config, "sink")},
+            embedders=embedders
+            or {n: build_embedder(n, config.embedders[n]) for n in _used(config, "embedder")},
             backoff=backoff,
         )
         try:
@@ -172,7 +178,9 @@ class Engine:
             where = f"mapping {m.name!r}"
             listed = f"(columns: {', '.join(cols)})"
             if m.key not in cols:
-                raise ConfigError(f"{where}: key {m.key!r} not in source table {m.table!r} {listed}")
+                raise ConfigError(
+                    f"{where}: key {m.key!r} not in source table {m.table!r} {listed}"
+                )
             for field in sorted(template_columns(m.text) - set(cols)):
                 raise ConfigError(
                     f"{where}: text template uses {field!r}, not a column of source table "
@@ -198,16 +206,25 @@ class Engine:
         collections. Idempotent; ``vectorsync setup`` runs exactly this."""
         if self._runtimes is not None:
             return self._runtimes
-        for part in (*self.embedders.values(), *self.sinks.values()):
-            await part.open()
-            self._opened.append(part)
+        for embedder in self.embedders.values():
+            await embedder.open()
+            self._opened.append(embedder)
+        for sink in self.sinks.values():
+            await sink.open()
+            self._opened.append(sink)
         for name, source in self.sources.items():
-            specs = {TableSpec(table=m.table, key=m.key)
-                     for m in self.config.mappings if m.source == name}
+            specs = {
+                TableSpec(table=m.table, key=m.key)
+                for m in self.config.mappings
+                if m.source == name
+            }
             new = await source.setup(sorted(specs, key=lambda s: s.table))
             if new:
-                logger.info("snapshot enqueued for %s", ", ".join(new),
-                            extra={"action": "snapshot", "source": name, "tables": new})
+                logger.info(
+                    "snapshot enqueued for %s",
+                    ", ".join(new),
+                    extra={"action": "snapshot", "source": name, "tables": new},
+                )
         runtimes = [await self._runtime(m) for m in self.config.mappings]
         self._runtimes = runtimes
         return runtimes
@@ -215,17 +232,29 @@ class Engine:
     async def _runtime(self, m: MappingConfig) -> MappingRuntime:
         embedder = self.embedders[m.embedder]
         definition = {
-            "table": m.table, "key": m.key, "text": m.text, "payload": list(m.payload),
-            "collection": m.collection_name, "model": embedder.model_id,
-            "dimension": embedder.dimension, "distance": embedder.distance,
+            "table": m.table,
+            "key": m.key,
+            "text": m.text,
+            "payload": list(m.payload),
+            "collection": m.collection_name,
+            "model": embedder.model_id,
+            "dimension": embedder.dimension,
+            "distance": embedder.distance,
             "columns": self._columns[m.name],
         }
-        digest = xxhash.xxh3_64_hexdigest(orjson.dumps(
-            {k: v for k, v in definition.items() if k != "columns"}, option=orjson.OPT_SORT_KEYS))
+        digest = xxhash.xxh3_64_hexdigest(
+            orjson.dumps(
+                {k: v for k, v in definition.items() if k != "columns"}, option=orjson.OPT_SORT_KEYS
+            )
+        )
         version, changed = await self.state.register_schema(m.name, digest, definition)
         if changed:
-            logger.info("mapping %s changed (schema version %d): re-checking every record",
-                        m.name, version, extra={"action": "schema_change", "mapping": m.name})
+            logger.info(
+                "mapping %s changed (schema version %d): re-checking every record",
+                m.name,
+                version,
+                extra={"action": "schema_change", "mapping": m.name},
+            )
             await self.sources[m.source].resnapshot(TableSpec(table=m.table, key=m.key))
         indexes: dict[str, IndexType] = {}
         for field in m.payload:
@@ -233,12 +262,17 @@ class Engine:
             if kind is not None:
                 indexes[field] = kind
         sink = self.sinks[m.sink]
-        await sink.ensure_collection(CollectionSpec(
-            name=m.collection_name, dimension=embedder.dimension, distance=embedder.distance,
-            indexes={**indexes, "_vs_key": "keyword" if self._is_text_key(m) else "integer"},
-        ))
-        return MappingRuntime(config=m, renderer=Renderer(m), embedder=embedder, sink=sink,
-                              schema_version=digest)
+        await sink.ensure_collection(
+            CollectionSpec(
+                name=m.collection_name,
+                dimension=embedder.dimension,
+                distance=embedder.distance,
+                indexes={**indexes, "_vs_key": "keyword" if self._is_text_key(m) else "integer"},
+            )
+        )
+        return MappingRuntime(
+            config=m, renderer=Renderer(m), embedder=embedder, sink=sink, schema_version=digest
+        )
 
     def _is_text_key(self, m: MappingConfig) -> bool:
         return index_type_for(self._columns[m.name][m.key]) != "integer"
@@ -258,13 +292,17 @@ class Engine:
         started = time.monotonic()
         workers = [
             SourceWorker(
-                source, [r for r in runtimes if r.config.source == name], self.state,
+                source,
+                [r for r in runtimes if r.config.source == name],
+                self.state,
                 batch_size=self.config.sync.batch_size,
                 max_in_flight=self.config.sync.max_in_flight,
                 poll_interval=self.config.sources[name].poll_interval
-                if name in self.config.sources else 0.2,
+                if name in self.config.sources
+                else 0.2,
                 embedding_cache=self.config.state.embedding_cache,
-                backoff=self.backoff, on_batch=on_batch,
+                backoff=self.backoff,
+                on_batch=on_batch,
             )
             for name, source in self.sources.items()
         ]
@@ -273,13 +311,16 @@ class Engine:
         for w in workers:
             for k, n in w.totals.items():
                 totals[k] = totals.get(k, 0) + n
-        return RunResult(changes=totals.pop("changes", 0), counts=totals,
-                         seconds=time.monotonic() - started)
+        return RunResult(
+            changes=totals.pop("changes", 0), counts=totals, seconds=time.monotonic() - started
+        )
 
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""
-        return {name: (await self.state.position(name), await source.head())
-                for name, source in self.sources.items()}
+        return {
+            name: (await self.state.position(name), await source.head())
+            for name, source in self.sources.items()
+        }
 
     async def status(self) -> list[MappingStatus]:
         result = []
@@ -290,13 +331,21 @@ class Engine:
             backlog = await source.backlog(position)
             counts = await self.state.mapping_counts(m.name)
             oldest = backlog.oldest_committed_at
-            result.append(MappingStatus(
-                mapping=m.name, source=m.source, sink=m.sink, collection=m.collection_name,
-                position=position, head=await source.head(), lag_changes=backlog.changes,
-                lag_seconds=None if oldest is None else max(0.0, now - oldest),
-                records=counts.records, dead_letters=counts.dead_letters,
-                counters=counts.counters,
-            ))
+            result.append(
+                MappingStatus(
+                    mapping=m.name,
+                    source=m.source,
+                    sink=m.sink,
+                    collection=m.collection_name,
+                    position=position,
+                    head=await source.head(),
+                    lag_changes=backlog.changes,
+                    lag_seconds=None if oldest is None else max(0.0, now - oldest),
+                    records=counts.records,
+                    dead_letters=counts.dead_letters,
+                    counters=counts.counters,
+                )
+            )
         return result
 
     async def search(self, mapping: str, text: str, limit: int = 5) -> list[Hit]:

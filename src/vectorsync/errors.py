@@ -20,7 +20,7 @@ class VectorsyncError(Exception):
 
 
 class RetryableError(VectorsyncError):
-    """A transient failure (timeout, lost connection, lock, 5xx): the same call may succeed later."""
+    """A transient failure (timeout, lost connection, lock, 5xx): a later retry may succeed."""
 
 
 class PermanentError(VectorsyncError):

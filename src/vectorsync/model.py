@@ -11,8 +11,8 @@ import orjson
 import xxhash
 
 __all__ = [
-    "NAMESPACE",
     "BOOKKEEPING",
+    "NAMESPACE",
     "Change",
     "Key",
     "Op",

@@ -28,7 +28,9 @@ def template_columns(template: str) -> set[str]:
     try:
         return set(meta.find_undeclared_variables(_ENV.parse(template)))
     except jinja2.TemplateSyntaxError as exc:
-        raise ConfigError(f"text template: syntax error on line {exc.lineno}: {exc.message}") from exc
+        raise ConfigError(
+            f"text template: syntax error on line {exc.lineno}: {exc.message}"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from . import _failpoints
@@ -168,7 +169,7 @@ class SourceWorker:
     ) -> None:
         while not stop.is_set() and (target is None or cursor < target):
             changes = await self._retry(
-                "read changes", lambda c=cursor: self.source.read_changes(c, self._batch_size), stop
+                "read changes", partial(self.source.read_changes, cursor, self._batch_size), stop
             )
             if target is not None:
                 changes = [c for c in changes if c.position <= target]
@@ -198,7 +199,7 @@ class SourceWorker:
                 await self._write(work, stop)
             _failpoints.hit("after_sink_write")
             commit = self._commit_for(batch)
-            await self._retry("commit state", lambda c=commit: self.state.commit(c), stop)
+            await self._retry("commit state", partial(self.state.commit, commit), stop)
             _failpoints.hit("after_state_commit")
             self._settle(batch)
             try:
@@ -261,18 +262,31 @@ class SourceWorker:
             text_hash = content_hash(m.embedder.model_id, rendered.text)
             version = max(change.position, state.source_version if state else 0)
             new = RecordState(
-                mapping=m.name, key=skey, point_id=point_id(m.name, key), text_hash=text_hash,
-                payload_hash=rendered.payload_hash, source_version=version,
-                schema_version=m.schema_version, synced_at=now,
+                mapping=m.name,
+                key=skey,
+                point_id=point_id(m.name, key),
+                text_hash=text_hash,
+                payload_hash=rendered.payload_hash,
+                source_version=version,
+                schema_version=m.schema_version,
+                synced_at=now,
             )
-            payload = {**rendered.payload, "_vs_key": key, "_vs_text_hash": text_hash,
-                       "_vs_version": version, "_vs_schema": m.schema_version}
+            payload = {
+                **rendered.payload,
+                "_vs_key": key,
+                "_vs_text_hash": text_hash,
+                "_vs_version": version,
+                "_vs_schema": m.schema_version,
+            }
             work.done.append(skey)
             if state is None or state.text_hash != text_hash:
-                work.upserts.append(_Upsert(key=key, state=new, payload=payload,
-                                            text=rendered.text))
-            elif (state.payload_hash, state.schema_version) != (new.payload_hash,
-                                                                 new.schema_version):
+                work.upserts.append(
+                    _Upsert(key=key, state=new, payload=payload, text=rendered.text)
+                )
+            elif (state.payload_hash, state.schema_version) != (
+                new.payload_hash,
+                new.schema_version,
+            ):
                 work.payload_only.append((new, payload))
             else:
                 work.skipped += 1
@@ -311,7 +325,9 @@ class SourceWorker:
             if missing:
                 vectors.update(await self.state.cached_vectors(embedder.model_id, missing))
         work.cache_hits = len(vectors)
-        texts = {u.state.text_hash: u.text for u in work.upserts if u.state.text_hash not in vectors}
+        texts = {
+            u.state.text_hash: u.text for u in work.upserts if u.state.text_hash not in vectors
+        }
         rejected: dict[str, RecordError] = {}
         items = list(texts.items())
         for i in range(0, len(items), embedder.batch_size):
@@ -322,9 +338,15 @@ class SourceWorker:
         for u in work.upserts:
             error = rejected.get(u.state.text_hash)
             if error is not None:
-                change = Change(table=work.mapping.config.table, key=u.key, op="update",
-                                position=u.state.source_version)
-                work.failed.append(_dead_letter(work.mapping.name, u.state.key, change, error, None))
+                change = Change(
+                    table=work.mapping.config.table,
+                    key=u.key,
+                    op="update",
+                    position=u.state.source_version,
+                )
+                work.failed.append(
+                    _dead_letter(work.mapping.name, u.state.key, change, error, None)
+                )
                 work.done.remove(u.state.key)
                 continue
             u.vector = vectors[u.state.text_hash]
@@ -357,21 +379,23 @@ class SourceWorker:
     async def _write(self, work: _MappingWork, stop: asyncio.Event) -> None:
         m = work.mapping
         sink, coll = m.sink, m.collection
-        points = [Point(id=u.state.point_id, vector=u.vector or [], payload=u.payload)
-                  for u in work.upserts]
+        points = [
+            Point(id=u.state.point_id, vector=u.vector or [], payload=u.payload)
+            for u in work.upserts
+        ]
         for i in range(0, len(points), _WRITE_CHUNK):
             chunk = points[i : i + _WRITE_CHUNK]
-            await self._retry(f"upsert into {coll}", lambda c=chunk: sink.upsert(coll, c), stop)
+            await self._retry(f"upsert into {coll}", partial(sink.upsert, coll, chunk), stop)
         payloads = [(s.point_id, p) for s, p in work.payload_only]
         for i in range(0, len(payloads), _WRITE_CHUNK):
             part = payloads[i : i + _WRITE_CHUNK]
             await self._retry(
-                f"payload update in {coll}", lambda c=part: sink.overwrite_payloads(coll, c), stop
+                f"payload update in {coll}", partial(sink.overwrite_payloads, coll, part), stop
             )
         ids = [pid for _, pid in work.deletes]
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]
-            await self._retry(f"delete from {coll}", lambda c=part_ids: sink.delete(coll, c), stop)
+            await self._retry(f"delete from {coll}", partial(sink.delete, coll, part_ids), stop)
 
     def _commit_for(self, batch: _Batch) -> BatchCommit:
         commit = BatchCommit(source=self.source.name, position=batch.position)
@@ -395,9 +419,13 @@ class SourceWorker:
     @staticmethod
     def _counts(work: _MappingWork) -> dict[str, int]:
         return {
-            "upserted": len(work.upserts), "payload_only": len(work.payload_only),
-            "deleted": len(work.deletes), "skipped": work.skipped, "failed": len(work.failed),
-            "embedded": work.embedded, "cache_hits": work.cache_hits,
+            "upserted": len(work.upserts),
+            "payload_only": len(work.payload_only),
+            "deleted": len(work.deletes),
+            "skipped": work.skipped,
+            "failed": len(work.failed),
+            "embedded": work.embedded,
+            "cache_hits": work.cache_hits,
         }
 
     def _settle(self, batch: _Batch) -> None:
@@ -413,7 +441,10 @@ class SourceWorker:
             pending.update(d.key for d in work.failed)
             for d in work.failed:
                 logger.warning(
-                    "record dead-lettered: %s %s: %s", work.mapping.name, d.key, d.message,
+                    "record dead-lettered: %s %s: %s",
+                    work.mapping.name,
+                    d.key,
+                    d.message,
                     extra={"action": "dead_letter", "mapping": work.mapping.name, "key": d.key},
                 )
 
@@ -425,13 +456,25 @@ class SourceWorker:
                 self.totals[k] = self.totals.get(k, 0) + n
         self.totals["changes"] = self.totals.get("changes", 0) + batch.changes
         logger.info(
-            "batch committed", extra={"action": "batch_commit", "source": self.source.name,
-                                      "position": batch.position, "changes": batch.changes,
-                                      **counts},
+            "batch committed",
+            extra={
+                "action": "batch_commit",
+                "source": self.source.name,
+                "position": batch.position,
+                "changes": batch.changes,
+                **counts,
+            },
         )
         if self._on_batch is not None:
-            self._on_batch(BatchReport(source=self.source.name, position=batch.position,
-                                       target=target, changes=batch.changes, counts=counts))
+            self._on_batch(
+                BatchReport(
+                    source=self.source.name,
+                    position=batch.position,
+                    target=target,
+                    changes=batch.changes,
+                    counts=counts,
+                )
+            )
 
 
 def _dead_letter(
@@ -442,8 +485,15 @@ def _dead_letter(
         details["row"] = {
             k: (v[:_DETAIL_CHARS] if isinstance(v, str) else v) for k, v in row.items()
         }
-    return DeadLetter(mapping=mapping, key=key, operation=change.op, error_type=exc.kind,
-                      message=str(exc), details=details, position=change.position)
+    return DeadLetter(
+        mapping=mapping,
+        key=key,
+        operation=change.op,
+        error_type=exc.kind,
+        message=str(exc),
+        details=details,
+        position=change.position,
+    )
 
 
 async def _gather_or_fail(tasks: list[asyncio.Task[None]]) -> None:

@@ -41,8 +41,13 @@ async def test_vectors_are_deterministic_normalised_and_of_the_declared_dimensio
 async def test_minilm_is_semantic_and_pinned() -> None:
     e = SentenceTransformersEmbedder("minilm", threads=1)
     await e.open()
-    q, near, far = await e.embed(["read a JSON file", "parse JSON text into objects",
-                                  "compress a directory into a tar archive"])
+    q, near, far = await e.embed(
+        [
+            "read a JSON file",
+            "parse JSON text into objects",
+            "compress a directory into a tar archive",
+        ]
+    )
     cos = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
     assert cos(q, near) > cos(q, far) + 0.2
     assert e.dimension == 384 and e.model_id.startswith("st:all-MiniLM-L6-v2@")

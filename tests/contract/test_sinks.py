@@ -15,8 +15,9 @@ from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.qdrant import QdrantSink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 
-SPEC = CollectionSpec(name="docs", dimension=4, distance="cosine",
-                      indexes={"author": "keyword", "year": "integer"})
+SPEC = CollectionSpec(
+    name="docs", dimension=4, distance="cosine", indexes={"author": "keyword", "year": "integer"}
+)
 
 
 def _id(n: int) -> str:

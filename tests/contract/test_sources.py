@@ -14,8 +14,14 @@ from vectorsync.sources.memory import MemorySource
 from vectorsync.sources.sqlite import SqliteSource
 
 SPEC = TableSpec(table="articles", key="id")
-COLUMNS = {"id": "INTEGER", "title": "TEXT", "body": "TEXT", "author": "TEXT", "tags": "TEXT",
-           "published": "INTEGER"}
+COLUMNS = {
+    "id": "INTEGER",
+    "title": "TEXT",
+    "body": "TEXT",
+    "author": "TEXT",
+    "tags": "TEXT",
+    "published": "INTEGER",
+}
 
 
 class Harness:
@@ -26,8 +32,19 @@ class Harness:
         self._write = write
 
     def upsert(self, key: int, **values: object) -> None:
-        self._write("upsert", key, {"id": key, "title": f"t{key}", "body": "b", "author": "a",
-                                    "tags": "x", "published": 1, **values})
+        self._write(
+            "upsert",
+            key,
+            {
+                "id": key,
+                "title": f"t{key}",
+                "body": "b",
+                "author": "a",
+                "tags": "x",
+                "published": 1,
+                **values,
+            },
+        )
 
     def delete(self, key: int) -> None:
         self._write("delete", key, None)
@@ -80,7 +97,11 @@ async def test_existing_rows_are_snapshotted_once_then_changes_stream(harness: H
     harness.delete(1)
     changes = await src.read_changes(0, 100)
     assert [(c.key, c.op) for c in changes] == [
-        (1, "snapshot"), (2, "snapshot"), (2, "update"), (3, "insert"), (1, "delete")
+        (1, "snapshot"),
+        (2, "snapshot"),
+        (2, "update"),
+        (3, "insert"),
+        (1, "delete"),
     ]
     positions = [c.position for c in changes]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
@@ -120,4 +141,3 @@ async def test_resnapshot_enqueues_every_live_key(harness: Harness) -> None:
     head = await src.head()
     await src.resnapshot(SPEC)
     assert sorted(c.key for c in await src.read_changes(head, 100)) == [1, 2]
-

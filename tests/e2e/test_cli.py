@@ -14,10 +14,16 @@ from tests.e2e.test_crash import wait_for
 from tests.helpers import App, write_config
 
 
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vectorsync", *args], cwd=cwd, capture_output=True, text=True,
-        timeout=120, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "vectorsync", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -44,7 +50,10 @@ def test_config_env_var_and_env_overrides(workdir: Path, app: App) -> None:
     moved.parent.mkdir()
     moved.write_text(path.read_text().replace('path = "app.db"', 'path = "missing.db"'))
     path.unlink()
-    env = {"VECTORSYNC_CONFIG": str(moved), "VECTORSYNC_SOURCES__APP__PATH": str(workdir / "app.db")}
+    env = {
+        "VECTORSYNC_CONFIG": str(moved),
+        "VECTORSYNC_SOURCES__APP__PATH": str(workdir / "app.db"),
+    }
     done = cli("run", "--once", cwd=workdir, env=env)
     assert done.returncode == 0, done.stderr
     assert (workdir / "conf" / ".vectorsync" / "state.db").exists()  # relative to the file
@@ -54,15 +63,18 @@ def test_config_env_var_and_env_overrides(workdir: Path, app: App) -> None:
     ("edit", "expected"),
     [
         (('source = "app"', 'source = "ap"'), "unknown source 'ap' (defined: app)"),
-        (('"published"]', '"publishd"]'),
-         "payload field 'publishd' not in source table 'articles' (columns: id, title, body"),
-        (('table = "articles"', 'table = "article"'),
-         "table 'article' not found in"),
+        (
+            ('"published"]', '"publishd"]'),
+            "payload field 'publishd' not in source table 'articles' (columns: id, title, body",
+        ),
+        (('table = "articles"', 'table = "article"'), "table 'article' not found in"),
         (('kind = "hash"', 'kind = "openai"'), "embedders.default"),
         (('key = "id"', 'key = "uuid"'), "key 'uuid' not in source table 'articles'"),
         (("{{ title }}", "{{ titel }}"), "text template uses 'titel'"),
-        (('name = "articles"', 'name = "articles"\nbatchsize = 3'),
-         "mappings[0].batchsize: unknown field"),
+        (
+            ('name = "articles"', 'name = "articles"\nbatchsize = 3'),
+            "mappings[0].batchsize: unknown field",
+        ),
     ],
 )
 def test_bad_config_exits_2_naming_the_field(
@@ -88,8 +100,13 @@ def test_missing_config_file_exits_2(workdir: Path) -> None:
 def test_second_writer_on_the_same_edge_folder_gets_a_clear_error(workdir: Path, app: App) -> None:
     app.insert(1)
     write_config(workdir)
-    first = subprocess.Popen([sys.executable, "-m", "vectorsync", "run"], cwd=workdir,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "vectorsync", "run"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lock = workdir / ".vectorsync" / "qdrant" / ".vectorsync.lock"
         wait_for(lambda: lock.exists() and lock.read_text().strip() != "", 30)

@@ -52,11 +52,17 @@ def test_kill_9_at_random_moments_loses_nothing(workdir: Path, app: App) -> None
         if trial % 3 == 0:  # a third of the trials die exactly between two writes
             env["VECTORSYNC_FAILPOINT"] = f"{failpoints[trial % 2]}:{rng.randint(1, 4)}"
         stop = threading.Event()
-        writer = threading.Thread(target=_writer, args=(workdir / "app.db",
-                                                        random.Random(trial), stop))
+        writer = threading.Thread(
+            target=_writer, args=(workdir / "app.db", random.Random(trial), stop)
+        )
         writer.start()
-        proc = subprocess.Popen([sys.executable, "-m", "vectorsync", "run"], cwd=workdir, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vectorsync", "run"],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             try:
                 proc.wait(timeout=rng.uniform(0.8, 2.5))
@@ -71,8 +77,13 @@ def test_kill_9_at_random_moments_loses_nothing(workdir: Path, app: App) -> None
         if proc.stderr:
             proc.stderr.close()
     app.random_ops(rng, 50)
-    done = subprocess.run([sys.executable, "-m", "vectorsync", "run", "--once"], cwd=workdir,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "vectorsync", "run", "--once"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
 
     async def verify() -> None:

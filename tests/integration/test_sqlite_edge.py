@@ -154,7 +154,8 @@ async def test_bad_rows_are_dead_lettered_and_the_rest_syncs(workdir: Path, app:
     app.update(3, body="x" * 500)  # over max_text_length
     app.update(4, published=0)  # the template divides by it
     cfg = write_config(
-        workdir, text="{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}",
+        workdir,
+        text="{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}",
         extra_mapping="max_text_length = 300",
     )
     counts = await sync_once(cfg)

@@ -77,15 +77,16 @@ class SentenceTransformersEmbedder:
         import transformers
         from sentence_transformers import SentenceTransformer
 
-        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         if self._threads:
             torch.set_num_threads(self._threads)
         self._model = SentenceTransformer(str(folder), device="cpu")
         self.dimension = int(self._model.get_embedding_dimension())
         self.model_id = f"st:{label}@{_weights_digest(folder)}"
-        logger.info("embedding model loaded", extra={"action": "embedder_open",
-                                                     "model": self.model_id})
+        logger.info(
+            "embedding model loaded", extra={"action": "embedder_open", "model": self.model_id}
+        )
 
     async def close(self) -> None:
         self._model = None
@@ -100,8 +101,11 @@ class SentenceTransformersEmbedder:
     def _encode(self, texts: list[str]) -> list[list[float]]:
         try:
             array = self._model.encode(
-                texts, batch_size=self.batch_size, normalize_embeddings=self._normalize,
-                convert_to_numpy=True, show_progress_bar=False,
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=self._normalize,
+                convert_to_numpy=True,
+                show_progress_bar=False,
             )
         except (ValueError, TypeError, RuntimeError) as exc:
             raise EmbeddingError(f"model {self.model_id} rejected the text: {exc}") from exc

@@ -23,7 +23,7 @@ def wrap_errors(what: str) -> Iterator[None]:
     try:
         yield
     except UnexpectedResponse as exc:
-        status = exc.status_code
+        status = exc.status_code or 0
         err: type[Exception] = SinkError if status == 429 or status >= 500 else PermanentError
         raise err(f"qdrant: {what}: HTTP {status}: {exc.content!r}") from exc
     except (ResponseHandlingException, ConnectionError, TimeoutError) as exc:
@@ -72,14 +72,18 @@ class QdrantSink:
     async def ensure_collection(self, spec: CollectionSpec) -> None:
         from qdrant_client import models
 
-        distance = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT,
-                    "euclid": models.Distance.EUCLID}[spec.distance]
+        distance = {
+            "cosine": models.Distance.COSINE,
+            "dot": models.Distance.DOT,
+            "euclid": models.Distance.EUCLID,
+        }[spec.distance]
         with wrap_errors(f"create collection {spec.name!r}"):
             if await self.client.collection_exists(spec.name):
                 await self._check_params(spec, distance)
             else:
                 await self.client.create_collection(
-                    spec.name, vectors_config=models.VectorParams(size=spec.dimension, distance=distance)
+                    spec.name,
+                    vectors_config=models.VectorParams(size=spec.dimension, distance=distance),
                 )
             if self._url is None:
                 return  # local mode ignores payload indexes (and warns)
@@ -124,9 +128,7 @@ class QdrantSink:
         from qdrant_client import models
 
         with wrap_errors(f"delete from {collection!r}"):
-            await self.client.delete(
-                collection, models.PointIdsList(points=list(ids)), wait=True
-            )
+            await self.client.delete(collection, models.PointIdsList(points=list(ids)), wait=True)
 
     async def retrieve(
         self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
@@ -144,7 +146,10 @@ class QdrantSink:
         while True:
             with wrap_errors(f"scroll {collection!r}"):
                 records, offset = await self.client.scroll(
-                    collection, limit=page, offset=offset, with_payload=True,
+                    collection,
+                    limit=page,
+                    offset=offset,
+                    with_payload=True,
                     with_vectors=with_vectors,
                 )
             for r in records:

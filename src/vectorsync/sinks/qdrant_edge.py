@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._blocking import BlockingLane
-from ..errors import ConfigError, PermanentError, SinkError
+from ..errors import PermanentError, SinkError
 from ..model import Point, SinkRecord
 from .base import CollectionSpec, Hit
 
@@ -91,13 +91,18 @@ class QdrantEdgeSink:
     def _ensure(self, spec: CollectionSpec) -> None:
         import qdrant_edge as qe
 
-        distance = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot,
-                    "euclid": qe.Distance.Euclid}[spec.distance]
+        distance = {
+            "cosine": qe.Distance.Cosine,
+            "dot": qe.Distance.Dot,
+            "euclid": qe.Distance.Euclid,
+        }[spec.distance]
         config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=spec.dimension, distance=distance))
         folder = self.path / spec.name
         known = self._specs.get(spec.name)
-        if known is not None and (known.dimension, known.distance) != (spec.dimension,
-                                                                       spec.distance):
+        if known is not None and (known.dimension, known.distance) != (
+            spec.dimension,
+            spec.distance,
+        ):
             raise PermanentError(
                 f"sink {self.name!r}: collection {spec.name!r} is open with dimension "
                 f"{known.dimension} and {known.distance} distance, not {spec.dimension} and "
@@ -119,9 +124,12 @@ class QdrantEdgeSink:
             self._specs[spec.name] = spec
         shard = self._shards[spec.name]
         schema_types = {
-            "keyword": qe.PayloadSchemaType.Keyword, "integer": qe.PayloadSchemaType.Integer,
-            "float": qe.PayloadSchemaType.Float, "bool": qe.PayloadSchemaType.Bool,
-            "datetime": qe.PayloadSchemaType.Datetime, "text": qe.PayloadSchemaType.Text,
+            "keyword": qe.PayloadSchemaType.Keyword,
+            "integer": qe.PayloadSchemaType.Integer,
+            "float": qe.PayloadSchemaType.Float,
+            "bool": qe.PayloadSchemaType.Bool,
+            "datetime": qe.PayloadSchemaType.Datetime,
+            "text": qe.PayloadSchemaType.Text,
         }
         existing = shard.info().payload_schema
         with wrap_errors(f"index {spec.name!r}"):
@@ -156,7 +164,7 @@ class QdrantEdgeSink:
     async def delete(self, collection: str, ids: Sequence[str]) -> None:
         await self._lane.run(self._delete, collection, list(ids))
 
-    def _delete(self, collection: str, ids: list[str]) -> None:
+    def _delete(self, collection: str, ids: list[Any]) -> None:
         import qdrant_edge as qe
 
         with wrap_errors(f"delete from {collection!r}"):

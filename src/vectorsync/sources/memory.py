@@ -18,7 +18,9 @@ __all__ = ["MemorySource"]
 
 
 class MemorySource:
-    def __init__(self, name: str = "memory", tables: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(
+        self, name: str = "memory", tables: dict[str, dict[str, str]] | None = None
+    ) -> None:
         self.name = name
         self._schemas: dict[str, dict[str, str]] = dict(tables or {})
         self._rows: dict[str, dict[Key, dict[str, Any]]] = {t: {} for t in self._schemas}

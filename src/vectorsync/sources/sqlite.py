@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 OUTBOX = "_vectorsync_outbox"
 _DIALECT = sqlite_dialect.dialect()
 _quote = _DIALECT.identifier_preparer.quote_identifier
-_literal_processor = String().literal_processor(_DIALECT)
+_literal_processor = String().literal_processor(_DIALECT)  # type: ignore[no-untyped-call]
 _FETCH_CHUNK = 500
 
 _OUTBOX_DDL = f"""CREATE TABLE IF NOT EXISTS {OUTBOX} (
@@ -137,7 +137,9 @@ class SqliteSource:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(_OUTBOX_DDL)
-                existing = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type='trigger'"))
+                existing = dict(
+                    db.execute("SELECT name, sql FROM sqlite_master WHERE type='trigger'")
+                )
                 snapshotted = [spec.table for spec in tables if self._install(spec, existing)]
                 db.execute("COMMIT")
             except BaseException:

@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, Engine, Table, and_, create_engine, delete, event, func, select
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 
 from .._blocking import BlockingLane
@@ -122,8 +124,12 @@ class StateStore:
         with wrap_errors("create schema"):
             s.metadata.create_all(engine)
             with engine.begin() as conn:
-                self._upsert(conn, s.meta, [{"name": "schema_version", "value": str(s.SCHEMA_VERSION)}],
-                             ["name"])
+                self._upsert(
+                    conn,
+                    s.meta,
+                    [{"name": "schema_version", "value": str(s.SCHEMA_VERSION)}],
+                    ["name"],
+                )
         self._engine = engine
 
     async def close(self) -> None:
@@ -143,11 +149,8 @@ class StateStore:
     ) -> None:
         if not rows:
             return
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        stmt = insert(table)
+        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        stmt: Any = dialect_insert(table)
         update = {c: stmt.excluded[c] for c in rows[0] if c not in keys}
         conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update), rows)
 
@@ -214,49 +217,84 @@ class StateStore:
         now = time.time()
         with wrap_errors("commit batch"), self.engine.begin() as conn:
             self._apply_records(conn, batch)
-            self._upsert(conn, s.embedding_cache, [
-                {"model": m, "text_hash": h, "vector": encode_vector(v), "created_at": now}
-                for h, (m, v) in batch.vectors.items()
-            ], ["model", "text_hash"])
+            self._upsert(
+                conn,
+                s.embedding_cache,
+                [
+                    {"model": m, "text_hash": h, "vector": encode_vector(v), "created_at": now}
+                    for h, (m, v) in batch.vectors.items()
+                ],
+                ["model", "text_hash"],
+            )
             self._apply_dead_letters(conn, batch, now)
             self._apply_counters(conn, batch.counters)
-            self._upsert(conn, s.positions, [{"source": batch.source, "stream": "",
-                                              "position": batch.position, "updated_at": now}],
-                         ["source", "stream"])
+            self._upsert(
+                conn,
+                s.positions,
+                [
+                    {
+                        "source": batch.source,
+                        "stream": "",
+                        "position": batch.position,
+                        "updated_at": now,
+                    }
+                ],
+                ["source", "stream"],
+            )
 
     def _apply_records(self, conn: Connection, batch: BatchCommit) -> None:
         t = s.record_state
         rows = [
-            {"mapping": r.mapping, "key": r.key, "point_id": r.point_id,
-             "text_hash": r.text_hash, "payload_hash": r.payload_hash,
-             "source_version": r.source_version, "schema_version": r.schema_version,
-             "synced_at": r.synced_at}
+            {
+                "mapping": r.mapping,
+                "key": r.key,
+                "point_id": r.point_id,
+                "text_hash": r.text_hash,
+                "payload_hash": r.payload_hash,
+                "source_version": r.source_version,
+                "schema_version": r.schema_version,
+                "synced_at": r.synced_at,
+            }
             for r in batch.upserts
         ]
         self._upsert(conn, t, rows, ["mapping", "key"])
         for mapping, keys in _group(batch.deletes).items():
             for i in range(0, len(keys), _CHUNK):
-                conn.execute(delete(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK])))
+                conn.execute(
+                    delete(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]))
+                )
 
     def _apply_dead_letters(self, conn: Connection, batch: BatchCommit, now: float) -> None:
         t = s.dead_letter
         for dl in batch.dead_letters:
             where = and_(t.c.mapping == dl.mapping, t.c.key == dl.key)
             previous = conn.scalar(select(t.c.error_count).where(where))
-            values = {"operation": dl.operation, "error_type": dl.error_type,
-                      "message": dl.message, "details": orjson.dumps(dl.details, default=str).decode(),
-                      "position": dl.position, "status": "pending", "updated_at": now}
+            values = {
+                "operation": dl.operation,
+                "error_type": dl.error_type,
+                "message": dl.message,
+                "details": orjson.dumps(dl.details, default=str).decode(),
+                "position": dl.position,
+                "status": "pending",
+                "updated_at": now,
+            }
             if previous is None:
-                conn.execute(t.insert().values(mapping=dl.mapping, key=dl.key, error_count=1,
-                                               created_at=now, **values))
+                conn.execute(
+                    t.insert().values(
+                        mapping=dl.mapping, key=dl.key, error_count=1, created_at=now, **values
+                    )
+                )
             else:
                 conn.execute(t.update().where(where).values(error_count=previous + 1, **values))
         for mapping, keys in _group(batch.resolved).items():
             for i in range(0, len(keys), _CHUNK):
                 conn.execute(
                     t.update()
-                    .where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]),
-                           t.c.status == "pending")
+                    .where(
+                        t.c.mapping == mapping,
+                        t.c.key.in_(keys[i : i + _CHUNK]),
+                        t.c.status == "pending",
+                    )
                     .values(status="resolved", updated_at=now)
                 )
 
@@ -282,19 +320,27 @@ class StateStore:
         with wrap_errors("register schema"), self.engine.begin() as conn:
             last = conn.execute(
                 select(t.c.version, t.c.hash, t.c.definition)
-                .where(t.c.mapping == mapping).order_by(t.c.version.desc()).limit(1)
+                .where(t.c.mapping == mapping)
+                .order_by(t.c.version.desc())
+                .limit(1)
             ).first()
             if last is not None and last.hash == digest:
                 return int(last.version), False
             version = 1 if last is None else int(last.version) + 1
-            evolution = "create" if last is None else _evolution(orjson.loads(last.definition),
-                                                                 definition)
-            conn.execute(t.insert().values(
-                mapping=mapping, version=version, hash=digest,
-                definition=orjson.dumps(definition, option=orjson.OPT_SORT_KEYS).decode(),
-                evolution=evolution, previous_version=None if last is None else last.version,
-                created_at=time.time(),
-            ))
+            evolution = (
+                "create" if last is None else _evolution(orjson.loads(last.definition), definition)
+            )
+            conn.execute(
+                t.insert().values(
+                    mapping=mapping,
+                    version=version,
+                    hash=digest,
+                    definition=orjson.dumps(definition, option=orjson.OPT_SORT_KEYS).decode(),
+                    evolution=evolution,
+                    previous_version=None if last is None else last.version,
+                    created_at=time.time(),
+                )
+            )
         return version, last is not None
 
     # -- reading for status -------------------------------------------------------------
@@ -305,11 +351,20 @@ class StateStore:
         rs, dl, mc = s.record_state, s.dead_letter, s.mapping_counters
         with wrap_errors("read status"), self.engine.connect() as conn:
             records = conn.scalar(select(func.count()).where(rs.c.mapping == mapping)) or 0
-            dead = conn.scalar(select(func.count()).where(dl.c.mapping == mapping,
-                                                          dl.c.status == "pending")) or 0
-            counters = dict(conn.execute(select(mc.c.name, mc.c.value).where(mc.c.mapping == mapping)).all())
-        return MappingCounts(records=int(records), dead_letters=int(dead),
-                             counters={k: int(v) for k, v in counters.items()})
+            dead = (
+                conn.scalar(
+                    select(func.count()).where(dl.c.mapping == mapping, dl.c.status == "pending")
+                )
+                or 0
+            )
+            counters = dict(
+                conn.execute(select(mc.c.name, mc.c.value).where(mc.c.mapping == mapping)).all()
+            )
+        return MappingCounts(
+            records=int(records),
+            dead_letters=int(dead),
+            counters={k: int(v) for k, v in counters.items()},
+        )
 
     async def dead_letters(
         self, mapping: str | None = None, status: str | None = "pending"
