@@ -264,7 +264,7 @@ class SourceWorker:
             new = RecordState(
                 mapping=m.name,
                 key=skey,
-                point_id=point_id(m.name, key),
+                point_id=state.point_id if state else point_id(m.name, key),
                 text_hash=text_hash,
                 payload_hash=rendered.payload_hash,
                 source_version=version,

@@ -153,6 +153,9 @@ class QdrantEdgeSink:
         await self._lane.run(self._overwrite, collection, payloads)
 
     def _overwrite(self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        # qdrant-edge has no batched payload update: one call per point (~30 µs with payload
+        # indexes). Each call releases and re-takes the GIL, so it slows down while another
+        # Python thread is busy; retrieve-with-vectors + batched upsert measured slower.
         import qdrant_edge as qe
 
         shard = self._shard(collection)

@@ -178,9 +178,9 @@ class StateStore:
             for i in range(0, len(keys), _CHUNK):
                 rows = conn.execute(
                     select(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]))
-                ).mappings()
+                )
                 for r in rows:
-                    found[r["key"]] = RecordState(**r)
+                    found[r[1]] = _record_state(r)
         return found
 
     async def all_record_states(self, mapping: str) -> list[RecordState]:
@@ -189,8 +189,7 @@ class StateStore:
     def _all_record_states(self, mapping: str) -> list[RecordState]:
         t = s.record_state
         with wrap_errors("read record state"), self.engine.connect() as conn:
-            rows = conn.execute(select(t).where(t.c.mapping == mapping)).mappings()
-            return [RecordState(**r) for r in rows]
+            return [_record_state(r) for r in conn.execute(select(t).where(t.c.mapping == mapping))]
 
     # -- embedding cache ----------------------------------------------------------------
     async def cached_vectors(self, model: str, hashes: Sequence[str]) -> dict[str, list[float]]:
@@ -381,6 +380,20 @@ class StateStore:
         with wrap_errors("read dead letters"), self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [DeadLetter(**{**r, "details": orjson.loads(r["details"])}) for r in rows]
+
+
+def _record_state(row: Any) -> RecordState:
+    mapping, key, pid, text_hash, payload_hash, version, schema, synced_at = row
+    return RecordState(
+        mapping=mapping,
+        key=key,
+        point_id=pid,
+        text_hash=text_hash,
+        payload_hash=payload_hash,
+        source_version=version,
+        schema_version=schema,
+        synced_at=synced_at,
+    )
 
 
 def _group(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

@@ -1,0 +1,180 @@
+"""Skeleton benchmarks; figures go to bench/results/<name>.json.
+
+    python bench/bench_sync.py content    # end-to-end content changes ÷ raw embedder rate
+    python bench/bench_sync.py metadata   # metadata-only changes/s, SQLite → qdrant-edge
+    python bench/bench_sync.py rss        # peak RSS syncing 100k records (hash embedder)
+    python bench/bench_sync.py all
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vectorsync.config import load_config
+from vectorsync.demo import stdlib_symbols
+from vectorsync.embed.sentence_transformers import SentenceTransformersEmbedder
+from vectorsync.engine import Engine
+from vectorsync.render import Renderer
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+WORK = ROOT / "work"
+
+CONFIG = """\
+[state]
+url = "sqlite:///.vectorsync/state.db"
+[sync]
+batch_size = {batch}
+[sources.app]
+kind = "sqlite"
+path = "app.db"
+[sinks.vectors]
+kind = "qdrant-edge"
+path = ".vectorsync/qdrant"
+[embedders.default]
+kind = "{embedder}"
+[[mappings]]
+name = "docs"
+source = "app"
+table = "docs"
+key = "id"
+text = "{{{{ title }}}}\\n{{{{ body }}}}"
+payload = ["author", "tags", "published"]
+sink = "vectors"
+"""
+
+
+def _fresh(name: str, embedder: str, batch: int = 1000) -> Path:
+    folder = WORK / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    db = sqlite3.connect(folder / "app.db")
+    db.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
+               "tags TEXT, published INTEGER)")
+    db.commit()
+    db.close()
+    (folder / "vectorsync.toml").write_text(CONFIG.format(embedder=embedder, batch=batch))
+    return folder
+
+
+def _insert(folder: Path, rows: list[tuple[Any, ...]]) -> None:
+    db = sqlite3.connect(folder / "app.db")
+    db.executemany("INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+
+
+def _write(name: str, figures: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figures = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+               **figures}
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
+async def bench_content(n: int) -> None:
+    """Content changes end to end vs the bare model on the same texts, in the same run."""
+    symbols = list(stdlib_symbols(n))
+    rows = [(i, s["id"], (s["doc"] or "")[:600], "ann", s["kind"], 2020)
+            for i, s in enumerate(symbols, 1)]
+    folder = _fresh("content", "sentence-transformers")
+    config = load_config(folder / "vectorsync.toml")
+    renderer = Renderer(config.mappings[0])
+    texts = [renderer.render({"title": r[1], "body": r[2], "author": "ann", "tags": r[4],
+                              "published": 2020}).text for r in rows]
+    embedder = SentenceTransformersEmbedder("default")
+    async with Engine.open(config, embedders={"default": embedder}) as engine:
+        await engine.prepare()  # loads the model once for both measurements
+        await embedder.embed(texts[:64])  # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(texts), embedder.batch_size):
+            await embedder.embed(texts[i : i + embedder.batch_size])
+        raw_seconds = time.perf_counter() - started
+        _insert(folder, rows)
+        result = await engine.run(once=True)
+    raw_rate = len(texts) / raw_seconds
+    e2e_rate = result.changes / result.seconds
+    _write("content", {
+        "records": len(rows), "embedder": embedder.model_id,
+        "raw_embedder_texts_per_s": round(raw_rate, 1),
+        "end_to_end_changes_per_s": round(e2e_rate, 1),
+        "ratio_end_to_end_over_raw": round(e2e_rate / raw_rate, 3), "goal_ratio": 0.90,
+        "embedded": result.counts.get("embedded"),
+    })
+
+
+async def bench_metadata(n: int) -> None:
+    """Metadata-only updates (distinct value per row) SQLite → qdrant-edge."""
+    folder = _fresh("metadata", "hash")
+    _insert(folder, [(i, f"title {i}", f"body of record {i}", "ann", "a", 2020)
+                     for i in range(1, n + 1)])
+    config = load_config(folder / "vectorsync.toml")
+    async with Engine.open(config) as engine:
+        initial = await engine.run(once=True)
+        db = sqlite3.connect(folder / "app.db")
+        db.execute("UPDATE docs SET author = 'author-' || id, published = published + 1")
+        db.commit()
+        db.close()
+        result = await engine.run(once=True)
+    assert result.counts.get("payload_only") == n and not result.counts.get("embedded")
+    _write("metadata", {
+        "records": n, "initial_sync_per_s": round(initial.changes / initial.seconds, 1),
+        "metadata_changes": result.changes,
+        "metadata_changes_per_s": round(result.changes / result.seconds, 1),
+        "goal_per_s": 25000, "embedded": result.counts.get("embedded", 0),
+    })
+
+
+async def _rss_child(n: int) -> None:
+    folder = _fresh("rss", "hash")
+    batch = 20_000
+    for start in range(1, n + 1, batch):
+        _insert(folder, [(i, f"title {i}", f"body of record {i} " * 8, "ann", "a", 2020)
+                         for i in range(start, min(n, start + batch - 1) + 1)])
+    config = load_config(folder / "vectorsync.toml")
+    async with Engine.open(config) as engine:
+        result = await engine.run(once=True)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"records": result.changes, "seconds": round(result.seconds, 1),
+                      "peak_rss_mib": round(peak_kib / 1024, 1)}))
+
+
+def bench_rss(n: int) -> None:
+    """Peak RSS of a separate process that syncs n records (so this process doesn't count)."""
+    done = subprocess.run([sys.executable, __file__, "rss-child", "--records", str(n)],
+                          capture_output=True, text=True, check=True)
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    _write("rss", {**child, "embedder": "hash", "records_per_s":
+                   round(child["records"] / child["seconds"], 1)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("which", choices=["content", "metadata", "rss", "rss-child", "all"])
+    parser.add_argument("--records", type=int, default=0)
+    args = parser.parse_args()
+    if args.which in ("content", "all"):
+        asyncio.run(bench_content(args.records or 800))
+    if args.which in ("metadata", "all"):
+        asyncio.run(bench_metadata(args.records or 50_000))
+    if args.which in ("rss", "all"):
+        bench_rss(args.records or 100_000)
+    if args.which == "rss-child":
+        asyncio.run(_rss_child(args.records))
+
+
+if __name__ == "__main__":
+    main()
