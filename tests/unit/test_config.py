@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vectorsync import ConfigError, parse_config
+from vectorsync.config import load_config
+
+BASE: dict[str, Any] = {
+    "sources": {"app": {"kind": "sqlite", "path": "app.db"}},
+    "sinks": {"vectors": {"kind": "qdrant-edge"}},
+    "embedders": {"default": {"kind": "hash"}},
+    "mappings": [
+        {"name": "a", "source": "app", "table": "t", "text": "{{ x }}", "sink": "vectors"}
+    ],
+}
+
+
+def test_defaults_and_relative_paths() -> None:
+    cfg = parse_config(BASE, base_dir=Path("/srv/proj"))
+    assert cfg.state_url() == "sqlite:////srv/proj/.vectorsync/state.db"
+    assert cfg.mappings[0].collection_name == "a" and cfg.mappings[0].key == "id"
+    assert cfg.resolve(Path("app.db")) == Path("/srv/proj/app.db")
+
+
+def test_env_overrides_values_by_path() -> None:
+    env = {
+        "VECTORSYNC_SYNC__BATCH_SIZE": "17",
+        "VECTORSYNC_SOURCES__APP__PATH": "/x/y.db",
+        "VECTORSYNC_CONFIG": "ignored.toml",
+    }
+    cfg = parse_config(BASE, environ=env)
+    assert cfg.sync.batch_size == 17
+    assert str(cfg.sources["app"].path) == "/x/y.db"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"sinks": {"vectors": {"kind": "pinecone"}}}, "sinks.vectors"),
+        ({"sinks": {"vectors": {"kind": "qdrant"}}}, "set exactly one of url"),
+        ({"embedders": {"default": {"kind": "hash", "dimension": 0}}}, "dimension"),
+        ({"mappings": []}, "mappings"),
+        (
+            {"mappings": [{**BASE["mappings"][0], "sink": "nope"}]},
+            "mappings[0] ('a').sink: unknown sink 'nope' (defined: vectors)",
+        ),
+        ({"mappings": [BASE["mappings"][0], BASE["mappings"][0]]}, "duplicate mapping name"),
+        ({"colour": "blue"}, "colour: unknown field"),
+    ],
+)
+def test_errors_name_the_field(patch: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({**BASE, **patch})
+    assert message in str(info.value)
+
+
+def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[state\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,166 @@
+"""The worker on in-memory adapters: outages, rejected texts, duplicate/out-of-order events."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from vectorsync import parse_config
+from vectorsync.backoff import Backoff
+from vectorsync.embed.hash import HashEmbedder
+from vectorsync.engine import Engine
+from vectorsync.errors import EmbeddingError
+from vectorsync.model import Change
+from vectorsync.sinks.memory import MemorySink
+from vectorsync.sources.memory import MemorySource
+from vectorsync.state.store import StateStore
+
+CONFIG = parse_config(
+    {
+        "state": {"url": "sqlite://"},
+        "sources": {"app": {"kind": "sqlite", "path": "unused.db"}},
+        "sinks": {"vectors": {"kind": "qdrant-edge"}},
+        "embedders": {"default": {"kind": "hash"}},
+        "mappings": [
+            {
+                "name": "docs",
+                "source": "app",
+                "table": "docs",
+                "text": "{{ body }}",
+                "payload": ["tag"],
+                "sink": "vectors",
+            }
+        ],
+    }
+)
+COLUMNS = {"id": "INTEGER", "body": "TEXT", "tag": "TEXT"}
+FAST = Backoff(initial=0.01, maximum=0.05, deadline=30)
+
+
+def make_source() -> MemorySource:
+    return MemorySource("app", {"docs": COLUMNS})
+
+
+async def sync(
+    source: MemorySource, sink: MemorySink, embedder: Any = None, state: StateStore | None = None
+) -> dict[str, int]:
+    async with Engine.open(
+        CONFIG,
+        sources={"app": source},
+        sinks={"vectors": sink},
+        embedders={"default": embedder or HashEmbedder("default")},
+        state=state or StateStore("sqlite://"),
+        backoff=FAST,
+    ) as engine:
+        result = await engine.run(once=True)
+    return result.counts
+
+
+def snapshot(sink: MemorySink) -> dict[str, Any]:
+    """Vectors and payloads, without the source position (it numbers deliveries)."""
+    return {
+        pid: (
+            tuple(round(x, 6) for x in v),
+            sorted((k, val) for k, val in p.items() if k != "_vs_version"),
+        )
+        for pid, (v, p) in sink.points["docs"].items()
+    }
+
+
+async def test_duplicated_and_shuffled_events_converge_like_the_original() -> None:
+    rng = random.Random(3)
+    source = make_source()
+    await source.setup([])
+    history: list[Change] = []
+    for step in range(300):
+        key = rng.randint(1, 40)
+        if rng.random() < 0.2:
+            source.delete("docs", key)
+        else:
+            source.upsert(
+                "docs", {"id": key, "body": f"text {rng.randint(0, 5)}", "tag": rng.choice("xyz")}
+            )
+        history.append(Change(table="docs", key=key, op="update", position=step))
+    direct = MemorySink()
+    await sync(source, direct)
+    # the same final rows; every event delivered twice, shuffled
+    replayed = make_source()
+    replayed._rows = source._rows
+    replayed._keys = {"docs": "id"}
+    events = history * 2
+    rng.shuffle(events)
+    replayed.emit(events)
+    again = MemorySink()
+    await sync(replayed, again)
+    assert snapshot(again) == snapshot(direct)
+    assert len(direct.points["docs"]) == len(source.rows("docs"))
+
+
+class FlakySink(MemorySink):
+    """Down for the first few write calls (an outage), then healthy."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__("flaky")
+        self.failures = failures
+
+    async def upsert(self, collection: str, points: Sequence[Any]) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            self.down = True
+        try:
+            await super().upsert(collection, points)
+        finally:
+            self.down = False
+
+
+async def test_sink_outage_is_retried_without_loss_or_dead_letters() -> None:
+    source = make_source()
+    for k in range(1, 101):
+        source.upsert("docs", {"id": k, "body": f"doc {k}", "tag": "x"})
+    sink = FlakySink(failures=3)
+    state = StateStore("sqlite://")
+    counts = await sync(source, sink, state=state)
+    assert sink.failures == 0 and counts["upserted"] == 100 and not counts.get("failed")
+    assert len(sink.points["docs"]) == 100
+
+
+class PickyEmbedder(HashEmbedder):
+    """Rejects any text containing 'poison', like a model refusing an input."""
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if any("poison" in t for t in texts):
+            raise EmbeddingError("input rejected by the model")
+        return await super().embed(texts)
+
+
+async def test_a_text_the_embedder_rejects_is_dead_lettered_alone() -> None:
+    source = make_source()
+    for k in range(1, 21):
+        source.upsert("docs", {"id": k, "body": "poison" if k == 7 else f"doc {k}", "tag": "x"})
+    sink = MemorySink()
+    counts = await sync(source, sink, PickyEmbedder("default"))
+    assert counts["failed"] == 1 and counts["upserted"] == 19
+    assert len(sink.points["docs"]) == 19
+
+
+async def test_stop_event_ends_a_streaming_run() -> None:
+    source = make_source()
+    source.upsert("docs", {"id": 1, "body": "a", "tag": "x"})
+    sink = MemorySink()
+    stop = asyncio.Event()
+    async with Engine.open(
+        CONFIG,
+        sources={"app": source},
+        sinks={"vectors": sink},
+        embedders={"default": HashEmbedder("default")},
+        state=StateStore("sqlite://"),
+    ) as engine:
+        task = asyncio.create_task(engine.run(stop=stop))
+        source.upsert("docs", {"id": 2, "body": "b", "tag": "y"})
+        while len(sink.points.get("docs", {})) < 2:
+            await asyncio.sleep(0.01)
+        stop.set()
+        result = await asyncio.wait_for(task, 10)
+    assert result.counts["upserted"] == 2
