@@ -1,9 +1,9 @@
 """Skeleton benchmarks; figures go to bench/results/<name>.json.
 
-    python bench/bench_sync.py content    # end-to-end content changes ÷ raw embedder rate
-    python bench/bench_sync.py metadata   # metadata-only changes/s, SQLite → qdrant-edge
-    python bench/bench_sync.py rss        # peak RSS syncing 100k records (hash embedder)
-    python bench/bench_sync.py all
+python bench/bench_sync.py content    # end-to-end content changes ÷ raw embedder rate
+python bench/bench_sync.py metadata   # metadata-only changes/s, SQLite → qdrant-edge
+python bench/bench_sync.py rss        # peak RSS syncing 100k records (hash embedder)
+python bench/bench_sync.py all
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ def _fresh(name: str, embedder: str, batch: int = 1000) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     db = sqlite3.connect(folder / "app.db")
-    db.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
-               "tags TEXT, published INTEGER)")
+    db.execute(
+        "CREATE TABLE docs (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
+        "tags TEXT, published INTEGER)"
+    )
     db.commit()
     db.close()
     (folder / "vectorsync.toml").write_text(CONFIG.format(embedder=embedder, batch=batch))
@@ -78,9 +80,12 @@ def _insert(folder: Path, rows: list[tuple[Any, ...]]) -> None:
 
 def _write(name: str, figures: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    figures = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-               **figures}
+    figures = {
+        "benchmark": name,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        **figures,
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
 
@@ -88,13 +93,19 @@ def _write(name: str, figures: dict[str, Any]) -> None:
 async def bench_content(n: int) -> None:
     """Content changes end to end vs the bare model on the same texts, in the same run."""
     symbols = list(stdlib_symbols(n))
-    rows = [(i, s["id"], (s["doc"] or "")[:600], "ann", s["kind"], 2020)
-            for i, s in enumerate(symbols, 1)]
+    rows = [
+        (i, s["id"], (s["doc"] or "")[:600], "ann", s["kind"], 2020)
+        for i, s in enumerate(symbols, 1)
+    ]
     folder = _fresh("content", "sentence-transformers")
     config = load_config(folder / "vectorsync.toml")
     renderer = Renderer(config.mappings[0])
-    texts = [renderer.render({"title": r[1], "body": r[2], "author": "ann", "tags": r[4],
-                              "published": 2020}).text for r in rows]
+    texts = [
+        renderer.render(
+            {"title": r[1], "body": r[2], "author": "ann", "tags": r[4], "published": 2020}
+        ).text
+        for r in rows
+    ]
     embedder = SentenceTransformersEmbedder("default")
     async with Engine.open(config, embedders={"default": embedder}) as engine:
         await engine.prepare()  # loads the model once for both measurements
@@ -107,20 +118,27 @@ async def bench_content(n: int) -> None:
         result = await engine.run(once=True)
     raw_rate = len(texts) / raw_seconds
     e2e_rate = result.changes / result.seconds
-    _write("content", {
-        "records": len(rows), "embedder": embedder.model_id,
-        "raw_embedder_texts_per_s": round(raw_rate, 1),
-        "end_to_end_changes_per_s": round(e2e_rate, 1),
-        "ratio_end_to_end_over_raw": round(e2e_rate / raw_rate, 3), "goal_ratio": 0.90,
-        "embedded": result.counts.get("embedded"),
-    })
+    _write(
+        "content",
+        {
+            "records": len(rows),
+            "embedder": embedder.model_id,
+            "raw_embedder_texts_per_s": round(raw_rate, 1),
+            "end_to_end_changes_per_s": round(e2e_rate, 1),
+            "ratio_end_to_end_over_raw": round(e2e_rate / raw_rate, 3),
+            "goal_ratio": 0.90,
+            "embedded": result.counts.get("embedded"),
+        },
+    )
 
 
 async def bench_metadata(n: int) -> None:
     """Metadata-only updates (distinct value per row) SQLite → qdrant-edge."""
     folder = _fresh("metadata", "hash")
-    _insert(folder, [(i, f"title {i}", f"body of record {i}", "ann", "a", 2020)
-                     for i in range(1, n + 1)])
+    _insert(
+        folder,
+        [(i, f"title {i}", f"body of record {i}", "ann", "a", 2020) for i in range(1, n + 1)],
+    )
     config = load_config(folder / "vectorsync.toml")
     async with Engine.open(config) as engine:
         initial = await engine.run(once=True)
@@ -130,35 +148,62 @@ async def bench_metadata(n: int) -> None:
         db.close()
         result = await engine.run(once=True)
     assert result.counts.get("payload_only") == n and not result.counts.get("embedded")
-    _write("metadata", {
-        "records": n, "initial_sync_per_s": round(initial.changes / initial.seconds, 1),
-        "metadata_changes": result.changes,
-        "metadata_changes_per_s": round(result.changes / result.seconds, 1),
-        "goal_per_s": 25000, "embedded": result.counts.get("embedded", 0),
-    })
+    _write(
+        "metadata",
+        {
+            "records": n,
+            "initial_sync_per_s": round(initial.changes / initial.seconds, 1),
+            "metadata_changes": result.changes,
+            "metadata_changes_per_s": round(result.changes / result.seconds, 1),
+            "goal_per_s": 25000,
+            "embedded": result.counts.get("embedded", 0),
+        },
+    )
 
 
 async def _rss_child(n: int) -> None:
     folder = _fresh("rss", "hash")
     batch = 20_000
     for start in range(1, n + 1, batch):
-        _insert(folder, [(i, f"title {i}", f"body of record {i} " * 8, "ann", "a", 2020)
-                         for i in range(start, min(n, start + batch - 1) + 1)])
+        _insert(
+            folder,
+            [
+                (i, f"title {i}", f"body of record {i} " * 8, "ann", "a", 2020)
+                for i in range(start, min(n, start + batch - 1) + 1)
+            ],
+        )
     config = load_config(folder / "vectorsync.toml")
     async with Engine.open(config) as engine:
         result = await engine.run(once=True)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"records": result.changes, "seconds": round(result.seconds, 1),
-                      "peak_rss_mib": round(peak_kib / 1024, 1)}))
+    print(
+        json.dumps(
+            {
+                "records": result.changes,
+                "seconds": round(result.seconds, 1),
+                "peak_rss_mib": round(peak_kib / 1024, 1),
+            }
+        )
+    )
 
 
 def bench_rss(n: int) -> None:
     """Peak RSS of a separate process that syncs n records (so this process doesn't count)."""
-    done = subprocess.run([sys.executable, __file__, "rss-child", "--records", str(n)],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "rss-child", "--records", str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     child = json.loads(done.stdout.strip().splitlines()[-1])
-    _write("rss", {**child, "embedder": "hash", "records_per_s":
-                   round(child["records"] / child["seconds"], 1)})
+    _write(
+        "rss",
+        {
+            **child,
+            "embedder": "hash",
+            "records_per_s": round(child["records"] / child["seconds"], 1),
+        },
+    )
 
 
 def main() -> None:
