@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 import xxhash
 
-from .backoff import Backoff
+from .backoff import Backoff, retrying
 from .config import (
     Config,
     EmbedderConfig,
@@ -218,7 +219,10 @@ class Engine:
                 for m in self.config.mappings
                 if m.source == name
             }
-            new = await source.setup(sorted(specs, key=lambda s: s.table))
+            ordered = sorted(specs, key=lambda s: s.table)
+            new = await retrying(
+                f"{name}: install capture", partial(source.setup, ordered), self.backoff
+            )
             if new:
                 logger.info(
                     "snapshot enqueued for %s",

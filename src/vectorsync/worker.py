@@ -138,6 +138,7 @@ class SourceWorker:
         self._inflight_vectors: dict[str, list[float]] = {}
         self._pending_dlq: dict[str, set[str]] = {}
         self.totals: dict[str, int] = {}
+        self._stop = asyncio.Event()
 
     # -- the pipeline -------------------------------------------------------------------
     async def run(self, *, once: bool, stop: asyncio.Event) -> None:
@@ -147,6 +148,7 @@ class SourceWorker:
             for m in mappings:
                 letters = await self.state.dead_letters(m.name, status="pending")
                 self._pending_dlq[m.name] = {d.key for d in letters}
+        self._stop = stop
         cursor = await self.state.position(self.source.name)
         target = await self.source.head() if once else None
         embed_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
@@ -226,7 +228,11 @@ class SourceWorker:
             mappings = self._by_table.get(table, [])
             if not mappings:
                 continue
-            rows = await self.source.fetch(table, mappings[0].config.key, list(keyed))
+            rows = await self._retry(
+                f"re-read {table}",
+                partial(self.source.fetch, table, mappings[0].config.key, list(keyed)),
+                self._stop,
+            )
             for m in mappings:
                 work = _MappingWork(mapping=m)
                 await self._plan(work, keyed, rows, batch)

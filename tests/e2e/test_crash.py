@@ -69,13 +69,11 @@ def test_kill_9_at_random_moments_loses_nothing(workdir: Path, app: App) -> None
                 self_killed += 1  # died on its own: a failpoint fired
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
+            _, stderr = proc.communicate(timeout=30)
         finally:
             stop.set()
             writer.join()
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL, stderr.decode()
     app.random_ops(rng, 50)
     done = subprocess.run(
         [sys.executable, "-m", "vectorsync", "run", "--once"],

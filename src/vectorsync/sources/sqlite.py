@@ -132,8 +132,16 @@ class SqliteSource:
 
     def _setup(self, tables: list[TableSpec]) -> list[str]:
         db = self._db
-        with wrap_errors("install capture"):
+        try:  # WAL lets our reads run beside the app's writes; switching needs a moment alone
             db.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            logger.warning(
+                "could not switch %s to WAL mode (%s); continuing in its current journal mode",
+                self.path,
+                exc,
+                extra={"action": "source_setup"},
+            )
+        with wrap_errors("install capture"):
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(_OUTBOX_DDL)
