@@ -17,6 +17,7 @@ __all__ = [
     "Change",
     "Key",
     "Op",
+    "PayloadUpdate",
     "Point",
     "RecordState",
     "Row",
@@ -82,6 +83,7 @@ class RecordState:
     source_version: int
     schema_version: str
     synced_at: float
+    payload: Mapping[str, Any] = field(default_factory=dict, compare=False)  # as last written
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +91,16 @@ class Point:
     id: str
     vector: list[float]
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PayloadUpdate:
+    """Set some payload fields of a point and remove others, keeping its vector."""
+
+    id: str
+    set: dict[str, Any]
+    unset: tuple[str, ...] = ()
+    payload: dict[str, Any] = field(default_factory=dict)  # the whole new payload
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

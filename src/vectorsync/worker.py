@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,7 +30,7 @@ from .backoff import Backoff, retrying
 from .config import MappingConfig
 from .embed.base import Embedder
 from .errors import PermanentError, RecordError, VectorsyncError
-from .model import Change, Key, Point, RecordState, content_hash, point_id
+from .model import Change, Key, PayloadUpdate, Point, RecordState, content_hash, point_id
 from .render import Renderer
 from .sinks.base import Sink
 from .sources.base import Source
@@ -76,7 +76,7 @@ class _Upsert:
 class _MappingWork:
     mapping: MappingRuntime
     upserts: list[_Upsert] = field(default_factory=list)
-    payload_only: list[tuple[RecordState, dict[str, Any]]] = field(default_factory=list)
+    payload_only: list[tuple[RecordState, PayloadUpdate]] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (key, point id)
     failed: list[DeadLetter] = field(default_factory=list)
     done: list[str] = field(default_factory=list)  # keys now consistent (resolve their DLQ)
@@ -267,6 +267,13 @@ class SourceWorker:
                 continue
             text_hash = content_hash(m.embedder.model_id, rendered.text)
             version = max(change.position, state.source_version if state else 0)
+            payload = {
+                **rendered.payload,
+                "_vs_key": key,
+                "_vs_text_hash": text_hash,
+                "_vs_version": version,
+                "_vs_schema": m.schema_version,
+            }
             new = RecordState(
                 mapping=m.name,
                 key=skey,
@@ -276,14 +283,8 @@ class SourceWorker:
                 source_version=version,
                 schema_version=m.schema_version,
                 synced_at=now,
+                payload=payload,
             )
-            payload = {
-                **rendered.payload,
-                "_vs_key": key,
-                "_vs_text_hash": text_hash,
-                "_vs_version": version,
-                "_vs_schema": m.schema_version,
-            }
             work.done.append(skey)
             if state is None or state.text_hash != text_hash:
                 work.upserts.append(
@@ -293,7 +294,9 @@ class SourceWorker:
                 new.payload_hash,
                 new.schema_version,
             ):
-                work.payload_only.append((new, payload))
+                work.payload_only.append(
+                    (new, _payload_update(new.point_id, state.payload, payload))
+                )
             else:
                 work.skipped += 1
                 continue
@@ -392,12 +395,27 @@ class SourceWorker:
         for i in range(0, len(points), _WRITE_CHUNK):
             chunk = points[i : i + _WRITE_CHUNK]
             await self._retry(f"upsert into {coll}", partial(sink.upsert, coll, chunk), stop)
-        payloads = [(s.point_id, p) for s, p in work.payload_only]
-        for i in range(0, len(payloads), _WRITE_CHUNK):
-            part = payloads[i : i + _WRITE_CHUNK]
-            await self._retry(
-                f"payload update in {coll}", partial(sink.overwrite_payloads, coll, part), stop
+        updates = [u for _, u in work.payload_only]
+        missing: set[str] = set()
+        for i in range(0, len(updates), _WRITE_CHUNK):
+            part = updates[i : i + _WRITE_CHUNK]
+            missing.update(
+                await self._retry(
+                    f"payload update in {coll}", partial(sink.update_payloads, coll, part), stop
+                )
             )
+        if missing:
+            # The point vanished from the sink behind our back: forget its state so that the
+            # next change (or a consistency repair) writes it in full.
+            logger.warning(
+                "%d points of %s missing in the sink; their state is reset",
+                len(missing),
+                m.name,
+                extra={"action": "sink_missing", "mapping": m.name, "count": len(missing)},
+            )
+            lost = [s for s, _ in work.payload_only if s.point_id in missing]
+            work.payload_only = [(s, u) for s, u in work.payload_only if s.point_id not in missing]
+            work.deletes.extend((s.key, s.point_id) for s in lost)
         ids = [pid for _, pid in work.deletes]
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]
@@ -481,6 +499,14 @@ class SourceWorker:
                     counts=counts,
                 )
             )
+
+
+def _payload_update(pid: str, old: Mapping[str, Any], new: dict[str, Any]) -> PayloadUpdate:
+    """Only the fields that differ from what was last written (set) or were dropped (unset)."""
+    missing = object()
+    changed = {k: v for k, v in new.items() if old.get(k, missing) != v}
+    unset = tuple(k for k in old if k not in new)
+    return PayloadUpdate(id=pid, set=changed, unset=unset, payload=new)
 
 
 def _dead_letter(

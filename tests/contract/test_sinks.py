@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vectorsync.errors import PermanentError
-from vectorsync.model import Point
+from vectorsync.model import PayloadUpdate, Point
 from vectorsync.sinks.base import CollectionSpec, Sink
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.qdrant import QdrantSink
@@ -49,12 +49,25 @@ async def test_upsert_is_idempotent_and_normalises_cosine_vectors(sink: Sink) ->
     assert rec.vector == pytest.approx([0.6, 0.0, 0.8, 0.0], abs=1e-6)
 
 
-async def test_overwrite_payload_keeps_vector_and_replaces_all_fields(sink: Sink) -> None:
-    await sink.upsert("docs", [Point(id=_id(1), vector=[1, 0, 0, 0], payload={"a": 1, "b": 2})])
-    await sink.overwrite_payloads("docs", [(_id(1), {"a": 5})])
+async def test_payload_updates_set_and_unset_fields_and_keep_the_vector(sink: Sink) -> None:
+    payload = {"a": 1, "b": 2, "c": 3}
+    await sink.upsert("docs", [Point(id=_id(1), vector=[1, 0, 0, 0], payload=payload)])
+    new = {"a": 5, "c": 3, "d": [1, 2]}
+    missing = await sink.update_payloads(
+        "docs",
+        [
+            PayloadUpdate(id=_id(1), set={"a": 5, "d": [1, 2]}, unset=("b",), payload=new),
+            PayloadUpdate(id=_id(2), set={"a": 9}, payload={"a": 9}),  # no such point
+        ],
+    )
+    assert missing == [_id(2)] and await sink.count("docs") == 1
     [rec] = await sink.retrieve("docs", [_id(1)], with_vectors=True)
-    assert rec.payload == {"a": 5}
+    assert rec.payload == new
     assert rec.vector == pytest.approx([1, 0, 0, 0])
+    nulled = {**new, "c": None}
+    await sink.update_payloads("docs", [PayloadUpdate(id=_id(1), set={"c": None}, payload=nulled)])
+    [rec] = await sink.retrieve("docs", [_id(1)])
+    assert rec.payload == nulled  # null is stored, not dropped
 
 
 async def test_delete_scroll_and_search(sink: Sink) -> None:

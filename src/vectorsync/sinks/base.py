@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from ..model import Point, SinkRecord
+from ..model import PayloadUpdate, Point, SinkRecord
 
 __all__ = ["CollectionSpec", "Distance", "Hit", "IndexType", "Sink", "index_type_for"]
 
@@ -60,10 +60,9 @@ class Sink(Protocol):
 
     async def upsert(self, collection: str, points: Sequence[Point]) -> None: ...
 
-    async def overwrite_payloads(
-        self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]
-    ) -> None:
-        """Replace the whole payload of each (point id, payload), keeping its vector."""
+    async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
+        """Set and remove payload fields of existing points, keeping their vectors.
+        Returns the ids of points that do not exist (left alone: they need a full write)."""
         ...
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None: ...

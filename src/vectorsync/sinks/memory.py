@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..errors import PermanentError, SinkError
-from ..model import Point, SinkRecord
+from ..model import PayloadUpdate, Point, SinkRecord
 from .base import CollectionSpec, Hit
 
 __all__ = ["MemorySink"]
@@ -52,14 +52,16 @@ class MemorySink:
             store[p.id] = (vec, dict(p.payload))
         self.writes += len(points)
 
-    async def overwrite_payloads(
-        self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]
-    ) -> None:
+    async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
         store = self._check(collection)
-        for pid, payload in payloads:
-            if pid in store:
-                store[pid] = (store[pid][0], dict(payload))
-        self.writes += len(payloads)
+        missing = [u.id for u in updates if u.id not in store]
+        for u in updates:
+            if u.id in store:
+                vector, payload = store[u.id]
+                merged = {k: v for k, v in payload.items() if k not in u.unset}
+                store[u.id] = (vector, {**merged, **u.set})
+        self.writes += len(updates)
+        return missing
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None:
         store = self._check(collection)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PermanentError, SinkError
-from ..model import Point, SinkRecord
+from ..model import PayloadUpdate, Point, SinkRecord
 from .base import CollectionSpec, Hit
 
 if TYPE_CHECKING:
@@ -110,19 +110,37 @@ class QdrantSink:
         with wrap_errors(f"upsert into {collection!r}"):
             await self.client.upsert(collection, structs, wait=True)
 
-    async def overwrite_payloads(
-        self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]
-    ) -> None:
+    async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
         from qdrant_client import models
 
-        ops: list[models.UpdateOperation] = [
-            models.OverwritePayloadOperation(
-                overwrite_payload=models.SetPayload(payload=payload, points=[pid])
-            )
-            for pid, payload in payloads
-        ]
-        with wrap_errors(f"overwrite payloads in {collection!r}"):
-            await self.client.batch_update_points(collection, ops, wait=True)
+        found = {r.id for r in await self.retrieve(collection, [u.id for u in updates])}
+        ops: list[models.UpdateOperation] = []
+        for u in updates:
+            if u.id not in found:
+                continue
+            if any(v is None for v in u.set.values()):  # set_payload drops nulls
+                ops.append(
+                    models.OverwritePayloadOperation(
+                        overwrite_payload=models.SetPayload(payload=u.payload, points=[u.id])
+                    )
+                )
+                continue
+            if u.set:
+                ops.append(
+                    models.SetPayloadOperation(
+                        set_payload=models.SetPayload(payload=u.set, points=[u.id])
+                    )
+                )
+            if u.unset:
+                ops.append(
+                    models.DeletePayloadOperation(
+                        delete_payload=models.DeletePayload(keys=list(u.unset), points=[u.id])
+                    )
+                )
+        if ops:
+            with wrap_errors(f"update payloads in {collection!r}"):
+                await self.client.batch_update_points(collection, ops, wait=True)
+        return [u.id for u in updates if u.id not in found]
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None:
         from qdrant_client import models

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from .._blocking import BlockingLane
 from ..errors import PermanentError, SinkError
-from ..model import Point, SinkRecord
+from ..model import PayloadUpdate, Point, SinkRecord
 from .base import CollectionSpec, Hit
 
 __all__ = ["QdrantEdgeSink"]
@@ -147,22 +147,33 @@ class QdrantEdgeSink:
         with wrap_errors(f"upsert into {collection!r}"):
             self._shard(collection).update(qe.UpdateOperation.upsert_points(batch))
 
-    async def overwrite_payloads(
-        self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]
-    ) -> None:
-        await self._lane.run(self._overwrite, collection, payloads)
+    async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
+        return await self._lane.run(self._update_payloads, collection, updates)
 
-    def _overwrite(self, collection: str, payloads: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        # qdrant-edge has no batched payload update: one call per point (~30 µs with payload
-        # indexes). Each call releases and re-takes the GIL, so it slows down while another
-        # Python thread is busy; retrieve-with-vectors + batched upsert measured slower.
+    def _update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
+        # qdrant-edge has no batched payload update: one call per point. Sending only the
+        # changed fields halves its cost (~15 µs vs ~32 µs for a whole payload with indexes).
+        # Each call releases and re-takes the GIL, so it slows while other Python threads
+        # are busy; reading vectors back for one batched upsert measured slower still.
         import qdrant_edge as qe
 
         shard = self._shard(collection)
-        overwrite = qe.UpdateOperation.overwrite_payload
-        with wrap_errors(f"overwrite payloads in {collection!r}"):
-            for pid, payload in payloads:
-                shard.update(overwrite([pid], payload))
+        op = qe.UpdateOperation
+        with wrap_errors(f"update payloads in {collection!r}"):
+            ids: list[Any] = [u.id for u in updates]
+            found = {str(r.id) for r in shard.retrieve(ids, with_payload=False, with_vector=False)}
+            for u in updates:
+                if u.id not in found:
+                    continue
+                if any(v is None for v in u.set.values()):
+                    # set_payload drops null values instead of storing them
+                    shard.update(op.overwrite_payload([u.id], u.payload))
+                    continue
+                if u.set:
+                    shard.update(op.set_payload([u.id], u.set))
+                if u.unset:
+                    shard.update(op.delete_payload([u.id], list(u.unset)))
+        return [u.id for u in updates if u.id not in found]
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None:
         await self._lane.run(self._delete, collection, list(ids))

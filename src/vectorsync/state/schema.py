@@ -46,6 +46,7 @@ record_state = Table(
     Column("source_version", BigInteger, nullable=False),
     Column("schema_version", String(32), nullable=False),
     Column("synced_at", Float, nullable=False),
+    Column("payload", Text, nullable=False),  # JSON of the point payload as last written
 )
 
 embedding_cache = Table(

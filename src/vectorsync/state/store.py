@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, Table, and_, create_engine, delete, event, func, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -30,6 +41,15 @@ from . import schema as s
 __all__ = ["BatchCommit", "DeadLetter", "MappingCounts", "StateStore"]
 
 _CHUNK = 500
+# Expanding parameters: compiled once and cached, instead of one bound parameter per key.
+_STATES = select(s.record_state).where(
+    s.record_state.c.mapping == bindparam("mapping"),
+    s.record_state.c.key.in_(bindparam("keys", expanding=True)),
+)
+_VECTORS = select(s.embedding_cache.c.text_hash, s.embedding_cache.c.vector).where(
+    s.embedding_cache.c.model == bindparam("model"),
+    s.embedding_cache.c.text_hash.in_(bindparam("hashes", expanding=True)),
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,39 +192,23 @@ class StateStore:
         return await self._lane.run(self._record_states, mapping, list(keys))
 
     def _record_states(self, mapping: str, keys: list[str]) -> dict[str, RecordState]:
-        t = s.record_state
         found: dict[str, RecordState] = {}
         with wrap_errors("read record state"), self.engine.connect() as conn:
             for i in range(0, len(keys), _CHUNK):
-                rows = conn.execute(
-                    select(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]))
-                )
+                rows = conn.execute(_STATES, {"mapping": mapping, "keys": keys[i : i + _CHUNK]})
                 for r in rows:
                     found[r[1]] = _record_state(r)
         return found
-
-    async def all_record_states(self, mapping: str) -> list[RecordState]:
-        return await self._lane.run(self._all_record_states, mapping)
-
-    def _all_record_states(self, mapping: str) -> list[RecordState]:
-        t = s.record_state
-        with wrap_errors("read record state"), self.engine.connect() as conn:
-            return [_record_state(r) for r in conn.execute(select(t).where(t.c.mapping == mapping))]
 
     # -- embedding cache ----------------------------------------------------------------
     async def cached_vectors(self, model: str, hashes: Sequence[str]) -> dict[str, list[float]]:
         return await self._lane.run(self._cached_vectors, model, list(hashes))
 
     def _cached_vectors(self, model: str, hashes: list[str]) -> dict[str, list[float]]:
-        t = s.embedding_cache
         found: dict[str, list[float]] = {}
         with wrap_errors("read embedding cache"), self.engine.connect() as conn:
             for i in range(0, len(hashes), _CHUNK):
-                rows = conn.execute(
-                    select(t.c.text_hash, t.c.vector).where(
-                        t.c.model == model, t.c.text_hash.in_(hashes[i : i + _CHUNK])
-                    )
-                )
+                rows = conn.execute(_VECTORS, {"model": model, "hashes": hashes[i : i + _CHUNK]})
                 found.update((h, decode_vector(v)) for h, v in rows)
         return found
 
@@ -253,6 +257,7 @@ class StateStore:
                 "source_version": r.source_version,
                 "schema_version": r.schema_version,
                 "synced_at": r.synced_at,
+                "payload": orjson.dumps(r.payload).decode(),
             }
             for r in batch.upserts
         ]
@@ -383,7 +388,7 @@ class StateStore:
 
 
 def _record_state(row: Any) -> RecordState:
-    mapping, key, pid, text_hash, payload_hash, version, schema, synced_at = row
+    mapping, key, pid, text_hash, payload_hash, version, schema, synced_at, payload = row
     return RecordState(
         mapping=mapping,
         key=key,
@@ -393,6 +398,7 @@ def _record_state(row: Any) -> RecordState:
         source_version=version,
         schema_version=schema,
         synced_at=synced_at,
+        payload=orjson.loads(payload),
     )
 
 
