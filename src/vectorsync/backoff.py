@@ -34,16 +34,21 @@ async def retrying(
     call: Callable[[], Awaitable[T]],
     backoff: Backoff,
     stop: asyncio.Event | None = None,
+    *,
+    on_retry: Callable[[RetryableError, int], Awaitable[None]] | None = None,
+    on_recovered: Callable[[int], Awaitable[None]] | None = None,
 ) -> T:
     """Run ``call``; on RetryableError wait and try again until the deadline passes.
 
     Waiting is interruptible: a set ``stop`` event ends the wait and re-raises the last error.
+    ``on_retry(error, attempt)`` hears of each failure that will be retried and
+    ``on_recovered(attempts)`` of success after failures (e.g. to keep an error log).
     """
     started = time.monotonic()
     attempt = 0
     while True:
         try:
-            return await call()
+            result = await call()
         except RetryableError as exc:
             elapsed = time.monotonic() - started
             if backoff.deadline is not None and elapsed >= backoff.deadline:
@@ -58,6 +63,8 @@ async def retrying(
                 exc,
                 extra={"action": "retry", "what": what, "attempt": attempt},
             )
+            if on_retry is not None:
+                await on_retry(exc, attempt)
             if stop is None:
                 await asyncio.sleep(delay)
             else:
@@ -66,3 +73,7 @@ async def retrying(
                 except TimeoutError:
                     continue
                 raise
+            continue
+        if attempt and on_recovered is not None:
+            await on_recovered(attempt)
+        return result

@@ -49,6 +49,9 @@ class _Frozen(BaseModel):
 class StateConfig(_Frozen):
     url: str = "sqlite:///.vectorsync/state.db"
     embedding_cache: bool = True
+    retention_days: float = Field(
+        default=30, gt=0, description="history kept: runs, resolved errors and dead letters"
+    )
 
 
 class SqliteSourceConfig(_Frozen):

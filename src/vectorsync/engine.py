@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +20,9 @@ from typing import Any
 
 import orjson
 import xxhash
+from sqlalchemy.engine import make_url
 
+from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .config import (
     Config,
@@ -31,10 +35,11 @@ from .config import (
     SourceConfig,
 )
 from .embed.base import Embedder
-from .errors import ConfigError
+from .errors import ConfigError, VectorsyncError, classify
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
 from .sources.base import Source, TableSpec
+from .state.runs import ErrorEntry, RunCounts
 from .state.store import StateStore
 from .worker import BatchReport, MappingRuntime, SourceWorker
 
@@ -63,6 +68,7 @@ class RunResult:
     changes: int
     counts: dict[str, int]
     seconds: float
+    run_id: int | None = None
 
 
 def build_source(name: str, cfg: SourceConfig, config: Config) -> Source:
@@ -111,6 +117,30 @@ def _used(config: Config, attr: str) -> set[str]:
     return {getattr(m, attr) for m in config.mappings}
 
 
+def _redact(values: dict[str, Any]) -> dict[str, Any]:
+    """Drop passwords from URL-valued settings."""
+    out = dict(values)
+    for k, v in values.items():
+        if isinstance(v, str) and "://" in v:
+            with contextlib.suppress(Exception):
+                out[k] = make_url(v).render_as_string(hide_password=True)
+    return out
+
+
+def _totals(workers: list[SourceWorker]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for w in workers:
+        for k, n in w.totals.items():
+            totals[k] = totals.get(k, 0) + n
+    return totals
+
+
+def _run_counts(workers: list[SourceWorker]) -> RunCounts:
+    counts = RunCounts()
+    counts.add(_totals(workers))
+    return counts
+
+
 class Engine:
     """Holds the adapters built from one config. Sinks and embedders open lazily
     (``prepare``), so ``status`` never loads a model."""
@@ -134,6 +164,8 @@ class Engine:
         self._columns: dict[str, dict[str, str]] = {}
         self._runtimes: list[MappingRuntime] | None = None
         self._opened: list[Any] = []
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.heartbeat_interval = 5.0
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -289,11 +321,18 @@ class Engine:
         stop: asyncio.Event | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> RunResult:
-        """Sync every source. ``once``: apply what was committed before the call, then
-        return. Otherwise run until ``stop`` is set."""
+        """Sync every source as one recorded run. ``once``: apply what was committed before
+        the call, then return. Otherwise run until ``stop`` is set."""
         runtimes = await self.prepare()
         stop = stop or asyncio.Event()
-        started = time.monotonic()
+        await self.recover()
+        run_id = await self.state.start_run(
+            mode="once" if once else "stream",
+            config_hash=self.config_hash,
+            instance_id=self.instance_id,
+            source_info=self._info("sources"),
+            destination_info=self._info("sinks"),
+        )
         workers = [
             SourceWorker(
                 source,
@@ -307,17 +346,105 @@ class Engine:
                 embedding_cache=self.config.state.embedding_cache,
                 backoff=self.backoff,
                 on_batch=on_batch,
+                run_id=run_id,
             )
             for name, source in self.sources.items()
         ]
-        await asyncio.gather(*(w.run(once=once, stop=stop) for w in workers))
-        totals: dict[str, int] = {}
-        for w in workers:
-            for k, n in w.totals.items():
-                totals[k] = totals.get(k, 0) + n
+        started = time.monotonic()
+        beat = asyncio.create_task(self._heartbeat(run_id, workers))
+        try:
+            await gather_or_fail(
+                [asyncio.create_task(w.run(once=once, stop=stop)) for w in workers]
+            )
+        except asyncio.CancelledError:
+            await self._finish(run_id, workers, beat, "cancelled")
+            raise
+        except Exception as exc:
+            await self._finish(run_id, workers, beat, "failed", exc)
+            raise
+        await self._finish(run_id, workers, beat, "completed")
+        totals = _totals(workers)
         return RunResult(
-            changes=totals.pop("changes", 0), counts=totals, seconds=time.monotonic() - started
+            changes=totals.pop("changes", 0),
+            counts=totals,
+            seconds=time.monotonic() - started,
+            run_id=run_id,
         )
+
+    async def _heartbeat(self, run_id: int, workers: list[SourceWorker]) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.state.heartbeat(run_id, _run_counts(workers))
+            except VectorsyncError as exc:  # keep syncing; the next beat may get through
+                logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat"})
+
+    async def _finish(
+        self,
+        run_id: int,
+        workers: list[SourceWorker],
+        beat: asyncio.Task[None],
+        status: str,
+        exc: BaseException | None = None,
+    ) -> None:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+        details: dict[str, Any] | None = None
+        error_type, code = classify(exc) if exc is not None else ("unknown", None)
+        if exc is not None:
+            details = {"type": type(exc).__name__, "error_type": error_type, "code": code}
+        try:
+            await self.state.complete_run(
+                run_id,
+                status=status,
+                counts=_run_counts(workers),
+                error_message=None if exc is None else str(exc),
+                error_details=details,
+            )
+            if exc is not None and details is not None:
+                await self.state.log_error(
+                    ErrorEntry(
+                        error_type=details["error_type"],
+                        error_code=code,
+                        message=str(exc),
+                        run_id=run_id,
+                        details={"run": run_id, "status": status},
+                        stack_trace="".join(traceback.format_exception(exc)),
+                    )
+                )
+        except VectorsyncError as err:
+            logger.warning(
+                "could not record the end of run %d: %s",
+                run_id,
+                err,
+                extra={"action": "run_finish", "run": run_id},
+            )
+
+    async def recover(self) -> list[int]:
+        """Mark runs whose process died as failed and put half-replayed dead letters back to
+        pending; also applies retention. Runs at the start of every run."""
+        failed = await self.state.recover_runs(stale_after=self.heartbeat_interval * 6)
+        for run_id in failed:
+            logger.warning(
+                "run %d was left running by a dead process: marked failed",
+                run_id,
+                extra={"action": "recover", "run": run_id},
+            )
+        await self.state.cleanup(retention_days=self.config.state.retention_days)
+        return failed
+
+    def _info(self, section: str) -> dict[str, Any]:
+        """Where data comes from or goes, without credentials."""
+        used = _used(self.config, section[:-1])
+        entries = getattr(self.config, section)
+        return {
+            name: _redact(entries[name].model_dump(mode="json", exclude={"api_key"}))
+            for name in sorted(used)
+        }
+
+    @property
+    def config_hash(self) -> str:
+        return xxhash.xxh3_64_hexdigest(self.config.model_dump_json(exclude={"base_dir"}).encode())
 
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""

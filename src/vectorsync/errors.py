@@ -12,11 +12,20 @@ __all__ = [
     "SinkError",
     "SourceError",
     "VectorsyncError",
+    "classify",
 ]
 
 
 class VectorsyncError(Exception):
-    """Base class of every error vectorsync raises on purpose."""
+    """Base class of every error vectorsync raises on purpose.
+
+    ``code`` carries the driver's structured code when there is one (SQLSTATE, HTTP status,
+    SQLite error name), so classification never parses messages.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RetryableError(VectorsyncError):
@@ -49,7 +58,7 @@ class RecordError(PermanentError):
     kind = "record"
 
     def __init__(self, message: str, *, kind: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, code=kind)
         if kind is not None:
             self.kind = kind
 
@@ -64,3 +73,25 @@ class EmbeddingError(RecordError):
     """The embedder rejected the record's text."""
 
     kind = "embedding"
+
+
+_VALIDATION_KINDS = {"empty_text", "text_too_long", "invalid_utf8", "payload_type"}
+
+
+def classify(exc: BaseException) -> tuple[str, str | None]:
+    """(error type, structured code) for the error log, from the exception's type and fields:
+    connection, timeout, validation, render, embedding, sink or unknown."""
+    code = getattr(exc, "code", None)
+    if isinstance(exc, RecordError):
+        if exc.kind in _VALIDATION_KINDS:
+            return "validation", exc.kind
+        return (exc.kind if exc.kind in ("render", "embedding") else "sink"), exc.kind
+    if isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError):
+        return "timeout", code
+    if isinstance(exc, SinkError):
+        return "sink", code
+    if isinstance(exc, SourceError | RetryableError | ConnectionError):
+        return "connection", code
+    if isinstance(exc, ConfigError):
+        return "validation", code
+    return "unknown", code

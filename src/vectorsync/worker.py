@@ -20,20 +20,23 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from . import _failpoints
+from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .config import MappingConfig
 from .embed.base import Embedder
-from .errors import PermanentError, RecordError, VectorsyncError
+from .errors import PermanentError, RecordError, RetryableError, VectorsyncError, classify
 from .model import Change, Key, PayloadUpdate, Point, RecordState, content_hash, point_id
 from .render import Renderer
 from .sinks.base import Sink
 from .sources.base import Source
+from .state.runs import ErrorEntry
 from .state.store import BatchCommit, DeadLetter, StateStore
 
 __all__ = ["BatchReport", "MappingRuntime", "SourceWorker"]
@@ -80,9 +83,12 @@ class _MappingWork:
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (key, point id)
     failed: list[DeadLetter] = field(default_factory=list)
     done: list[str] = field(default_factory=list)  # keys now consistent (resolve their DLQ)
+    processed: int = 0
+    inserted: int = 0
     skipped: int = 0
     embedded: int = 0
     cache_hits: int = 0
+    bytes: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -120,8 +126,10 @@ class SourceWorker:
         embedding_cache: bool = True,
         backoff: Backoff | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
+        run_id: int | None = None,
     ) -> None:
         self.source = source
+        self.run_id = run_id
         self.state = state
         self._by_table: dict[str, list[MappingRuntime]] = {}
         for m in mappings:
@@ -160,7 +168,7 @@ class SourceWorker:
         ]
         tasks = [asyncio.create_task(s) for s in stages]
         try:
-            await _gather_or_fail(tasks)
+            await gather_or_fail(tasks)
         finally:
             for t in tasks:
                 t.cancel()
@@ -213,7 +221,46 @@ class SourceWorker:
     async def _retry(
         self, what: str, call: Callable[[], Awaitable[Any]], stop: asyncio.Event
     ) -> Any:
-        return await retrying(f"{self.source.name}: {what}", call, self._backoff, stop)
+        """Retry transient failures; each incident is one error-log entry whose retry count
+        follows the attempts and which is resolved when the call succeeds."""
+        incident: list[int] = []
+
+        async def on_retry(exc: RetryableError, attempt: int) -> None:
+            error_type, code = classify(exc)
+            with contextlib.suppress(VectorsyncError):  # the state store may be what is down
+                if incident:
+                    await self.state.update_error(incident[0], retry_count=attempt)
+                    return
+                incident.append(
+                    await self.state.log_error(
+                        ErrorEntry(
+                            error_type=error_type,
+                            error_code=code,
+                            message=str(exc),
+                            run_id=self.run_id,
+                            source=self.source.name,
+                            details={"operation": what},
+                            stack_trace=_trace(exc),
+                            retry_count=attempt,
+                        )
+                    )
+                )
+
+        async def on_recovered(attempts: int) -> None:
+            if incident:
+                with contextlib.suppress(VectorsyncError):
+                    await self.state.update_error(
+                        incident[0], retry_count=attempts, status="resolved"
+                    )
+
+        return await retrying(
+            f"{self.source.name}: {what}",
+            call,
+            self._backoff,
+            stop,
+            on_retry=on_retry,
+            on_recovered=on_recovered,
+        )
 
     # -- prepare ------------------------------------------------------------------------
     async def _prepare(self, changes: Sequence[Change]) -> _Batch:
@@ -249,6 +296,7 @@ class SourceWorker:
         m = work.mapping
         states = await self._states(m.name, [str(k) for k in keyed])
         now = time.time()
+        work.processed += len(keyed)
         for key, change in keyed.items():
             skey = str(key)
             state = states.get(skey)
@@ -263,8 +311,9 @@ class SourceWorker:
             try:
                 rendered = m.renderer.render(row)
             except RecordError as exc:
-                work.failed.append(_dead_letter(m.name, skey, change, exc, row))
+                work.failed.append(_dead_letter(m.name, key, change, exc, row))
                 continue
+            work.bytes += len(rendered.text.encode())
             text_hash = content_hash(m.embedder.model_id, rendered.text)
             version = max(change.position, state.source_version if state else 0)
             payload = {
@@ -287,6 +336,7 @@ class SourceWorker:
             )
             work.done.append(skey)
             if state is None or state.text_hash != text_hash:
+                work.inserted += state is None
                 work.upserts.append(
                     _Upsert(key=key, state=new, payload=payload, text=rendered.text)
                 )
@@ -422,7 +472,7 @@ class SourceWorker:
             await self._retry(f"delete from {coll}", partial(sink.delete, coll, part_ids), stop)
 
     def _commit_for(self, batch: _Batch) -> BatchCommit:
-        commit = BatchCommit(source=self.source.name, position=batch.position)
+        commit = BatchCommit(source=self.source.name, position=batch.position, run_id=self.run_id)
         for work in batch.work:
             name = work.mapping.name
             model = work.mapping.embedder.model_id
@@ -443,6 +493,10 @@ class SourceWorker:
     @staticmethod
     def _counts(work: _MappingWork) -> dict[str, int]:
         return {
+            "processed": work.processed,
+            "inserted": work.inserted,
+            "updated": len(work.upserts) - work.inserted,
+            "bytes": work.bytes,
             "upserted": len(work.upserts),
             "payload_only": len(work.payload_only),
             "deleted": len(work.deletes),
@@ -510,29 +564,30 @@ def _payload_update(pid: str, old: Mapping[str, Any], new: dict[str, Any]) -> Pa
 
 
 def _dead_letter(
-    mapping: str, key: str, change: Change, exc: RecordError, row: dict[str, Any] | None
+    mapping: str, key: Key, change: Change, exc: RecordError, row: dict[str, Any] | None
 ) -> DeadLetter:
-    details: dict[str, Any] = {"table": change.table, "op": change.op}
+    error_type, code = classify(exc)
+    details: dict[str, Any] = {
+        "table": change.table,
+        "op": change.op,
+        "key": key,
+        "error_code": code,
+    }
     if row is not None:
         details["row"] = {
             k: (v[:_DETAIL_CHARS] if isinstance(v, str) else v) for k, v in row.items()
         }
     return DeadLetter(
         mapping=mapping,
-        key=key,
+        key=str(key),
         operation=change.op,
-        error_type=exc.kind,
+        error_type=error_type,
         message=str(exc),
         details=details,
         position=change.position,
+        stack_trace=_trace(exc),
     )
 
 
-async def _gather_or_fail(tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for all tasks; the first failure cancels the rest and is raised."""
-    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    for t in done:
-        if t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
-    if pending:
-        await asyncio.gather(*pending)
+def _trace(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

@@ -164,8 +164,10 @@ async def test_bad_rows_are_dead_lettered_and_the_rest_syncs(workdir: Path, app:
         letters = {d.key: d for d in await engine.state.dead_letters()}
         [status] = await engine.status()
     assert status.dead_letters == 3 and status.records == 7
-    assert letters["2"].error_type == "empty_text" and "body, title" in letters["2"].message
-    assert letters["3"].error_type == "text_too_long" and "max_text_length" in letters["3"].message
+    assert letters["2"].error_type == "validation" and "body, title" in letters["2"].message
+    assert letters["2"].details["error_code"] == "empty_text" and letters["2"].details["key"] == 2
+    assert letters["3"].details["error_code"] == "text_too_long"
+    assert "max_text_length" in letters["3"].message
     assert letters["4"].error_type == "render" and "ZeroDivisionError" in letters["4"].message
     assert letters["4"].details["row"]["published"] == 0
 

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import PermanentError, SinkError
+from ..errors import PermanentError, SinkError, VectorsyncError
 from ..model import PayloadUpdate, Point, SinkRecord
 from .base import CollectionSpec, Hit
 
@@ -24,8 +24,8 @@ def wrap_errors(what: str) -> Iterator[None]:
         yield
     except UnexpectedResponse as exc:
         status = exc.status_code or 0
-        err: type[Exception] = SinkError if status == 429 or status >= 500 else PermanentError
-        raise err(f"qdrant: {what}: HTTP {status}: {exc.content!r}") from exc
+        err: type[VectorsyncError] = SinkError if status == 429 or status >= 500 else PermanentError
+        raise err(f"qdrant: {what}: HTTP {status}: {exc.content!r}", code=str(status)) from exc
     except (ResponseHandlingException, ConnectionError, TimeoutError) as exc:
         raise SinkError(f"qdrant: {what}: {exc}") from exc
     except ValueError as exc:  # local mode validates and raises ValueError

@@ -52,9 +52,11 @@ def wrap_errors(what: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as exc:
-        raise SourceError(f"sqlite source: {what}: {exc}") from exc
+        code = getattr(exc, "sqlite_errorname", None)
+        raise SourceError(f"sqlite source: {what}: {exc}", code=code) from exc
     except sqlite3.Error as exc:
-        raise PermanentError(f"sqlite source: {what}: {exc}") from exc
+        code = getattr(exc, "sqlite_errorname", None)
+        raise PermanentError(f"sqlite source: {what}: {exc}", code=code) from exc
 
 
 def trigger_sql(spec: TableSpec) -> dict[str, str]:

@@ -31,8 +31,63 @@ positions = Table(
     metadata,
     Column("source", String(200), primary_key=True),
     Column("stream", String(200), primary_key=True),  # "" for the whole source, else a table
-    Column("position", BigInteger, nullable=False),
+    Column("marker_type", String(20), primary_key=True),  # stream | batch
+    Column("position", BigInteger, nullable=False),  # stream: source position
+    Column("position_data", Text),  # batch: ISO timestamp of the last batch; JSON otherwise
+    Column("run_id", Integer),
     Column("updated_at", Float, nullable=False),
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("mode", String(20), nullable=False),  # stream | once | backfill | repair | replay
+    Column("status", String(20), nullable=False),  # running | completed | failed | cancelled
+    Column("started_at", Float, nullable=False),
+    Column("completed_at", Float),
+    Column("heartbeat_at", Float, nullable=False),
+    Column("duration_ms", BigInteger),
+    Column("records_processed", BigInteger, nullable=False, default=0),
+    Column("records_inserted", BigInteger, nullable=False, default=0),
+    Column("records_updated", BigInteger, nullable=False, default=0),
+    Column("records_payload_only", BigInteger, nullable=False, default=0),
+    Column("records_deleted", BigInteger, nullable=False, default=0),
+    Column("records_embedded", BigInteger, nullable=False, default=0),
+    Column("records_skipped", BigInteger, nullable=False, default=0),
+    Column("records_failed", BigInteger, nullable=False, default=0),
+    Column("bytes_processed", BigInteger, nullable=False, default=0),
+    Column("config_hash", String(32), nullable=False),
+    Column("instance_id", String(100), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("source_info", Text, nullable=False),  # JSON, never credentials
+    Column("destination_info", Text, nullable=False),  # JSON, never credentials
+    Column("error_message", Text),
+    Column("error_details", Text),  # JSON
+    Index("ix_sync_runs_started", "started_at"),
+)
+
+error_log = Table(
+    "error_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer),
+    Column("mapping", String(200)),
+    Column("source", String(200)),
+    Column("key", String(1000)),
+    Column("error_type", String(20), nullable=False),  # connection|timeout|validation|render|...
+    Column("error_code", String(40)),  # structured: SQLSTATE, HTTP status, SQLite code, kind
+    Column("message", Text, nullable=False),
+    Column("details", Text, nullable=False),  # JSON
+    Column("stack_trace", Text),
+    Column("record_data", Text),  # JSON
+    Column("retry_count", Integer, nullable=False),
+    Column("max_retries", Integer),
+    Column("status", String(20), nullable=False),  # open | resolved | ignored
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_error_log_created", "created_at"),
 )
 
 record_state = Table(
@@ -82,7 +137,9 @@ dead_letter = Table(
     Column("details", Text, nullable=False),  # JSON: the row (or its keys) and the position
     Column("position", BigInteger, nullable=False),
     Column("error_count", Integer, nullable=False),
-    Column("status", String(20), nullable=False),  # pending | resolved | discarded
+    Column("status", String(20), nullable=False),  # pending | processing | resolved | discarded
+    Column("run_id", Integer),
+    Column("error_log_id", Integer),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Index("ux_dead_letter_record", "mapping", "key", unique=True),

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -36,10 +37,12 @@ from sqlalchemy.engine import make_url
 from .._blocking import BlockingLane
 from ..errors import PermanentError, RetryableError
 from ..model import RecordState
+from . import runs as run_log
 from . import schema as s
 
 __all__ = ["BatchCommit", "DeadLetter", "MappingCounts", "StateStore"]
 
+T = TypeVar("T")
 _CHUNK = 500
 # Expanding parameters: compiled once and cached, instead of one bound parameter per key.
 _STATES = select(s.record_state).where(
@@ -57,12 +60,15 @@ class DeadLetter:
     mapping: str
     key: str
     operation: str
-    error_type: str
+    error_type: str  # connection | timeout | validation | render | embedding | sink | unknown
     message: str
-    details: dict[str, Any]
+    details: dict[str, Any]  # table, op, key (native), error_code, row
     position: int
     error_count: int = 1
-    status: str = "pending"
+    status: str = "pending"  # pending | processing | resolved | discarded
+    run_id: int | None = None
+    error_log_id: int | None = None
+    stack_trace: str | None = field(default=None, repr=False)
     id: int | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -74,6 +80,7 @@ class BatchCommit:
 
     source: str
     position: int
+    run_id: int | None = None
     upserts: list[RecordState] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key)
     vectors: dict[str, tuple[str, list[float]]] = field(default_factory=dict)  # hash → (model, v)
@@ -98,7 +105,8 @@ def wrap_errors(what: str) -> Iterator[None]:
     try:
         yield
     except sa_exc.OperationalError as exc:
-        raise RetryableError(f"state store: {what}: {exc.orig}") from exc
+        code = getattr(exc.orig, "sqlite_errorname", None) or getattr(exc.orig, "sqlstate", None)
+        raise RetryableError(f"state store: {what}: {exc.orig}", code=code) from exc
     except sa_exc.SQLAlchemyError as exc:
         raise PermanentError(f"state store: {what}: {exc}") from exc
 
@@ -180,12 +188,74 @@ class StateStore:
 
     def _position(self, source: str) -> int:
         with wrap_errors("read position"), self.engine.connect() as conn:
-            value = conn.scalar(
-                select(s.positions.c.position).where(
-                    s.positions.c.source == source, s.positions.c.stream == ""
-                )
-            )
+            value = conn.scalar(_marker_query(source, "", "stream", s.positions.c.position))
         return int(value or 0)
+
+    async def set_position(
+        self, source: str, position: int, *, table: str = "", run_id: int | None = None
+    ) -> None:
+        """Set a stream position (per source, or per table of a source)."""
+        await self._tx(
+            "write position", self._set_marker, source, table, "stream", position, None, run_id
+        )
+
+    async def batch_timestamp(self, source: str, table: str = "") -> datetime | None:
+        """The timestamp marker of a batch (timestamp-based) sync, per source or table."""
+
+        def read(conn: Connection) -> Any:
+            return conn.scalar(_marker_query(source, table, "batch", s.positions.c.position_data))
+
+        value = await self._tx("read batch timestamp", read)
+        return None if value is None else datetime.fromisoformat(value)
+
+    async def set_batch_timestamp(
+        self, source: str, when: datetime, *, table: str = "", run_id: int | None = None
+    ) -> None:
+        await self._tx(
+            "write batch timestamp",
+            self._set_marker,
+            source,
+            table,
+            "batch",
+            0,
+            when.isoformat(),
+            run_id,
+        )
+
+    def _set_marker(
+        self,
+        conn: Connection,
+        source: str,
+        table: str,
+        kind: str,
+        position: int,
+        data: str | None,
+        run_id: int | None,
+    ) -> None:
+        self._upsert(
+            conn,
+            s.positions,
+            [
+                {
+                    "source": source,
+                    "stream": table,
+                    "marker_type": kind,
+                    "position": position,
+                    "position_data": data,
+                    "run_id": run_id,
+                    "updated_at": time.time(),
+                }
+            ],
+            ["source", "stream", "marker_type"],
+        )
+
+    async def markers(self) -> list[dict[str, Any]]:
+        """Every position marker: source, table ('' for the whole source), type, value."""
+
+        def read(conn: Connection) -> list[dict[str, Any]]:
+            return [dict(r._mapping) for r in conn.execute(select(s.positions))]
+
+        return await self._tx("read markers", read)
 
     # -- record state -------------------------------------------------------------------
     async def record_states(self, mapping: str, keys: Sequence[str]) -> dict[str, RecordState]:
@@ -231,19 +301,7 @@ class StateStore:
             )
             self._apply_dead_letters(conn, batch, now)
             self._apply_counters(conn, batch.counters)
-            self._upsert(
-                conn,
-                s.positions,
-                [
-                    {
-                        "source": batch.source,
-                        "stream": "",
-                        "position": batch.position,
-                        "updated_at": now,
-                    }
-                ],
-                ["source", "stream"],
-            )
+            self._set_marker(conn, batch.source, "", "stream", batch.position, None, batch.run_id)
 
     def _apply_records(self, conn: Connection, batch: BatchCommit) -> None:
         t = s.record_state
@@ -271,6 +329,21 @@ class StateStore:
     def _apply_dead_letters(self, conn: Connection, batch: BatchCommit, now: float) -> None:
         t = s.dead_letter
         for dl in batch.dead_letters:
+            error_id = run_log.log_error(
+                conn,
+                run_log.ErrorEntry(
+                    error_type=dl.error_type,
+                    error_code=dl.details.get("error_code"),
+                    message=dl.message,
+                    run_id=batch.run_id,
+                    mapping=dl.mapping,
+                    source=batch.source,
+                    key=dl.key,
+                    details={"position": dl.position},
+                    stack_trace=dl.stack_trace,
+                    record_data=dl.details.get("row"),
+                ),
+            )
             where = and_(t.c.mapping == dl.mapping, t.c.key == dl.key)
             previous = conn.scalar(select(t.c.error_count).where(where))
             values = {
@@ -281,6 +354,8 @@ class StateStore:
                 "position": dl.position,
                 "status": "pending",
                 "updated_at": now,
+                "run_id": batch.run_id,
+                "error_log_id": error_id,
             }
             if previous is None:
                 conn.execute(
@@ -292,15 +367,17 @@ class StateStore:
                 conn.execute(t.update().where(where).values(error_count=previous + 1, **values))
         for mapping, keys in _group(batch.resolved).items():
             for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i : i + _CHUNK]
                 conn.execute(
                     t.update()
                     .where(
                         t.c.mapping == mapping,
-                        t.c.key.in_(keys[i : i + _CHUNK]),
-                        t.c.status == "pending",
+                        t.c.key.in_(chunk),
+                        t.c.status.in_(("pending", "processing")),
                     )
                     .values(status="resolved", updated_at=now)
                 )
+                run_log.resolve_record_errors(conn, mapping, chunk)
 
     def _apply_counters(self, conn: Connection, counters: Mapping[tuple[str, str], int]) -> None:
         t = s.mapping_counters
@@ -371,20 +448,108 @@ class StateStore:
         )
 
     async def dead_letters(
-        self, mapping: str | None = None, status: str | None = "pending"
+        self,
+        mapping: str | None = None,
+        status: str | None = "pending",
+        ids: Sequence[int] | None = None,
     ) -> list[DeadLetter]:
-        return await self._lane.run(self._dead_letters, mapping, status)
-
-    def _dead_letters(self, mapping: str | None, status: str | None) -> list[DeadLetter]:
         t = s.dead_letter
         query = select(t).order_by(t.c.id)
         if mapping is not None:
             query = query.where(t.c.mapping == mapping)
         if status is not None:
             query = query.where(t.c.status == status)
-        with wrap_errors("read dead letters"), self.engine.connect() as conn:
+        if ids is not None:
+            query = query.where(t.c.id.in_(list(ids)))
+
+        def read(conn: Connection) -> list[DeadLetter]:
             rows = conn.execute(query).mappings().all()
-        return [DeadLetter(**{**r, "details": orjson.loads(r["details"])}) for r in rows]
+            return [DeadLetter(**{**r, "details": orjson.loads(r["details"])}) for r in rows]
+
+        return await self._tx("read dead letters", read)
+
+    async def set_dead_letter_status(self, ids: Sequence[int], status: str) -> int:
+        """Move dead letters to processing (replay), discarded or pending; returns how many."""
+        t = s.dead_letter
+
+        def write(conn: Connection) -> int:
+            result = conn.execute(
+                t.update()
+                .where(t.c.id.in_(list(ids)))
+                .values(status=status, updated_at=time.time())
+            )
+            if status == "discarded":
+                error_ids = select(t.c.error_log_id).where(t.c.id.in_(list(ids)))
+                conn.execute(
+                    s.error_log.update()
+                    .where(s.error_log.c.id.in_(error_ids))
+                    .values(status="ignored", updated_at=time.time())
+                )
+            return int(result.rowcount)
+
+        return await self._tx("update dead letters", write)
+
+    # -- runs, errors, statistics, retention (see state/runs.py) --------------------------
+    async def _tx(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        def call() -> T:
+            with wrap_errors(what), self.engine.begin() as conn:
+                return fn(conn, *args, **kwargs)
+
+        return await self._lane.run(call)
+
+    async def start_run(self, **kwargs: Any) -> int:
+        return await self._tx("start run", run_log.start_run, **kwargs)
+
+    async def heartbeat(self, run_id: int, counts: run_log.RunCounts) -> None:
+        await self._tx("run heartbeat", run_log.heartbeat, run_id, counts)
+
+    async def complete_run(self, run_id: int, **kwargs: Any) -> None:
+        await self._tx("complete run", run_log.complete_run, run_id, **kwargs)
+
+    async def recover_runs(self, *, stale_after: float = 60.0) -> list[int]:
+        return await self._tx("recover runs", run_log.recover_runs, stale_after=stale_after)
+
+    async def runs(self, *, limit: int = 20, run_id: int | None = None) -> list[run_log.SyncRun]:
+        return await self._tx("read runs", run_log.runs, limit=limit, run_id=run_id)
+
+    async def log_error(self, entry: run_log.ErrorEntry) -> int:
+        return await self._tx("log error", run_log.log_error, entry)
+
+    async def update_error(self, error_id: int, **kwargs: Any) -> None:
+        await self._tx("update error", run_log.update_error, error_id, **kwargs)
+
+    async def errors(
+        self, *, status: str | None = None, limit: int = 100
+    ) -> list[run_log.ErrorEntry]:
+        return await self._tx("read errors", run_log.errors, status=status, limit=limit)
+
+    async def statistics(self, *, hours: float = 24.0) -> dict[str, Any]:
+        return await self._tx("statistics", run_log.statistics, hours=hours)
+
+    async def cleanup(
+        self, *, retention_days: float, keep_schema_versions: int = 10
+    ) -> dict[str, int]:
+        return await self._tx(
+            "cleanup",
+            run_log.cleanup,
+            retention_days=retention_days,
+            keep_schema_versions=keep_schema_versions,
+        )
+
+    async def schema_versions(self, mapping: str) -> list[dict[str, Any]]:
+        """Every registered version of a mapping's definition, oldest first."""
+        t = s.schema_registry
+
+        def read(conn: Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(select(t).where(t.c.mapping == mapping).order_by(t.c.version))
+            return [{**r._mapping, "definition": orjson.loads(r.definition)} for r in rows]
+
+        return await self._tx("read schema registry", read)
+
+
+def _marker_query(source: str, table: str, kind: str, column: Any) -> Any:
+    p = s.positions
+    return select(column).where(p.c.source == source, p.c.stream == table, p.c.marker_type == kind)
 
 
 def _record_state(row: Any) -> RecordState:
