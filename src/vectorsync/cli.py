@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -171,37 +172,48 @@ def _summary(result: RunResult) -> str:
     )
 
 
+def _with_engine(path: Path | None, verbose: bool, work: Callable[[Engine], Awaitable[T]]) -> T:
+    """The shape of every command: logging, config, open the engine, one service call."""
+    _setup_logging(verbose)
+    cfg = _config(path)
+
+    async def call() -> T:
+        async with Engine.open(cfg) as engine:
+            return await work(engine)
+
+    return _execute(call)
+
+
+def _print_json(value: Any) -> None:
+    out.print_json(json.dumps(value, default=str))
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
 @app.command()
 def setup(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
     """Validate the config, install change capture and create collections (idempotent)."""
-    _setup_logging(verbose)
-    cfg = _config(config)
-
-    async def work() -> None:
-        async with Engine.open(cfg) as engine:
-            await engine.prepare()
-
-    _execute(work)
+    _with_engine(config, verbose, Engine.prepare)
     err.print("capture installed; collections ready")
 
 
 @app.command()
 def status(
-    config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    verbose: VerboseOption = False,
+    config: ConfigOption = None, as_json: JsonOption = False, verbose: VerboseOption = False
 ) -> None:
     """Per mapping: applied position, lag, record and dead-letter counts."""
-    _setup_logging(verbose)
-    cfg = _config(config)
 
-    async def work() -> list[dict[str, Any]]:
-        async with Engine.open(cfg) as engine:
-            return [asdict(s) for s in await engine.status()]
+    async def work(engine: Engine) -> list[dict[str, Any]]:
+        return [asdict(s) for s in await engine.status()]
 
-    rows = _execute(work)
+    rows = _with_engine(config, verbose, work)
     if as_json:
-        out.print_json(json.dumps({"mappings": rows}))
+        _print_json({"mappings": rows})
         return
     table = Table(
         "mapping",
@@ -210,6 +222,7 @@ def status(
         "lag",
         "lag (s)",
         "records",
+        "outdated",
         "dead letters",
         "embedded",
         "payload-only",
@@ -225,6 +238,7 @@ def status(
             str(r["lag_changes"]),
             lag_s,
             str(r["records"]),
+            str(r["outdated"]),
             str(r["dead_letters"]),
             str(c.get("embedded", 0)),
             str(c.get("payload_only", 0)),
@@ -242,15 +256,180 @@ def search(
     verbose: VerboseOption = False,
 ) -> None:
     """Semantic search in a mapping's collection."""
-    _setup_logging(verbose)
-    cfg = _config(config)
-
-    async def work() -> list[Any]:
-        async with Engine.open(cfg) as engine:
-            return await engine.search(mapping, query, limit)
-
-    for hit in _execute(work):
+    hits = _with_engine(config, verbose, lambda e: e.search(mapping, query, limit))
+    for hit in hits:
         out.print(f"{hit.score:.3f}  {json.dumps(hit.record.payload, default=str)}")
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option("--limit", "-n", help="how many, newest first")] = 20,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Recent sync runs: mode, status, timing and counts."""
+    found = _with_engine(config, verbose, lambda e: e.state.runs(limit=limit))
+    if as_json:
+        _print_json({"runs": [asdict(r) for r in found]})
+        return
+    table = Table(
+        "id",
+        "mode",
+        "status",
+        "started",
+        "seconds",
+        "processed",
+        "embedded",
+        "payload-only",
+        "deleted",
+        "failed",
+        "host:pid",
+        "error",
+    )
+    for r in found:
+        secs = "-" if r.duration_ms is None else f"{r.duration_ms / 1000:.1f}"
+        table.add_row(
+            str(r.id),
+            r.mode,
+            r.status,
+            _when(r.started_at),
+            secs,
+            str(r.counts["processed"]),
+            str(r.counts["embedded"]),
+            str(r.counts["payload_only"]),
+            str(r.counts["deleted"]),
+            str(r.counts["failed"]),
+            f"{r.host}:{r.pid}",
+            r.error_message or "",
+        )
+    out.print(table)
+
+
+@app.command()
+def stats(
+    hours: Annotated[float, typer.Option(help="the window, in hours")] = 24.0,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Success rate, throughput, errors by type, dead-letter queue size, average run time."""
+    figures = _with_engine(config, verbose, lambda e: e.state.statistics(hours=hours))
+    if as_json:
+        _print_json(figures)
+        return
+    rate = figures["success_rate"]
+    tput = figures["throughput_per_s"]
+    avg = figures["average_run_seconds"]
+    out.print(
+        f"last {hours:g} h: {figures['runs']['total']} runs "
+        f"({', '.join(f'{v} {k}' for k, v in figures['runs'].items() if k != 'total')})"
+    )
+    out.print(
+        f"success rate: {'-' if rate is None else f'{rate:.1%}'}   "
+        f"throughput: {'-' if tput is None else f'{tput:,.0f} records/s'}   "
+        f"average run: {'-' if avg is None else f'{avg:.1f}s'}"
+    )
+    errors = ", ".join(f"{k} {v}" for k, v in figures["errors_by_type"].items()) or "none"
+    out.print(f"errors by type: {errors}")
+    out.print(f"dead letters pending: {figures['dead_letters_pending']}")
+
+
+@app.command()
+def recover(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+    """Mark runs left 'running' by a dead process as failed; apply retention."""
+    failed = _with_engine(config, verbose, Engine.recover)
+    err.print(f"{len(failed)} stale runs marked failed" + (f": {failed}" if failed else ""))
+
+
+dlq_app = typer.Typer(
+    help="The dead-letter queue: records that could not be synced.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    status_: Annotated[
+        str | None,
+        typer.Option("--status", help="pending, processing, resolved, discarded; all when omitted"),
+    ] = "pending",
+    mapping: Annotated[str | None, typer.Option(help="only this mapping")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Dead letters with their reasons."""
+    letters = _with_engine(
+        config, verbose, lambda e: e.state.dead_letters(mapping=mapping, status=status_)
+    )
+    if as_json:
+        _print_json({"dead_letters": [_letter(d) for d in letters]})
+        return
+    table = Table("id", "mapping", "key", "type", "errors", "status", "updated", "reason")
+    for d in letters:
+        table.add_row(
+            str(d.id),
+            d.mapping,
+            d.key,
+            d.error_type,
+            str(d.error_count),
+            d.status,
+            _when(d.updated_at),
+            d.message,
+        )
+    out.print(table)
+
+
+def _letter(d: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(d).items() if k != "stack_trace"}
+
+
+@dlq_app.command("show")
+def dlq_show(
+    ids: Annotated[list[int], typer.Argument(help="dead-letter ids")],
+    config: ConfigOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Everything about dead letters: reason, record data, position."""
+    letters = _with_engine(config, verbose, lambda e: e.state.dead_letters(status=None, ids=ids))
+    if not letters:
+        err.print(f"no dead letter with id {', '.join(map(str, ids))}")
+        raise typer.Exit(1)
+    _print_json({"dead_letters": [_letter(d) for d in letters]})
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="ids; all pending when omitted")] = None,
+    mapping: Annotated[str | None, typer.Option(help="only this mapping")] = None,
+    now: Annotated[bool, typer.Option("--now", help="also sync them now (run --once)")] = False,
+    config: ConfigOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Retry dead letters through the normal sync path (after fixing their rows)."""
+
+    async def work(engine: Engine) -> tuple[int, RunResult | None]:
+        count = await engine.replay_dead_letters(ids or None, mapping=mapping)
+        return count, (await engine.run(once=True) if now and count else None)
+
+    count, result = _with_engine(config, verbose, work)
+    err.print(f"{count} dead letters enqueued for replay")
+    if result is not None:
+        err.print(_summary(result), highlight=False)
+        if result.counts.get("failed"):
+            raise typer.Exit(1)
+
+
+@dlq_app.command("discard")
+def dlq_discard(
+    ids: Annotated[list[int], typer.Argument(help="dead-letter ids")],
+    config: ConfigOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Give up on dead letters (their errors are marked ignored)."""
+    count = _with_engine(config, verbose, lambda e: e.discard_dead_letters(ids))
+    err.print(f"{count} dead letters discarded")
 
 
 @app.command()

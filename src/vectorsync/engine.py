@@ -12,7 +12,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,6 +59,7 @@ class MappingStatus:
     lag_changes: int
     lag_seconds: float | None
     records: int
+    outdated: int
     dead_letters: int
     counters: dict[str, int]
 
@@ -115,6 +116,10 @@ def build_embedder(name: str, cfg: EmbedderConfig) -> Embedder:
 
 def _used(config: Config, attr: str) -> set[str]:
     return {getattr(m, attr) for m in config.mappings}
+
+
+def _digest(value: Any) -> str:
+    return xxhash.xxh3_64_hexdigest(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
 
 
 def _redact(values: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +272,10 @@ class Engine:
 
     async def _runtime(self, m: MappingConfig) -> MappingRuntime:
         embedder = self.embedders[m.embedder]
-        definition = {
+        columns = self._columns[m.name]
+        used = sorted({m.key, *m.payload, *template_columns(m.text)})
+        # What every point is computed from: a change here re-checks every record.
+        sync_part = {
             "table": m.table,
             "key": m.key,
             "text": m.text,
@@ -276,22 +284,28 @@ class Engine:
             "model": embedder.model_id,
             "dimension": embedder.dimension,
             "distance": embedder.distance,
-            "columns": self._columns[m.name],
+            "column_types": {c: columns[c] for c in used},
         }
-        digest = xxhash.xxh3_64_hexdigest(
-            orjson.dumps(
-                {k: v for k, v in definition.items() if k != "columns"}, option=orjson.OPT_SORT_KEYS
+        sync_digest = _digest(sync_part)
+        definition = {**sync_part, "columns": columns, "sync_digest": sync_digest}
+        # Enqueue the re-check before registering the version: a crash in between then
+        # re-checks again at the next start instead of never.
+        if await self.state.current_sync_digest(m.name) not in (None, sync_digest):
+            logger.info(
+                "mapping %s changed what points are made of: re-checking every record",
+                m.name,
+                extra={"action": "schema_recheck", "mapping": m.name},
             )
-        )
-        version, changed = await self.state.register_schema(m.name, digest, definition)
+            await self.sources[m.source].resnapshot(TableSpec(table=m.table, key=m.key))
+        version, changed = await self.state.register_schema(m.name, _digest(definition), definition)
         if changed:
             logger.info(
-                "mapping %s changed (schema version %d): re-checking every record",
+                "mapping %s: schema version %d registered",
                 m.name,
                 version,
                 extra={"action": "schema_change", "mapping": m.name},
             )
-            await self.sources[m.source].resnapshot(TableSpec(table=m.table, key=m.key))
+        digest = sync_digest
         indexes: dict[str, IndexType] = {}
         for field in m.payload:
             kind = index_type_for(self._columns[m.name][field])
@@ -446,6 +460,38 @@ class Engine:
     def config_hash(self) -> str:
         return xxhash.xxh3_64_hexdigest(self.config.model_dump_json(exclude={"base_dir"}).encode())
 
+    async def replay_dead_letters(
+        self, ids: Sequence[int] | None = None, *, mapping: str | None = None
+    ) -> int:
+        """Send dead letters (pending ones, or those ``ids``) back through the normal sync
+        path: their keys are enqueued at the source and marked 'processing'; the next batch
+        that syncs a key resolves its dead letter. Returns how many were enqueued."""
+        letters = await self.state.dead_letters(mapping=mapping, status=None, ids=ids)
+        letters = [
+            d
+            for d in letters
+            if d.status in ("pending", "processing") and (ids is not None or d.status == "pending")
+        ]
+        mappings = {m.name: m for m in self.config.mappings}
+        by_table: dict[tuple[str, str], list[Any]] = {}
+        for d in letters:
+            m = mappings.get(d.mapping)
+            if m is None:
+                raise ConfigError(
+                    f"dead letter {d.id}: mapping {d.mapping!r} is no longer "
+                    "configured; discard it with `vectorsync dlq discard`"
+                )
+            by_table.setdefault((m.source, m.table), []).append(d.details.get("key", d.key))
+        for (source, table), keys in by_table.items():
+            await self.sources[source].enqueue(table, keys)
+        await self.state.set_dead_letter_status(
+            [d.id for d in letters if d.id is not None], "processing"
+        )
+        return len(letters)
+
+    async def discard_dead_letters(self, ids: Sequence[int]) -> int:
+        return await self.state.set_dead_letter_status(ids, "discarded")
+
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""
         return {
@@ -473,6 +519,7 @@ class Engine:
                     lag_changes=backlog.changes,
                     lag_seconds=None if oldest is None else max(0.0, now - oldest),
                     records=counts.records,
+                    outdated=counts.outdated,
                     dead_letters=counts.dead_letters,
                     counters=counts.counters,
                 )

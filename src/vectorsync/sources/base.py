@@ -52,6 +52,10 @@ class Source(Protocol):
         """Enqueue every existing key of a table as a change (after its mapping changed)."""
         ...
 
+    async def enqueue(self, table: str, keys: Sequence[Key]) -> None:
+        """Enqueue keys as changes (a dead-letter replay goes through the normal path)."""
+        ...
+
     async def head(self) -> int:
         """The newest committed position."""
         ...

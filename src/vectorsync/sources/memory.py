@@ -86,6 +86,10 @@ class MemorySource:
         for key in list(self._rows[spec.table]):
             self._capture(spec.table, key, "snapshot")
 
+    async def enqueue(self, table: str, keys: Sequence[Key]) -> None:
+        for key in keys:
+            self._capture(table, key, "replay")
+
     async def head(self) -> int:
         return self._seq
 

@@ -185,6 +185,16 @@ class SqliteSource:
         with wrap_errors(f"resnapshot {spec.table!r}"):
             self._enqueue_all(spec)
 
+    async def enqueue(self, table: str, keys: Sequence[Key]) -> None:
+        await self._lane.run(self._enqueue, table, list(keys))
+
+    def _enqueue(self, table: str, keys: list[Key]) -> None:
+        with wrap_errors(f"enqueue {table!r}"):
+            self._db.executemany(
+                f"INSERT INTO {OUTBOX}(tbl, key, op) VALUES (?, ?, 'replay')",
+                [(table, k) for k in keys],
+            )
+
     async def head(self) -> int:
         return await self._lane.run(self._head)
 

@@ -96,6 +96,7 @@ class BatchCommit:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MappingCounts:
     records: int
+    outdated: int  # records written under an older schema version (template, model, ...)
     dead_letters: int
     counters: dict[str, int]
 
@@ -424,14 +425,28 @@ class StateStore:
             )
         return version, last is not None
 
+    async def current_sync_digest(self, mapping: str) -> str | None:
+        versions = await self.schema_versions(mapping)
+        return versions[-1]["definition"].get("sync_digest") if versions else None
+
     # -- reading for status -------------------------------------------------------------
     async def mapping_counts(self, mapping: str) -> MappingCounts:
-        return await self._lane.run(self._mapping_counts, mapping)
+        current = await self.current_sync_digest(mapping)
+        return await self._lane.run(self._mapping_counts, mapping, current)
 
-    def _mapping_counts(self, mapping: str) -> MappingCounts:
+    def _mapping_counts(self, mapping: str, current: str | None) -> MappingCounts:
         rs, dl, mc = s.record_state, s.dead_letter, s.mapping_counters
         with wrap_errors("read status"), self.engine.connect() as conn:
             records = conn.scalar(select(func.count()).where(rs.c.mapping == mapping)) or 0
+            outdated = (
+                conn.scalar(
+                    select(func.count()).where(
+                        rs.c.mapping == mapping, rs.c.schema_version != current
+                    )
+                )
+                if current
+                else 0
+            )
             dead = (
                 conn.scalar(
                     select(func.count()).where(dl.c.mapping == mapping, dl.c.status == "pending")
@@ -443,6 +458,7 @@ class StateStore:
             )
         return MappingCounts(
             records=int(records),
+            outdated=int(outdated or 0),
             dead_letters=int(dead),
             counters={k: int(v) for k, v in counters.items()},
         )
@@ -575,13 +591,16 @@ def _group(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def _evolution(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    if old.get("model") != new.get("model") or old.get("dimension") != new.get("dimension"):
+    """What kind of change turned ``old`` into ``new`` (the most consequential one)."""
+    if any(old.get(k) != new.get(k) for k in ("model", "dimension", "distance")):
         return "model_change"
     if old.get("text") != new.get("text"):
         return "template_change"
-    old_cols, new_cols = set(old.get("payload", ())), set(new.get("payload", ()))
-    if new_cols - old_cols:
+    old_cols, new_cols = old.get("columns", {}), new.get("columns", {})
+    if any(old_cols[c] != new_cols[c] for c in set(old_cols) & set(new_cols)):
+        return "type_change"
+    if set(new_cols) - set(old_cols):
         return "add_column"
-    if old_cols - new_cols:
+    if set(old_cols) - set(new_cols):
         return "drop_column"
-    return "definition_change"
+    return "payload_change"
