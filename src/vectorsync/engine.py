@@ -321,7 +321,11 @@ class Engine:
             )
         )
         return MappingRuntime(
-            config=m, renderer=Renderer(m), embedder=embedder, sink=sink, schema_version=digest
+            config=m,
+            renderer=Renderer(m, indexes),
+            embedder=embedder,
+            sink=sink,
+            schema_version=digest,
         )
 
     def _is_text_key(self, m: MappingConfig) -> bool:

@@ -15,6 +15,7 @@ __all__ = [
     "BOOKKEEPING",
     "NAMESPACE",
     "Change",
+    "InvalidText",
     "Key",
     "Op",
     "PayloadUpdate",
@@ -36,6 +37,18 @@ NAMESPACE = uuid.UUID("6f1c1a52-5b0e-4b7e-9d8a-7c2f3e9a4d10")
 _NS_BYTES = NAMESPACE.bytes
 # Bookkeeping fields written into every point's payload (checks need no vectors).
 BOOKKEEPING = ("_vs_key", "_vs_text_hash", "_vs_version", "_vs_schema")
+
+
+class InvalidText(bytes):
+    """A TEXT value that is not valid UTF-8, kept as its bytes so the record can be
+    dead-lettered with a clear reason instead of failing the whole read."""
+
+
+def decode_text(raw: bytes) -> str | InvalidText:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return InvalidText(raw)
 
 
 def point_id(mapping: str, key: Key) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,8 @@ from jinja2 import meta, nodes
 
 from .config import MappingConfig
 from .errors import ConfigError, RecordError, RenderError
-from .model import Row, payload_hash
+from .model import InvalidText, Row, payload_hash
+from .sinks.base import IndexType
 
 __all__ = ["Rendered", "Renderer", "template_columns"]
 
@@ -58,8 +59,11 @@ def _plain_parts(template: str) -> list[tuple[bool, str]] | None:
 
 
 class Renderer:
-    def __init__(self, mapping: MappingConfig) -> None:
+    def __init__(
+        self, mapping: MappingConfig, index_types: Mapping[str, IndexType] | None = None
+    ) -> None:
         self._mapping = mapping
+        self._index_types = dict(index_types or {})
         try:
             self._template = _ENV.from_string(mapping.text)
             # Jinja2 builds a context per render (~25 µs); plain substitution templates,
@@ -72,8 +76,23 @@ class Renderer:
             ) from exc
 
     def render(self, row: Row) -> Rendered:
+        for name, value in row.items():
+            if isinstance(value, InvalidText):
+                raise RecordError(
+                    f"column {name!r} is not valid UTF-8 ({bytes(value)[:40]!r}); "
+                    "fix the row's encoding",
+                    kind="invalid_utf8",
+                )
         text = self._text(row)
         payload = {name: _payload_value(name, row.get(name)) for name in self._mapping.payload}
+        for name, kind in self._index_types.items():
+            value = payload.get(name)
+            if value is not None and not _fits(kind, value):
+                raise RecordError(
+                    f"payload field {name!r} holds {value!r} ({type(value).__name__}) but is "
+                    f"indexed as {kind}; fix the row or change the column's declared type",
+                    kind="payload_type",
+                )
         return Rendered(text=text, payload=payload, payload_hash=payload_hash(payload))
 
     def _text(self, row: Row) -> str:
@@ -108,6 +127,18 @@ class Renderer:
                 raise RenderError(f"text template failed: '{text}' is undefined") from None
             out.append("" if value is None else str(value))
         return "".join(out)
+
+
+def _fits(kind: IndexType, value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_fits(kind, v) for v in value)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    return isinstance(value, str)  # keyword, text, datetime
 
 
 def _payload_value(name: str, value: Any) -> Any:

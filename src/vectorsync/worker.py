@@ -404,7 +404,7 @@ class SourceWorker:
                     position=u.state.source_version,
                 )
                 work.failed.append(
-                    _dead_letter(work.mapping.name, u.state.key, change, error, None)
+                    _dead_letter(work.mapping.name, u.key, change, error, None)
                 )
                 work.done.remove(u.state.key)
                 continue

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from .._blocking import BlockingLane
 from ..errors import ConfigError, PermanentError, SourceError
-from ..model import Change, Key
+from ..model import Change, Key, decode_text
 from .base import Backlog, TableSpec
 
 __all__ = ["OUTBOX", "SqliteSource"]
@@ -102,6 +102,7 @@ class SqliteSource:
                 self.path, timeout=30, isolation_level=None, check_same_thread=False
             )
             self._conn.execute("PRAGMA busy_timeout = 30000")
+            self._conn.text_factory = decode_text
 
     @property
     def _db(self) -> sqlite3.Connection:
