@@ -24,6 +24,7 @@ class Backoff:
     maximum: float = 10.0
     factor: float = 2.0
     deadline: float | None = 300.0  # seconds of consecutive failures before giving up; None: never
+    max_attempts: int | None = 100  # retries before giving up, whichever limit comes first
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.maximum, self.initial * self.factor**attempt))
@@ -52,6 +53,8 @@ async def retrying(
         except RetryableError as exc:
             elapsed = time.monotonic() - started
             if backoff.deadline is not None and elapsed >= backoff.deadline:
+                raise
+            if backoff.max_attempts is not None and attempt >= backoff.max_attempts:
                 raise
             delay = backoff.delay(attempt)
             attempt += 1

@@ -43,7 +43,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-out = Console()
+# Piped output (scripts, grep) must not be cut to 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 240)
 
 ConfigOption = Annotated[
     Path | None,

@@ -242,6 +242,7 @@ class SourceWorker:
                             details={"operation": what},
                             stack_trace=_trace(exc),
                             retry_count=attempt,
+                            max_retries=self._backoff.max_attempts,
                         )
                     )
                 )
@@ -403,9 +404,7 @@ class SourceWorker:
                     op="update",
                     position=u.state.source_version,
                 )
-                work.failed.append(
-                    _dead_letter(work.mapping.name, u.key, change, error, None)
-                )
+                work.failed.append(_dead_letter(work.mapping.name, u.key, change, error, None))
                 work.done.remove(u.state.key)
                 continue
             u.vector = vectors[u.state.text_hash]

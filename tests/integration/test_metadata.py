@@ -38,9 +38,17 @@ async def test_a_run_fills_every_field_of_its_record(workdir: Path, app: App) ->
         [run2, run1] = await engine.state.runs(limit=2)
     assert (run1.id, run2.id) == (first.run_id, second.run_id)
     assert run1.mode == "once" and run1.status == "completed"
-    assert run1.counts == {"processed": 10, "inserted": 9, "updated": 0, "payload_only": 0,
-                           "deleted": 0, "embedded": 9, "skipped": 0, "failed": 1,
-                           "bytes": run1.counts["bytes"]}
+    assert run1.counts == {
+        "processed": 10,
+        "inserted": 9,
+        "updated": 0,
+        "payload_only": 0,
+        "deleted": 0,
+        "embedded": 9,
+        "skipped": 0,
+        "failed": 1,
+        "bytes": run1.counts["bytes"],
+    }
     assert run1.counts["bytes"] > 100
     assert run2.counts["inserted"] == 1 and run2.counts["updated"] == 1
     assert run2.counts["payload_only"] == 1 and run2.counts["deleted"] == 1
@@ -48,8 +56,9 @@ async def test_a_run_fills_every_field_of_its_record(workdir: Path, app: App) ->
         assert run.completed_at is not None and run.completed_at >= run.started_at
         assert run.duration_ms is not None and run.duration_ms >= 0
         assert len(run.config_hash) == 16 and run.instance_id and run.host and run.pid
-        assert run.source_info == {"app": {"kind": "sqlite", "path": "app.db",
-                                           "poll_interval": 0.05}}
+        assert run.source_info == {
+            "app": {"kind": "sqlite", "path": "app.db", "poll_interval": 0.05}
+        }
         assert run.destination_info["vectors"]["kind"] == "qdrant-edge"
         assert run.error_message is None
 
@@ -69,13 +78,20 @@ async def test_schema_registry_records_each_evolution(workdir: Path, app: App) -
     await sync(text="{{ title }}: {{ body }}")
     app.db.execute("ALTER TABLE articles DROP COLUMN summary")
     await sync(text="{{ title }}: {{ body }}")
-    await sync(text="{{ title }}: {{ body }}",
-               extra_mapping='collection = "articles256"\nembedder = "small"\n'
-                             '[embedders.small]\nkind = "hash"\ndimension = 256')
+    await sync(
+        text="{{ title }}: {{ body }}",
+        extra_mapping='collection = "articles256"\nembedder = "small"\n'
+        '[embedders.small]\nkind = "hash"\ndimension = 256',
+    )
     async with Engine.open(load(cfg)) as engine:
         versions = await engine.state.schema_versions("articles")
     assert [v["evolution"] for v in versions] == [
-        "create", "template_change", "add_column", "drop_column", "model_change"]
+        "create",
+        "template_change",
+        "add_column",
+        "drop_column",
+        "model_change",
+    ]
     assert [v["previous_version"] for v in versions] == [None, 1, 2, 3, 4]
     assert versions[2]["definition"]["columns"]["summary"] == "TEXT"
     assert all(len(v["hash"]) == 16 and v["created_at"] > 0 for v in versions)
@@ -83,8 +99,10 @@ async def test_schema_registry_records_each_evolution(workdir: Path, app: App) -
 
 async def test_type_change_is_detected(workdir: Path) -> None:
     db = sqlite3.connect(workdir / "app.db")
-    db.execute("CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT, body TEXT, "
-               "author TEXT, tags TEXT, published INTEGER)")
+    db.execute(
+        "CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT, body TEXT, "
+        "author TEXT, tags TEXT, published INTEGER)"
+    )
     db.execute("INSERT INTO articles VALUES (1, 't', 'b', 'a', 'x', 2020)")
     db.commit()
     cfg = write_config(workdir)
@@ -155,8 +173,7 @@ async def test_positions_and_batch_timestamp_markers(workdir: Path, app: App) ->
         await state.set_position("app", 7, table="articles")
         assert await state.batch_timestamp("app", "articles") == when
         assert await state.batch_timestamp("app") is None
-        markers = {(m["source"], m["stream"], m["marker_type"]): m
-                   for m in await state.markers()}
+        markers = {(m["source"], m["stream"], m["marker_type"]): m for m in await state.markers()}
     assert markers[("app", "", "stream")]["position"] == 1
     assert markers[("app", "", "stream")]["run_id"] == result.run_id
     assert markers[("app", "articles", "stream")]["position"] == 7
@@ -200,9 +217,7 @@ class OutageSink(QdrantEdgeSink):
         self._gate()
         await super().upsert(collection, points)
 
-    async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[
-        str
-    ]:
+    async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
         self._gate()
         return await super().update_payloads(collection, updates)
 
@@ -248,9 +263,8 @@ async def test_a_sink_closed_for_5_seconds_under_load_costs_retries_not_records(
     assert sink.failures >= 3, "the outage never hit a write"
     assert letters == [] and result.counts.get("failed", 0) == 0
     sink_errors = [e for e in errors if e.error_type == "sink"]
-    assert sink_errors and all(e.status == "resolved" and e.retry_count >= 1
-                               for e in sink_errors)
-    assert sink_errors[0].error_code == "ECONNREFUSED"
+    assert sink_errors and all(e.status == "resolved" and e.retry_count >= 1 for e in sink_errors)
+    assert sink_errors[0].error_code == "ECONNREFUSED" and sink_errors[0].max_retries == 100
     check = QdrantEdgeSink("check", workdir / ".vectorsync" / "qdrant")
     await check.open()
     try:
@@ -265,3 +279,41 @@ async def _until(read: Any, ok: Any, deadline: float = 60.0) -> None:
         if time.monotonic() > end:
             raise TimeoutError("condition not met before the deadline")
         await asyncio.sleep(0.05)
+
+
+async def test_python_api_adds_dead_letters_and_recovers_runs(workdir: Path, app: App) -> None:
+    from vectorsync.state.store import DeadLetter
+
+    app.insert(1)
+    cfg = write_config(workdir)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.run(once=True)
+        state = engine.state
+        await state.add_dead_letters(
+            "app",
+            [
+                DeadLetter(
+                    mapping="articles",
+                    key="1",
+                    operation="update",
+                    error_type="validation",
+                    message="rejected by a downstream check",
+                    details={"key": 1, "row": {"id": 1}},
+                    position=1,
+                )
+            ],
+        )
+        [letter] = await state.dead_letters()
+        [error] = await state.errors(status="open")
+        assert letter.error_log_id == error.id and error.record_data == {"id": 1}
+        # a run whose process is gone (another pid on this host that no longer exists)
+        run_id = await state.start_run(
+            mode="backfill", config_hash="x", instance_id="i", source_info={}, destination_info={}
+        )
+        db = sqlite3.connect(workdir / ".vectorsync" / "state.db")
+        db.execute("UPDATE sync_runs SET pid = 2147483646 WHERE id = ?", (run_id,))
+        db.commit()
+        db.close()
+        assert await engine.recover() == [run_id]
+        [run] = await state.runs(run_id=run_id)
+    assert run.status == "failed" and run.completed_at is not None

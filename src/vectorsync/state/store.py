@@ -484,6 +484,17 @@ class StateStore:
 
         return await self._tx("read dead letters", read)
 
+    async def add_dead_letters(
+        self, source: str, letters: Sequence[DeadLetter], *, run_id: int | None = None
+    ) -> None:
+        """Dead-letter records (each with an error-log entry) outside a sync batch."""
+        batch = BatchCommit(source=source, position=0, run_id=run_id, dead_letters=list(letters))
+
+        def write(conn: Connection) -> None:
+            self._apply_dead_letters(conn, batch, time.time())
+
+        await self._tx("add dead letters", write)
+
     async def set_dead_letter_status(self, ids: Sequence[int], status: str) -> int:
         """Move dead letters to processing (replay), discarded or pending; returns how many."""
         t = s.dead_letter
