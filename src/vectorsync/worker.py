@@ -441,16 +441,24 @@ class SourceWorker:
             Point(id=u.state.point_id, vector=u.vector or [], payload=u.payload)
             for u in work.upserts
         ]
+        rejected: dict[str, PermanentError] = {}
         for i in range(0, len(points), _WRITE_CHUNK):
             chunk = points[i : i + _WRITE_CHUNK]
-            await self._retry(f"upsert into {coll}", partial(sink.upsert, coll, chunk), stop)
+            rejected.update(
+                await self._isolating(
+                    f"upsert into {coll}", chunk, partial(sink.upsert, coll), stop
+                )
+            )
         updates = [u for _, u in work.payload_only]
-        missing: set[str] = set()
+        missing: list[str] = []
         for i in range(0, len(updates), _WRITE_CHUNK):
             part = updates[i : i + _WRITE_CHUNK]
-            missing.update(
-                await self._retry(
-                    f"payload update in {coll}", partial(sink.update_payloads, coll, part), stop
+            rejected.update(
+                await self._isolating(
+                    f"payload update in {coll}",
+                    part,
+                    partial(self._update_payloads, sink, coll, missing),
+                    stop,
                 )
             )
         if missing:
@@ -462,13 +470,64 @@ class SourceWorker:
                 m.name,
                 extra={"action": "sink_missing", "mapping": m.name, "count": len(missing)},
             )
-            lost = [s for s, _ in work.payload_only if s.point_id in missing]
-            work.payload_only = [(s, u) for s, u in work.payload_only if s.point_id not in missing]
+            lost = [s for s, _ in work.payload_only if s.point_id in set(missing)]
+            work.payload_only = [(s, u) for s, u in work.payload_only if s not in lost]
             work.deletes.extend((s.key, s.point_id) for s in lost)
+        if rejected:
+            self._dead_letter_rejected(work, rejected)
         ids = [pid for _, pid in work.deletes]
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]
             await self._retry(f"delete from {coll}", partial(sink.delete, coll, part_ids), stop)
+
+    @staticmethod
+    async def _update_payloads(
+        sink: Sink, coll: str, missing: list[str], updates: Sequence[PayloadUpdate]
+    ) -> None:
+        missing.extend(await sink.update_payloads(coll, updates))
+
+    async def _isolating(
+        self,
+        what: str,
+        items: Sequence[Point] | Sequence[PayloadUpdate],
+        call: Callable[[Any], Awaitable[Any]],
+        stop: asyncio.Event,
+    ) -> dict[str, PermanentError]:
+        """Write ``items``; if the sink rejects the batch permanently, bisect it to find the
+        points it rejects (returned by id) and write the rest."""
+        try:
+            await self._retry(what, partial(call, items), stop)
+            return {}
+        except PermanentError as exc:
+            if len(items) == 1:
+                return {items[0].id: exc}
+            mid = len(items) // 2
+            return {
+                **await self._isolating(what, items[:mid], call, stop),
+                **await self._isolating(what, items[mid:], call, stop),
+            }
+
+    def _dead_letter_rejected(
+        self, work: _MappingWork, rejected: dict[str, PermanentError]
+    ) -> None:
+        table = work.mapping.config.table
+        for u in [u for u in work.upserts if u.state.point_id in rejected]:
+            self._reject(work, u.key, u.state, rejected[u.state.point_id], table)
+        work.upserts = [u for u in work.upserts if u.state.point_id not in rejected]
+        for state, _ in [p for p in work.payload_only if p[0].point_id in rejected]:
+            key = state.payload.get("_vs_key", state.key)
+            self._reject(work, key, state, rejected[state.point_id], table)
+        work.payload_only = [p for p in work.payload_only if p[0].point_id not in rejected]
+
+    @staticmethod
+    def _reject(
+        work: _MappingWork, key: Key, state: RecordState, exc: PermanentError, table: str
+    ) -> None:
+        error = RecordError(f"the sink rejected the point: {exc}", kind="sink_rejected")
+        error.__cause__ = exc
+        change = Change(table=table, key=key, op="update", position=state.source_version)
+        work.failed.append(_dead_letter(work.mapping.name, key, change, error, None))
+        work.done.remove(state.key)
 
     def _commit_for(self, batch: _Batch) -> BatchCommit:
         commit = BatchCommit(source=self.source.name, position=batch.position, run_id=self.run_id)

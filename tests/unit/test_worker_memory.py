@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from vectorsync import parse_config
 from vectorsync.backoff import Backoff
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
-from vectorsync.errors import EmbeddingError
-from vectorsync.model import Change
+from vectorsync.errors import EmbeddingError, PermanentError
+from vectorsync.model import Change, point_id
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sources.memory import MemorySource
 from vectorsync.state.store import StateStore
@@ -164,3 +165,41 @@ async def test_stop_event_ends_a_streaming_run() -> None:
         stop.set()
         result = await asyncio.wait_for(task, 10)
     assert result.counts["upserted"] == 2
+
+
+class RejectingSink(MemorySink):
+    """Rejects, permanently, any point whose tag is 'bad' (like a schema-enforcing store)."""
+
+    def _refuse(self, payloads: list[dict[str, Any]]) -> None:
+        if any(p.get("tag") == "bad" for p in payloads):
+            raise PermanentError("payload rejected: tag 'bad' is not allowed")
+
+    async def upsert(self, collection: str, points: Sequence[Any]) -> None:
+        self._refuse([p.payload for p in points])
+        await super().upsert(collection, points)
+
+    async def update_payloads(self, collection: str, updates: Sequence[Any]) -> list[str]:
+        self._refuse([u.payload for u in updates])
+        return await super().update_payloads(collection, updates)
+
+
+async def test_a_point_the_sink_rejects_is_dead_lettered_alone(tmp_path: Path) -> None:
+    source = make_source()
+    for k in range(1, 41):
+        source.upsert("docs", {"id": k, "body": f"doc {k}", "tag": "bad" if k == 13 else "x"})
+    sink = RejectingSink()
+    url = f"sqlite:///{tmp_path}/state.db"
+    counts = await sync(source, sink, state=StateStore(url))
+    assert counts["failed"] == 1 and counts["upserted"] == 39
+    source.upsert("docs", {"id": 5, "body": "doc 5", "tag": "bad"})  # payload-only, rejected
+    source.upsert("docs", {"id": 6, "body": "doc 6", "tag": "y"})
+    counts = await sync(source, sink, state=StateStore(url))
+    state = StateStore(url)
+    await state.open()
+    assert counts["failed"] == 1 and counts["payload_only"] == 1
+    letters = {d.key: d for d in await state.dead_letters()}
+    assert set(letters) == {"13", "5"} and letters["13"].error_type == "sink"
+    assert letters["5"].details["error_code"] == "sink_rejected"
+    assert "tag 'bad'" in letters["5"].message
+    assert sink.points["docs"][point_id("docs", 5)][1]["tag"] == "x"  # last good payload kept
+    await state.close()
