@@ -343,6 +343,98 @@ def recover(config: ConfigOption = None, verbose: VerboseOption = False) -> None
     err.print(f"{len(failed)} stale runs marked failed" + (f": {failed}" if failed else ""))
 
 
+@app.command()
+def check(
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="full (exact), sample (estimate with a 95% interval) "
+            "or quick (existence only, Bloom filters)"
+        ),
+    ] = "full",
+    mapping: Annotated[str | None, typer.Option(help="only this mapping")] = None,
+    sample_size: Annotated[int, typer.Option(help="records compared in sample mode")] = 1000,
+    seed: Annotated[
+        int | None, typer.Option(help="sample mode: a seed for repeatable samples")
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair", help="repair what is found through the normal sync path, then check again"
+        ),
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Are the index and the truth in sync? Exit 0 when consistent, 1 when drift is found."""
+
+    async def work(engine: Engine) -> list[dict[str, Any]]:
+        names = [mapping] if mapping else [m.name for m in engine.config.mappings]
+        results = []
+        for name in names:
+            report = await engine.check(name, mode=mode, sample_size=sample_size, seed=seed)
+            entry: dict[str, Any] = {"before": report.as_dict()}
+            if repair and not report.consistent:
+                run = await engine.repair(report)
+                after = await engine.check(
+                    name, mode=mode, sample_size=sample_size, seed=seed, repair_of=report.id
+                )
+                entry["repair_run"] = run.run_id
+                entry["after"] = after.as_dict()
+            results.append(entry)
+        return results
+
+    results = _with_engine(config, verbose, work)
+    final = [r.get("after", r["before"]) for r in results]
+    if as_json:
+        _print_json({"checks": results, "consistent": all(r["consistent"] for r in final)})
+    else:
+        table = Table(
+            "mapping",
+            "mode",
+            "when",
+            "consistent",
+            "source",
+            "sink",
+            "missing",
+            "orphaned",
+            "outdated",
+            "stale",
+            "payload",
+            "estimate",
+            "seconds",
+        )
+        for entry in results:
+            for when in ("before", "after"):
+                if when in entry:
+                    table.add_row(*_check_row(entry[when], when))
+        out.print(table)
+    if not all(r["consistent"] for r in final):
+        raise typer.Exit(1)
+
+
+def _check_row(r: dict[str, Any], when: str) -> list[str]:
+    c = r["counts"]
+    est = r.get("estimate")
+    estimate = "-" if not est else f"{est['rate']:.2%} [{est['low']:.2%}, {est['high']:.2%}]"
+    return [
+        r["mapping"],
+        r["mode"],
+        when,
+        "yes" if r["consistent"] else "NO",
+        str(r["source_records"]),
+        str(r["sink_points"]),
+        str(c["missing"]),
+        str(c["orphaned"]),
+        str(c["outdated"]),
+        str(c["stale"]),
+        str(c["payload_mismatch"]),
+        estimate,
+        f"{r['seconds']:.2f}",
+    ]
+
+
 dlq_app = typer.Typer(
     help="The dead-letter queue: records that could not be synced.", no_args_is_help=True
 )

@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
+from .check import Checker, CheckReport
 from .config import (
     Config,
     EmbedderConfig,
@@ -169,6 +170,7 @@ class Engine:
         self._columns: dict[str, dict[str, str]] = {}
         self._runtimes: list[MappingRuntime] | None = None
         self._opened: list[Any] = []
+        self._sinks_open = False
         self.instance_id = uuid.uuid4().hex[:12]
         self.heartbeat_interval = 5.0
 
@@ -247,9 +249,7 @@ class Engine:
         for embedder in self.embedders.values():
             await embedder.open()
             self._opened.append(embedder)
-        for sink in self.sinks.values():
-            await sink.open()
-            self._opened.append(sink)
+        await self._open_sinks()
         for name, source in self.sources.items():
             specs = {
                 TableSpec(table=m.table, key=m.key)
@@ -270,22 +270,45 @@ class Engine:
         self._runtimes = runtimes
         return runtimes
 
-    async def _runtime(self, m: MappingConfig) -> MappingRuntime:
-        embedder = self.embedders[m.embedder]
+    async def _open_sinks(self) -> None:
+        if self._sinks_open:
+            return
+        for sink in self.sinks.values():
+            await sink.open()
+            self._opened.append(sink)
+        self._sinks_open = True
+
+    def _sync_part(
+        self, m: MappingConfig, model: str, dimension: int, distance: str
+    ) -> dict[str, Any]:
+        """What every point of a mapping is computed from: a change here re-checks every
+        record. Its digest is the schema version written into each point."""
         columns = self._columns[m.name]
         used = sorted({m.key, *m.payload, *template_columns(m.text)})
-        # What every point is computed from: a change here re-checks every record.
-        sync_part = {
+        return {
             "table": m.table,
             "key": m.key,
             "text": m.text,
             "payload": list(m.payload),
             "collection": m.collection_name,
-            "model": embedder.model_id,
-            "dimension": embedder.dimension,
-            "distance": embedder.distance,
+            "model": model,
+            "dimension": dimension,
+            "distance": distance,
             "column_types": {c: columns[c] for c in used},
         }
+
+    def _index_types(self, m: MappingConfig) -> dict[str, IndexType]:
+        indexes: dict[str, IndexType] = {}
+        for field in m.payload:
+            kind = index_type_for(self._columns[m.name][field])
+            if kind is not None:
+                indexes[field] = kind
+        return indexes
+
+    async def _runtime(self, m: MappingConfig) -> MappingRuntime:
+        embedder = self.embedders[m.embedder]
+        columns = self._columns[m.name]
+        sync_part = self._sync_part(m, embedder.model_id, embedder.dimension, embedder.distance)
         sync_digest = _digest(sync_part)
         definition = {**sync_part, "columns": columns, "sync_digest": sync_digest}
         # Enqueue the re-check before registering the version: a crash in between then
@@ -305,12 +328,7 @@ class Engine:
                 version,
                 extra={"action": "schema_change", "mapping": m.name},
             )
-        digest = sync_digest
-        indexes: dict[str, IndexType] = {}
-        for field in m.payload:
-            kind = index_type_for(self._columns[m.name][field])
-            if kind is not None:
-                indexes[field] = kind
+        indexes = self._index_types(m)
         sink = self.sinks[m.sink]
         await sink.ensure_collection(
             CollectionSpec(
@@ -325,7 +343,7 @@ class Engine:
             renderer=Renderer(m, indexes),
             embedder=embedder,
             sink=sink,
-            schema_version=digest,
+            schema_version=sync_digest,
         )
 
     def _is_text_key(self, m: MappingConfig) -> bool:
@@ -495,6 +513,98 @@ class Engine:
 
     async def discard_dead_letters(self, ids: Sequence[int]) -> int:
         return await self.state.set_dead_letter_status(ids, "discarded")
+
+    # -- consistency ----------------------------------------------------------------------
+    async def checker(self, mapping: str) -> Checker:
+        """A checker for one mapping against its last synced model (no model is loaded)."""
+        m = self._mapping(mapping)
+        versions = await self.state.schema_versions(m.name)
+        if not versions:
+            raise ConfigError(
+                f"mapping {m.name!r} was never synced: run `vectorsync run "
+                "--once` before checking it"
+            )
+        last = versions[-1]["definition"]
+        await self._open_sinks()
+        sink = self.sinks[m.sink]
+        await sink.ensure_collection(
+            CollectionSpec(
+                name=m.collection_name, dimension=last["dimension"], distance=last["distance"]
+            )
+        )
+        current = _digest(self._sync_part(m, last["model"], last["dimension"], last["distance"]))
+        return Checker(
+            mapping=m.name,
+            source=self.sources[m.source],
+            table=m.table,
+            key=m.key,
+            renderer=Renderer(m, self._index_types(m)),
+            sink=sink,
+            collection=m.collection_name,
+            payload_fields=m.payload,
+            model_id=last["model"],
+            schema_version=current,
+        )
+
+    async def check(
+        self,
+        mapping: str,
+        *,
+        mode: str = "full",
+        sample_size: int = 1000,
+        seed: int | None = None,
+        repair_of: int | None = None,
+    ) -> CheckReport:
+        """Run one consistency check and store it (duration and counts) in ``checks``."""
+        checker = await self.checker(mapping)
+        started = time.time()
+        if mode == "full":
+            report = await checker.full()
+        elif mode == "sample":
+            report = await checker.sample(sample_size, seed=seed)
+        elif mode == "quick":
+            report = await checker.quick()
+        else:
+            raise ConfigError(f"check mode {mode!r}: use full, sample or quick")
+        full = report.as_dict()
+        report.id = await self.state.save_check(
+            {
+                "mapping": report.mapping,
+                "mode": mode,
+                "started_at": started,
+                "duration_ms": int(report.seconds * 1000),
+                "consistent": int(report.consistent),
+                "source_records": report.source_records,
+                "sink_points": report.sink_points,
+                "counts": report.counts,
+                "repair_of": repair_of,
+                "report": {k: v for k, v in full.items() if k not in ("id", "counts")},
+            }
+        )
+        return report
+
+    async def repair(self, report: CheckReport) -> RunResult:
+        """Repair what a check found through the normal sync path: forget the record state
+        of drifted keys and enqueue them at the source (missing, stale, outdated and
+        mismatched points are rewritten; vectors come from the embedding cache when the
+        text did not change); delete orphaned points."""
+        m = self._mapping(report.mapping)
+        orphans = [d.point_id for d in report.drift if d.category == "orphaned"]
+        keys = report.keys("missing", "stale", "outdated", "payload_mismatch")
+        await self._open_sinks()
+        if orphans:
+            await self.sinks[m.sink].delete(m.collection_name, orphans)
+        await self.state.forget(m.name, [str(k) for k in [*keys, *report.keys("orphaned")]])
+        if keys:
+            await self.sources[m.source].enqueue(m.table, keys)
+        return await self.run(once=True)
+
+    def _mapping(self, name: str) -> MappingConfig:
+        for m in self.config.mappings:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.config.mappings)
+        raise ConfigError(f"no mapping named {name!r} (mappings: {known})")
 
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""

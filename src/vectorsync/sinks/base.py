@@ -72,7 +72,12 @@ class Sink(Protocol):
     ) -> list[SinkRecord]: ...
 
     def scroll(
-        self, collection: str, *, with_vectors: bool = False, page: int = 1000
+        self,
+        collection: str,
+        *,
+        with_vectors: bool = False,
+        with_payload: bool = True,
+        page: int = 1000,
     ) -> AsyncIterator[SinkRecord]: ...
 
     async def count(self, collection: str) -> int: ...

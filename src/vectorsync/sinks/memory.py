@@ -76,7 +76,12 @@ class MemorySink:
         return [_record(pid, store[pid], with_vectors) for pid in ids if pid in store]
 
     async def scroll(
-        self, collection: str, *, with_vectors: bool = False, page: int = 1000
+        self,
+        collection: str,
+        *,
+        with_vectors: bool = False,
+        with_payload: bool = True,
+        page: int = 1000,
     ) -> AsyncIterator[SinkRecord]:
         for pid, item in list(self._check(collection).items()):
             yield _record(pid, item, with_vectors)

@@ -158,7 +158,12 @@ class QdrantSink:
         return [_record(r.id, r.payload, r.vector if with_vectors else None) for r in records]
 
     async def scroll(
-        self, collection: str, *, with_vectors: bool = False, page: int = 1000
+        self,
+        collection: str,
+        *,
+        with_vectors: bool = False,
+        with_payload: bool = True,
+        page: int = 1000,
     ) -> AsyncIterator[SinkRecord]:
         offset: Any = None
         while True:
@@ -167,7 +172,7 @@ class QdrantSink:
                     collection,
                     limit=page,
                     offset=offset,
-                    with_payload=True,
+                    with_payload=with_payload,
                     with_vectors=with_vectors,
                 )
             for r in records:

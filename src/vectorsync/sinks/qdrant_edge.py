@@ -197,12 +197,17 @@ class QdrantEdgeSink:
         return [_record(r, with_vectors) for r in records]
 
     async def scroll(
-        self, collection: str, *, with_vectors: bool = False, page: int = 1000
+        self,
+        collection: str,
+        *,
+        with_vectors: bool = False,
+        with_payload: bool = True,
+        page: int = 1000,
     ) -> AsyncIterator[SinkRecord]:
         offset: Any = None
         while True:
             records, offset = await self._lane.run(
-                self._scroll_page, collection, offset, page, with_vectors
+                self._scroll_page, collection, offset, page, with_vectors, with_payload
             )
             for r in records:
                 yield r
@@ -210,12 +215,12 @@ class QdrantEdgeSink:
                 return
 
     def _scroll_page(
-        self, collection: str, offset: Any, page: int, with_vectors: bool
+        self, collection: str, offset: Any, page: int, with_vectors: bool, with_payload: bool
     ) -> tuple[list[SinkRecord], Any]:
         import qdrant_edge as qe
 
         request = qe.ScrollRequest(
-            offset=offset, limit=page, with_payload=True, with_vector=with_vectors
+            offset=offset, limit=page, with_payload=with_payload, with_vector=with_vectors
         )
         with wrap_errors(f"scroll {collection!r}"):
             records, next_offset = self._shard(collection).scroll(request)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +65,10 @@ class Source(Protocol):
     async def fetch(
         self, table: str, key: str, keys: Sequence[Key]
     ) -> dict[Key, dict[str, Any]]: ...
+
+    def scan(self, table: str, key: str, *, page: int = 5000) -> AsyncIterator[dict[str, Any]]:
+        """Every current row of a table, in key order, a page at a time."""
+        ...
 
     async def ack(self, position: int) -> None: ...
 

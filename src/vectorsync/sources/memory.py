@@ -7,7 +7,7 @@ It keeps the same contract as the SQLite source (tests/contract runs one suite o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
@@ -99,6 +99,12 @@ class MemorySource:
     async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         rows = self._rows[table]
         return {k: dict(rows[k]) for k in keys if k in rows}
+
+    async def scan(
+        self, table: str, key: str, *, page: int = 5000
+    ) -> AsyncIterator[dict[str, Any]]:
+        for k in sorted(self._rows[table], key=lambda v: (str(type(v)), v)):
+            yield dict(self._rows[table][k])
 
     async def ack(self, position: int) -> None:
         self._outbox = [c for c in self._outbox if c.position > position]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,26 @@ class SqliteSource:
                     row = dict(zip(names, values, strict=True))
                     found[row[key]] = row
         return found
+
+    async def scan(
+        self, table: str, key: str, *, page: int = 5000
+    ) -> AsyncIterator[dict[str, Any]]:
+        after: Any = None
+        while True:
+            rows = await self._lane.run(self._scan_page, table, key, after, page)
+            for row in rows:
+                yield row
+            if len(rows) < page:
+                return
+            after = rows[-1][key]
+
+    def _scan_page(self, table: str, key: str, after: Any, page: int) -> list[dict[str, Any]]:
+        t, k = _quote(table), _quote(key)
+        where, args = ("", (page,)) if after is None else (f"WHERE {k} > ?", (after, page))
+        with wrap_errors(f"scan {table!r}"):
+            cur = self._db.execute(f"SELECT * FROM {t} {where} ORDER BY {k} LIMIT ?", args)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, values, strict=True)) for values in cur]
 
     async def ack(self, position: int) -> None:
         await self._lane.run(self._ack, position)

@@ -145,6 +145,23 @@ dead_letter = Table(
     Index("ux_dead_letter_record", "mapping", "key", unique=True),
 )
 
+checks = Table(
+    "checks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("mapping", String(200), nullable=False),
+    Column("mode", String(20), nullable=False),  # full | sample | quick
+    Column("started_at", Float, nullable=False),
+    Column("duration_ms", BigInteger, nullable=False),
+    Column("consistent", Integer, nullable=False),
+    Column("source_records", BigInteger, nullable=False),
+    Column("sink_points", BigInteger, nullable=False),
+    Column("counts", Text, nullable=False),  # JSON: category -> count
+    Column("report", Text, nullable=False),  # JSON: roots, buckets, estimate, sample of keys
+    Column("repair_of", Integer),  # the check this one verified a repair of
+    Index("ix_checks_started", "started_at"),
+)
+
 mapping_counters = Table(
     "mapping_counters",
     metadata,

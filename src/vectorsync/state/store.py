@@ -563,6 +563,43 @@ class StateStore:
             keep_schema_versions=keep_schema_versions,
         )
 
+    async def forget(self, mapping: str, keys: Sequence[str]) -> None:
+        """Drop record state, so the next sync of those keys writes them in full (repair)."""
+        t = s.record_state
+
+        def write(conn: Connection) -> None:
+            for i in range(0, len(keys), _CHUNK):
+                conn.execute(
+                    delete(t).where(t.c.mapping == mapping, t.c.key.in_(list(keys[i : i + _CHUNK])))
+                )
+
+        await self._tx("forget record state", write)
+
+    async def save_check(self, row: Mapping[str, Any]) -> int:
+        def write(conn: Connection) -> int:
+            values = {
+                **row,
+                "counts": orjson.dumps(row["counts"]).decode(),
+                "report": orjson.dumps(row["report"], default=str).decode(),
+            }
+            key = conn.execute(s.checks.insert().values(**values)).inserted_primary_key
+            assert key is not None
+            return int(key[0])
+
+        return await self._tx("save check", write)
+
+    async def checks(self, *, limit: int = 20) -> list[dict[str, Any]]:
+        t = s.checks
+
+        def read(conn: Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(select(t).order_by(t.c.id.desc()).limit(limit))
+            return [
+                {**r._mapping, "counts": orjson.loads(r.counts), "report": orjson.loads(r.report)}
+                for r in rows
+            ]
+
+        return await self._tx("read checks", read)
+
     async def schema_versions(self, mapping: str) -> list[dict[str, Any]]:
         """Every registered version of a mapping's definition, oldest first."""
         t = s.schema_registry

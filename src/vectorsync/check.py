@@ -1,0 +1,327 @@
+"""Consistency checks between a source (the truth) and a sink (the index), with repair.
+
+Each side reduces every record to a 64-bit digest of (key, text hash, payload hash, schema
+version): the source by rendering its current rows, the sink from each point's bookkeeping
+payload (no vectors read). Digests are XOR-folded into key-hash buckets; a Merkle root over
+the buckets proves equality when the roots match, and only the records of differing buckets
+are compared key by key. Categories: missing (no point), orphaned (a point without a live
+row, or a foreign point), outdated (written under an older schema version or model), stale
+(text differs) and payload mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import rbloom
+import xxhash
+
+from .errors import RecordError
+from .model import Key, content_hash, payload_hash, point_id
+from .render import Renderer
+from .sinks.base import Sink
+from .sources.base import Source
+
+__all__ = ["CATEGORIES", "CheckReport", "Checker", "Drift", "wilson_interval"]
+
+Category = Literal["missing", "orphaned", "outdated", "stale", "payload_mismatch"]
+CATEGORIES: tuple[Category, ...] = ("missing", "orphaned", "outdated", "stale", "payload_mismatch")
+BUCKETS = 4096  # a power of two: bucket = key hash & (BUCKETS - 1)
+_REPORTED_KEYS = 1000  # keys listed per category in a report (counts are always exact)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    text_hash: str | None
+    payload_hash: str
+    schema: str | None
+    point_id: str
+
+    def digest(self, key: Key) -> int:
+        return xxhash.xxh3_64_intdigest(
+            f"{key}\x1f{self.text_hash}\x1f{self.payload_hash}\x1f{self.schema}".encode()
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drift:
+    category: Category
+    key: Key | None
+    point_id: str
+
+
+@dataclass(slots=True, kw_only=True)
+class CheckReport:
+    mapping: str
+    mode: str
+    consistent: bool
+    source_records: int
+    sink_points: int
+    counts: dict[str, int]
+    drift: list[Drift] = field(default_factory=list)
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+    def keys(self, *categories: Category) -> list[Key]:
+        return [d.key for d in self.drift if d.category in categories and d.key is not None]
+
+    def as_dict(self) -> dict[str, Any]:
+        listed: dict[str, list[Any]] = {c: [] for c in CATEGORIES}
+        for d in self.drift:
+            if len(listed[d.category]) < _REPORTED_KEYS:
+                listed[d.category].append(d.key if d.key is not None else d.point_id)
+        return {
+            "id": self.id,
+            "mapping": self.mapping,
+            "mode": self.mode,
+            "consistent": self.consistent,
+            "source_records": self.source_records,
+            "sink_points": self.sink_points,
+            "counts": self.counts,
+            "seconds": round(self.seconds, 3),
+            "keys": listed,
+            **self.details,
+        }
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _bucket(key: Key) -> int:
+    return xxhash.xxh3_64_intdigest(str(key).encode()) & (BUCKETS - 1)
+
+
+class _Side:
+    """One side's records, bucket digests and Merkle root."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Key, _Entry] = {}
+        self.buckets = [0] * BUCKETS
+
+    def add(self, key: Key, entry: _Entry) -> None:
+        self.entries[key] = entry
+        self.buckets[_bucket(key)] ^= entry.digest(key)
+
+    def root(self) -> str:
+        level = [xxhash.xxh3_64_hexdigest(d.to_bytes(8, "little")) for d in self.buckets]
+        while len(level) > 1:  # binary Merkle tree over the buckets
+            level = [
+                xxhash.xxh3_64_hexdigest((a + b).encode())
+                for a, b in zip(level[::2], level[1::2], strict=True)
+            ]
+        return level[0]
+
+
+class Checker:
+    """Checks one mapping. ``model_id`` and ``schema_version`` are the current ones (from
+    the schema registry), so checking never loads an embedding model."""
+
+    def __init__(
+        self,
+        *,
+        mapping: str,
+        source: Source,
+        table: str,
+        key: str,
+        renderer: Renderer,
+        sink: Sink,
+        collection: str,
+        payload_fields: Iterable[str],
+        model_id: str,
+        schema_version: str,
+    ) -> None:
+        self.mapping, self.source, self.table, self.key = mapping, source, table, key
+        self.renderer, self.sink, self.collection = renderer, sink, collection
+        self.payload_fields = tuple(payload_fields)
+        self.model_id, self.schema_version = model_id, schema_version
+
+    # -- reading each side ----------------------------------------------------------------
+    def _source_entry(self, row: Mapping[str, Any]) -> _Entry | None:
+        try:
+            rendered = self.renderer.render(row)
+        except RecordError:
+            return None  # cannot be synced as it is: the dead-letter queue holds it
+        return _Entry(
+            text_hash=content_hash(self.model_id, rendered.text),
+            payload_hash=rendered.payload_hash,
+            schema=self.schema_version,
+            point_id=point_id(self.mapping, row[self.key]),
+        )
+
+    def _sink_entry(self, payload: Mapping[str, Any], pid: str) -> _Entry:
+        fields = {f: payload.get(f) for f in self.payload_fields}
+        return _Entry(
+            text_hash=payload.get("_vs_text_hash"),
+            payload_hash=payload_hash(fields),
+            schema=payload.get("_vs_schema"),
+            point_id=pid,
+        )
+
+    async def _read_source(self) -> tuple[_Side, int]:
+        side, unrenderable = _Side(), 0
+        async for row in self.source.scan(self.table, self.key):
+            entry = self._source_entry(row)
+            if entry is None:
+                unrenderable += 1
+            else:
+                side.add(row[self.key], entry)
+        return side, unrenderable
+
+    async def _read_sink(self) -> tuple[_Side, list[str]]:
+        side, foreign = _Side(), []
+        async for record in self.sink.scroll(self.collection, page=2000):
+            key = record.payload.get("_vs_key")
+            if key is None or record.id != point_id(self.mapping, key) or key in side.entries:
+                foreign.append(record.id)
+            else:
+                side.add(key, self._sink_entry(record.payload, record.id))
+        return side, foreign
+
+    # -- modes ------------------------------------------------------------------------------
+    async def full(self) -> CheckReport:
+        started = time.monotonic()
+        src, unrenderable = await self._read_source()
+        snk, foreign = await self._read_sink()
+        src_root, snk_root = src.root(), snk.root()
+        differing = [b for b in range(BUCKETS) if src.buckets[b] != snk.buckets[b]]
+        drift = [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
+        if differing:
+            wanted = set(differing)
+            keys = {k for k in src.entries if _bucket(k) in wanted}
+            keys |= {k for k in snk.entries if _bucket(k) in wanted}
+            compared = (self._compare(k, src.entries.get(k), snk.entries.get(k)) for k in keys)
+            drift.extend(d for d in compared if d is not None)
+        return self._report(
+            "full",
+            started,
+            drift,
+            len(src.entries) + unrenderable,
+            len(snk.entries) + len(foreign),
+            {
+                "source_root": src_root,
+                "sink_root": snk_root,
+                "buckets": BUCKETS,
+                "buckets_differing": len(differing),
+                "unrenderable": unrenderable,
+            },
+        )
+
+    def _compare(self, key: Key, src: _Entry | None, snk: _Entry | None) -> Drift | None:
+        if src is None and snk is None:
+            return None
+        if snk is None:
+            assert src is not None
+            return Drift(category="missing", key=key, point_id=src.point_id)
+        if src is None:
+            return Drift(category="orphaned", key=key, point_id=snk.point_id)
+        if snk.schema != src.schema:
+            return Drift(category="outdated", key=key, point_id=snk.point_id)
+        if snk.text_hash != src.text_hash:
+            return Drift(category="stale", key=key, point_id=snk.point_id)
+        if snk.payload_hash != src.payload_hash:
+            return Drift(category="payload_mismatch", key=key, point_id=snk.point_id)
+        return None
+
+    async def sample(self, size: int, *, seed: int | None = None) -> CheckReport:
+        """Compare ``size`` random source records with their points: an estimate of the
+        share of source records whose point is missing or wrong, with a 95% interval."""
+        started = time.monotonic()
+        keys = [row[self.key] async for row in self.source.scan(self.table, self.key)]
+        chosen = random.Random(seed).sample(keys, min(size, len(keys)))
+        rows = await self.source.fetch(self.table, self.key, chosen)
+        ids = {point_id(self.mapping, k): k for k in chosen}
+        found = {r.id: r for r in await self.sink.retrieve(self.collection, list(ids))}
+        drift: list[Drift] = []
+        for pid, key in ids.items():
+            row = rows.get(key)
+            src = self._source_entry(row) if row is not None else None
+            rec = found.get(pid)
+            snk = self._sink_entry(rec.payload, pid) if rec is not None else None
+            d = self._compare(key, src, snk)
+            if d is not None:
+                drift.append(d)
+        low, high = wilson_interval(len(drift), len(chosen))
+        estimate = {
+            "sampled": len(chosen),
+            "drifted": len(drift),
+            "rate": len(drift) / len(chosen) if chosen else 0.0,
+            "low": low,
+            "high": high,
+            "confidence": 0.95,
+            "estimated_drifted_records": round(len(keys) * len(drift) / len(chosen))
+            if chosen
+            else 0,
+        }
+        return self._report(
+            "sample",
+            started,
+            drift,
+            len(keys),
+            await self.sink.count(self.collection),
+            {"estimate": estimate},
+        )
+
+    async def quick(self) -> CheckReport:
+        """Existence only: Bloom filters of each side's point ids against the other's."""
+        started = time.monotonic()
+        keys = {
+            point_id(self.mapping, row[self.key]): row[self.key]
+            async for row in self.source.scan(self.table, self.key)
+        }
+        sink_ids = [
+            r.id async for r in self.sink.scroll(self.collection, with_payload=False, page=5000)
+        ]
+        in_sink = rbloom.Bloom(max(1, len(sink_ids)), 1e-6)
+        in_sink.update(sink_ids)
+        in_source = rbloom.Bloom(max(1, len(keys)), 1e-6)
+        in_source.update(keys)
+        drift = [
+            Drift(category="missing", key=k, point_id=pid)
+            for pid, k in keys.items()
+            if pid not in in_sink
+        ]
+        drift += [
+            Drift(category="orphaned", key=None, point_id=pid)
+            for pid in sink_ids
+            if pid not in in_source
+        ]
+        return self._report(
+            "quick", started, drift, len(keys), len(sink_ids), {"false_positive_rate": 1e-6}
+        )
+
+    def _report(
+        self,
+        mode: str,
+        started: float,
+        drift: list[Drift],
+        source_records: int,
+        sink_points: int,
+        details: dict[str, Any],
+    ) -> CheckReport:
+        counts: dict[str, int] = {c: 0 for c in CATEGORIES}
+        for d in drift:
+            counts[d.category] += 1
+        return CheckReport(
+            mapping=self.mapping,
+            mode=mode,
+            consistent=not drift,
+            source_records=source_records,
+            sink_points=sink_points,
+            counts=counts,
+            drift=drift,
+            seconds=time.monotonic() - started,
+            details=details,
+        )
