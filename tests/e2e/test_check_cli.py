@@ -29,8 +29,9 @@ def test_check_exit_codes_json_and_repair(workdir: Path, app: App) -> None:
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     [entry] = json.loads(repaired.stdout)["checks"]
     assert entry["before"]["counts"]["orphaned"] == 1 and entry["after"]["consistent"]
-    sample = cli("check", "--mode", "sample", "--sample-size", "20", "--seed", "3", "--json",
-                 cwd=workdir)
+    sample = cli(
+        "check", "--mode", "sample", "--sample-size", "20", "--seed", "3", "--json", cwd=workdir
+    )
     assert sample.returncode == 0
     estimate = json.loads(sample.stdout)["checks"][0]["before"]["estimate"]
     assert estimate["sampled"] == 20 and estimate["rate"] == 0.0 and estimate["high"] > 0

@@ -31,8 +31,7 @@ async def synced(workdir: Path, app: App, n: int = 300) -> Path:
 async def edit_sink(workdir: Path) -> QdrantEdgeSink:
     sink = QdrantEdgeSink("drift", workdir / ".vectorsync" / "qdrant")
     await sink.open()
-    await sink.ensure_collection(CollectionSpec(name="articles", dimension=384,
-                                                distance="cosine"))
+    await sink.ensure_collection(CollectionSpec(name="articles", dimension=384, distance="cosine"))
     return sink
 
 
@@ -48,16 +47,21 @@ async def test_injected_drift_is_found_exactly_in_every_category_and_repaired(
     # into the sink, behind vectorsync's back
     await sink.delete("articles", [pid(k) for k in (1, 2, 3)])
     foreign = [str(uuid.uuid4()) for _ in range(2)]
-    await sink.upsert("articles", [Point(id=f, vector=[0.1] * 384, payload={"x": 1})
-                                   for f in foreign])
+    await sink.upsert(
+        "articles", [Point(id=f, vector=[0.1] * 384, payload={"x": 1}) for f in foreign]
+    )
     [rec] = await sink.retrieve("articles", [pid(10)])
     payload = dict(rec.payload)
-    await sink.update_payloads("articles", [
-        PayloadUpdate(id=pid(10), set={"author": "mallory"}, payload={**payload,
-                                                                      "author": "mallory"}),
-        PayloadUpdate(id=pid(11), set={"_vs_text_hash": "0" * 32}, payload={}),
-        PayloadUpdate(id=pid(12), set={"_vs_schema": "old-schema"}, payload={}),
-    ])
+    await sink.update_payloads(
+        "articles",
+        [
+            PayloadUpdate(
+                id=pid(10), set={"author": "mallory"}, payload={**payload, "author": "mallory"}
+            ),
+            PayloadUpdate(id=pid(11), set={"_vs_text_hash": "0" * 32}, payload={}),
+            PayloadUpdate(id=pid(12), set={"_vs_schema": "old-schema"}, payload={}),
+        ],
+    )
     await sink.close()
     # into the source while vectorsync is stopped
     app.update(20, body="rewritten while stopped")
@@ -75,8 +79,13 @@ async def test_injected_drift_is_found_exactly_in_every_category_and_repaired(
         assert found["outdated"] == {12}
         orphaned = {d.point_id for d in report.drift if d.category == "orphaned"}
         assert orphaned == {*foreign, pid(21)}
-        assert report.counts == {"missing": 4, "orphaned": 3, "outdated": 1, "stale": 2,
-                                 "payload_mismatch": 2}
+        assert report.counts == {
+            "missing": 4,
+            "orphaned": 3,
+            "outdated": 1,
+            "stale": 2,
+            "payload_mismatch": 2,
+        }
         assert report.details["buckets_differing"] <= 12
         assert report.details["source_root"] != report.details["sink_root"]
 
@@ -112,9 +121,10 @@ async def test_sample_interval_covers_the_true_rate_in_95_of_100_trials(
     drifted = random.Random(5).sample(range(1, 2001), 140)  # a true rate of 7%
     sink = await edit_sink(workdir)
     await sink.delete("articles", [pid(k) for k in drifted[:70]])
-    await sink.update_payloads("articles", [
-        PayloadUpdate(id=pid(k), set={"_vs_text_hash": "bad"}, payload={}) for k in drifted[70:]
-    ])
+    await sink.update_payloads(
+        "articles",
+        [PayloadUpdate(id=pid(k), set={"_vs_text_hash": "bad"}, payload={}) for k in drifted[70:]],
+    )
     await sink.close()
     true_rate = 140 / 2000
     covered = 0

@@ -1,0 +1,70 @@
+"""Consistency-check benchmarks; figures go to bench/results/check-<n>.json.
+
+python bench/bench_check.py --records 100000
+python bench/bench_check.py --records 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sqlite3
+import time
+from typing import Any
+
+from bench_sync import _fresh, _insert, _write
+from vectorsync.config import load_config
+from vectorsync.engine import Engine
+from vectorsync.model import PayloadUpdate, point_id
+
+
+async def bench(n: int) -> None:
+    folder = _fresh(f"check-{n}", "hash", batch=5000)
+    for start in range(1, n + 1, 50_000):
+        stop = min(n, start + 49_999)
+        _insert(
+            folder,
+            [
+                (i, f"title {i}", f"body of record {i}", "ann", "a", 2020)
+                for i in range(start, stop + 1)
+            ],
+        )
+    config = load_config(folder / "vectorsync.toml")
+    figures: dict[str, Any] = {"records": n}
+    async with Engine.open(config) as engine:
+        started = time.perf_counter()
+        await engine.run(once=True)
+        figures["initial_sync_seconds"] = round(time.perf_counter() - started, 1)
+        for mode in ("full", "quick"):
+            report = await engine.check("docs", mode=mode)
+            assert report.consistent, report.counts
+            figures[f"{mode}_in_sync_seconds"] = round(report.seconds, 2)
+        sample = await engine.check("docs", mode="sample", sample_size=1000, seed=1)
+        figures["sample_1000_seconds"] = round(sample.seconds, 2)
+        drifted = random.Random(7).sample(range(1, n + 1), 100)
+        sink = engine.sinks["vectors"]
+        await sink.update_payloads(
+            "docs",
+            [
+                PayloadUpdate(id=point_id("docs", k), set={"author": "drifted"}, payload={})
+                for k in drifted
+            ],
+        )
+        report = await engine.check("docs")
+        found = set(report.keys("payload_mismatch"))
+        figures["find_100_drifted_seconds"] = round(report.seconds, 2)
+        figures["drifted_found_exactly"] = found == set(drifted)
+        figures["buckets_differing"] = report.details["buckets_differing"]
+    figures["goals"] = {"prove_in_sync_1M_seconds": 5, "full_verify_100k_seconds": 10}
+    _write(f"check-{n}", figures)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=100_000)
+    asyncio.run(bench(parser.parse_args().records))
+
+
+if __name__ == "__main__":
+    main()
