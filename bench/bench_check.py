@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sqlite3
 import time
 from typing import Any
 
