@@ -348,8 +348,10 @@ def check(
     mode: Annotated[
         str,
         typer.Option(
-            help="full (exact), sample (estimate with a 95% interval) "
-            "or quick (existence only, Bloom filters)"
+            help="full (exact, reads both stores), sample (estimate "
+            "with a 95% interval), quick (existence only, Bloom "
+            "filters) or prove (fast: source rows vs synced digests "
+            "+ sink count)"
         ),
     ] = "full",
     mapping: Annotated[str | None, typer.Option(help="only this mapping")] = None,

@@ -284,7 +284,7 @@ class Engine:
         """What every point of a mapping is computed from: a change here re-checks every
         record. Its digest is the schema version written into each point."""
         columns = self._columns[m.name]
-        used = sorted({m.key, *m.payload, *template_columns(m.text)})
+        used = self._digest_columns(m)
         return {
             "table": m.table,
             "key": m.key,
@@ -344,7 +344,11 @@ class Engine:
             embedder=embedder,
             sink=sink,
             schema_version=sync_digest,
+            digest_columns=self._digest_columns(m),
         )
+
+    def _digest_columns(self, m: MappingConfig) -> tuple[str, ...]:
+        return tuple(sorted({m.key, *m.payload, *template_columns(m.text)}))
 
     def _is_text_key(self, m: MappingConfig) -> bool:
         return index_type_for(self._columns[m.name][m.key]) != "integer"
@@ -544,6 +548,8 @@ class Engine:
             payload_fields=m.payload,
             model_id=last["model"],
             schema_version=current,
+            state=self.state,
+            digest_columns=self._digest_columns(m),
         )
 
     async def check(
@@ -564,8 +570,10 @@ class Engine:
             report = await checker.sample(sample_size, seed=seed)
         elif mode == "quick":
             report = await checker.quick()
+        elif mode == "prove":
+            report = await checker.prove()
         else:
-            raise ConfigError(f"check mode {mode!r}: use full, sample or quick")
+            raise ConfigError(f"check mode {mode!r}: use full, sample, quick or prove")
         full = report.as_dict()
         report.id = await self.state.save_check(
             {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,6 +62,21 @@ def point_id(mapping: str, key: Key) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+DIGEST_BUCKETS = 4096
+
+
+def key_bucket(key: Key) -> int:
+    """The digest bucket of a key (the same on every side of a consistency check)."""
+    return xxhash.xxh3_64_intdigest(str(key).encode()) & (DIGEST_BUCKETS - 1)
+
+
+def row_digest(row: Mapping[str, Any], columns: Sequence[str]) -> int:
+    """A 62-bit digest of the raw values a mapping reads from a row. Kept split into two
+    31-bit halves in the state store, so per-bucket SUMs in SQL never overflow."""
+    raw = orjson.dumps([row.get(c) for c in columns], default=repr)
+    return xxhash.xxh3_64_intdigest(raw) & ((1 << 62) - 1)
+
+
 def content_hash(model: str, text: str) -> str:
     """Hash of everything a vector is a function of: the model and the rendered text."""
     return xxhash.xxh3_128_hexdigest(f"{model}\x1f{text}".encode())
@@ -97,6 +112,7 @@ class RecordState:
     schema_version: str
     synced_at: float
     payload: Mapping[str, Any] = field(default_factory=dict, compare=False)  # as last written
+    row_digest: int = 0  # of the source row's used columns, as last synced (see row_digest)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -32,7 +32,16 @@ from .backoff import Backoff, retrying
 from .config import MappingConfig
 from .embed.base import Embedder
 from .errors import PermanentError, RecordError, RetryableError, VectorsyncError, classify
-from .model import Change, Key, PayloadUpdate, Point, RecordState, content_hash, point_id
+from .model import (
+    Change,
+    Key,
+    PayloadUpdate,
+    Point,
+    RecordState,
+    content_hash,
+    point_id,
+    row_digest,
+)
 from .render import Renderer
 from .sinks.base import Sink
 from .sources.base import Source
@@ -56,6 +65,7 @@ class MappingRuntime:
     embedder: Embedder
     sink: Sink
     schema_version: str
+    digest_columns: tuple[str, ...] = ()  # the row columns the mapping reads (row_digest)
 
     @property
     def name(self) -> str:
@@ -81,6 +91,7 @@ class _MappingWork:
     upserts: list[_Upsert] = field(default_factory=list)
     payload_only: list[tuple[RecordState, PayloadUpdate]] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (key, point id)
+    state_only: list[RecordState] = field(default_factory=list)  # no sink write needed
     failed: list[DeadLetter] = field(default_factory=list)
     done: list[str] = field(default_factory=list)  # keys now consistent (resolve their DLQ)
     processed: int = 0
@@ -334,6 +345,7 @@ class SourceWorker:
                 schema_version=m.schema_version,
                 synced_at=now,
                 payload=payload,
+                row_digest=row_digest(row, m.digest_columns),
             )
             work.done.append(skey)
             if state is None or state.text_hash != text_hash:
@@ -350,7 +362,9 @@ class SourceWorker:
                 )
             else:
                 work.skipped += 1
-                continue
+                if state.row_digest == new.row_digest:
+                    continue
+                work.state_only.append(new)  # same point; remember the row as it is now
             self._plan_state(batch, (m.name, skey), new)
 
     def _plan_state(
@@ -536,6 +550,7 @@ class SourceWorker:
             model = work.mapping.embedder.model_id
             commit.upserts.extend(u.state for u in work.upserts)
             commit.upserts.extend(s for s, _ in work.payload_only)
+            commit.upserts.extend(work.state_only)
             commit.deletes.extend((name, key) for key, _ in work.deletes)
             if self._use_cache:
                 commit.vectors.update(

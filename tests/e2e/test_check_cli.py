@@ -36,4 +36,4 @@ def test_check_exit_codes_json_and_repair(workdir: Path, app: App) -> None:
     estimate = json.loads(sample.stdout)["checks"][0]["before"]["estimate"]
     assert estimate["sampled"] == 20 and estimate["rate"] == 0.0 and estimate["high"] > 0
     bad_mode = cli("check", "--mode", "fast", cwd=workdir)
-    assert bad_mode.returncode == 2 and "use full, sample or quick" in bad_mode.stderr
+    assert bad_mode.returncode == 2 and "use full, sample, quick or prove" in bad_mode.stderr

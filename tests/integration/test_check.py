@@ -141,3 +141,31 @@ async def test_sample_interval_covers_the_true_rate_in_95_of_100_trials(
 def test_wilson_interval_contains_the_point_estimate(hits: int, n: int) -> None:
     low, high = wilson_interval(hits, n)
     assert 0 <= low <= hits / n <= high <= 1
+
+
+async def test_prove_mode_finds_source_drift_and_sink_count_changes(
+    workdir: Path, app: App
+) -> None:
+    cfg = await synced(workdir, app, n=200)
+    async with Engine.open(load(cfg)) as engine:
+        clean = await engine.check("articles", mode="prove")
+        assert clean.consistent and clean.details["buckets_differing"] == 0
+    app.update(5, body="edited while stopped")
+    app.update(6, author="someone")  # a payload column: part of the row digest too
+    app.update(7, published=2020)  # rewritten with the same value: no drift
+    app.delete(8)
+    app.insert(500)
+    async with Engine.open(load(cfg)) as engine:
+        report = await engine.check("articles", mode="prove")
+        assert set(report.keys("stale")) == {5, 6}
+        assert set(report.keys("missing")) == {500}
+        assert set(report.keys("orphaned")) == {"8"}
+        assert report.details["sink_count_matches"]
+        await engine.run(once=True)
+        assert (await engine.check("articles", mode="prove")).consistent
+    sink = await edit_sink(workdir)
+    await sink.delete("articles", [pid(9)])
+    await sink.close()
+    async with Engine.open(load(cfg)) as engine:
+        tampered = await engine.check("articles", mode="prove")
+    assert not tampered.consistent and not tampered.details["sink_count_matches"]

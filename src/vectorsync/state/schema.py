@@ -102,6 +102,10 @@ record_state = Table(
     Column("schema_version", String(32), nullable=False),
     Column("synced_at", Float, nullable=False),
     Column("payload", Text, nullable=False),  # JSON of the point payload as last written
+    Column("bucket", Integer, nullable=False),  # model.key_bucket(key)
+    Column("digest_hi", Integer, nullable=False),  # row_digest >> 31
+    Column("digest_lo", Integer, nullable=False),  # row_digest & (2**31 - 1)
+    Index("ix_record_state_bucket", "mapping", "bucket"),
 )
 
 embedding_cache = Table(

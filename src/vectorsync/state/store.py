@@ -36,7 +36,7 @@ from sqlalchemy.engine import make_url
 
 from .._blocking import BlockingLane
 from ..errors import PermanentError, RetryableError
-from ..model import RecordState
+from ..model import RecordState, key_bucket
 from . import runs as run_log
 from . import schema as s
 
@@ -44,6 +44,7 @@ __all__ = ["BatchCommit", "DeadLetter", "MappingCounts", "StateStore"]
 
 T = TypeVar("T")
 _CHUNK = 500
+_LOW31 = (1 << 31) - 1
 # Expanding parameters: compiled once and cached, instead of one bound parameter per key.
 _STATES = select(s.record_state).where(
     s.record_state.c.mapping == bindparam("mapping"),
@@ -317,6 +318,9 @@ class StateStore:
                 "schema_version": r.schema_version,
                 "synced_at": r.synced_at,
                 "payload": orjson.dumps(r.payload).decode(),
+                "bucket": key_bucket(r.key),
+                "digest_hi": r.row_digest >> 31,
+                "digest_lo": r.row_digest & _LOW31,
             }
             for r in batch.upserts
         ]
@@ -563,6 +567,39 @@ class StateStore:
             keep_schema_versions=keep_schema_versions,
         )
 
+    async def bucket_sums(self, mapping: str) -> tuple[dict[int, tuple[int, int]], int]:
+        """Per digest bucket: the sums of the row-digest halves of every synced record, and
+        the number of records — aggregated inside the database."""
+        t = s.record_state
+
+        def read(conn: Connection) -> tuple[dict[int, tuple[int, int]], int]:
+            rows = conn.execute(
+                select(t.c.bucket, func.sum(t.c.digest_hi), func.sum(t.c.digest_lo), func.count())
+                .where(t.c.mapping == mapping)
+                .group_by(t.c.bucket)
+            )
+            sums, total = {}, 0
+            for bucket, hi, lo, n in rows:
+                sums[int(bucket)] = (int(hi), int(lo))
+                total += int(n)
+            return sums, total
+
+        return await self._tx("sum digests", read)
+
+    async def bucket_digests(self, mapping: str, buckets: Sequence[int]) -> dict[str, int]:
+        """Key → row digest of the records in some buckets (to drill into a difference)."""
+        t = s.record_state
+
+        def read(conn: Connection) -> dict[str, int]:
+            rows = conn.execute(
+                select(t.c.key, t.c.digest_hi, t.c.digest_lo).where(
+                    t.c.mapping == mapping, t.c.bucket.in_(list(buckets))
+                )
+            )
+            return {k: (hi << 31) | lo for k, hi, lo in rows}
+
+        return await self._tx("read digests", read)
+
     async def forget(self, mapping: str, keys: Sequence[str]) -> None:
         """Drop record state, so the next sync of those keys writes them in full (repair)."""
         t = s.record_state
@@ -617,7 +654,8 @@ def _marker_query(source: str, table: str, kind: str, column: Any) -> Any:
 
 
 def _record_state(row: Any) -> RecordState:
-    mapping, key, pid, text_hash, payload_hash, version, schema, synced_at, payload = row
+    mapping, key, pid, text_hash, payload_hash, version, schema, synced_at, payload = row[:9]
+    hi, lo = row[10], row[11]
     return RecordState(
         mapping=mapping,
         key=key,
@@ -628,6 +666,7 @@ def _record_state(row: Any) -> RecordState:
         schema_version=schema,
         synced_at=synced_at,
         payload=orjson.loads(payload),
+        row_digest=(hi << 31) | lo,
     )
 
 
