@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import resource
+import sqlite3
 import time
 from typing import Any
 
@@ -35,7 +37,7 @@ async def bench(n: int) -> None:
         started = time.perf_counter()
         await engine.run(once=True)
         figures["initial_sync_seconds"] = round(time.perf_counter() - started, 1)
-        for mode in ("full", "quick"):
+        for mode in ("prove", "full", "quick"):
             report = await engine.check("docs", mode=mode)
             assert report.consistent, report.counts
             figures[f"{mode}_in_sync_seconds"] = round(report.seconds, 2)
@@ -52,10 +54,18 @@ async def bench(n: int) -> None:
         )
         report = await engine.check("docs")
         found = set(report.keys("payload_mismatch"))
+        db_path = folder / "app.db"
+        with sqlite3.connect(db_path) as db:  # 100 rows edited behind the engine's back
+            db.execute("DROP TRIGGER _vectorsync_docs_upd")
+            db.executemany("UPDATE docs SET body = 'edited' WHERE id = ?", [(k,) for k in drifted])
+        proved = await engine.check("docs", mode="prove")
+        figures["prove_find_100_edited_rows_seconds"] = round(proved.seconds, 2)
+        figures["prove_found_exactly"] = set(proved.keys("stale")) == set(drifted)
         figures["find_100_drifted_seconds"] = round(report.seconds, 2)
         figures["drifted_found_exactly"] = found == set(drifted)
         figures["buckets_differing"] = report.details["buckets_differing"]
     figures["goals"] = {"prove_in_sync_1M_seconds": 5, "full_verify_100k_seconds": 10}
+    figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     _write(f"check-{n}", figures)
 
 
