@@ -13,6 +13,7 @@ from vectorsync.embed.hash import HashEmbedder
 from vectorsync.model import content_hash, point_id
 from vectorsync.render import Renderer
 from vectorsync.sinks.base import CollectionSpec, Sink
+from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 
 ARTICLES_DDL = (
     "CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
@@ -162,6 +163,16 @@ async def assert_converged(config: Config, app: App, sink: Sink) -> None:
         assert record.vector is not None
         want = embedder.vector(rendered.text)
         assert max(abs(a - b) for a, b in zip(record.vector, want, strict=True)) < 1e-5, key
+
+
+async def assert_edge_converged(config: Config, app: App, folder: Path) -> None:
+    """assert_converged against the qdrant-edge folder of a project (vectorsync stopped)."""
+    sink = QdrantEdgeSink("check", folder / ".vectorsync" / "qdrant")
+    await sink.open()
+    try:
+        await assert_converged(config, app, sink)
+    finally:
+        await sink.close()
 
 
 def load(path: Path) -> Config:

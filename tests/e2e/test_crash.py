@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, assert_converged, load, write_config
-from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
+from tests.helpers import App, assert_edge_converged, load, write_config
 
 TRIALS = 24
 
@@ -84,14 +83,5 @@ def test_kill_9_at_random_moments_loses_nothing(workdir: Path, app: App) -> None
     )
     assert done.returncode == 0, done.stderr
 
-    async def verify() -> None:
-        config = load(cfg)
-        sink = QdrantEdgeSink("check", workdir / ".vectorsync" / "qdrant")
-        await sink.open()
-        try:
-            await assert_converged(config, app, sink)
-        finally:
-            await sink.close()
-
-    asyncio.run(verify())
+    asyncio.run(assert_edge_converged(load(cfg), app, workdir))
     assert self_killed >= TRIALS // 6, "too few trials died between the sink and state writes"

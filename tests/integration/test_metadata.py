@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import App, assert_converged, load, write_config
+from tests.helpers import App, assert_edge_converged, load, write_config
 from vectorsync.backoff import Backoff
 from vectorsync.engine import Engine
 from vectorsync.errors import SinkError
@@ -265,12 +265,7 @@ async def test_a_sink_closed_for_5_seconds_under_load_costs_retries_not_records(
     sink_errors = [e for e in errors if e.error_type == "sink"]
     assert sink_errors and all(e.status == "resolved" and e.retry_count >= 1 for e in sink_errors)
     assert sink_errors[0].error_code == "ECONNREFUSED" and sink_errors[0].max_retries == 100
-    check = QdrantEdgeSink("check", workdir / ".vectorsync" / "qdrant")
-    await check.open()
-    try:
-        await assert_converged(cfg, app, check)
-    finally:
-        await check.close()
+    await assert_edge_converged(cfg, app, workdir)
 
 
 async def _until(read: Any, ok: Any, deadline: float = 60.0) -> None:

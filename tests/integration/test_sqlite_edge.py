@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, assert_converged, load, write_config
+from tests.helpers import App, assert_edge_converged, load, write_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
-from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 from vectorsync.sources.sqlite import OUTBOX
 
 
@@ -24,13 +23,7 @@ async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> 
 
 
 async def check(config_path: Path, app: App) -> None:
-    config = load(config_path)
-    sink = QdrantEdgeSink("check", config.resolve(Path(".vectorsync/qdrant")))
-    await sink.open()
-    try:
-        await assert_converged(config, app, sink)
-    finally:
-        await sink.close()
+    await assert_edge_converged(load(config_path), app, config_path.parent)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
