@@ -171,6 +171,7 @@ class Engine:
         self._runtimes: list[MappingRuntime] | None = None
         self._opened: list[Any] = []
         self._sinks_open = False
+        self._committed = asyncio.Event()  # replaced (and the old one set) at every commit
         self.instance_id = uuid.uuid4().hex[:12]
         self.heartbeat_interval = 5.0
 
@@ -366,6 +367,13 @@ class Engine:
         runtimes = await self.prepare()
         stop = stop or asyncio.Event()
         await self.recover()
+
+        def committed(report: BatchReport) -> None:
+            if on_batch is not None:
+                on_batch(report)
+            woken, self._committed = self._committed, asyncio.Event()
+            woken.set()
+
         run_id = await self.state.start_run(
             mode="once" if once else "stream",
             config_hash=self.config_hash,
@@ -385,7 +393,7 @@ class Engine:
                 else 0.2,
                 embedding_cache=self.config.state.embedding_cache,
                 backoff=self.backoff,
-                on_batch=on_batch,
+                on_batch=committed,
                 run_id=run_id,
             )
             for name, source in self.sources.items()
@@ -613,6 +621,36 @@ class Engine:
                 return m
         known = ", ".join(m.name for m in self.config.mappings)
         raise ConfigError(f"no mapping named {name!r} (mappings: {known})")
+
+    async def head(self, source: str | None = None) -> int:
+        """The newest committed position of a source (the only one when not named): what a
+        writer reads after its commit to wait for its own write with :meth:`wait_for`."""
+        return await self._source(source).head()
+
+    async def wait_for(
+        self, position: int, *, source: str | None = None, timeout: float = 30.0
+    ) -> None:
+        """Return once everything committed up to ``position`` of ``source`` is written to
+        every sink (read-your-writes); TimeoutError after ``timeout`` seconds. Works whether
+        the sync runs in this process (woken by each commit) or in another one (polled)."""
+        name = self._source(source).name
+        deadline = time.monotonic() + timeout
+        while await self.state.position(name) < position:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"source {name!r}: position {position} not applied within "
+                    f"{timeout:g}s (applied: {await self.state.position(name)})"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._committed.wait(), min(remaining, 0.2))
+
+    def _source(self, name: str | None) -> Source:
+        if name is None and len(self.sources) == 1:
+            return next(iter(self.sources.values()))
+        if name not in self.sources:
+            raise ConfigError(f"name a source: one of {', '.join(sorted(self.sources))}")
+        return self.sources[name]
 
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""

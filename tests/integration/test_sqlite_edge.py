@@ -181,3 +181,28 @@ async def test_primary_key_change_moves_the_point(workdir: Path, app: App) -> No
     counts = await sync_once(cfg)
     assert counts["deleted"] == 1 and counts["upserted"] == 1
     await check(cfg, app)
+
+
+async def test_wait_for_makes_a_write_searchable_the_moment_it_returns(
+    workdir: Path, app: App
+) -> None:
+    import asyncio
+
+    from vectorsync.model import point_id
+
+    app.insert(1)
+    cfg = write_config(workdir)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.prepare()  # capture installed: from here every write has a position
+        stop = asyncio.Event()
+        streaming = asyncio.create_task(engine.run(stop=stop))
+        for k in range(2, 7):
+            app.insert(k, body=f"fresh body {k}")
+            position = await engine.head()
+            await engine.wait_for(position, timeout=30)
+            [hit] = await engine.sinks["vectors"].retrieve("articles", [point_id("articles", k)])
+            assert hit.payload["_vs_key"] == k
+        with pytest.raises(TimeoutError, match="not applied within"):
+            await engine.wait_for(10**9, timeout=0.3)
+        stop.set()
+        await streaming
