@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -29,6 +30,7 @@ from rich.table import Table
 from .config import CONFIG_ENV, Config, load_config
 from .engine import Engine, RunResult
 from .errors import ConfigError, VectorsyncError
+from .server import require_token
 from .worker import BatchReport
 
 __all__ = ["app", "main"]
@@ -118,47 +120,86 @@ def run(
             help="apply what was committed before start, then exit",
         ),
     ] = False,
+    http: Annotated[
+        bool,
+        typer.Option(
+            "--http",
+            envvar="VECTORSYNC_HTTP",
+            show_envvar=True,
+            help="also serve /metrics, probes, API and dashboard ([http] host/port)",
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Sync continuously (or --once) from every source into every sink."""
     _setup_logging(verbose)
     cfg = _config(config)
-    result = _execute(lambda: _run(cfg, once))
+    result = _execute(lambda: _run(cfg, once, http=http))
     err.print(_summary(result), highlight=False)
 
 
-async def _run(cfg: Config, once: bool) -> RunResult:
+async def _run(cfg: Config, once: bool, *, http: bool = False) -> RunResult:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    token = cfg.http.token.get_secret_value() if cfg.http.token else None
+    if http:
+        require_token(cfg.http.host, token)
     async with Engine.open(cfg) as engine:
-        await engine.prepare()
-        targets = await engine.targets()
-        start = sum(p for p, _ in targets.values())
-        total = sum(max(0, h - p) for p, h in targets.values()) if once else None
-        done: dict[str, int] = {name: p for name, (p, _) in targets.items()}
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            disable=not err.is_terminal,
-            transient=False,
-        ) as progress:
-            task = progress.add_task("syncing" if once else "streaming", total=total, rate="")
+        if not http:
+            return await _sync(engine, once, stop)
+        server = _http_server(engine, cfg, token)
+        serving = asyncio.create_task(server.serve())
+        try:
+            return await _sync(engine, once, stop)
+        finally:
+            server.should_exit = True
+            await serving
 
-            def on_batch(report: BatchReport) -> None:
-                done[report.source] = report.position
-                elapsed = progress.tasks[0].elapsed or 1e-9
-                applied = sum(done.values()) - start
-                progress.update(task, completed=applied, rate=f"{applied / elapsed:,.0f} changes/s")
 
-            return await engine.run(once=once, stop=stop, on_batch=on_batch)
+def _http_server(engine: Engine, cfg: Config, token: str | None) -> Any:
+    import uvicorn
+
+    from .server import create_app
+
+    app = create_app(engine, token=token, max_lag_seconds=cfg.http.max_lag_seconds)
+    config = uvicorn.Config(
+        app, host=cfg.http.host, port=cfg.http.port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    # our SIGINT/SIGTERM handlers stop the sync first; the server follows it
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    return server
+
+
+async def _sync(engine: Engine, once: bool, stop: asyncio.Event) -> RunResult:
+    await engine.prepare()
+    targets = await engine.targets()
+    start = sum(p for p, _ in targets.values())
+    total = sum(max(0, h - p) for p, h in targets.values()) if once else None
+    done: dict[str, int] = {name: p for name, (p, _) in targets.items()}
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("syncing" if once else "streaming", total=total, rate="")
+
+        def on_batch(report: BatchReport) -> None:
+            done[report.source] = report.position
+            elapsed = progress.tasks[0].elapsed or 1e-9
+            applied = sum(done.values()) - start
+            progress.update(task, completed=applied, rate=f"{applied / elapsed:,.0f} changes/s")
+
+        return await engine.run(once=once, stop=stop, on_batch=on_batch)
 
 
 def _summary(result: RunResult) -> str:
@@ -194,6 +235,13 @@ def _when(ts: float | None) -> str:
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+@app.command()
+def serve(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+    """Stream changes and serve /metrics, /healthz, /readyz, /api/* and the dashboard
+    (same as `run --http`)."""
+    run(config=config, once=False, http=True, verbose=verbose)
 
 
 @app.command()

@@ -25,6 +25,7 @@ __all__ = [
     "Config",
     "EmbedderConfig",
     "HashEmbedderConfig",
+    "HttpConfig",
     "MappingConfig",
     "QdrantEdgeSinkConfig",
     "QdrantSinkConfig",
@@ -136,9 +137,17 @@ class SyncConfig(_Frozen):
     )
 
 
+class HttpConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8787, ge=0, le=65535)
+    token: SecretStr | None = Field(default=None, description="required beyond loopback")
+    max_lag_seconds: float = Field(default=60.0, gt=0, description="/readyz lag threshold")
+
+
 class Config(_Frozen):
     state: StateConfig = Field(default_factory=StateConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     sources: dict[str, SourceConfig]
     sinks: dict[str, SinkConfig]
     embedders: dict[str, EmbedderConfig]

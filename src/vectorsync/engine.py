@@ -37,6 +37,7 @@ from .config import (
 )
 from .embed.base import Embedder
 from .errors import ConfigError, VectorsyncError, classify
+from .metrics import SourceStats
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
 from .sources.base import Source, TableSpec
@@ -172,6 +173,8 @@ class Engine:
         self._opened: list[Any] = []
         self._sinks_open = False
         self._committed = asyncio.Event()  # replaced (and the old one set) at every commit
+        self._workers: list[SourceWorker] = []
+        self._stats = {name: SourceStats() for name in self.sources}
         self.instance_id = uuid.uuid4().hex[:12]
         self.heartbeat_interval = 5.0
 
@@ -395,9 +398,11 @@ class Engine:
                 backoff=self.backoff,
                 on_batch=committed,
                 run_id=run_id,
+                stats=self._stats[name],
             )
             for name, source in self.sources.items()
         ]
+        self._workers = workers
         started = time.monotonic()
         beat = asyncio.create_task(self._heartbeat(run_id, workers))
         try:
@@ -651,6 +656,61 @@ class Engine:
         if name not in self.sources:
             raise ConfigError(f"name a source: one of {', '.join(sorted(self.sources))}")
         return self.sources[name]
+
+    async def readiness(self, *, max_lag_seconds: float = 60.0) -> list[str]:
+        """What keeps the engine from being ready: an unreachable source or sink, or a lag
+        over the threshold. Empty when ready."""
+        problems = []
+        for name, source in self.sources.items():
+            try:
+                backlog = await source.backlog(await self.state.position(name))
+            except VectorsyncError as exc:
+                problems.append(f"source {name!r}: {exc}")
+                continue
+            oldest = backlog.oldest_committed_at
+            if oldest is not None and time.time() - oldest > max_lag_seconds:
+                problems.append(
+                    f"source {name!r}: lag {time.time() - oldest:.0f}s is over {max_lag_seconds:g}s"
+                )
+        for m in self.config.mappings:
+            try:
+                await self.sinks[m.sink].count(m.collection_name)
+            except VectorsyncError as exc:
+                problems.append(f"sink {m.sink!r}: {exc}")
+        return problems
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters of this process's running workers plus what the state store knows
+        (lag, dead letters, errors, last checks): what /metrics exports."""
+        depth = {w.source.name: w.queue_depth() for w in self._workers}
+        sources: dict[str, dict[str, Any]] = {}
+        mappings: dict[str, dict[str, int]] = {m.name: {} for m in self.config.mappings}
+        for name, source in self.sources.items():
+            position = await self.state.position(name)
+            backlog = await source.backlog(position)
+            oldest = backlog.oldest_committed_at
+            st = self._stats[name]
+            sources[name] = {
+                "captured": st.captured,
+                "position": position,
+                "lag_changes": backlog.changes,
+                "lag_seconds": 0.0 if oldest is None else max(0.0, time.time() - oldest),
+                "queue_depth": depth.get(name, 0),
+                "latency": st.latency,
+                "batch_sizes": st.batch_sizes,
+            }
+            mappings.update({k: dict(v) for k, v in st.mappings.items()})
+        figures = await self.state.statistics(hours=24 * 365)
+        checks: dict[str, Any] = {}
+        for c in await self.state.checks(limit=100):
+            checks.setdefault(c["mapping"], c)
+        return {
+            "sources": sources,
+            "mappings": mappings,
+            "errors_by_type": figures["errors_by_type"],
+            "dead_letters": figures["dead_letters_pending"],
+            "checks": checks,
+        }
 
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""

@@ -32,6 +32,7 @@ from .backoff import Backoff, retrying
 from .config import MappingConfig
 from .embed.base import Embedder
 from .errors import PermanentError, RecordError, RetryableError, VectorsyncError, classify
+from .metrics import SourceStats
 from .model import (
     Change,
     Key,
@@ -107,6 +108,7 @@ class _Batch:
     position: int
     changes: int
     work: list[_MappingWork]
+    committed_at: list[float] = field(default_factory=list)  # of each change, for latency
     planned: list[tuple[tuple[str, str], RecordState | None]] = field(default_factory=list)
 
 
@@ -138,6 +140,7 @@ class SourceWorker:
         backoff: Backoff | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
         run_id: int | None = None,
+        stats: SourceStats | None = None,
     ) -> None:
         self.source = source
         self.run_id = run_id
@@ -157,6 +160,8 @@ class SourceWorker:
         self._inflight_vectors: dict[str, list[float]] = {}
         self._pending_dlq: dict[str, set[str]] = {}
         self.totals: dict[str, int] = {}
+        self.stats = stats or SourceStats()
+        self._queues: list[asyncio.Queue[Any]] = []
         self._stop = asyncio.Event()
 
     # -- the pipeline -------------------------------------------------------------------
@@ -172,6 +177,7 @@ class SourceWorker:
         target = await self.source.head() if once else None
         embed_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
         write_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
+        self._queues = [embed_q, write_q]
         stages = [
             self._prepare_stage(cursor, target, stop, embed_q),
             self._embed_stage(embed_q, write_q),
@@ -282,7 +288,13 @@ class SourceWorker:
         by_table: dict[str, dict[Key, Change]] = {}
         for (table, key), change in latest.items():
             by_table.setdefault(table, {})[key] = change
-        batch = _Batch(position=changes[-1].position, changes=len(changes), work=[])
+        batch = _Batch(
+            position=changes[-1].position,
+            changes=len(changes),
+            work=[],
+            committed_at=[c.committed_at for c in changes],
+        )
+        self.stats.captured += len(changes)
         for table, keyed in by_table.items():
             mappings = self._by_table.get(table, [])
             if not mappings:
@@ -599,12 +611,23 @@ class SourceWorker:
                     extra={"action": "dead_letter", "mapping": work.mapping.name, "key": d.key},
                 )
 
+    def queue_depth(self) -> int:
+        return sum(q.qsize() for q in self._queues)
+
     def _report(self, batch: _Batch, target: int | None) -> None:
+        now = time.time()
+        for committed_at in batch.committed_at:
+            if committed_at:
+                self.stats.latency.observe(max(0.0, now - committed_at))
+        if batch.changes:
+            self.stats.batch_sizes.observe(batch.changes)
         counts: dict[str, int] = {}
         for work in batch.work:
+            per_mapping = self.stats.mappings.setdefault(work.mapping.name, {})
             for k, n in self._counts(work).items():
                 counts[k] = counts.get(k, 0) + n
                 self.totals[k] = self.totals.get(k, 0) + n
+                per_mapping[k] = per_mapping.get(k, 0) + n
         self.totals["changes"] = self.totals.get("changes", 0) + batch.changes
         logger.info(
             "batch committed",

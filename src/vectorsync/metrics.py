@@ -1,0 +1,153 @@
+"""Metrics: components keep plain counters and histograms; the Prometheus exporter is one
+adapter that reads them at scrape time (psycopg_pool's ``get_stats`` style)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "Histogram", "prometheus_text"]
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-bucket histogram (Prometheus semantics), cheap to observe."""
+
+    bounds: Sequence[float]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+@dataclass(slots=True)
+class SourceStats:
+    """Cumulative counters of one source's pipeline, kept across runs of an engine."""
+
+    captured: int = 0
+    mappings: dict[str, dict[str, int]] = field(default_factory=dict)
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_sizes: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+
+
+async def prometheus_text(engine: Engine) -> bytes:
+    """The engine's stats in the Prometheus text format."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+    from prometheus_client.registry import Collector
+
+    stats = await engine.stats()
+
+    class _Snapshot(Collector):
+        def collect(self) -> Iterator[Any]:
+            yield from _families(
+                stats, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+            )
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot())
+    return generate_latest(registry)
+
+
+_OPERATIONS = ("upserted", "payload_only", "deleted", "skipped", "failed")
+
+
+def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -> Iterator[Any]:
+    captured = counter(
+        "vectorsync_changes_captured", "Changes read from a source", labels=["source"]
+    )
+    for source, s in stats["sources"].items():
+        captured.add_metric([source], s["captured"])
+    yield captured
+    applied = counter(
+        "vectorsync_changes_applied",
+        "Records applied, by operation",
+        labels=["mapping", "operation"],
+    )
+    embeddings = counter(
+        "vectorsync_embeddings", "Texts embedded or not", labels=["mapping", "result"]
+    )
+    for mapping, m in stats["mappings"].items():
+        for op in _OPERATIONS:
+            applied.add_metric([mapping, op], m.get(op, 0))
+        embeddings.add_metric([mapping, "computed"], m.get("embedded", 0))
+        embeddings.add_metric([mapping, "cached"], m.get("cache_hits", 0))
+        embeddings.add_metric([mapping, "skipped"], m.get("payload_only", 0) + m.get("skipped", 0))
+    yield applied
+    yield embeddings
+    writes = counter(
+        "vectorsync_sink_writes", "Points written to sinks", labels=["mapping", "operation"]
+    )
+    for mapping, m in stats["mappings"].items():
+        writes.add_metric([mapping, "upsert"], m.get("upserted", 0))
+        writes.add_metric([mapping, "payload"], m.get("payload_only", 0))
+        writes.add_metric([mapping, "delete"], m.get("deleted", 0))
+    yield writes
+    errors = counter("vectorsync_errors", "Errors logged, by type", labels=["type"])
+    for kind, n in stats["errors_by_type"].items():
+        errors.add_metric([kind], n)
+    yield errors
+    yield gauge("vectorsync_dead_letters", "Dead letters pending", value=stats["dead_letters"])
+    for name, doc in (
+        ("lag_seconds", "Age of the oldest unapplied change"),
+        ("lag_changes", "Changes committed but not applied"),
+        ("position", "Source position fully applied"),
+        ("queue_depth", "Batches waiting between pipeline stages"),
+    ):
+        g = gauge(f"vectorsync_{name}", doc, labels=["source"])
+        for source, s in stats["sources"].items():
+            g.add_metric([source], s[name] or 0)
+        yield g
+    latency = histogram(
+        "vectorsync_sync_latency_seconds",
+        "Source commit to sink acknowledgement",
+        labels=["source"],
+    )
+    batches = histogram("vectorsync_batch_size", "Changes per batch", labels=["source"])
+    for source, s in stats["sources"].items():
+        for family, h in ((latency, s["latency"]), (batches, s["batch_sizes"])):
+            family.add_metric([source], h.cumulative(), sum_value=h.total)
+    yield latency
+    yield batches
+    consistent = gauge(
+        "vectorsync_last_check_consistent",
+        "1 when the last consistency check found no drift",
+        labels=["mapping"],
+    )
+    drift = gauge(
+        "vectorsync_last_check_drift",
+        "Records in each drift category, last check",
+        labels=["mapping", "category"],
+    )
+    for mapping, check in stats["checks"].items():
+        consistent.add_metric([mapping], int(check["consistent"]))
+        for category, n in check["counts"].items():
+            drift.add_metric([mapping, category], n)
+    yield consistent
+    yield drift

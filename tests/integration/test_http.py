@@ -1,0 +1,149 @@
+"""The HTTP side against a real engine (SQLite + qdrant-edge): every metric after a real
+sync, probes, the JSON API, dead-letter replay and the bearer token."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import App, load, write_config
+from vectorsync.engine import Engine
+from vectorsync.errors import ConfigError, SinkError
+from vectorsync.server import create_app, require_token
+from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
+
+FAULTY_TEXT = "{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
+        if m and ",".join(sorted((m.group(1) or "").split(","))) == want:
+            return float(m.group(2))
+    raise AssertionError(f"{name}{{{want}}} not in metrics")
+
+
+def client(engine: Engine, **kwargs: object) -> httpx.AsyncClient:
+    app = create_app(engine, **kwargs)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_every_metric_after_a_real_sync(workdir: Path, app: App) -> None:
+    for k in range(1, 21):
+        app.insert(k)
+    app.update(4, published=0)  # dead-lettered (render error)
+    cfg = write_config(workdir, text=FAULTY_TEXT)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.run(once=True)
+        app.update(5, author="zed")  # payload-only
+        app.update(6, body="new text")  # re-embedded
+        app.delete(7)
+        await engine.run(once=True)
+        await engine.check("articles")
+        async with client(engine) as http:
+            text = (await http.get("/metrics")).text
+            head = await engine.head()
+    assert metric(text, "vectorsync_changes_captured_total", source="app") == 23
+    applied = {
+        op: metric(text, "vectorsync_changes_applied_total", mapping="articles", operation=op)
+        for op in ("upserted", "payload_only", "deleted", "skipped", "failed")
+    }
+    assert applied == {"upserted": 20, "payload_only": 1, "deleted": 1, "skipped": 0, "failed": 1}
+    assert metric(text, "vectorsync_embeddings_total", mapping="articles", result="computed") == 20
+    assert metric(text, "vectorsync_embeddings_total", mapping="articles", result="skipped") == 1
+    assert metric(text, "vectorsync_sink_writes_total", mapping="articles", operation="delete") == 1
+    assert metric(text, "vectorsync_errors_total", type="render") == 1
+    assert metric(text, "vectorsync_dead_letters") == 1
+    assert metric(text, "vectorsync_sync_latency_seconds_count", source="app") == 23
+    assert metric(text, "vectorsync_batch_size_count", source="app") == 2
+    assert metric(text, "vectorsync_position", source="app") == head
+    assert metric(text, "vectorsync_lag_changes", source="app") == 0
+    assert metric(text, "vectorsync_lag_seconds", source="app") == 0
+    assert metric(text, "vectorsync_queue_depth", source="app") == 0
+    # the checker renders row 4 as bad input: its old point cannot be judged, so it is not
+    # counted as drift; the rest matches
+    assert metric(text, "vectorsync_last_check_consistent", mapping="articles") == 1
+    assert metric(text, "vectorsync_last_check_drift", mapping="articles", category="stale") == 0
+
+
+class FlakySink(QdrantEdgeSink):
+    down = False
+
+    async def count(self, collection: str) -> int:
+        if self.down:
+            raise SinkError("sink unreachable (connection closed)")
+        return await super().count(collection)
+
+    async def upsert(self, collection: str, points: Sequence[object]) -> None:
+        if self.down:
+            raise SinkError("sink unreachable (connection closed)")
+        await super().upsert(collection, points)  # type: ignore[arg-type]
+
+
+async def test_readyz_fails_while_a_sink_is_down_and_recovers(workdir: Path, app: App) -> None:
+    app.insert(1)
+    cfg = write_config(workdir)
+    sink = FlakySink("vectors", workdir / ".vectorsync" / "qdrant")
+    async with Engine.open(load(cfg), sinks={"vectors": sink}) as engine:
+        async with client(engine) as http:
+            assert (await http.get("/readyz")).status_code == 503  # nothing opened yet
+            await engine.run(once=True)
+            assert (await http.get("/readyz")).status_code == 200
+            sink.down = True
+            down = await http.get("/readyz")
+            assert down.status_code == 503
+            assert "sink 'vectors'" in down.json()["problems"][0]
+            assert (await http.get("/healthz")).status_code == 200
+            sink.down = False
+            assert (await http.get("/readyz")).json() == {"ready": True, "problems": []}
+
+
+async def test_api_endpoints_and_dead_letter_replay(workdir: Path, app: App) -> None:
+    for k in range(1, 4):
+        app.insert(k)
+    app.update(2, published=0)
+    cfg = write_config(workdir, text=FAULTY_TEXT)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.run(once=True)
+        await engine.check("articles")
+        async with client(engine) as http:
+            [m] = (await http.get("/api/status")).json()["mappings"]
+            assert m["records"] == 2 and m["dead_letters"] == 1
+            [run] = (await http.get("/api/runs")).json()["runs"]
+            assert run["status"] == "completed" and run["counts"]["failed"] == 1
+            [letter] = (await http.get("/api/dlq")).json()["dead_letters"]
+            assert letter["key"] == "2" and "stack_trace" not in letter
+            [check] = (await http.get("/api/checks")).json()["checks"]
+            assert check["mapping"] == "articles"
+            stats = (await http.get("/api/stats")).json()
+            assert stats["sources"]["app"]["latency"]["count"] == 3
+            page = await http.get("/")
+            assert page.status_code == 200 and "vectorsync" in page.text
+            app.update(2, published=2024)
+            replay = await http.post(f"/api/dlq/{letter['id']}/replay")
+            assert replay.status_code == 202 and replay.json() == {"enqueued": 1}
+            assert (await http.post("/api/dlq/999/replay")).status_code == 404
+            await engine.run(once=True)
+            assert (await http.get("/api/dlq")).json()["dead_letters"] == []
+
+
+async def test_bearer_token_beyond_loopback(workdir: Path, app: App) -> None:
+    with pytest.raises(ConfigError, match="requires a bearer token"):
+        require_token("0.0.0.0", None)
+    require_token("127.0.0.1", None)
+    require_token("::1", None)
+    require_token("0.0.0.0", "s3cret")
+    app.insert(1)
+    cfg = write_config(workdir)
+    async with Engine.open(load(cfg)) as engine, client(engine, token="s3cret") as http:
+        assert (await http.get("/api/status")).status_code == 401
+        assert (await http.get("/healthz")).status_code == 200  # probes stay open
+        ok = await http.get("/api/status", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
