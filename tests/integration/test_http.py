@@ -89,18 +89,17 @@ async def test_readyz_fails_while_a_sink_is_down_and_recovers(workdir: Path, app
     app.insert(1)
     cfg = write_config(workdir)
     sink = FlakySink("vectors", workdir / ".vectorsync" / "qdrant")
-    async with Engine.open(load(cfg), sinks={"vectors": sink}) as engine:
-        async with client(engine) as http:
-            assert (await http.get("/readyz")).status_code == 503  # nothing opened yet
-            await engine.run(once=True)
-            assert (await http.get("/readyz")).status_code == 200
-            sink.down = True
-            down = await http.get("/readyz")
-            assert down.status_code == 503
-            assert "sink 'vectors'" in down.json()["problems"][0]
-            assert (await http.get("/healthz")).status_code == 200
-            sink.down = False
-            assert (await http.get("/readyz")).json() == {"ready": True, "problems": []}
+    async with Engine.open(load(cfg), sinks={"vectors": sink}) as engine, client(engine) as http:
+        assert (await http.get("/readyz")).status_code == 503  # nothing opened yet
+        await engine.run(once=True)
+        assert (await http.get("/readyz")).status_code == 200
+        sink.down = True
+        down = await http.get("/readyz")
+        assert down.status_code == 503
+        assert "sink 'vectors'" in down.json()["problems"][0]
+        assert (await http.get("/healthz")).status_code == 200
+        sink.down = False
+        assert (await http.get("/readyz")).json() == {"ready": True, "problems": []}
 
 
 async def test_api_endpoints_and_dead_letter_replay(workdir: Path, app: App) -> None:
