@@ -30,7 +30,6 @@ from rich.table import Table
 from .config import CONFIG_ENV, Config, load_config
 from .engine import Engine, RunResult
 from .errors import ConfigError, VectorsyncError
-from .server import require_token
 from .worker import BatchReport
 
 __all__ = ["app", "main"]
@@ -145,6 +144,8 @@ async def _run(cfg: Config, once: bool, *, http: bool = False) -> RunResult:
         loop.add_signal_handler(sig, stop.set)
     token = cfg.http.token.get_secret_value() if cfg.http.token else None
     if http:
+        from .server import require_token
+
         require_token(cfg.http.host, token)
     async with Engine.open(cfg) as engine:
         if not http:
