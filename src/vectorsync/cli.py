@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
+import os
 import signal
 import sys
 import time
@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from . import logs
 from .config import CONFIG_ENV, Config, load_config
 from .engine import Engine, RunResult
 from .errors import ConfigError, VectorsyncError
@@ -68,17 +69,27 @@ VerboseOption = Annotated[
     ),
 ]
 
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar="VECTORSYNC_LOG_FORMAT",
+        show_envvar=True,
+        help="text, or json: one object per line with action, mapping and counts",
+    ),
+]
+
 _verbose = False
 
 
 def _setup_logging(verbose: bool) -> None:
     global _verbose
     _verbose = verbose
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    fmt = os.environ.get("VECTORSYNC_LOG_FORMAT", "text")
+    if fmt not in ("text", "json"):
+        err.print(f"[bold red]config error:[/] log format {fmt!r}: use text or json")
+        raise typer.Exit(2)
+    logs.configure(verbose=verbose, fmt=fmt)
 
 
 def _execute(work: Callable[[], Awaitable[T]]) -> T:
@@ -128,9 +139,12 @@ def run(
             help="also serve /metrics, probes, API and dashboard ([http] host/port)",
         ),
     ] = False,
+    log_format: LogFormatOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Sync continuously (or --once) from every source into every sink."""
+    if log_format:
+        os.environ["VECTORSYNC_LOG_FORMAT"] = log_format
     _setup_logging(verbose)
     cfg = _config(config)
     result = _execute(lambda: _run(cfg, once, http=http))
@@ -239,10 +253,14 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 
 
 @app.command()
-def serve(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+def serve(
+    config: ConfigOption = None,
+    log_format: LogFormatOption = None,
+    verbose: VerboseOption = False,
+) -> None:
     """Stream changes and serve /metrics, /healthz, /readyz, /api/* and the dashboard
     (same as `run --http`)."""
-    run(config=config, once=False, http=True, verbose=verbose)
+    run(config=config, once=False, http=True, log_format=log_format, verbose=verbose)
 
 
 @app.command()

@@ -13,7 +13,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from .config import (
 )
 from .embed.base import Embedder
 from .errors import ConfigError, VectorsyncError, classify
+from .events import DeadLettered, Event, Failed, Inconsistent, RunFinished, RunStarted, Synced
 from .metrics import SourceStats
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
@@ -45,7 +46,7 @@ from .state.runs import ErrorEntry, RunCounts
 from .state.store import StateStore
 from .worker import BatchReport, MappingRuntime, SourceWorker
 
-__all__ = ["Engine", "MappingStatus", "RunResult"]
+__all__ = ["Engine", "EventStream", "MappingStatus", "RunResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,24 @@ def _used(config: Config, attr: str) -> set[str]:
     return {getattr(m, attr) for m in config.mappings}
 
 
+class EventStream:
+    """One subscription to an engine's events; registered when created."""
+
+    def __init__(self, subscribers: set[asyncio.Queue[Event]], buffer: int) -> None:
+        self._subscribers = subscribers
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(buffer)
+        subscribers.add(self._queue)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._subscribers.discard(self._queue)
+
+
 def _digest(value: Any) -> str:
     return xxhash.xxh3_64_hexdigest(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
 
@@ -174,6 +193,8 @@ class Engine:
         self._sinks_open = False
         self._committed = asyncio.Event()  # replaced (and the old one set) at every commit
         self._workers: list[SourceWorker] = []
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self.events_dropped = 0
         self._stats = {name: SourceStats() for name in self.sources}
         self.instance_id = uuid.uuid4().hex[:12]
         self.heartbeat_interval = 5.0
@@ -374,6 +395,21 @@ class Engine:
         def committed(report: BatchReport) -> None:
             if on_batch is not None:
                 on_batch(report)
+            for mapping, counts in report.mappings.items():
+                self._emit(
+                    Synced(
+                        mapping=mapping,
+                        source=report.source,
+                        position=report.position,
+                        counts=counts,
+                    )
+                )
+            for d in report.dead_letters:
+                self._emit(
+                    DeadLettered(
+                        mapping=d.mapping, key=d.key, error_type=d.error_type, message=d.message
+                    )
+                )
             woken, self._committed = self._committed, asyncio.Event()
             woken.set()
 
@@ -403,6 +439,7 @@ class Engine:
             for name, source in self.sources.items()
         ]
         self._workers = workers
+        self._emit(RunStarted(run_id=run_id, mode="once" if once else "stream"))
         started = time.monotonic()
         beat = asyncio.create_task(self._heartbeat(run_id, workers))
         try:
@@ -442,22 +479,25 @@ class Engine:
     ) -> None:
         beat.cancel()
         await asyncio.gather(beat, return_exceptions=True)
-        details: dict[str, Any] | None = None
+        counts = _run_counts(workers)
         error_type, code = classify(exc) if exc is not None else ("unknown", None)
-        if exc is not None:
-            details = {"type": type(exc).__name__, "error_type": error_type, "code": code}
+        details = (
+            None
+            if exc is None
+            else {"type": type(exc).__name__, "error_type": error_type, "code": code}
+        )
         try:
             await self.state.complete_run(
                 run_id,
                 status=status,
-                counts=_run_counts(workers),
+                counts=counts,
                 error_message=None if exc is None else str(exc),
                 error_details=details,
             )
-            if exc is not None and details is not None:
+            if exc is not None:
                 await self.state.log_error(
                     ErrorEntry(
-                        error_type=details["error_type"],
+                        error_type=error_type,
                         error_code=code,
                         message=str(exc),
                         run_id=run_id,
@@ -472,6 +512,9 @@ class Engine:
                 err,
                 extra={"action": "run_finish", "run": run_id},
             )
+        if exc is not None:
+            self._emit(Failed(run_id=run_id, error_type=error_type, message=str(exc)))
+        self._emit(RunFinished(run_id=run_id, status=status, counts=asdict(counts)))
 
     async def recover(self) -> list[int]:
         """Mark runs whose process died as failed and put half-replayed dead letters back to
@@ -602,6 +645,10 @@ class Engine:
                 "report": {k: v for k, v in full.items() if k not in ("id", "counts")},
             }
         )
+        if not report.consistent:
+            self._emit(
+                Inconsistent(mapping=report.mapping, check_id=report.id, counts=report.counts)
+            )
         return report
 
     async def repair(self, report: CheckReport) -> RunResult:
@@ -656,6 +703,20 @@ class Engine:
         if name not in self.sources:
             raise ConfigError(f"name a source: one of {', '.join(sorted(self.sources))}")
         return self.sources[name]
+
+    def events(self, *, buffer: int = 10_000) -> EventStream:
+        """Typed events (run started/finished, synced, dead-lettered, failed, inconsistent),
+        from the moment of this call: ``async for event in engine.events(): ...``. A
+        subscriber that falls ``buffer`` events behind loses the oldest (counted in
+        ``events_dropped``) rather than slowing the sync. ``close()`` unsubscribes."""
+        return EventStream(self._subscribers, buffer)
+
+    def _emit(self, event: Event) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+                self.events_dropped += 1
+            queue.put_nowait(event)
 
     async def readiness(self, *, max_lag_seconds: float = 60.0) -> list[str]:
         """What keeps the engine from being ready: an unreachable source or sink, or a lag

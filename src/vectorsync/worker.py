@@ -121,6 +121,8 @@ class BatchReport:
     target: int | None
     changes: int
     counts: dict[str, int]
+    mappings: dict[str, dict[str, int]] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
 _DONE = object()
@@ -647,6 +649,8 @@ class SourceWorker:
                     target=target,
                     changes=batch.changes,
                     counts=counts,
+                    mappings={w.mapping.name: self._counts(w) for w in batch.work},
+                    dead_letters=[d for w in batch.work for d in w.failed],
                 )
             )
 

@@ -117,3 +117,20 @@ def test_second_writer_on_the_same_edge_folder_gets_a_clear_error(workdir: Path,
         first.terminate()
         _, stderr = first.communicate(timeout=30)
     assert first.returncode == 0, stderr
+
+
+def test_json_logs_carry_action_mapping_and_counts(workdir: Path, app: App) -> None:
+    for k in range(1, 11):
+        app.insert(k)
+    app.update(3, title=None, body=None)
+    write_config(workdir)
+    done = cli("run", "--once", "-v", "--log-format", "json", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    batch = [line for line in lines if line.get("action") == "batch_commit"]
+    assert batch and batch[0]["changes"] == 10 and batch[0]["upserted"] == 9
+    letter = [line for line in lines if line.get("action") == "dead_letter"]
+    assert letter[0]["mapping"] == "articles" and letter[0]["key"] == "3"
+    assert all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
+    bad = cli("run", "--once", "--log-format", "xml", cwd=workdir)
+    assert bad.returncode == 2 and "use text or json" in bad.stderr

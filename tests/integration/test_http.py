@@ -146,3 +146,47 @@ async def test_bearer_token_beyond_loopback(workdir: Path, app: App) -> None:
         assert ok.status_code == 200
         wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
+
+
+async def test_events_stream_every_kind(workdir: Path, app: App) -> None:
+    import asyncio
+
+    from vectorsync.events import (
+        DeadLettered,
+        Event,
+        Inconsistent,
+        RunFinished,
+        RunStarted,
+        Synced,
+    )
+
+    for k in range(1, 6):
+        app.insert(k)
+    app.update(2, published=0)
+    cfg = write_config(workdir, text=FAULTY_TEXT)
+    seen: list[Event] = []
+    async with Engine.open(load(cfg)) as engine:
+        stream = engine.events()  # subscribed from here on
+
+        async def listen() -> None:
+            async for event in stream:
+                seen.append(event)
+                if isinstance(event, Inconsistent):
+                    return
+
+        listener = asyncio.create_task(listen())
+        await engine.run(once=True)
+        sink = engine.sinks["vectors"]
+        await sink.delete("articles", [__import__("vectorsync").point_id("articles", 3)])
+        await engine.check("articles")
+        await asyncio.wait_for(listener, 10)
+        stream.close()
+    kinds = [type(e) for e in seen]
+    assert kinds[0] is RunStarted and RunFinished in kinds and kinds[-1] is Inconsistent
+    [synced] = [e for e in seen if isinstance(e, Synced)]
+    assert synced.mapping == "articles" and synced.counts["upserted"] == 4
+    [letter] = [e for e in seen if isinstance(e, DeadLettered)]
+    assert letter.key == "2" and letter.error_type == "render"
+    [finished] = [e for e in seen if isinstance(e, RunFinished)]
+    assert finished.status == "completed" and finished.counts["failed"] == 1
+    assert seen[-1].counts["missing"] == 1  # type: ignore[attr-defined]

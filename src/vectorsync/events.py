@@ -1,0 +1,61 @@
+"""Typed sync events for subscribers: ``async for event in engine.events(): ...``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DeadLettered", "Event", "Failed", "Inconsistent", "RunFinished", "RunStarted", "Synced"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStarted(Event):
+    run_id: int
+    mode: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Synced(Event):
+    """A batch of one mapping is durable in its sink and in the state store."""
+
+    mapping: str
+    source: str
+    position: int
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLettered(Event):
+    mapping: str
+    key: str
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failed(Event):
+    """A run failed; ``error_type`` is the error log's classification."""
+
+    run_id: int
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFinished(Event):
+    run_id: int
+    status: str
+    counts: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inconsistent(Event):
+    mapping: str
+    check_id: int | None
+    counts: dict[str, int]
