@@ -93,6 +93,15 @@ def create_app(
         count = await engine.replay_dead_letters([int(request.path_params["id"])])
         return JSONResponse({"enqueued": count}, status_code=202 if count else 404)
 
+    async def run_check(request: Request) -> Response:
+        """Check now, inside this process (a qdrant-edge sink has one writer: a separate
+        `vectorsync check` cannot open it while this server syncs)."""
+        mode = request.query_params.get("mode", "full")
+        only = request.query_params.get("mapping")
+        names = [only] if only else [m.name for m in engine.config.mappings]
+        reports = [(await engine.check(name, mode=mode)).as_dict() for name in names]
+        return _json({"checks": reports, "consistent": all(r["consistent"] for r in reports)})
+
     async def checks(request: Request) -> Response:
         limit = int(request.query_params.get("limit", "20"))
         return _json({"checks": await engine.state.checks(limit=limit)})
@@ -124,6 +133,7 @@ def create_app(
             Route("/api/dlq", dlq),
             Route("/api/dlq/{id:int}/replay", replay, methods=["POST"]),
             Route("/api/checks", checks),
+            Route("/api/check", run_check, methods=["POST"]),
             Route("/api/stats", stats),
         ],
         middleware=middleware,

@@ -104,6 +104,10 @@ def test_dashboard_shows_live_data_and_replays_a_dead_letter(workdir: Path, app:
             page.wait_for_function(
                 "() => document.querySelector('#dlq').innerText.includes('empty')", timeout=30_000
             )
+            page.click("#check-now")  # a check inside the serving process
+            page.wait_for_function(
+                "() => document.querySelector('#checks').innerText.includes('full')", timeout=30_000
+            )
             shot = os.environ.get("VECTORSYNC_SCREENSHOT")
             page.screenshot(path=shot or str(workdir / "dashboard.png"), full_page=True)
             browser.close()

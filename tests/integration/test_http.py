@@ -119,6 +119,10 @@ async def test_api_endpoints_and_dead_letter_replay(workdir: Path, app: App) -> 
             assert letter["key"] == "2" and "stack_trace" not in letter
             [check] = (await http.get("/api/checks")).json()["checks"]
             assert check["mapping"] == "articles"
+            now = (await http.post("/api/check?mode=quick")).json()
+            # existence only: the dead-lettered row 2 has no point
+            assert now["checks"][0]["mode"] == "quick" and not now["consistent"]
+            assert now["checks"][0]["keys"]["missing"] == [2]
             stats = (await http.get("/api/stats")).json()
             assert stats["sources"]["app"]["latency"]["count"] == 3
             page = await http.get("/")
