@@ -37,7 +37,16 @@ from .config import (
 )
 from .embed.base import Embedder
 from .errors import ConfigError, VectorsyncError, classify
-from .events import DeadLettered, Event, Failed, Inconsistent, RunFinished, RunStarted, Synced
+from .events import (
+    DeadLettered,
+    Event,
+    EventStream,
+    Failed,
+    Inconsistent,
+    RunFinished,
+    RunStarted,
+    Synced,
+)
 from .metrics import SourceStats
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
@@ -46,7 +55,7 @@ from .state.runs import ErrorEntry, RunCounts
 from .state.store import StateStore
 from .worker import BatchReport, MappingRuntime, SourceWorker
 
-__all__ = ["Engine", "EventStream", "MappingStatus", "RunResult"]
+__all__ = ["Engine", "MappingStatus", "RunResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,24 +128,6 @@ def build_embedder(name: str, cfg: EmbedderConfig) -> Embedder:
 
 def _used(config: Config, attr: str) -> set[str]:
     return {getattr(m, attr) for m in config.mappings}
-
-
-class EventStream:
-    """One subscription to an engine's events; registered when created."""
-
-    def __init__(self, subscribers: set[asyncio.Queue[Event]], buffer: int) -> None:
-        self._subscribers = subscribers
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(buffer)
-        subscribers.add(self._queue)
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        return await self._queue.get()
-
-    def close(self) -> None:
-        self._subscribers.discard(self._queue)
 
 
 def _digest(value: Any) -> str:

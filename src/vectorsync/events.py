@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,3 +60,21 @@ class Inconsistent(Event):
     mapping: str
     check_id: int | None
     counts: dict[str, int]
+
+
+class EventStream:
+    """One subscription to an engine's events; registered when created."""
+
+    def __init__(self, subscribers: set[asyncio.Queue[Event]], buffer: int) -> None:
+        self._subscribers = subscribers
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(buffer)
+        subscribers.add(self._queue)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._subscribers.discard(self._queue)
