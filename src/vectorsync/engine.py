@@ -752,7 +752,7 @@ class Engine:
                 "batch_sizes": st.batch_sizes,
             }
             mappings.update({k: dict(v) for k, v in st.mappings.items()})
-        figures = await self.state.statistics(hours=24 * 365)
+        figures = await self.state.statistics(hours=None)
         checks: dict[str, Any] = {}
         for c in await self.state.checks(limit=100):
             checks.setdefault(c["mapping"], c)

@@ -12,7 +12,6 @@ import orjson
 import xxhash
 
 __all__ = [
-    "BOOKKEEPING",
     "NAMESPACE",
     "Change",
     "InvalidText",
@@ -35,8 +34,6 @@ Op = Literal["insert", "update", "delete", "snapshot", "replay"]
 # Fixed forever: changing it would orphan every point ever written.
 NAMESPACE = uuid.UUID("6f1c1a52-5b0e-4b7e-9d8a-7c2f3e9a4d10")
 _NS_BYTES = NAMESPACE.bytes
-# Bookkeeping fields written into every point's payload (checks need no vectors).
-BOOKKEEPING = ("_vs_key", "_vs_text_hash", "_vs_version", "_vs_schema")
 
 
 class InvalidText(bytes):

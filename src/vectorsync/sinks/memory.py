@@ -18,7 +18,6 @@ class MemorySink:
         self.name = name
         self.specs: dict[str, CollectionSpec] = {}
         self.points: dict[str, dict[str, tuple[list[float], dict[str, Any]]]] = {}
-        self.writes = 0
         self.down = False  # tests flip this to simulate an outage
 
     async def open(self) -> None:
@@ -50,7 +49,6 @@ class MemorySink:
                 raise PermanentError(f"vector dimension {len(p.vector)}, expected {dim}")
             vec = _normalise(p.vector) if distance == "cosine" else list(p.vector)
             store[p.id] = (vec, dict(p.payload))
-        self.writes += len(points)
 
     async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
         store = self._check(collection)
@@ -60,14 +58,12 @@ class MemorySink:
                 vector, payload = store[u.id]
                 merged = {k: v for k, v in payload.items() if k not in u.unset}
                 store[u.id] = (vector, {**merged, **u.set})
-        self.writes += len(updates)
         return missing
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None:
         store = self._check(collection)
         for pid in ids:
             store.pop(pid, None)
-        self.writes += len(ids)
 
     async def retrieve(
         self, collection: str, ids: Sequence[str], *, with_vectors: bool = False

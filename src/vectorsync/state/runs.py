@@ -310,8 +310,9 @@ def errors(conn: Connection, *, status: str | None = None, limit: int = 100) -> 
     return [_error(r) for r in conn.execute(query)]
 
 
-def statistics(conn: Connection, *, hours: float) -> dict[str, Any]:
-    since = time.time() - hours * 3600
+def statistics(conn: Connection, *, hours: float | None) -> dict[str, Any]:
+    """Figures over the last ``hours`` (all of the retained history when None)."""
+    since = 0.0 if hours is None else time.time() - hours * 3600
     t, e, dl = s.sync_runs, s.error_log, s.dead_letter
     rows = conn.execute(
         select(

@@ -137,10 +137,6 @@ class StateStore:
         self._lane = BlockingLane("state")
         self._engine: Engine | None = None
 
-    @property
-    def redacted_url(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
-
     async def open(self) -> None:
         await self._lane.run(self._open)
 
@@ -554,7 +550,7 @@ class StateStore:
     ) -> list[run_log.ErrorEntry]:
         return await self._tx("read errors", run_log.errors, status=status, limit=limit)
 
-    async def statistics(self, *, hours: float = 24.0) -> dict[str, Any]:
+    async def statistics(self, *, hours: float | None = 24.0) -> dict[str, Any]:
         return await self._tx("statistics", run_log.statistics, hours=hours)
 
     async def cleanup(
