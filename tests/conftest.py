@@ -1,12 +1,75 @@
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import App
+from tests.helpers import App, PgApp
+from tests.pgserver import PgServer
+
+# Tests marked ``all_sources`` run once per source kind; the rest on SQLite only.
+# VECTORSYNC_TEST_SOURCES narrows the list (e.g. "sqlite" for a quick local run).
+ALL_SOURCES = ["sqlite", "pg-logical", "pg-outbox"]
+SOURCES = [s for s in os.environ.get("VECTORSYNC_TEST_SOURCES", ",".join(ALL_SOURCES)).split(",")]
+_databases = itertools.count(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "all_sources: runs against every source kind (SQLite, PostgreSQL x2)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "source_kind" in metafunc.fixturenames:
+        marked = metafunc.definition.get_closest_marker("all_sources") is not None
+        kinds = [k for k in SOURCES if marked or k == "sqlite"] or ["sqlite"]
+        metafunc.parametrize("source_kind", kinds)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL 15 cluster (wal_level=logical) for the whole session."""
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+def drop_database(server: PgServer, name: str) -> None:
+    with server.admin() as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE database = %s AND active_pid IS NOT NULL",
+            (name,),
+        )
+        for (slot,) in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+        ).fetchall():
+            for _ in range(100):  # the walsender may take a moment to release it
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                    break
+                except Exception:  # noqa: BLE001 - still active: wait on the condition
+                    conn.execute("SELECT pg_sleep(0.05)")
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database in the session cluster, dropped (with its slots) afterwards."""
+    server: PgServer = request.getfixturevalue("pg")
+    name = f"t{next(_databases)}_{os.getpid()}"
+    url = server.create_database(name)
+    try:
+        yield url
+    finally:
+        drop_database(server, name)
 
 
 @pytest.fixture
@@ -21,8 +84,15 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def app(workdir: Path) -> Iterator[App]:
-    application = App(workdir / "app.db")
+def app(workdir: Path, source_kind: str, request: pytest.FixtureRequest) -> Iterator[App]:
+    """The application database of the kind under test; ``write_config`` picks it up."""
+    application: App
+    if source_kind == "sqlite":
+        application = App(workdir / "app.db")
+    else:
+        url = request.getfixturevalue("pg_url")
+        application = PgApp(url, source_kind.removeprefix("pg-"))
+    (workdir / "source.toml").write_text(application.source_toml)
     try:
         yield application
     finally:

@@ -3,8 +3,10 @@ that reads both stores directly."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ ARTICLES_DDL = (
     "CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
     "tags TEXT, published INTEGER)"
 )
+COLUMNS = ("id", "title", "body", "author", "tags", "published")
 WORDS = [
     "alpha",
     "beta",
@@ -38,6 +41,8 @@ WORDS = [
 class App:
     """The application that owns the truth, writing to SQLite as any app would."""
 
+    kind = "sqlite"
+
     def __init__(self, path: Path) -> None:
         self.path = path
         fresh = not path.exists()
@@ -45,8 +50,39 @@ class App:
         if fresh:
             self.db.execute(ARTICLES_DDL)
 
+    @property
+    def source_toml(self) -> str:
+        return f'kind = "sqlite"\npath = "{self.path.name}"\npoll_interval = 0.05'
+
+    def clone(self) -> App:
+        """Another connection to the same database (for a writer thread)."""
+        return App(self.path)
+
     def close(self) -> None:
         self.db.close()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run SQL written with ``?`` placeholders; the rows it returns."""
+        return self.db.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def inject(self, changes: Sequence[tuple[int, str]]) -> None:
+        """Put raw (key, op) changes of ``articles`` into the change feed, as duplicates
+        or out-of-order deliveries would."""
+        from vectorsync.sources.sqlite import OUTBOX
+
+        self.db.executemany(
+            f"INSERT INTO {OUTBOX}(tbl, key, op) VALUES ('articles', ?, ?)", changes
+        )
 
     def insert(self, key: int, **values: Any) -> None:
         row = {
@@ -57,7 +93,7 @@ class App:
             "published": 2020,
             **values,
         }
-        self.db.execute(
+        self.execute(
             "INSERT INTO articles (id, title, body, author, tags, published) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (key, row["title"], row["body"], row["author"], row["tags"], row["published"]),
@@ -65,15 +101,16 @@ class App:
 
     def update(self, key: int, **values: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)
-        self.db.execute(f"UPDATE articles SET {sets} WHERE id = ?", (*values.values(), key))
+        self.execute(f"UPDATE articles SET {sets} WHERE id = ?", (*values.values(), key))
 
     def delete(self, key: int) -> None:
-        self.db.execute("DELETE FROM articles WHERE id = ?", (key,))
+        self.execute("DELETE FROM articles WHERE id = ?", (key,))
 
     def rows(self) -> dict[int, dict[str, Any]]:
-        cur = self.db.execute("SELECT * FROM articles")
-        names = [d[0] for d in cur.description]
-        return {r[0]: dict(zip(names, r, strict=True)) for r in cur}
+        return {
+            r[0]: dict(zip(COLUMNS, r, strict=True))
+            for r in self.execute(f"SELECT {', '.join(COLUMNS)} FROM articles")
+        }
 
     def random_ops(self, rng: random.Random, n: int, keys: int = 200) -> None:
         """Random inserts, text updates, metadata updates and deletes, in small transactions."""
@@ -81,22 +118,79 @@ class App:
         for _ in range(n):
             key = rng.randint(1, keys)
             op = rng.random()
-            self.db.execute("BEGIN")
-            if key not in existing:
-                self.insert(key, body=" ".join(rng.choices(WORDS, k=6)))
-                existing.add(key)
-            elif op < 0.35:
-                self.update(key, body=" ".join(rng.choices(WORDS, k=6)))
-            elif op < 0.7:
-                self.update(
-                    key, author=rng.choice(["ann", "bob", "cy"]), published=rng.randint(2000, 2030)
+            with self.transaction():
+                if key not in existing:
+                    self.insert(key, body=" ".join(rng.choices(WORDS, k=6)))
+                    existing.add(key)
+                elif op < 0.35:
+                    self.update(key, body=" ".join(rng.choices(WORDS, k=6)))
+                elif op < 0.7:
+                    self.update(
+                        key,
+                        author=rng.choice(["ann", "bob", "cy"]),
+                        published=rng.randint(2000, 2030),
+                    )
+                elif op < 0.8:
+                    self.update(key, title=f"retitled {rng.randint(0, 9)}", tags="b")
+                else:
+                    self.delete(key)
+                    existing.discard(key)
+
+
+class PgApp(App):
+    """The same application on PostgreSQL (either capture mode)."""
+
+    def __init__(self, url: str, capture: str) -> None:
+        import psycopg
+
+        self.url = url
+        self.capture = capture
+        self.kind = f"pg-{capture}"
+        self.pg = psycopg.connect(url, autocommit=True)
+        exists = self.pg.execute("SELECT to_regclass('articles')").fetchone()
+        if exists is None or exists[0] is None:
+            self.pg.execute(ARTICLES_DDL.replace("INTEGER", "integer"))
+
+    @property
+    def source_toml(self) -> str:
+        return (
+            f'kind = "postgres"\nurl = "{self.url}"\ncapture = "{self.capture}"\n'
+            "poll_interval = 0.2"
+        )
+
+    def clone(self) -> PgApp:
+        return PgApp(self.url, self.capture)
+
+    def close(self) -> None:
+        self.pg.close()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self.pg.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.pg.transaction():
+            yield
+
+    def inject(self, changes: Sequence[tuple[int, str]]) -> None:
+        import orjson
+
+        if self.capture == "outbox":
+            with self.pg.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO vectorsync.vectorsync_app_outbox (tbl, key, op) "
+                    "VALUES ('articles', %s, %s)",
+                    [(str(k), op) for k, op in changes],
                 )
-            elif op < 0.8:
-                self.update(key, title=f"retitled {rng.randint(0, 9)}", tags="b")
-            else:
-                self.delete(key)
-                existing.discard(key)
-            self.db.execute("COMMIT")
+            return
+        with self.pg.transaction():
+            for k, op in changes:
+                body = {"slot": "vectorsync_app", "table": "articles", "op": op, "keys": [k]}
+                self.pg.execute(
+                    "SELECT pg_logical_emit_message(true, 'vectorsync', %s::bytea)",
+                    (orjson.dumps(body),),
+                )
 
 
 def write_config(
@@ -108,15 +202,20 @@ def write_config(
     batch_size: int = 1000,
 ) -> Path:
     path = folder / "vectorsync.toml"
+    # the `app` fixture leaves the source section of the database under test here
+    source = folder / "source.toml"
+    source_toml = (
+        source.read_text()
+        if source.exists()
+        else 'kind = "sqlite"\npath = "app.db"\npoll_interval = 0.05'
+    )
     lines = [
         "[state]",
         'url = "sqlite:///.vectorsync/state.db"',
         "[sync]",
         f"batch_size = {batch_size}",
         "[sources.app]",
-        'kind = "sqlite"',
-        'path = "app.db"',
-        "poll_interval = 0.05",
+        source_toml,
         "[sinks.vectors]",
         sink,
         "[embedders.default]",

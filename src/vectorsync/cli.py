@@ -249,6 +249,14 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
@@ -271,6 +279,14 @@ def setup(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
 
 
 @app.command()
+def teardown(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
+    """Remove the change capture `setup` installed (PostgreSQL: the replication slot and
+    publication, or the outbox triggers). Sinks and the state store are kept."""
+    removed = _with_engine(config, verbose, Engine.teardown)
+    err.print(f"capture removed from: {', '.join(removed) or 'no source that needs it'}")
+
+
+@app.command()
 def status(
     config: ConfigOption = None, as_json: JsonOption = False, verbose: VerboseOption = False
 ) -> None:
@@ -289,6 +305,7 @@ def status(
         "position",
         "lag",
         "lag (s)",
+        "slot lag",
         "records",
         "outdated",
         "dead letters",
@@ -305,6 +322,7 @@ def status(
             str(r["position"]),
             str(r["lag_changes"]),
             lag_s,
+            "-" if r["lag_bytes"] is None else _bytes(r["lag_bytes"]),
             str(r["records"]),
             str(r["outdated"]),
             str(r["dead_letters"]),

@@ -27,6 +27,7 @@ __all__ = [
     "HashEmbedderConfig",
     "HttpConfig",
     "MappingConfig",
+    "PostgresSourceConfig",
     "QdrantEdgeSinkConfig",
     "QdrantSinkConfig",
     "SentenceTransformersEmbedderConfig",
@@ -63,7 +64,34 @@ class SqliteSourceConfig(_Frozen):
     )
 
 
-SourceConfig = Annotated[SqliteSourceConfig, Field(discriminator="kind")]
+class PostgresSourceConfig(_Frozen):
+    kind: Literal["postgres"]
+    url: str = Field(description="postgresql://user:password@host:port/database")
+    capture: Literal["logical", "outbox"] | None = Field(
+        default=None,
+        description="logical replication (default where wal_level = logical) or a trigger outbox",
+    )
+    slot: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9_]{1,63}$",
+        description="name of the replication slot, publication and outbox "
+        "(default vectorsync_<source name>)",
+    )
+    poll_interval: float = Field(
+        default=1.0, gt=0, description="longest wait for a change notification when idle"
+    )
+    heartbeat_interval: float = Field(
+        default=10.0, gt=0, description="seconds between slot heartbeats (logical capture)"
+    )
+
+    @model_validator(mode="after")
+    def _postgres_url(self) -> PostgresSourceConfig:
+        if not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url must start with postgresql:// (e.g. postgresql://user@host/db)")
+        return self
+
+
+SourceConfig = Annotated[SqliteSourceConfig | PostgresSourceConfig, Field(discriminator="kind")]
 
 
 class QdrantEdgeSinkConfig(_Frozen):

@@ -30,6 +30,7 @@ from .config import (
     EmbedderConfig,
     HashEmbedderConfig,
     MappingConfig,
+    PostgresSourceConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
     SinkConfig,
@@ -58,6 +59,7 @@ from .worker import BatchReport, MappingRuntime, SourceWorker
 __all__ = ["Engine", "MappingStatus", "RunResult"]
 
 logger = logging.getLogger(__name__)
+_INT_TYPES = frozenset({"INTEGER", "INT", "BIGINT", "SMALLINT"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +72,7 @@ class MappingStatus:
     head: int
     lag_changes: int
     lag_seconds: float | None
+    lag_bytes: int | None  # log the source keeps for us (a replication slot's lag)
     records: int
     outdated: int
     dead_letters: int
@@ -85,6 +88,16 @@ class RunResult:
 
 
 def build_source(name: str, cfg: SourceConfig, config: Config) -> Source:
+    if isinstance(cfg, PostgresSourceConfig):
+        from .sources.postgres import PostgresSource
+
+        return PostgresSource(
+            name,
+            cfg.url,
+            capture=cfg.capture,
+            slot=cfg.slot,
+            heartbeat_interval=cfg.heartbeat_interval,
+        )
     from .sources.sqlite import SqliteSource
 
     return SqliteSource(name, config.resolve(cfg.path))
@@ -286,6 +299,13 @@ class Engine:
         self._runtimes = runtimes
         return runtimes
 
+    async def teardown(self) -> list[str]:
+        """Remove the change capture ``setup`` installed at each source (replication slot
+        and publication, or triggers and outbox). Sinks and the state store are kept."""
+        for source in self.sources.values():
+            await source.teardown()
+        return list(self.sources)
+
     async def _open_sinks(self) -> None:
         if self._sinks_open:
             return
@@ -361,6 +381,7 @@ class Engine:
             sink=sink,
             schema_version=sync_digest,
             digest_columns=self._digest_columns(m),
+            int_key=self._columns[m.name][m.key].upper() in _INT_TYPES,
         )
 
     def _digest_columns(self, m: MappingConfig) -> tuple[str, ...]:
@@ -790,6 +811,7 @@ class Engine:
                     head=await source.head(),
                     lag_changes=backlog.changes,
                     lag_seconds=None if oldest is None else max(0.0, now - oldest),
+                    lag_bytes=backlog.lag_bytes,
                     records=counts.records,
                     outdated=counts.outdated,
                     dead_letters=counts.dead_letters,

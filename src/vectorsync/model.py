@@ -29,7 +29,7 @@ __all__ = [
 
 Key = int | str
 Row = Mapping[str, Any]
-Op = Literal["insert", "update", "delete", "snapshot", "replay"]
+Op = Literal["insert", "update", "delete", "snapshot", "replay", "truncate"]
 
 # Fixed forever: changing it would orphan every point ever written.
 NAMESPACE = uuid.UUID("6f1c1a52-5b0e-4b7e-9d8a-7c2f3e9a4d10")

@@ -67,6 +67,7 @@ class MappingRuntime:
     sink: Sink
     schema_version: str
     digest_columns: tuple[str, ...] = ()  # the row columns the mapping reads (row_digest)
+    int_key: bool = False  # keys are integers (record state keeps them as text)
 
     @property
     def name(self) -> str:
@@ -206,12 +207,24 @@ class SourceWorker:
                 if target is not None:  # nothing left up to the target: finish there
                     await out.put(_Batch(position=target, changes=0, work=[]))
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._poll)
+                await self._idle(stop)
                 continue
             cursor = changes[-1].position
             await out.put(await self._prepare(changes))
         await out.put(_DONE)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for the source to signal new changes, at most one poll interval."""
+        waits = [
+            asyncio.create_task(stop.wait()),
+            asyncio.create_task(self.source.wait(self._poll)),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _embed_stage(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
         while (batch := await inp.get()) is not _DONE:
@@ -286,6 +299,9 @@ class SourceWorker:
     async def _prepare(self, changes: Sequence[Change]) -> _Batch:
         latest: dict[tuple[str, Key], Change] = {}
         for change in changes:
+            if change.op == "truncate":
+                latest.update(await self._truncated(change))
+                continue
             latest[(change.table, change.key)] = change  # in position order: last wins
         by_table: dict[str, dict[Key, Change]] = {}
         for (table, key), change in latest.items():
@@ -311,6 +327,22 @@ class SourceWorker:
                 await self._plan(work, keyed, rows, batch)
                 batch.work.append(work)
         return batch
+
+    async def _truncated(self, change: Change) -> dict[tuple[str, Key], Change]:
+        """A TRUNCATE re-checks every key the table's mappings hold: the re-read finds them
+        gone (or back, if re-inserted since) like any other change."""
+        out: dict[tuple[str, Key], Change] = {}
+        for m in self._by_table.get(change.table, []):
+            for skey in await self.state.keys(m.name):
+                key: Key = int(skey) if m.int_key else skey
+                out[(change.table, key)] = Change(
+                    table=change.table,
+                    key=key,
+                    op="delete",
+                    position=change.position,
+                    committed_at=change.committed_at,
+                )
+        return out
 
     async def _plan(
         self,

@@ -23,6 +23,7 @@ class Backlog:
 
     changes: int
     oldest_committed_at: float | None
+    lag_bytes: int | None = None  # how much log the source keeps for us (replication slots)
 
 
 class Source(Protocol):
@@ -48,6 +49,10 @@ class Source(Protocol):
         """Install change capture idempotently; returns the tables snapshotted now (new ones)."""
         ...
 
+    async def teardown(self) -> None:
+        """Remove what ``setup`` installed; a later ``setup`` snapshots again."""
+        ...
+
     async def resnapshot(self, spec: TableSpec) -> None:
         """Enqueue every existing key of a table as a change (after its mapping changed)."""
         ...
@@ -61,6 +66,10 @@ class Source(Protocol):
         ...
 
     async def read_changes(self, after: int, limit: int) -> list[Change]: ...
+
+    async def wait(self, timeout: float) -> None:
+        """Return when new changes may have arrived, or after ``timeout`` seconds."""
+        ...
 
     async def fetch(
         self, table: str, key: str, keys: Sequence[Key]

@@ -6,6 +6,7 @@ It keeps the same contract as the SQLite source (tests/contract runs one suite o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -82,6 +83,10 @@ class MemorySource:
             await self.resnapshot(spec)
         return [s.table for s in new]
 
+    async def teardown(self) -> None:
+        self._keys.clear()
+        self._outbox.clear()
+
     async def resnapshot(self, spec: TableSpec) -> None:
         for key in list(self._rows[spec.table]):
             self._capture(spec.table, key, "snapshot")
@@ -95,6 +100,9 @@ class MemorySource:
 
     async def read_changes(self, after: int, limit: int) -> list[Change]:
         return [c for c in self._outbox if c.position > after][:limit]
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)  # polled: no change notification
 
     async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         rows = self._rows[table]

@@ -8,6 +8,7 @@ snapshot hands over to the stream with no gap and no loss.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -179,6 +180,26 @@ class SqliteSource:
             (spec.table,),
         )
 
+    async def teardown(self) -> None:
+        await self._lane.run(self._teardown)
+
+    def _teardown(self) -> None:
+        with wrap_errors("remove capture"):
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                names = db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                    "AND name LIKE '\\_vectorsync\\_%' ESCAPE '\\'"
+                ).fetchall()
+                for (name,) in names:
+                    db.execute(f"DROP TRIGGER IF EXISTS {_quote(name)}")
+                db.execute(f"DROP TABLE IF EXISTS {OUTBOX}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
     async def resnapshot(self, spec: TableSpec) -> None:
         await self._lane.run(self._resnapshot, spec)
 
@@ -228,6 +249,9 @@ class SqliteSource:
             Change(table=t, key=k, op=op, position=seq, committed_at=ts)
             for seq, t, k, op, ts in rows
         ]
+
+    async def wait(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)  # polled: SQLite has no change notification
 
     async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         return await self._lane.run(self._fetch, table, key, list(keys))

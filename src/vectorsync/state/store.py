@@ -28,6 +28,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -39,6 +40,7 @@ from ..errors import PermanentError, RetryableError
 from ..model import RecordState, key_bucket
 from . import runs as run_log
 from . import schema as s
+from .migrations import migrate
 
 __all__ = ["BatchCommit", "DeadLetter", "MappingCounts", "StateStore"]
 
@@ -142,20 +144,18 @@ class StateStore:
 
     def _open(self) -> None:
         url = make_url(self.url)
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")  # psycopg 3
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url)
+        engine = create_engine(url, pool_pre_ping=url.get_backend_name() == "postgresql")
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-        with wrap_errors("create schema"):
-            s.metadata.create_all(engine)
-            with engine.begin() as conn:
-                self._upsert(
-                    conn,
-                    s.meta,
-                    [{"name": "schema_version", "value": str(s.SCHEMA_VERSION)}],
-                    ["name"],
-                )
+        where = url.render_as_string(hide_password=True)
+        with wrap_errors(f"open {where}"), engine.begin() as conn:
+            if engine.dialect.name == "postgresql":  # one migrator at a time
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('vectorsync-state'))"))
+            migrate(conn)
         self._engine = engine
 
     async def close(self) -> None:
@@ -595,6 +595,15 @@ class StateStore:
             return {k: (hi << 31) | lo for k, hi, lo in rows}
 
         return await self._tx("read digests", read)
+
+    async def keys(self, mapping: str) -> list[str]:
+        """Every key a mapping holds (a TRUNCATE re-checks them all)."""
+        t = s.record_state
+
+        def read(conn: Connection) -> list[str]:
+            return [k for (k,) in conn.execute(select(t.c.key).where(t.c.mapping == mapping))]
+
+        return await self._tx("read keys", read)
 
     async def forget(self, mapping: str, keys: Sequence[str]) -> None:
         """Drop record state, so the next sync of those keys writes them in full (repair)."""

@@ -1,9 +1,9 @@
-"""The skeleton's guarantees, SQLite → qdrant-edge, in-process against the real engines."""
+"""The skeleton's guarantees, every source kind → qdrant-edge, in-process against the real
+engines (SQLite, PostgreSQL with logical replication, PostgreSQL with a trigger outbox)."""
 
 from __future__ import annotations
 
 import random
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,8 @@ import pytest
 from tests.helpers import App, assert_edge_converged, load, write_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
-from vectorsync.sources.sqlite import OUTBOX
+
+pytestmark = pytest.mark.all_sources
 
 
 async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> dict[str, int]:
@@ -128,12 +129,9 @@ async def test_duplicated_and_shuffled_changes_converge_to_the_same_state(
     await sync_once(cfg)
     await check(cfg, app)
     # Deliver every change of the history again: twice each, in random order.
-    db = sqlite3.connect(workdir / "app.db", isolation_level=None)
-    keys = [(k,) for k in range(1, 201)]
-    replay = [(k, op) for (k,) in keys for op in ("insert", "update", "delete")] * 2
+    replay = [(k, op) for k in range(1, 201) for op in ("insert", "update", "delete")] * 2
     rng.shuffle(replay)
-    db.executemany(f"INSERT INTO {OUTBOX}(tbl, key, op) VALUES ('articles', ?, ?)", replay)
-    db.close()
+    app.inject(replay)
     counts = await sync_once(cfg)
     assert counts["changes"] == len(replay)
     assert counts.get("upserted", 0) == 0 and counts.get("payload_only", 0) == 0
@@ -177,7 +175,7 @@ async def test_primary_key_change_moves_the_point(workdir: Path, app: App) -> No
     app.insert(2)
     cfg = write_config(workdir)
     await sync_once(cfg)
-    app.db.execute("UPDATE articles SET id = 100 WHERE id = 1")
+    app.execute("UPDATE articles SET id = 100 WHERE id = 1")
     counts = await sync_once(cfg)
     assert counts["deleted"] == 1 and counts["upserted"] == 1
     await check(cfg, app)

@@ -1,0 +1,450 @@
+"""PostgreSQL source: logical replication (pgoutput) or a trigger outbox.
+
+Both capture modes share everything but the change feed: re-reads, scans, table checks and
+the resumable snapshot. A snapshot reads keys in keyset pages and hands each page to the
+change feed in one transaction with its progress row (``vectorsync.snapshots``), so a crash
+mid-snapshot resumes after the last committed page. The first snapshot of a logical slot
+reads at the slot's consistent point (its exported snapshot); a resumed one reads current
+rows, which is equally safe because the slot has kept every change since that point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from decimal import Decimal
+from typing import Any, Literal, Protocol
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from ..errors import ConfigError, PermanentError, SourceError
+from ..model import Change, Key
+from .base import Backlog, TableSpec
+
+__all__ = ["PostgresSource", "redact", "wrap_errors"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "vectorsync"
+SNAPSHOT_PAGE = 5000
+_FETCH_CHUNK = 1000
+_PROGRESS = (
+    f"INSERT INTO {SCHEMA}.snapshots (capture, tbl, last_key, done) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (capture, tbl) DO UPDATE SET last_key = EXCLUDED.last_key, done = EXCLUDED.done"
+)
+
+
+def redact(url: str) -> str:
+    """The URL with its password masked: the only form that reaches logs and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable url>"
+
+
+@contextlib.contextmanager
+def wrap_errors(what: str) -> Iterator[None]:
+    """Connection trouble is retryable; anything else the server refused is permanent."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as exc:
+        raise SourceError(f"postgres source: {what}: {exc}".strip(), code=exc.sqlstate) from exc
+    except psycopg.Error as exc:
+        raise PermanentError(f"postgres source: {what}: {exc}".strip(), code=exc.sqlstate) from exc
+
+
+def capture_name(source: str) -> str:
+    """Default slot / publication / outbox name: lower case letters, digits, underscores."""
+    return "vectorsync_" + re.sub(r"[^a-z0-9_]", "_", source.lower())
+
+
+def split_table(table: str) -> tuple[str, str]:
+    schema, _, name = table.rpartition(".")
+    return schema or "public", name
+
+
+def table_ident(table: str) -> sql.Composable:
+    return sql.Identifier(*split_table(table))
+
+
+def plain(value: Any) -> Any:
+    """A database value as a JSON-friendly Python value (what templates and payloads get)."""
+    if value is None or isinstance(value, str | int | float | bool | dict | list):
+        return value
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value if isinstance(value, bytes) else str(value)
+
+
+class Capture(Protocol):
+    """The change feed half of a PostgreSQL source."""
+
+    async def install(self, source: PostgresSource, tables: Sequence[TableSpec]) -> list[str]: ...
+
+    async def write_keys(
+        self, conn: psycopg.AsyncConnection[Any], table: str, keys: Sequence[Key], op: str
+    ) -> None:
+        """Hand keys to the change feed inside the caller's transaction."""
+        ...
+
+    async def head(self) -> int: ...
+
+    async def read_changes(self, after: int, limit: int) -> list[Change]: ...
+
+    async def ack(self, position: int) -> None: ...
+
+    async def backlog(self, after: int) -> Backlog: ...
+
+    async def wait(self, timeout: float) -> None: ...
+
+    async def teardown(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class PostgresSource:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        capture: Literal["logical", "outbox"] | None = None,
+        slot: str | None = None,
+        heartbeat_interval: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.capture_mode = capture
+        self.slot = slot or capture_name(name)
+        self.heartbeat_interval = heartbeat_interval
+        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self._lock = asyncio.Lock()
+        self._capture: Capture | None = None
+        self._key_types: dict[str, tuple[str, bool]] = {}  # table -> (SQL type, is integer)
+
+    def __repr__(self) -> str:
+        return f"PostgresSource({self.name!r}, {redact(self.url)!r}, capture={self.capture_mode!r})"
+
+    # -- connections ------------------------------------------------------------------------
+    async def connect(self, **kwargs: Any) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, application_name=f"vectorsync-{self.name}", **kwargs
+            )
+        except psycopg.Error as exc:
+            raise SourceError(
+                f"source {self.name!r}: cannot connect to {redact(self.url)}: {exc}".strip(),
+                code=exc.sqlstate,
+            ) from exc
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+        """The shared query connection, one user at a time (the worker, ``head`` from a
+        waiter and the HTTP status interleave); reconnected after it broke."""
+        async with self._lock:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = await self.connect()
+            yield self._conn
+
+    async def open(self) -> None:
+        async with self.session() as conn:
+            with wrap_errors("read wal_level"):
+                row = await (await conn.execute("SHOW wal_level")).fetchone()
+            wal_level = row[0] if row else "replica"
+            if self.capture_mode is None:
+                self.capture_mode = "logical" if wal_level == "logical" else "outbox"
+            elif self.capture_mode == "logical" and wal_level != "logical":
+                raise ConfigError(
+                    f"source {self.name!r}: capture = 'logical' needs wal_level = logical "
+                    f"(the server has {wal_level!r}); set it in postgresql.conf and restart the "
+                    "server, or use capture = 'outbox'"
+                )
+            if self.capture_mode == "logical":
+                from .pg_logical import LogicalCapture
+
+                self._capture = LogicalCapture(self)
+            else:
+                from .pg_outbox import OutboxCapture
+
+                self._capture = OutboxCapture(self)
+
+    async def close(self) -> None:
+        if self._capture is not None:
+            await self._capture.close()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    @property
+    def feed(self) -> Capture:
+        if self._capture is None:
+            raise RuntimeError("source is not open")
+        return self._capture
+
+    # -- tables -----------------------------------------------------------------------------
+    async def columns(self, table: str) -> dict[str, str]:
+        schema, name = split_table(table)
+        async with self.session() as conn:
+            with wrap_errors(f"describe {table!r}"):
+                cur = await conn.execute(
+                    "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                    "JOIN pg_class c ON c.oid = a.attrelid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p') "
+                    "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                    (schema, name),
+                )
+                rows = await cur.fetchall()
+                if not rows:
+                    cur = await conn.execute(
+                        "SELECT table_schema || '.' || table_name FROM information_schema.tables "
+                        "WHERE table_schema NOT IN ('pg_catalog', 'information_schema', %s) "
+                        "ORDER BY 1",
+                        (SCHEMA,),
+                    )
+                    tables = [r[0].removeprefix("public.") for r in await cur.fetchall()]
+                    raise ConfigError(
+                        f"source {self.name!r}: table {table!r} not found in {redact(self.url)} "
+                        f"(tables: {', '.join(tables) or 'none'})"
+                    )
+        return {r[0]: r[1].upper() for r in rows}
+
+    async def check_table(self, spec: TableSpec, *, needs_identity: bool) -> None:
+        """Refuse a table whose key does not identify one row, or (for logical capture)
+        whose deletes would not carry the key."""
+        async with self.session() as conn:
+            with wrap_errors(f"inspect {spec.table!r}"):
+                cur = await conn.execute(
+                    "SELECT c.relreplident, i.indisprimary, i.indisreplident, i.indisunique, "
+                    "ARRAY(SELECT a.attname::text FROM unnest(i.indkey) k "
+                    "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k) "
+                    "FROM pg_class c LEFT JOIN pg_index i ON i.indrelid = c.oid "
+                    "WHERE c.oid = %s::regclass",
+                    (sql.Identifier(*split_table(spec.table)).as_string(conn),),
+                )
+                rows = await cur.fetchall()
+        cols = await self.columns(spec.table)
+        t, k = spec.table, spec.key
+        identity = rows[0][0] if rows else "d"
+        unique = any(r[3] and r[4] == [k] for r in rows)
+        if not unique:
+            raise ConfigError(
+                f"source {self.name!r}: table {t!r} has no primary key or unique index on "
+                f"{k!r}, so a key may name several rows; add one "
+                f"(ALTER TABLE {t} ADD PRIMARY KEY ({k})) or map the table by its primary key"
+            )
+        if needs_identity and identity != "f":
+            wanted = "i" if identity == "i" else "d"
+            ident_cols = [
+                r[4] for r in rows if (r[2] if wanted == "i" else r[1]) and r[4] is not None
+            ]
+            if identity == "n" or not ident_cols or k not in ident_cols[0]:
+                raise ConfigError(
+                    f"source {self.name!r}: table {t!r} has no usable REPLICA IDENTITY for key "
+                    f"{k!r} (deletes would not carry it); run ALTER TABLE {t} REPLICA IDENTITY "
+                    f"FULL, or make {k!r} the primary key, or use capture = 'outbox'"
+                )
+        col_type = cols[k]
+        self._key_types[t] = (col_type.lower(), col_type in ("INTEGER", "BIGINT", "SMALLINT"))
+
+    def key_of(self, table: str, raw: Any) -> Key:
+        return raw if isinstance(raw, int) else str(raw)
+
+    async def key_type(self, table: str, key: str) -> tuple[str, bool]:
+        if table not in self._key_types:
+            col_type = (await self.columns(table))[key]
+            self._key_types[table] = (
+                col_type.lower(),
+                col_type in ("INTEGER", "BIGINT", "SMALLINT"),
+            )
+        return self._key_types[table]
+
+    # -- the Source protocol ----------------------------------------------------------------
+    async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
+        return await self.feed.install(self, tables)
+
+    async def teardown(self) -> None:
+        """Remove everything ``setup`` created (slot, publication, triggers, outbox)."""
+        await self.feed.teardown()
+
+    async def resnapshot(self, spec: TableSpec) -> None:
+        async for page in self.key_pages(spec, after=None):
+            await self._write_keys(spec.table, page, "snapshot")
+
+    async def enqueue(self, table: str, keys: Sequence[Key]) -> None:
+        for i in range(0, len(keys), SNAPSHOT_PAGE):
+            await self._write_keys(table, keys[i : i + SNAPSHOT_PAGE], "replay")
+
+    async def _write_keys(self, table: str, keys: Sequence[Key], op: str) -> None:
+        async with self.session() as conn:
+            with wrap_errors(f"enqueue keys of {table!r}"):
+                async with conn.transaction():
+                    await self.feed.write_keys(conn, table, keys, op)
+
+    async def key_pages(
+        self,
+        spec: TableSpec,
+        after: str | None,
+        conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None,
+    ) -> AsyncIterator[list[Key]]:
+        """Every key of a table after ``after`` (text form), in keyset pages."""
+        sql_type, _ = await self.key_type(spec.table, spec.key)
+        k, t = sql.Identifier(spec.key), table_ident(spec.table)
+        last: Any = after
+        while True:
+            query = sql.SQL("SELECT {k} FROM {t} {where} ORDER BY {k} LIMIT {n}").format(
+                k=k,
+                t=t,
+                n=sql.Literal(SNAPSHOT_PAGE),
+                where=sql.SQL("")
+                if last is None
+                else sql.SQL("WHERE {k} > {v}::{ty}").format(
+                    k=k, v=sql.Literal(str(last)), ty=sql.SQL(sql_type)
+                ),
+            )
+            with wrap_errors(f"snapshot {spec.table!r}"):
+                if conn is not None:
+                    rows = await (await conn.execute(query)).fetchall()
+                else:
+                    async with self.session() as db:
+                        rows = await (await db.execute(query)).fetchall()
+            if not rows:
+                return
+            yield [self.key_of(spec.table, r[0]) for r in rows]
+            if len(rows) < SNAPSHOT_PAGE:
+                return
+            last = rows[-1][0]
+
+    async def head(self) -> int:
+        return await self.feed.head()
+
+    async def read_changes(self, after: int, limit: int) -> list[Change]:
+        return await self.feed.read_changes(after, limit)
+
+    async def wait(self, timeout: float) -> None:
+        await self.feed.wait(timeout)
+
+    async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        sql_type, _ = await self.key_type(table, key)
+        query = sql.SQL("SELECT * FROM {t} WHERE {k} = ANY(%s::{ty}[])").format(
+            t=table_ident(table), k=sql.Identifier(key), ty=sql.SQL(sql_type)
+        )
+        found: dict[Key, dict[str, Any]] = {}
+        async with self.session() as conn:
+            with wrap_errors(f"re-read {table!r}"):
+                for i in range(0, len(keys), _FETCH_CHUNK):
+                    chunk = [str(k) for k in keys[i : i + _FETCH_CHUNK]]
+                    cur = await conn.execute(query, (chunk,))
+                    names = [d.name for d in cur.description or ()]
+                    for values in await cur.fetchall():
+                        row = {n: plain(v) for n, v in zip(names, values, strict=True)}
+                        found[self.key_of(table, row[key])] = row
+        return found
+
+    async def scan(
+        self, table: str, key: str, *, page: int = 5000
+    ) -> AsyncIterator[dict[str, Any]]:
+        sql_type, _ = await self.key_type(table, key)
+        k, t = sql.Identifier(key), table_ident(table)
+        after: Any = None
+        while True:
+            where = (
+                sql.SQL("")
+                if after is None
+                else sql.SQL("WHERE {k} > %s::{ty}").format(k=k, ty=sql.SQL(sql_type))
+            )
+            query = sql.SQL("SELECT * FROM {t} {w} ORDER BY {k} LIMIT {n}").format(
+                t=t, w=where, k=k, n=sql.Literal(page)
+            )
+            async with self.session() as conn:
+                with wrap_errors(f"scan {table!r}"):
+                    cur = await conn.execute(query, () if after is None else (str(after),))
+                    names = [d.name for d in cur.description or ()]
+                    rows = await cur.fetchall()
+                for values in rows:
+                    yield {n: plain(v) for n, v in zip(names, values, strict=True)}
+                if len(rows) < page:
+                    return
+                after = rows[-1][names.index(key)]
+
+    async def ack(self, position: int) -> None:
+        await self.feed.ack(position)
+
+    async def backlog(self, after: int) -> Backlog:
+        return await self.feed.backlog(after)
+
+    # -- snapshot bookkeeping shared by both capture modes --------------------------------
+    async def ensure_schema(self) -> None:
+        async with self.session() as conn:
+            with wrap_errors("create the vectorsync schema"):
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {SCHEMA}.snapshots (capture text NOT NULL, "
+                    "tbl text NOT NULL, last_key text, done boolean NOT NULL DEFAULT false, "
+                    "PRIMARY KEY (capture, tbl))"
+                )
+
+    async def pending_snapshots(self, tables: Sequence[TableSpec]) -> dict[str, str | None]:
+        """Tables whose snapshot has not completed, with the last key already handed over."""
+        async with self.session() as conn:
+            with wrap_errors("read snapshot progress"):
+                cur = await conn.execute(
+                    f"SELECT tbl, last_key, done FROM {SCHEMA}.snapshots WHERE capture = %s",
+                    (self.slot,),
+                )
+                progress = {r[0]: (r[1], r[2]) for r in await cur.fetchall()}
+            pending: dict[str, str | None] = {}
+            for spec in tables:
+                last, done = progress.get(spec.table, (None, False))
+                if not done:
+                    pending[spec.table] = last
+        return pending
+
+    async def snapshot_table(
+        self,
+        spec: TableSpec,
+        after: str | None,
+        reader: psycopg.AsyncConnection[tuple[Any, ...]] | None = None,
+    ) -> int:
+        """Hand every key after ``after`` to the change feed, a page per transaction with
+        its progress row; ``reader`` reads the keys (e.g. inside an exported snapshot)."""
+        handed = 0
+        async for page in self.key_pages(spec, after, reader):
+            async with self.session() as conn:
+                with wrap_errors(f"snapshot {spec.table!r}"):
+                    async with conn.transaction():
+                        await self.feed.write_keys(conn, spec.table, page, "snapshot")
+                        await conn.execute(_PROGRESS, (self.slot, spec.table, str(page[-1]), False))
+                handed += len(page)
+                logger.info(
+                    "snapshot of %s: %d keys handed over",
+                    spec.table,
+                    handed,
+                    extra={"action": "snapshot", "source": self.name, "table": spec.table},
+                )
+        async with self.session() as conn:
+            with wrap_errors(f"snapshot {spec.table!r}"):
+                await conn.execute(_PROGRESS, (self.slot, spec.table, None, True))
+        return handed
+
+    async def forget_snapshots(self) -> None:
+        async with self.session() as conn:
+            with wrap_errors("reset snapshot progress"):
+                await conn.execute(
+                    f"DELETE FROM {SCHEMA}.snapshots WHERE capture = %s", (self.slot,)
+                )

@@ -1,0 +1,53 @@
+"""Versioned schema migrations of the state store.
+
+``STEPS[n]`` brings a store at version ``n`` to ``n + 1``; a fresh store is created at the
+current version directly. The version lives in ``vs_meta`` and moves in the same
+transaction as each step, so an interrupted upgrade resumes at the step that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, inspect, select
+
+from ..errors import PermanentError
+from . import schema as s
+
+__all__ = ["STEPS", "migrate"]
+
+# version -> the step that upgrades a store from it (none yet: version 1 is the baseline)
+STEPS: dict[int, Callable[[Connection], None]] = {}
+
+
+def stored_version(conn: Connection) -> int | None:
+    if not inspect(conn).has_table(s.meta.name):
+        return None
+    value = conn.scalar(select(s.meta.c.value).where(s.meta.c.name == "schema_version"))
+    return None if value is None else int(value)
+
+
+def _set_version(conn: Connection, version: int) -> None:
+    conn.execute(s.meta.delete().where(s.meta.c.name == "schema_version"))
+    conn.execute(s.meta.insert().values(name="schema_version", value=str(version)))
+
+
+def migrate(conn: Connection, target: int = s.SCHEMA_VERSION) -> list[int]:
+    """Create or upgrade the schema inside ``conn``'s transaction; the versions applied."""
+    current = stored_version(conn)
+    if current is None:
+        s.metadata.create_all(conn)
+        _set_version(conn, target)
+        return [target]
+    if current > target:
+        raise PermanentError(
+            f"state store schema is at version {current}, newer than this vectorsync "
+            f"understands ({target}); upgrade vectorsync or point [state] url elsewhere"
+        )
+    applied = []
+    for version in range(current, target):
+        STEPS[version](conn)
+        _set_version(conn, version + 1)
+        applied.append(version + 1)
+    s.metadata.create_all(conn)  # tables added without a data migration
+    return applied
