@@ -55,7 +55,7 @@ def drop_database(server: PgServer, name: str) -> None:
                 try:
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
                     break
-                except Exception:  # noqa: BLE001 - still active: wait on the condition
+                except Exception:
                     conn.execute("SELECT pg_sleep(0.05)")
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

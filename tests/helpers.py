@@ -165,7 +165,10 @@ class PgApp(App):
         self.pg.close()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        cur = self.pg.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
+        if params:
+            cur = self.pg.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
+        else:
+            cur = self.pg.execute(sql)  # type: ignore[arg-type]
         return cur.fetchall() if cur.description else []
 
     @contextlib.contextmanager
@@ -276,3 +279,19 @@ async def assert_edge_converged(config: Config, app: App, folder: Path) -> None:
 
 def load(path: Path) -> Config:
     return load_config(path)
+
+
+async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> dict[str, int]:
+    """``run --once`` in-process; the run's counts plus the number of changes read."""
+    from vectorsync.engine import Engine
+
+    config = load(config_path)
+    embedders = {"default": embedder} if embedder else None
+    async with Engine.open(config, embedders=embedders) as engine:
+        result = await engine.run(once=True)
+    return {"changes": result.changes, **result.counts}
+
+
+async def check(config_path: Path, app: App) -> None:
+    """The project's qdrant-edge folder matches the app's rows."""
+    await assert_edge_converged(load(config_path), app, config_path.parent)

@@ -24,7 +24,7 @@ __all__ = ["PASSWORD", "PgServer", "pg_server"]
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "vs_app"
-PASSWORD = "s3cret-pa55"  # noqa: S105 - a throwaway cluster's password, asserted absent from logs
+PASSWORD = "s3cret-pa55"
 
 
 def _free_port() -> int:
@@ -66,8 +66,19 @@ class PgServer:
 
     def _init(self) -> None:
         subprocess.run(
-            [*_as_owner(), str(BIN / "initdb"), "-D", str(self.data), "-A", "trust"]
-            + ["-U", "postgres", "-E", "UTF8", "--no-sync"],
+            [
+                *_as_owner(),
+                str(BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
             check=True,
             capture_output=True,
         )
@@ -108,7 +119,10 @@ class PgServer:
     def create_database(self, name: str) -> str:
         """A fresh database owned by the password-protected application role; its URL."""
         with self.admin() as conn:
-            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (USER,)).fetchone() is None:
+            if (
+                conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (USER,)).fetchone()
+                is None
+            ):
                 conn.execute(
                     f"CREATE ROLE {USER} LOGIN SUPERUSER REPLICATION PASSWORD '{PASSWORD}'"
                 )

@@ -8,23 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, assert_edge_converged, load, write_config
+from tests.helpers import App, check, load, sync_once, write_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
 
 pytestmark = pytest.mark.all_sources
-
-
-async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> dict[str, int]:
-    config = load(config_path)
-    embedders = {"default": embedder} if embedder else None
-    async with Engine.open(config, embedders=embedders) as engine:
-        result = await engine.run(once=True)
-    return {"changes": result.changes, **result.counts}
-
-
-async def check(config_path: Path, app: App) -> None:
-    await assert_edge_converged(load(config_path), app, config_path.parent)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -191,10 +191,10 @@ class LogicalCapture:
             return parse_lsn(row[0]) if row else 0
         stream = self._live()
         async with self.source.session() as conn:
-            with wrap_errors("write a fence"):
+            with wrap_errors("write a fence"):  # transactional: its commit flushes the WAL
                 row = await (
                     await conn.execute(
-                        "SELECT pg_logical_emit_message(false, %s, %s)::text",
+                        "SELECT pg_logical_emit_message(true, %s, %s)::text",
                         (f"{MESSAGE_PREFIX}-fence", self.slot),
                     )
                 ).fetchone()
@@ -398,8 +398,8 @@ class _Stream:
 
 
 class _Heartbeat:
-    """A non-transactional message every ``interval`` seconds: it flows through the slot
-    even when no published table changes, so the confirmed position keeps moving."""
+    """A tiny transaction (a logical message) every ``interval`` seconds: it flows through
+    the slot even when no published table changes, so the confirmed position keeps moving."""
 
     def __init__(self, url: str, slot: str, interval: float) -> None:
         self.url = url
@@ -415,8 +415,8 @@ class _Heartbeat:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self.url, autocommit=True)
-            self._conn.execute(
-                "SELECT pg_logical_emit_message(false, %s, %s)",
+            self._conn.execute(  # transactional: its commit flushes the WAL
+                "SELECT pg_logical_emit_message(true, %s, %s)",
                 (f"{MESSAGE_PREFIX}-heartbeat", self.slot),
             )
         except psycopg.Error as exc:  # the stream itself reports a real outage
