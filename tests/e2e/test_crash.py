@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,16 +21,8 @@ from tests.helpers import App, assert_edge_converged, load, write_config
 TRIALS = 24
 
 
-def wait_for(condition: Callable[[], bool], deadline: float) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met before the deadline")
-        time.sleep(0.02)
-
-
-def _writer(path: Path, rng: random.Random, stop: threading.Event) -> None:
-    app = App(path)
+def _writer(connect: Callable[[], App], rng: random.Random, stop: threading.Event) -> None:
+    app = connect()  # a connection of the writer thread's own
     try:
         while not stop.is_set():
             app.random_ops(rng, 5)
@@ -40,6 +31,7 @@ def _writer(path: Path, rng: random.Random, stop: threading.Event) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.all_sources
 def test_kill_9_at_random_moments_loses_nothing(workdir: Path, app: App) -> None:
     rng = random.Random(20261123)
     app.random_ops(rng, 300)
@@ -51,9 +43,7 @@ def test_kill_9_at_random_moments_loses_nothing(workdir: Path, app: App) -> None
         if trial % 3 == 0:  # a third of the trials die exactly between two writes
             env["VECTORSYNC_FAILPOINT"] = f"{failpoints[trial % 2]}:{rng.randint(1, 4)}"
         stop = threading.Event()
-        writer = threading.Thread(
-            target=_writer, args=(workdir / "app.db", random.Random(trial), stop)
-        )
+        writer = threading.Thread(target=_writer, args=(app.clone, random.Random(trial), stop))
         writer.start()
         proc = subprocess.Popen(
             [sys.executable, "-m", "vectorsync", "run"],

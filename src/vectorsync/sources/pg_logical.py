@@ -30,7 +30,7 @@ from ..errors import SourceError
 from ..model import Change, Key
 from .base import Backlog, TableSpec
 from .pgoutput import MESSAGE_PREFIX, Decoder, Transaction
-from .postgres import SCHEMA, redact, table_ident, wrap_errors
+from .postgres import redact, split_table, table_ident, wrap_errors
 
 if TYPE_CHECKING:
     from .postgres import PostgresSource
@@ -70,17 +70,24 @@ class LogicalCapture:
             with wrap_errors("install the publication"):
                 listed = sql.SQL(", ").join(table_ident(s.table) for s in tables)
                 pub = sql.Identifier(self.publication)
+                cur = await conn.execute(
+                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+                    (self.publication,),
+                )
+                published = {(r[0], r[1]) for r in await cur.fetchall()}
                 exists = await (
                     await conn.execute(
                         "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
                     )
                 ).fetchone()
-                verb = (
-                    "ALTER PUBLICATION {p} SET TABLE {t}"
-                    if exists
-                    else "CREATE PUBLICATION {p} FOR TABLE {t}"
-                )
-                await conn.execute(sql.SQL(verb).format(p=pub, t=listed))
+                if not exists:
+                    await conn.execute(
+                        sql.SQL("CREATE PUBLICATION {p} FOR TABLE {t}").format(p=pub, t=listed)
+                    )
+                elif published != {split_table(s.table) for s in tables}:
+                    await conn.execute(
+                        sql.SQL("ALTER PUBLICATION {p} SET TABLE {t}").format(p=pub, t=listed)
+                    )
                 slot = await (
                     await conn.execute(
                         "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
@@ -146,30 +153,33 @@ class LogicalCapture:
         await self.close()
         async with self.source.session() as conn:
             with wrap_errors("remove the slot and publication"):
-                row = await (
-                    await conn.execute(
-                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
-                        (self.slot,),
-                    )
-                ).fetchone()
-                if row is not None:
-                    if row[0] is not None:
-                        await conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
-                    await conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                deadline = time.monotonic() + 30
+                while True:
+                    row = await (
+                        await conn.execute(
+                            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                            (self.slot,),
+                        )
+                    ).fetchone()
+                    if row is None:
+                        break
+                    if row[0] is None:
+                        await conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                        break
+                    if time.monotonic() > deadline:
+                        raise SourceError(
+                            f"source {self.source.name!r}: slot {self.slot!r} is still in use "
+                            f"by process {row[0]}; stop the vectorsync using it and retry"
+                        )
+                    # another vectorsync streams from it: stop that stream, then drop
+                    await conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                    await asyncio.sleep(0.1)
                 await conn.execute(
                     sql.SQL("DROP PUBLICATION IF EXISTS {p}").format(
                         p=sql.Identifier(self.publication)
                     )
                 )
-                if (
-                    await (
-                        await conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.snapshots",))
-                    ).fetchone()
-                    or [None]
-                )[0]:
-                    await conn.execute(
-                        f"DELETE FROM {SCHEMA}.snapshots WHERE capture = %s", (self.slot,)
-                    )
+        await self.source.forget_snapshots()
 
     # -- the feed ---------------------------------------------------------------------------
     async def write_keys(

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+import xxhash
 from psycopg import sql
 
 from ..model import Change, Key
@@ -50,36 +51,78 @@ class OutboxCapture:
         await source.ensure_schema()
         async with source.session() as conn:
             with wrap_errors("install the outbox"):
-                async with conn.transaction():
-                    await conn.execute(
-                        sql.SQL(
-                            "CREATE TABLE IF NOT EXISTS {ob} (id bigserial PRIMARY KEY, "
-                            "tbl text NOT NULL, key text, op text NOT NULL, pos bigint, "
-                            "committed_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-                        ).format(ob=self.outbox)
-                    )
-                    await conn.execute(
-                        sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {ob} (pos)").format(
-                            i=sql.Identifier(f"{self.channel}_outbox_pos"), ob=self.outbox
-                        )
-                    )
-                    await conn.execute(f"CREATE SEQUENCE IF NOT EXISTS {self.seq}")
-                    for spec in tables:
-                        await self._install_triggers(conn, spec)
+                wanted = {s.table: self._trigger_sql(s) for s in tables}
+                stale = [s for s in tables if not await self._current(conn, s, wanted[s.table])]
+                if stale:
+                    fresh = not await _exists(conn, self.seq)
+                    await self._install(conn, stale, wanted, create_outbox=fresh)
         pending = await source.pending_snapshots(tables)
         for spec in tables:
             if spec.table in pending:
                 await source.snapshot_table(spec, pending[spec.table])
         return sorted(pending)
 
-    async def _install_triggers(self, conn: psycopg.AsyncConnection[Any], spec: TableSpec) -> None:
+    async def _install(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        stale: Sequence[TableSpec],
+        wanted: dict[str, list[sql.Composed]],
+        *,
+        create_outbox: bool = False,
+    ) -> None:
+        """(Re)install triggers in one transaction. The application tables are locked
+        first, so their writers (which go on to the outbox) never wait in a cycle with us."""
+        async with conn.transaction():
+            listed = sql.SQL(", ").join(table_ident(s.table) for s in stale)
+            await conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(listed))
+            if create_outbox:
+                await conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {ob} (id bigserial PRIMARY KEY, "
+                        "tbl text NOT NULL, key text, op text NOT NULL, pos bigint, "
+                        "committed_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+                    ).format(ob=self.outbox)
+                )
+                await conn.execute(
+                    sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {ob} (pos)").format(
+                        i=sql.Identifier(f"{self.channel}_outbox_pos"), ob=self.outbox
+                    )
+                )
+                await conn.execute(f"CREATE SEQUENCE IF NOT EXISTS {self.seq}")
+            for spec in stale:
+                for statement in wanted[spec.table]:
+                    await conn.execute(statement)
+
+    async def _current(
+        self, conn: psycopg.AsyncConnection[Any], spec: TableSpec, wanted: list[sql.Composed]
+    ) -> bool:
+        """Whether the table's triggers are installed exactly as ``wanted`` (a digest of
+        the statements is kept as the row function's comment)."""
+        cur = await conn.execute(
+            "SELECT obj_description(to_regprocedure(%s), 'pg_proc'), "
+            "(SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+            "AND tgname IN (%s, %s))",
+            (
+                f"{SCHEMA}.{self._fn_name(spec, 'row')}()",
+                table_ident(spec.table).as_string(conn),
+                f"{self.channel}_row",
+                f"{self.channel}_stmt",
+            ),
+        )
+        row = await cur.fetchone()
+        return row is not None and row[1] == 2 and row[0] == _digest(wanted[:-1])
+
+    def _fn_name(self, spec: TableSpec, part: str) -> str:
+        return f"{self.channel}_{split_table(spec.table)[1]}_{part}"
+
+    def _trigger_sql(self, spec: TableSpec) -> list[sql.Composed]:
         cap = self.channel
-        _, name = split_table(spec.table)
-        row_fn = sql.Identifier(SCHEMA, f"{cap}_{name}_row")
-        stmt_fn = sql.Identifier(SCHEMA, f"{cap}_{name}_stmt")
+        row_fn = sql.Identifier(SCHEMA, self._fn_name(spec, "row"))
+        stmt_fn = sql.Identifier(SCHEMA, self._fn_name(spec, "stmt"))
+        out: list[sql.Composed] = []
         k, tbl = sql.Identifier(spec.key), sql.Literal(spec.table)
         insert = sql.SQL("INSERT INTO {ob} (tbl, key, op) VALUES").format(ob=self.outbox)
-        await conn.execute(
+        out.append(
             sql.SQL(
                 "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $f$\n"
                 "BEGIN\n"
@@ -95,7 +138,7 @@ class OutboxCapture:
                 "END $f$"
             ).format(fn=row_fn, ins=insert, tbl=tbl, k=k)
         )
-        await conn.execute(
+        out.append(
             sql.SQL(
                 "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $f$\n"
                 "BEGIN\n"
@@ -114,14 +157,20 @@ class OutboxCapture:
             ),
         ):
             fn = row_fn if trig.endswith("_row") else stmt_fn
-            await conn.execute(
+            out.append(
                 sql.SQL("DROP TRIGGER IF EXISTS {n} ON {t}").format(n=sql.Identifier(trig), t=t)
             )
-            await conn.execute(
+            out.append(
                 sql.SQL("CREATE TRIGGER {n} " + ddl + " EXECUTE FUNCTION {fn}()").format(
                     n=sql.Identifier(trig), t=t, fn=fn
                 )
             )
+        out.append(
+            sql.SQL("COMMENT ON FUNCTION {fn}() IS {d}").format(
+                fn=row_fn, d=sql.Literal(_digest(out))
+            )
+        )
+        return out
 
     async def teardown(self) -> None:
         async with self.source.session() as conn:
@@ -148,10 +197,7 @@ class OutboxCapture:
                         await conn.execute(f"DROP FUNCTION IF EXISTS {fn}")
                     await conn.execute(sql.SQL("DROP TABLE IF EXISTS {ob}").format(ob=self.outbox))
                     await conn.execute(f"DROP SEQUENCE IF EXISTS {self.seq}")
-                    if await _exists(conn, f"{SCHEMA}.snapshots"):
-                        await conn.execute(
-                            f"DELETE FROM {SCHEMA}.snapshots WHERE capture = %s", (self.channel,)
-                        )
+        await self.source.forget_snapshots()
 
     # -- the feed -------------------------------------------------------------------------
     async def write_keys(
@@ -264,6 +310,11 @@ class OutboxCapture:
             with contextlib.suppress(psycopg.Error):
                 await self._listener.close()
             self._listener = None
+
+
+def _digest(statements: list[sql.Composed]) -> str:
+    text = "\n".join(st.as_string(None) for st in statements)
+    return "vectorsync " + xxhash.xxh3_64_hexdigest(text.encode())
 
 
 async def _exists(conn: psycopg.AsyncConnection[Any], name: str) -> bool:

@@ -445,6 +445,11 @@ class PostgresSource:
     async def forget_snapshots(self) -> None:
         async with self.session() as conn:
             with wrap_errors("reset snapshot progress"):
+                found = await (
+                    await conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.snapshots",))
+                ).fetchone()
+                if found is None or found[0] is None:
+                    return
                 await conn.execute(
                     f"DELETE FROM {SCHEMA}.snapshots WHERE capture = %s", (self.slot,)
                 )

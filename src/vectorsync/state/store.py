@@ -152,10 +152,16 @@ class StateStore:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         where = url.render_as_string(hide_password=True)
-        with wrap_errors(f"open {where}"), engine.begin() as conn:
-            if engine.dialect.name == "postgresql":  # one migrator at a time
-                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('vectorsync-state'))"))
-            migrate(conn)
+        try:
+            with wrap_errors(f"open {where}"), engine.begin() as conn:
+                if engine.dialect.name == "postgresql":  # one migrator at a time
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(hashtext('vectorsync-state'))")
+                    )
+                migrate(conn)
+        except BaseException:
+            engine.dispose()
+            raise
         self._engine = engine
 
     async def close(self) -> None:
