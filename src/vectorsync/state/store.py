@@ -155,9 +155,7 @@ class StateStore:
         try:
             with wrap_errors(f"open {where}"), engine.begin() as conn:
                 if engine.dialect.name == "postgresql":  # one migrator at a time
-                    conn.execute(
-                        text("SELECT pg_advisory_xact_lock(hashtext('vectorsync-state'))")
-                    )
+                    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('vectorsync-state'))"))
                 migrate(conn)
         except BaseException:
             engine.dispose()
