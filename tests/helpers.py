@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import random
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,12 @@ async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> 
 async def check(config_path: Path, app: App) -> None:
     """The project's qdrant-edge folder matches the app's rows."""
     await assert_edge_converged(load(config_path), app, config_path.parent)
+
+
+def wait_for(condition: Callable[[], bool], deadline: float) -> None:
+    """Poll ``condition`` until it holds; TimeoutError after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met before the deadline")
+        time.sleep(0.02)

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_crash import wait_for
-from tests.helpers import App, write_config
+from tests.helpers import App, wait_for, write_config
 
 
 def cli(

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_crash import wait_for
-from tests.helpers import App, write_config
+from tests.helpers import App, wait_for, write_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FAULTY_TEXT = "{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}"

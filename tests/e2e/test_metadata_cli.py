@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.test_cli import cli
-from tests.e2e.test_crash import wait_for
-from tests.helpers import App, write_config
+from tests.helpers import App, wait_for, write_config
 
 FAULTY_TEXT = "{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}"
 
