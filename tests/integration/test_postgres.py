@@ -8,7 +8,6 @@ import asyncio
 import random
 import string
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.e2e.test_cli import cli
 from tests.helpers import PgApp, check, load, sync_once, write_config
 from tests.pgserver import PASSWORD, PgServer
 from vectorsync.embed.hash import HashEmbedder
@@ -194,16 +194,7 @@ async def test_snapshot_resumes_after_the_last_committed_page(
 def _cli(
     workdir: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "vectorsync", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
+    return cli(*args, cwd=workdir, env=env)
 
 
 def test_tables_without_a_usable_key_are_refused(workdir: Path, pgapp: PgApp) -> None:

@@ -259,8 +259,9 @@ class PostgresSource:
                     f"{k!r} (deletes would not carry it); run ALTER TABLE {t} REPLICA IDENTITY "
                     f"FULL, or make {k!r} the primary key, or use capture = 'outbox'"
                 )
-        col_type = cols[k]
-        self._key_types[t] = (col_type.lower(), col_type in ("INTEGER", "BIGINT", "SMALLINT"))
+        if k not in cols:
+            raise ConfigError(f"source {self.name!r}: table {t!r} has no column {k!r}")
+        await self.key_type(t, k)
 
     def key_of(self, table: str, raw: Any) -> Key:
         return raw if isinstance(raw, int) else str(raw)
