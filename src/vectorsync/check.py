@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -155,8 +155,10 @@ class Checker:
         schema_version: str,
         state: StateStore,
         digest_columns: tuple[str, ...],
+        resolve: Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None = None,
     ) -> None:
         self.mapping, self.source, self.table, self.key = mapping, source, table, key
+        self.resolve = resolve  # completes rows as the sync does (related fields)
         self.renderer, self.sink, self.collection = renderer, sink, collection
         self.payload_fields = tuple(payload_fields)
         self.model_id, self.schema_version = model_id, schema_version
@@ -184,9 +186,27 @@ class Checker:
             point_id=pid,
         )
 
+    async def _rows(self, page: int = 2000) -> AsyncIterator[dict[str, Any]]:
+        """Every current source row, completed the way the sync completes it."""
+        if self.resolve is None:
+            async for row in self.source.scan(self.table, self.key):
+                yield row
+            return
+        rows: dict[Key, dict[str, Any]] = {}
+        async for row in self.source.scan(self.table, self.key, page=page):
+            rows[row[self.key]] = row
+            if len(rows) >= page:
+                await self.resolve(rows)
+                for done in rows.values():
+                    yield done
+                rows = {}
+        await self.resolve(rows)
+        for done in rows.values():
+            yield done
+
     async def _read_source(self) -> tuple[_Side, int]:
         side, unrenderable = _Side(), 0
-        async for row in self.source.scan(self.table, self.key):
+        async for row in self._rows():
             entry = self._source_entry(row)
             if entry is None:
                 unrenderable += 1
@@ -261,7 +281,7 @@ class Checker:
         started = time.monotonic()
         sums = [[0, 0] for _ in range(BUCKETS)]
         rows = 0
-        async for row in self.source.scan(self.table, self.key):
+        async for row in self._rows():
             d = row_digest(row, self.digest_columns)
             acc = sums[_bucket(row[self.key])]
             acc[0] += d >> 31
@@ -291,7 +311,7 @@ class Checker:
         wanted = set(buckets)
         synced = await self.state.bucket_digests(self.mapping, buckets)
         current: dict[str, tuple[Key, int]] = {}
-        async for row in self.source.scan(self.table, self.key):
+        async for row in self._rows():
             key = row[self.key]
             if _bucket(key) in wanted:
                 current[str(key)] = (key, row_digest(row, self.digest_columns))
@@ -313,6 +333,8 @@ class Checker:
         keys = [row[self.key] async for row in self.source.scan(self.table, self.key)]
         chosen = random.Random(seed).sample(keys, min(size, len(keys)))
         rows = await self.source.fetch(self.table, self.key, chosen)
+        if self.resolve is not None:
+            await self.resolve(rows)
         ids = {point_id(self.mapping, k): k for k in chosen}
         found = {r.id: r for r in await self.sink.retrieve(self.collection, list(ids))}
         drift: list[Drift] = []

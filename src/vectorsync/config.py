@@ -24,12 +24,15 @@ __all__ = [
     "CONFIG_ENV",
     "Config",
     "EmbedderConfig",
+    "FalkorDBSourceConfig",
     "HashEmbedderConfig",
     "HttpConfig",
     "MappingConfig",
+    "Neo4jSourceConfig",
     "PostgresSourceConfig",
     "QdrantEdgeSinkConfig",
     "QdrantSinkConfig",
+    "RelatedConfig",
     "SentenceTransformersEmbedderConfig",
     "SinkConfig",
     "SourceConfig",
@@ -91,7 +94,53 @@ class PostgresSourceConfig(_Frozen):
         return self
 
 
-SourceConfig = Annotated[SqliteSourceConfig | PostgresSourceConfig, Field(discriminator="kind")]
+class _GraphSourceConfig(_Frozen):
+    capture: Literal["outbox", "poll"] = Field(
+        default="outbox",
+        description="outbox: changes written through vectorsync's graph writer (same "
+        "transaction); poll: nodes whose version_property grew (external writers)",
+    )
+    version_property: str = Field(
+        default="updated_at",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="poll: an integer property every writer sets to timestamp() on change",
+    )
+    poll_interval: float = Field(default=0.2, gt=0, description="seconds between polls")
+    poll_grace: float = Field(
+        default=1.0,
+        ge=0,
+        description="poll: versions newer than this many seconds are read at the next poll "
+        "(writers in the same millisecond may still be committing)",
+    )
+
+
+class FalkorDBSourceConfig(_GraphSourceConfig):
+    kind: Literal["falkordb"]
+    url: str = Field(
+        default="redis://127.0.0.1:6379", description="redis://[:password@]host:port of FalkorDB"
+    )
+    graph: str = Field(min_length=1, description="the graph's name (GRAPH.QUERY key)")
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> FalkorDBSourceConfig:
+        if not self.url.startswith(("redis://", "rediss://", "falkor://", "unix://")):
+            raise ValueError("url must start with redis:// (e.g. redis://127.0.0.1:6379)")
+        return self
+
+
+class Neo4jSourceConfig(_GraphSourceConfig):
+    kind: Literal["neo4j"]
+    url: str = Field(description="bolt://host:7687 or neo4j://host:7687")
+    user: str = "neo4j"
+    password: SecretStr | None = None
+    database: str | None = Field(default=None, description="default: the server's default")
+
+
+SourceConfig = Annotated[
+    SqliteSourceConfig | PostgresSourceConfig | FalkorDBSourceConfig | Neo4jSourceConfig,
+    Field(discriminator="kind"),
+]
+GRAPH_SOURCES = (FalkorDBSourceConfig, Neo4jSourceConfig)
 
 
 class QdrantEdgeSinkConfig(_Frozen):
@@ -139,10 +188,49 @@ EmbedderConfig = Annotated[
 ]
 
 
+class RelatedConfig(_Frozen):
+    """Fields pulled from related records: a join (SQL sources) or a pattern (graphs)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    table: str | None = Field(default=None, description="SQL: the related table")
+    on: dict[str, str] | None = Field(
+        default=None,
+        description='SQL: {related column = "mapped table column"}, e.g. { id = "doc_id" }',
+    )
+    pattern: str | None = Field(
+        default=None,
+        description="graph: a Cypher pattern from the mapped node, e.g. "
+        '"(d:Document)-[:HAS_CHUNK]->(c)"',
+    )
+    key: str = Field(default="id", description="the related table's key column / property")
+    fields: dict[str, str] = Field(
+        min_length=1,
+        description="output name = related column (SQL) or Cypher expression (e.g. d.title)",
+    )
+    many: bool = Field(
+        default=False, description="lists of every related record's values (else the first's)"
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RelatedConfig:
+        if (self.pattern is None) == (self.table is None):
+            raise ValueError(
+                "set either pattern (graph sources) or table and on (SQL sources), not both"
+            )
+        if self.table is not None and (self.on is None or len(self.on) != 1):
+            raise ValueError(
+                'a SQL relation needs on = { <related column> = "<mapped table column>" }'
+            )
+        return self
+
+
 class MappingConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
     source: str
-    table: str
+    table: str = Field(default="", description="the table (SQL) or node label (graph)")
+    match: str | None = Field(
+        default=None, description='graph: the mapped nodes, e.g. "(c:DocumentChunk)"'
+    )
     key: str = "id"
     text: str = Field(min_length=1, description="Jinja2 template over the row")
     payload: tuple[str, ...] = ()
@@ -152,6 +240,31 @@ class MappingConfig(_Frozen):
     max_text_length: int = Field(
         default=20_000, gt=0, description="longer rendered text is dead-lettered"
     )
+    related: tuple[RelatedConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _table_or_match(self) -> MappingConfig:
+        if self.match is not None:
+            from .related import node_pattern
+
+            _, label = node_pattern(self.match)
+            if self.table and self.table != label:
+                raise ValueError(f"table {self.table!r} and match label {label!r} differ")
+            object.__setattr__(self, "table", label)
+        if not self.table:
+            raise ValueError('set table (SQL sources) or match (graphs, e.g. "(c:Chunk)")')
+        outputs: set[str] = set()
+        for rel in self.related:
+            if rel.pattern is not None and self.match is None:
+                raise ValueError(
+                    f"related {rel.name!r} uses a pattern: name the mapped nodes with match, "
+                    'e.g. match = "(c:DocumentChunk)"'
+                )
+            for field in rel.fields:
+                if field in outputs:
+                    raise ValueError(f"related field {field!r} is declared twice")
+                outputs.add(field)
+        return self
 
     @property
     def collection_name(self) -> str:

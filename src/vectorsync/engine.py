@@ -12,7 +12,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -26,6 +26,7 @@ from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .check import Checker, CheckReport
 from .config import (
+    GRAPH_SOURCES,
     Config,
     EmbedderConfig,
     HashEmbedderConfig,
@@ -33,6 +34,7 @@ from .config import (
     PostgresSourceConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
+    RelatedConfig,
     SinkConfig,
     SourceConfig,
 )
@@ -49,6 +51,8 @@ from .events import (
     Synced,
 )
 from .metrics import SourceStats
+from .model import Key
+from .related import Relation, node_pattern, pattern_nodes, resolve
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
 from .sources.base import Source, TableSpec
@@ -139,6 +143,18 @@ def build_embedder(name: str, cfg: EmbedderConfig) -> Embedder:
     )
 
 
+def _relation_definition(rel: Relation) -> dict[str, Any]:
+    return {
+        "name": rel.name,
+        "table": rel.table,
+        "key": rel.key,
+        "fields": [list(f) for f in rel.fields],
+        "many": rel.many,
+        "on": list(rel.on) if rel.on else None,
+        "pattern": rel.pattern,
+    }
+
+
 def _used(config: Config, attr: str) -> set[str]:
     return {getattr(m, attr) for m in config.mappings}
 
@@ -191,7 +207,8 @@ class Engine:
         self.sinks = dict(sinks)
         self.embedders = dict(embedders)
         self.backoff = backoff or Backoff()
-        self._columns: dict[str, dict[str, str]] = {}
+        self._columns: dict[str, dict[str, str]] = {}  # per mapping, with related fields
+        self._relations: dict[str, tuple[Relation, ...]] = {}
         self._runtimes: list[MappingRuntime] | None = None
         self._opened: list[Any] = []
         self._sinks_open = False
@@ -242,32 +259,113 @@ class Engine:
 
     async def _validate(self) -> None:
         for m in self.config.mappings:
-            cols = await self.sources[m.source].columns(m.table)
-            self._columns[m.name] = cols
-            where = f"mapping {m.name!r}"
-            listed = f"(columns: {', '.join(cols)})"
-            if m.key not in cols:
-                raise ConfigError(
-                    f"{where}: key {m.key!r} not in source table {m.table!r} {listed}"
-                )
-            for field in sorted(template_columns(m.text) - set(cols)):
-                raise ConfigError(
-                    f"{where}: text template uses {field!r}, not a column of source table "
-                    f"{m.table!r} {listed}"
-                )
-            for field in m.payload:
-                if field not in cols:
-                    raise ConfigError(
-                        f"{where}: payload field {field!r} not in source table {m.table!r} {listed}"
-                    )
-        keys: dict[tuple[str, str], str] = {}
+            await self._validate_mapping(m)
+        keys: dict[tuple[str, str], tuple[str, str]] = {}
         for m in self.config.mappings:
-            other = keys.setdefault((m.source, m.table), m.key)
-            if other != m.key:
-                raise ConfigError(
-                    f"mapping {m.name!r}: table {m.table!r} is already keyed by {other!r} in "
-                    "another mapping; all mappings of one table must use the same key"
+            specs = [(m.table, m.key), *((r.table, r.key) for r in self._relations[m.name])]
+            for table, key in specs:
+                other, where = keys.setdefault((m.source, table), (key, m.name))
+                if other != key:
+                    raise ConfigError(
+                        f"mapping {m.name!r}: table {table!r} is already keyed by {other!r} in "
+                        f"mapping {where!r}; every use of one table must use the same key"
+                    )
+
+    def _graph(self, m: MappingConfig) -> bool:
+        return isinstance(self.config.sources.get(m.source), GRAPH_SOURCES)
+
+    async def _validate_mapping(self, m: MappingConfig) -> None:
+        source = self.sources[m.source]
+        cols = await source.columns(m.table)
+        where = f"mapping {m.name!r}"
+        what = "node label" if self._graph(m) else "source table"
+        relations = [self._relation(m, r) for r in m.related]
+        for rel in relations:
+            cols.update(await self._related_columns(m, rel, cols))
+        self._relations[m.name] = tuple(relations)
+        self._columns[m.name] = cols
+        listed = f"(columns: {', '.join(c for c in cols if not c.startswith('@'))})"
+        used = [
+            ("key", m.key),
+            *(("text template field", f) for f in sorted(template_columns(m.text))),
+            *(("payload field", f) for f in m.payload),
+        ]
+        for role, field in used:
+            if field in cols:
+                continue
+            if self._graph(m) and (role != "key" or not cols):
+                # schemaless: a property may be set on no node yet; it reads as NULL
+                logger.warning(
+                    "%s: %s %r is not set on any sampled %s node",
+                    where,
+                    role,
+                    field,
+                    m.table,
+                    extra={"action": "validate", "mapping": m.name},
                 )
+                cols[field] = ""
+                continue
+            raise ConfigError(f"{where}: {role} {field!r} not in {what} {m.table!r} {listed}")
+
+    def _relation(self, m: MappingConfig, r: RelatedConfig) -> Relation:
+        where = f"mapping {m.name!r}: related {r.name!r}"
+        fields = tuple(r.fields.items())
+        if self._graph(m) != (r.pattern is not None):
+            use = "pattern" if self._graph(m) else "table and on"
+            raise ConfigError(f"{where}: source {m.source!r} takes {use} for a relation")
+        if r.pattern is None:
+            assert r.table is not None and r.on is not None
+            [(rc, oc)] = r.on.items()
+            return Relation(
+                name=r.name, table=r.table, key=r.key, fields=fields, many=r.many, on=(rc, oc)
+            )
+        assert m.match is not None
+        owner_var, _ = node_pattern(m.match)
+        nodes = pattern_nodes(r.pattern)
+        others = [(v, label) for v, label in nodes if v != owner_var and label]
+        if owner_var not in {v for v, _ in nodes} or len(others) != 1 or not others[0][0]:
+            raise ConfigError(
+                f"{where}: pattern {r.pattern!r} must contain the mapped node ({owner_var}) "
+                "and one other node with a variable and a label, e.g. "
+                f"(d:Document)-[:HAS_CHUNK]->({owner_var})"
+            )
+        ((related_var, label),) = others
+        return Relation(
+            name=r.name,
+            table=label,
+            key=r.key,
+            fields=fields,
+            many=r.many,
+            pattern=r.pattern,
+            owner_var=owner_var,
+            related_var=related_var,
+        )
+
+    async def _related_columns(
+        self, m: MappingConfig, rel: Relation, owner: dict[str, str]
+    ) -> dict[str, str]:
+        """The types of a relation's fields (list types when ``many``), checked against the
+        related table; ``@name`` holds the related keys."""
+        where = f"mapping {m.name!r}: related {rel.name!r}"
+        cols = await self.sources[m.source].columns(rel.table)
+        listed = f"(columns: {', '.join(cols)})"
+        if rel.on is not None:
+            needed = [("key", rel.key), ("on", rel.on[0]), *(("field", c) for _, c in rel.fields)]
+            for role, column in needed:
+                if column not in cols:
+                    raise ConfigError(
+                        f"{where}: {role} {column!r} not in table {rel.table!r} {listed}"
+                    )
+            if rel.on[1] not in owner:
+                raise ConfigError(f"{where}: on {rel.on[1]!r} not in table {m.table!r}")
+        types: dict[str, str] = {}
+        for out, expr in rel.fields:
+            if out in owner:
+                raise ConfigError(f"{where}: field {out!r} is also a column of {m.table!r}")
+            prop = expr.removeprefix(f"{rel.related_var}.") if rel.pattern else expr
+            declared = cols.get(prop, "")
+            types[out] = f"LIST<{declared}>" if rel.many and declared else declared
+        return {**types, rel.deps_column: "LIST"}
 
     # -- preparing to sync --------------------------------------------------------------
     async def prepare(self) -> list[MappingRuntime]:
@@ -281,9 +379,13 @@ class Engine:
         await self._open_sinks()
         for name, source in self.sources.items():
             specs = {
-                TableSpec(table=m.table, key=m.key)
+                spec
                 for m in self.config.mappings
                 if m.source == name
+                for spec in (
+                    TableSpec(table=m.table, key=m.key),
+                    *(TableSpec(table=r.table, key=r.key) for r in self._relations[m.name]),
+                )
             }
             ordered = sorted(specs, key=lambda s: s.table)
             new = await retrying(
@@ -321,7 +423,7 @@ class Engine:
         record. Its digest is the schema version written into each point."""
         columns = self._columns[m.name]
         used = self._digest_columns(m)
-        return {
+        part: dict[str, Any] = {
             "table": m.table,
             "key": m.key,
             "text": m.text,
@@ -332,6 +434,9 @@ class Engine:
             "distance": distance,
             "column_types": {c: columns[c] for c in used},
         }
+        if self._relations[m.name]:  # absent otherwise: older versions stay valid
+            part["related"] = [_relation_definition(r) for r in self._relations[m.name]]
+        return part
 
     def _index_types(self, m: MappingConfig) -> dict[str, IndexType]:
         indexes: dict[str, IndexType] = {}
@@ -382,10 +487,29 @@ class Engine:
             schema_version=sync_digest,
             digest_columns=self._digest_columns(m),
             int_key=self._columns[m.name][m.key].upper() in _INT_TYPES,
+            relations=self._relations[m.name],
+            resolve=self._resolver(m),
+        )
+
+    def _resolver(
+        self, m: MappingConfig
+    ) -> Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None:
+        """How re-read rows are completed before rendering: related fields, and (graph
+        sources) NULL for properties a node does not have."""
+        relations, graph = self._relations[m.name], self._graph(m)
+        if not relations and not graph:
+            return None
+        return partial(
+            resolve,
+            self.sources[m.source],
+            TableSpec(table=m.table, key=m.key),
+            relations,
+            columns=self._digest_columns(m) if graph else (),
         )
 
     def _digest_columns(self, m: MappingConfig) -> tuple[str, ...]:
-        return tuple(sorted({m.key, *m.payload, *template_columns(m.text)}))
+        deps = [r.deps_column for r in self._relations[m.name]]
+        return tuple(sorted({m.key, *m.payload, *template_columns(m.text), *deps}))
 
     def _is_text_key(self, m: MappingConfig) -> bool:
         return index_type_for(self._columns[m.name][m.key]) != "integer"
@@ -618,6 +742,7 @@ class Engine:
             schema_version=current,
             state=self.state,
             digest_columns=self._digest_columns(m),
+            resolve=self._resolver(m),
         )
 
     async def check(

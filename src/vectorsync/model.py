@@ -110,6 +110,8 @@ class RecordState:
     synced_at: float
     payload: Mapping[str, Any] = field(default_factory=dict, compare=False)  # as last written
     row_digest: int = 0  # of the source row's used columns, as last synced (see row_digest)
+    # relation name → the related keys the record was built from (None: no relations)
+    deps: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -43,9 +43,10 @@ from .model import (
     point_id,
     row_digest,
 )
+from .related import Relation
 from .render import Renderer
 from .sinks.base import Sink
-from .sources.base import Source
+from .sources.base import Source, TableSpec
 from .state.runs import ErrorEntry
 from .state.store import BatchCommit, DeadLetter, StateStore
 
@@ -68,10 +69,20 @@ class MappingRuntime:
     schema_version: str
     digest_columns: tuple[str, ...] = ()  # the row columns the mapping reads (row_digest)
     int_key: bool = False  # keys are integers (record state keeps them as text)
+    relations: tuple[Relation, ...] = ()
+    # completes re-read rows for rendering (related fields, absent graph properties)
+    resolve: Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def spec(self) -> TableSpec:
+        return TableSpec(table=self.config.table, key=self.config.key)
+
+    def native_key(self, key: str) -> Key:
+        return int(key) if self.int_key else key
 
     @property
     def collection(self) -> str:
@@ -149,8 +160,12 @@ class SourceWorker:
         self.run_id = run_id
         self.state = state
         self._by_table: dict[str, list[MappingRuntime]] = {}
+        # related table → the (mapping, relation) pairs built from its records (fan-out)
+        self._watch: dict[str, list[tuple[MappingRuntime, Relation]]] = {}
         for m in mappings:
             self._by_table.setdefault(m.config.table, []).append(m)
+            for rel in m.relations:
+                self._watch.setdefault(rel.table, []).append((m, rel))
         self._batch_size = batch_size
         self._max_in_flight = max_in_flight
         self._poll = poll_interval
@@ -313,6 +328,7 @@ class SourceWorker:
             committed_at=[c.committed_at for c in changes],
         )
         self.stats.captured += len(changes)
+        await self._fan_out(by_table)
         for table, keyed in by_table.items():
             mappings = self._by_table.get(table, [])
             if not mappings:
@@ -323,10 +339,50 @@ class SourceWorker:
                 self._stop,
             )
             for m in mappings:
+                own = rows
+                if m.resolve is not None:
+                    own = {k: dict(row) for k, row in rows.items()}
+                    await self._retry(
+                        f"read related records of {table}", partial(m.resolve, own), self._stop
+                    )
                 work = _MappingWork(mapping=m)
-                await self._plan(work, keyed, rows, batch)
+                await self._plan(work, keyed, own, batch)
                 batch.work.append(work)
         return batch
+
+    async def _fan_out(self, by_table: dict[str, dict[Key, Change]]) -> None:
+        """A changed related record re-syncs the records built from it: those related to
+        it now (the relation reversed at the source) and those last built from it (the
+        state store and in-flight batches), which covers deleted records and edges."""
+        for table, keyed in list(by_table.items()):
+            # a snapshot of a related table needs no fan-out: its dependents are
+            # snapshotted too (a new relation changes the mapping's schema version)
+            changed = {k: c for k, c in keyed.items() if c.op != "snapshot"}
+            for m, rel in self._watch.get(table, []) if changed else []:
+                found = await self._retry(
+                    f"find records depending on {table}",
+                    partial(self.source.dependents, m.spec, rel, list(changed)),
+                    self._stop,
+                )
+                related = {str(k) for k in changed}
+                stored = await self.state.dependents(m.name, rel.name, sorted(related))
+                planned = [
+                    key
+                    for (name, key), st in self._overlay.items()
+                    if name == m.name and st is not None and st.deps
+                    if related.intersection(st.deps.get(rel.name, ()))
+                ]
+                last = max(changed.values(), key=lambda c: c.position)
+                target = by_table.setdefault(m.config.table, {})
+                for key in [*found, *(m.native_key(k) for k in [*stored, *planned])]:
+                    if key not in target:
+                        target[key] = Change(
+                            table=m.config.table,
+                            key=key,
+                            op="update",
+                            position=last.position,
+                            committed_at=last.committed_at,
+                        )
 
     async def _truncated(self, change: Change) -> dict[tuple[str, Key], Change]:
         """A TRUNCATE re-checks every key the table's mappings hold: the re-read finds them
@@ -334,7 +390,7 @@ class SourceWorker:
         out: dict[tuple[str, Key], Change] = {}
         for m in self._by_table.get(change.table, []):
             for skey in await self.state.keys(m.name):
-                key: Key = int(skey) if m.int_key else skey
+                key = m.native_key(skey)
                 out[(change.table, key)] = Change(
                     table=change.table,
                     key=key,
@@ -392,6 +448,9 @@ class SourceWorker:
                 synced_at=now,
                 payload=payload,
                 row_digest=row_digest(row, m.digest_columns),
+                deps={r.name: tuple(str(k) for k in row[r.deps_column]) for r in m.relations}
+                if m.relations
+                else None,
             )
             work.done.append(skey)
             if state is None or state.text_hash != text_hash:

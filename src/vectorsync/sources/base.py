@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..model import Change, Key
+from ..related import RelatedRecord, Relation
 
 __all__ = ["Backlog", "Source", "TableSpec"]
 
@@ -77,6 +78,18 @@ class Source(Protocol):
 
     def scan(self, table: str, key: str, *, page: int = 5000) -> AsyncIterator[dict[str, Any]]:
         """Every current row of a table, in key order, a page at a time."""
+        ...
+
+    async def related(
+        self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
+    ) -> dict[Key, list[RelatedRecord]]:
+        """Per owner key, the records related to it now: (related key, field → value)."""
+        ...
+
+    async def dependents(
+        self, owner: TableSpec, rel: Relation, related_keys: Sequence[Key]
+    ) -> list[Key]:
+        """Owner keys related now to any of ``related_keys`` (the relation, reversed)."""
         ...
 
     async def ack(self, position: int) -> None: ...

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..model import Change, Key, Op
+from ..related import RelatedRecord, Relation
 from .base import Backlog, TableSpec
 
 __all__ = ["MemorySource"]
@@ -113,6 +114,32 @@ class MemorySource:
     ) -> AsyncIterator[dict[str, Any]]:
         for k in sorted(self._rows[table], key=lambda v: (str(type(v)), v)):
             yield dict(self._rows[table][k])
+
+    async def related(
+        self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
+    ) -> dict[Key, list[RelatedRecord]]:
+        assert rel.on is not None
+        rc, oc = rel.on
+        owners, related = self._rows[owner.table], self._rows[rel.table].values()
+        found: dict[Key, list[RelatedRecord]] = {}
+        for key in (k for k in keys if k in owners):
+            value = owners[key].get(oc)
+            for r in related:
+                if value is not None and r.get(rc) == value:
+                    fields = {out: r.get(column) for out, column in rel.fields}
+                    found.setdefault(key, []).append((r[rel.key], fields))
+        return found
+
+    async def dependents(
+        self, owner: TableSpec, rel: Relation, related_keys: Sequence[Key]
+    ) -> list[Key]:
+        assert rel.on is not None
+        rc, oc = rel.on
+        values: set[Any] = set(related_keys)
+        if rc != rel.key:
+            rows = self._rows[rel.table]
+            values = {rows[k].get(rc) for k in related_keys if k in rows}
+        return [k for k, row in self._rows[owner.table].items() if row.get(oc) in values]
 
     async def ack(self, position: int) -> None:
         self._outbox = [c for c in self._outbox if c.position > position]

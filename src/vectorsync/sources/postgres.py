@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from ..errors import ConfigError, PermanentError, SourceError
 from ..model import Change, Key
+from ..related import RelatedRecord, Relation
 from .base import Backlog, TableSpec
 
 __all__ = ["PostgresSource", "redact", "wrap_errors"]
@@ -355,6 +356,69 @@ class PostgresSource:
                     for values in await cur.fetchall():
                         row = {n: plain(v) for n, v in zip(names, values, strict=True)}
                         found[self.key_of(table, row[key])] = row
+        return found
+
+    async def related(
+        self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
+    ) -> dict[Key, list[RelatedRecord]]:
+        assert rel.on is not None
+        rc, oc = rel.on
+        owner_type, _ = await self.key_type(owner.table, owner.key)
+        query = sql.SQL(
+            "SELECT o.{ok}, r.{rk}, {cols} FROM {o} AS o JOIN {r} AS r ON r.{rc} = o.{oc} "
+            "WHERE o.{ok} = ANY(%s::{ty}[])"
+        ).format(
+            ok=sql.Identifier(owner.key),
+            rk=sql.Identifier(rel.key),
+            cols=sql.SQL(", ").join(
+                sql.SQL("r.{}").format(sql.Identifier(c)) for _, c in rel.fields
+            ),
+            o=table_ident(owner.table),
+            r=table_ident(rel.table),
+            rc=sql.Identifier(rc),
+            oc=sql.Identifier(oc),
+            ty=sql.SQL(owner_type),
+        )
+        found: dict[Key, list[RelatedRecord]] = {}
+        async with self.session() as conn:
+            with wrap_errors(f"read {rel.name!r} of {owner.table!r}"):
+                for i in range(0, len(keys), _FETCH_CHUNK):
+                    chunk = [str(k) for k in keys[i : i + _FETCH_CHUNK]]
+                    for values in await (await conn.execute(query, (chunk,))).fetchall():
+                        fields = {o: plain(v) for o, v in zip(rel.outputs, values[2:], strict=True)}
+                        related = (self.key_of(rel.table, values[1]), fields)
+                        found.setdefault(self.key_of(owner.table, values[0]), []).append(related)
+        return found
+
+    async def dependents(
+        self, owner: TableSpec, rel: Relation, related_keys: Sequence[Key]
+    ) -> list[Key]:
+        assert rel.on is not None
+        rc, oc = rel.on
+        rel_type, _ = await self.key_type(rel.table, rel.key)
+        names = {
+            "ok": sql.Identifier(owner.key),
+            "o": table_ident(owner.table),
+            "r": table_ident(rel.table),
+            "rk": sql.Identifier(rel.key),
+            "rc": sql.Identifier(rc),
+            "oc": sql.Identifier(oc),
+            "ty": sql.SQL(rel_type),
+        }
+        if rc == rel.key:  # the owner holds the related key: no join (works after deletes)
+            query = sql.SQL("SELECT o.{ok} FROM {o} AS o WHERE o.{oc} = ANY(%s::{ty}[])")
+        else:
+            query = sql.SQL(
+                "SELECT DISTINCT o.{ok} FROM {o} AS o JOIN {r} AS r ON r.{rc} = o.{oc} "
+                "WHERE r.{rk} = ANY(%s::{ty}[])"
+            )
+        found: list[Key] = []
+        async with self.session() as conn:
+            with wrap_errors(f"find records depending on {rel.table!r}"):
+                for i in range(0, len(related_keys), _FETCH_CHUNK):
+                    chunk = [str(k) for k in related_keys[i : i + _FETCH_CHUNK]]
+                    cur = await conn.execute(query.format(**names), (chunk,))
+                    found.extend(self.key_of(owner.table, r[0]) for r in await cur.fetchall())
         return found
 
     async def scan(

@@ -22,6 +22,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from .._blocking import BlockingLane
 from ..errors import ConfigError, PermanentError, SourceError
 from ..model import Change, Key, decode_text
+from ..related import RelatedRecord, Relation
 from .base import Backlog, TableSpec
 
 __all__ = ["OUTBOX", "SqliteSource"]
@@ -269,6 +270,55 @@ class SqliteSource:
                 for values in cur:
                     row = dict(zip(names, values, strict=True))
                     found[row[key]] = row
+        return found
+
+    async def related(
+        self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
+    ) -> dict[Key, list[RelatedRecord]]:
+        return await self._lane.run(self._related, owner, rel, list(keys))
+
+    def _related(
+        self, owner: TableSpec, rel: Relation, keys: list[Key]
+    ) -> dict[Key, list[RelatedRecord]]:
+        assert rel.on is not None
+        rc, oc = rel.on
+        cols = ", ".join(f"r.{_quote(column)}" for _, column in rel.fields)
+        query = (
+            f"SELECT o.{_quote(owner.key)}, r.{_quote(rel.key)}, {cols} "
+            f"FROM {_quote(owner.table)} AS o JOIN {_quote(rel.table)} AS r "
+            f"ON r.{_quote(rc)} = o.{_quote(oc)} WHERE o.{_quote(owner.key)} IN "
+        )
+        found: dict[Key, list[RelatedRecord]] = {}
+        with wrap_errors(f"read {rel.name!r} of {owner.table!r}"):
+            for i in range(0, len(keys), _FETCH_CHUNK):
+                chunk = keys[i : i + _FETCH_CHUNK]
+                for values in self._db.execute(query + f"({','.join('?' * len(chunk))})", chunk):
+                    fields = dict(zip(rel.outputs, values[2:], strict=True))
+                    found.setdefault(values[0], []).append((values[1], fields))
+        return found
+
+    async def dependents(
+        self, owner: TableSpec, rel: Relation, related_keys: Sequence[Key]
+    ) -> list[Key]:
+        return await self._lane.run(self._dependents, owner, rel, list(related_keys))
+
+    def _dependents(self, owner: TableSpec, rel: Relation, related_keys: list[Key]) -> list[Key]:
+        assert rel.on is not None
+        rc, oc = rel.on
+        ok, o = _quote(owner.key), _quote(owner.table)
+        if rc == rel.key:  # the owner holds the related key: no join (works after deletes)
+            query = f"SELECT o.{ok} FROM {o} AS o WHERE o.{_quote(oc)} IN "
+        else:
+            query = (
+                f"SELECT DISTINCT o.{ok} FROM {o} AS o JOIN {_quote(rel.table)} AS r "
+                f"ON r.{_quote(rc)} = o.{_quote(oc)} WHERE r.{_quote(rel.key)} IN "
+            )
+        found: list[Key] = []
+        with wrap_errors(f"find records depending on {rel.table!r}"):
+            for i in range(0, len(related_keys), _FETCH_CHUNK):
+                chunk = related_keys[i : i + _FETCH_CHUNK]
+                rows = self._db.execute(query + f"({','.join('?' * len(chunk))})", chunk)
+                found.extend(r[0] for r in rows)
         return found
 
     async def scan(

@@ -109,6 +109,18 @@ record_state = Table(
     Index("ix_record_state_bucket", "mapping", "bucket", "digest_hi", "digest_lo"),
 )
 
+# which related records (a SQL join, a graph pattern) each record was last built from:
+# a change to one of them re-syncs exactly these records, even after it is deleted
+record_deps = Table(
+    "record_deps",
+    metadata,
+    Column("mapping", String(200), primary_key=True),
+    Column("relation", String(200), primary_key=True),
+    Column("related_key", String(1000), primary_key=True),
+    Column("key", String(1000), primary_key=True),
+    Index("ix_record_deps_key", "mapping", "key"),
+)
+
 embedding_cache = Table(
     "embedding_cache",
     metadata,

@@ -330,6 +330,26 @@ class StateStore:
                 conn.execute(
                     delete(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]))
                 )
+        self._apply_deps(conn, batch)
+
+    def _apply_deps(self, conn: Connection, batch: BatchCommit) -> None:
+        """Replace the related keys of every record written (or drop them if deleted)."""
+        d = s.record_deps
+        built = [r for r in batch.upserts if r.deps is not None]
+        gone = _group([*((r.mapping, r.key) for r in built), *batch.deletes])
+        for mapping, keys in gone.items():
+            for i in range(0, len(keys), _CHUNK):
+                conn.execute(
+                    delete(d).where(d.c.mapping == mapping, d.c.key.in_(keys[i : i + _CHUNK]))
+                )
+        rows = [
+            {"mapping": r.mapping, "relation": rel, "related_key": rk, "key": r.key}
+            for r in built
+            for rel, related in (r.deps or {}).items()
+            for rk in dict.fromkeys(related)
+        ]
+        if rows:
+            conn.execute(d.insert(), rows)
 
     def _apply_dead_letters(self, conn: Connection, batch: BatchCommit, now: float) -> None:
         t = s.dead_letter
@@ -608,6 +628,25 @@ class StateStore:
             return [k for (k,) in conn.execute(select(t.c.key).where(t.c.mapping == mapping))]
 
         return await self._tx("read keys", read)
+
+    async def dependents(
+        self, mapping: str, relation: str, related_keys: Sequence[str]
+    ) -> list[str]:
+        """Keys of ``mapping`` last built from any of ``related_keys`` of ``relation``."""
+        d = s.record_deps
+
+        def read(conn: Connection) -> list[str]:
+            found: list[str] = []
+            for i in range(0, len(related_keys), _CHUNK):
+                query = select(d.c.key).where(
+                    d.c.mapping == mapping,
+                    d.c.relation == relation,
+                    d.c.related_key.in_(list(related_keys[i : i + _CHUNK])),
+                )
+                found.extend(k for (k,) in conn.execute(query))
+            return found
+
+        return await self._tx("read record dependencies", read)
 
     async def forget(self, mapping: str, keys: Sequence[str]) -> None:
         """Drop record state, so the next sync of those keys writes them in full (repair)."""
