@@ -7,19 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, PgApp
+from tests.falkordbserver import FalkorDBServer
+from tests.helpers import App, GraphApp, PgApp
 from tests.pgserver import PgServer
 
 # Tests marked ``all_sources`` run once per source kind; the rest on SQLite only.
 # VECTORSYNC_TEST_SOURCES narrows the list (e.g. "sqlite" for a quick local run).
-ALL_SOURCES = ["sqlite", "pg-logical", "pg-outbox"]
+ALL_SOURCES = ["sqlite", "pg-logical", "pg-outbox", "falkordb"]
 SOURCES = [s for s in os.environ.get("VECTORSYNC_TEST_SOURCES", ",".join(ALL_SOURCES)).split(",")]
 _databases = itertools.count(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "all_sources: runs against every source kind (SQLite, PostgreSQL x2)"
+        "markers",
+        "all_sources: runs against every source kind (SQLite, PostgreSQL x2, FalkorDB)",
     )
 
 
@@ -72,6 +74,22 @@ def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
         drop_database(server, name)
 
 
+@pytest.fixture(scope="session")
+def falkordb() -> Iterator[FalkorDBServer]:
+    """One throwaway FalkorDB server for the whole session (each test uses its own graph)."""
+    server = FalkorDBServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def graph_name() -> str:
+    return f"g{next(_databases)}_{os.getpid()}"
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Iterator[Path]:
     """A project folder; relative paths in configs resolve against it."""
@@ -89,6 +107,9 @@ def app(workdir: Path, source_kind: str, request: pytest.FixtureRequest) -> Iter
     application: App
     if source_kind == "sqlite":
         application = App(workdir / "app.db")
+    elif source_kind == "falkordb":
+        server: FalkorDBServer = request.getfixturevalue("falkordb")
+        application = GraphApp(server.url, request.getfixturevalue("graph_name"))
     else:
         url = request.getfixturevalue("pg_url")
         application = PgApp(url, source_kind.removeprefix("pg-"))

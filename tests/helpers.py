@@ -107,6 +107,9 @@ class App:
     def delete(self, key: int) -> None:
         self.execute("DELETE FROM articles WHERE id = ?", (key,))
 
+    def change_key(self, old: int, new: int) -> None:
+        self.execute("UPDATE articles SET id = ? WHERE id = ?", (new, old))
+
     def rows(self) -> dict[int, dict[str, Any]]:
         return {
             r[0]: dict(zip(COLUMNS, r, strict=True))
@@ -195,6 +198,80 @@ class PgApp(App):
                     "SELECT pg_logical_emit_message(true, 'vectorsync', %s::bytea)",
                     (orjson.dumps(body),),
                 )
+
+
+class GraphApp(App):
+    """The same application on FalkorDB: ``articles`` nodes, written through vectorsync's
+    graph writer (which records each change in the outbox in the same transaction)."""
+
+    kind = "falkordb"
+
+    def __init__(self, url: str, graph: str) -> None:
+        import falkordb
+
+        from vectorsync.graph import GraphWriter
+
+        self.url, self.graph = url, graph
+        self.writer = GraphWriter(url, graph)
+        self._client = falkordb.FalkorDB.from_url(url)
+        self.g = self._client.select_graph(graph)
+
+    @property
+    def source_toml(self) -> str:
+        return (
+            f'kind = "falkordb"\nurl = "{self.url}"\ngraph = "{self.graph}"\npoll_interval = 0.05'
+        )
+
+    def clone(self) -> GraphApp:
+        return GraphApp(self.url, self.graph)
+
+    def close(self) -> None:
+        self.writer.close()
+        self._client.close()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError("a graph has no SQL: use the App methods")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.writer.transaction():
+            yield
+
+    def inject(self, changes: Sequence[tuple[int, str]]) -> None:
+        import redis
+
+        from vectorsync.sources.falkordb import encode_entry, outbox_key
+
+        client = redis.Redis.from_url(self.url)
+        pipe = client.pipeline()
+        for key, op in changes:
+            pipe.xadd(outbox_key(self.graph), encode_entry("articles", key, op))  # type: ignore[arg-type]
+        pipe.execute()
+        client.close()
+
+    def insert(self, key: int, **values: Any) -> None:
+        row = {"title": f"title {key}", "body": f"body of {key}", "author": "ann", "tags": "a"}
+        self.writer.upsert_node("articles", {"id": key, **row, "published": 2020, **values})
+
+    def update(self, key: int, **values: Any) -> None:
+        self.writer.upsert_node("articles", {"id": key, **values})
+
+    def delete(self, key: int) -> None:
+        self.writer.delete_node("articles", key)
+
+    def change_key(self, old: int, new: int) -> None:
+        self.writer.execute(
+            "MATCH (n:articles {id: $old}) SET n.id = $new",
+            {"old": old, "new": new},
+            changed=[("articles", new)],
+            deleted=[("articles", old)],
+        )
+
+    def rows(self) -> dict[int, dict[str, Any]]:
+        if not self._client.connection.exists(self.graph):
+            return {}
+        found = self.g.ro_query("MATCH (n:articles) RETURN properties(n)").result_set
+        return {r[0]["id"]: {c: r[0].get(c) for c in COLUMNS} for r in found}
 
 
 def write_config(

@@ -130,6 +130,9 @@ class FalkorDBSourceConfig(_GraphSourceConfig):
 
 class Neo4jSourceConfig(_GraphSourceConfig):
     kind: Literal["neo4j"]
+    capture: Literal["outbox", "poll"] = Field(
+        default="poll", description="Neo4j is read by polling version_property"
+    )
     url: str = Field(description="bolt://host:7687 or neo4j://host:7687")
     user: str = "neo4j"
     password: SecretStr | None = None

@@ -29,8 +29,10 @@ from .config import (
     GRAPH_SOURCES,
     Config,
     EmbedderConfig,
+    FalkorDBSourceConfig,
     HashEmbedderConfig,
     MappingConfig,
+    Neo4jSourceConfig,
     PostgresSourceConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
@@ -101,6 +103,30 @@ def build_source(name: str, cfg: SourceConfig, config: Config) -> Source:
             capture=cfg.capture,
             slot=cfg.slot,
             heartbeat_interval=cfg.heartbeat_interval,
+        )
+    if isinstance(cfg, FalkorDBSourceConfig):
+        from .sources.falkordb import FalkorDBSource
+
+        return FalkorDBSource(
+            name,
+            cfg.url,
+            cfg.graph,
+            capture=cfg.capture,
+            version_property=cfg.version_property,
+            poll_grace=cfg.poll_grace,
+        )
+    if isinstance(cfg, Neo4jSourceConfig):
+        from .sources.neo4j import Neo4jSource
+
+        return Neo4jSource(
+            name,
+            cfg.url,
+            user=cfg.user,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            database=cfg.database,
+            capture=cfg.capture,
+            version_property=cfg.version_property,
+            poll_grace=cfg.poll_grace,
         )
     from .sources.sqlite import SqliteSource
 
@@ -432,8 +458,9 @@ class Engine:
             "model": model,
             "dimension": dimension,
             "distance": distance,
-            "column_types": {c: columns[c] for c in used},
         }
+        if not self._graph(m):  # sampled graph property types may vary with the data
+            part["column_types"] = {c: columns[c] for c in used}
         if self._relations[m.name]:  # absent otherwise: older versions stay valid
             part["related"] = [_relation_definition(r) for r in self._relations[m.name]]
         return part

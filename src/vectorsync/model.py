@@ -94,6 +94,7 @@ class Change:
     op: Op
     position: int
     committed_at: float = 0.0
+    relation: str | None = None  # graph: the relationship type whose edge changed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -367,14 +367,14 @@ class SourceWorker:
                 related = {str(k) for k in changed}
                 stored = await self.state.dependents(m.name, rel.name, sorted(related))
                 planned = [
-                    key
-                    for (name, key), st in self._overlay.items()
+                    st.payload.get("_vs_key", st.key)
+                    for (name, _), st in self._overlay.items()
                     if name == m.name and st is not None and st.deps
                     if related.intersection(st.deps.get(rel.name, ()))
                 ]
                 last = max(changed.values(), key=lambda c: c.position)
                 target = by_table.setdefault(m.config.table, {})
-                for key in [*found, *(m.native_key(k) for k in [*stored, *planned])]:
+                for key in [*found, *stored, *planned]:
                     if key not in target:
                         target[key] = Change(
                             table=m.config.table,

@@ -163,7 +163,7 @@ async def test_primary_key_change_moves_the_point(workdir: Path, app: App) -> No
     app.insert(2)
     cfg = write_config(workdir)
     await sync_once(cfg)
-    app.execute("UPDATE articles SET id = 100 WHERE id = 1")
+    app.change_key(1, 100)
     counts = await sync_once(cfg)
     assert counts["deleted"] == 1 and counts["upserted"] == 1
     await check(cfg, app)
@@ -189,6 +189,6 @@ async def test_wait_for_makes_a_write_searchable_the_moment_it_returns(
             [hit] = await engine.sinks["vectors"].retrieve("articles", [point_id("articles", k)])
             assert hit.payload["_vs_key"] == k
         with pytest.raises(TimeoutError, match="not applied within"):
-            await engine.wait_for(10**9, timeout=0.3)
+            await engine.wait_for(2**62, timeout=0.3)  # a position no source has reached
         stop.set()
         await streaming

@@ -118,6 +118,7 @@ record_deps = Table(
     Column("relation", String(200), primary_key=True),
     Column("related_key", String(1000), primary_key=True),
     Column("key", String(1000), primary_key=True),
+    Column("native_key", Text, nullable=False),  # JSON: the key as the source types it
     Index("ix_record_deps_key", "mapping", "key"),
 )
 

@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 
 from .._blocking import BlockingLane
 from ..errors import PermanentError, RetryableError
-from ..model import RecordState, key_bucket
+from ..model import Key, RecordState, key_bucket
 from . import runs as run_log
 from . import schema as s
 from .migrations import migrate
@@ -343,7 +343,13 @@ class StateStore:
                     delete(d).where(d.c.mapping == mapping, d.c.key.in_(keys[i : i + _CHUNK]))
                 )
         rows = [
-            {"mapping": r.mapping, "relation": rel, "related_key": rk, "key": r.key}
+            {
+                "mapping": r.mapping,
+                "relation": rel,
+                "related_key": rk,
+                "key": r.key,
+                "native_key": orjson.dumps(r.payload.get("_vs_key", r.key)).decode(),
+            }
             for r in built
             for rel, related in (r.deps or {}).items()
             for rk in dict.fromkeys(related)
@@ -631,19 +637,20 @@ class StateStore:
 
     async def dependents(
         self, mapping: str, relation: str, related_keys: Sequence[str]
-    ) -> list[str]:
-        """Keys of ``mapping`` last built from any of ``related_keys`` of ``relation``."""
+    ) -> list[Key]:
+        """Keys (as the source types them) of ``mapping`` last built from any of
+        ``related_keys`` of ``relation``."""
         d = s.record_deps
 
-        def read(conn: Connection) -> list[str]:
-            found: list[str] = []
+        def read(conn: Connection) -> list[Key]:
+            found: list[Key] = []
             for i in range(0, len(related_keys), _CHUNK):
-                query = select(d.c.key).where(
+                query = select(d.c.native_key).where(
                     d.c.mapping == mapping,
                     d.c.relation == relation,
                     d.c.related_key.in_(list(related_keys[i : i + _CHUNK])),
                 )
-                found.extend(k for (k,) in conn.execute(query))
+                found.extend(orjson.loads(k) for (k,) in conn.execute(query))
             return found
 
         return await self._tx("read record dependencies", read)

