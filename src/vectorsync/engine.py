@@ -43,6 +43,7 @@ from .config import (
 from .embed.base import Embedder
 from .errors import ConfigError, VectorsyncError, classify
 from .events import (
+    Captured,
     DeadLettered,
     Event,
     EventStream,
@@ -50,10 +51,11 @@ from .events import (
     Inconsistent,
     RunFinished,
     RunStarted,
+    SchemaEvolved,
     Synced,
 )
 from .metrics import SourceStats
-from .model import Key
+from .model import Change, Key
 from .related import Relation, node_pattern, pattern_nodes, resolve
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
@@ -66,6 +68,7 @@ __all__ = ["Engine", "MappingStatus", "RunResult"]
 
 logger = logging.getLogger(__name__)
 _INT_TYPES = frozenset({"INTEGER", "INT", "BIGINT", "SMALLINT"})
+_ACTIONS = {"insert": "created", "update": "updated", "delete": "deleted", "truncate": "deleted"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -488,14 +491,19 @@ class Engine:
                 extra={"action": "schema_recheck", "mapping": m.name},
             )
             await self.sources[m.source].resnapshot(TableSpec(table=m.table, key=m.key))
-        version, changed = await self.state.register_schema(m.name, _digest(definition), definition)
-        if changed:
-            logger.info(
-                "mapping %s: schema version %d registered",
-                m.name,
-                version,
-                extra={"action": "schema_change", "mapping": m.name},
-            )
+        version, evolution = await self.state.register_schema(
+            m.name, _digest(definition), definition
+        )
+        if evolution is not None:
+            if evolution != "create":
+                logger.info(
+                    "mapping %s: schema version %d registered (%s)",
+                    m.name,
+                    version,
+                    evolution,
+                    extra={"action": "schema_change", "mapping": m.name},
+                )
+            self._emit(SchemaEvolved(mapping=m.name, version=version, evolution=evolution))
         indexes = self._index_types(m)
         sink = self.sinks[m.sink]
         await sink.ensure_collection(
@@ -576,6 +584,22 @@ class Engine:
             woken, self._committed = self._committed, asyncio.Event()
             woken.set()
 
+        def captured(source: str, changes: Sequence[Change]) -> None:
+            if not self._subscribers:  # events cost nothing when nobody listens
+                return
+            for c in changes:
+                self._emit(
+                    Captured(
+                        source=source,
+                        table=c.table,
+                        key=c.key,
+                        kind="relationship" if c.relation else "entity",
+                        action=_ACTIONS.get(c.op, c.op),
+                        relation=c.relation,
+                        position=c.position,
+                    )
+                )
+
         run_id = await self.state.start_run(
             mode="once" if once else "stream",
             config_hash=self.config_hash,
@@ -596,6 +620,7 @@ class Engine:
                 embedding_cache=self.config.state.embedding_cache,
                 backoff=self.backoff,
                 on_batch=committed,
+                on_changes=partial(captured, name),
                 run_id=run_id,
                 stats=self._stats[name],
             )

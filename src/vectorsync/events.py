@@ -7,7 +7,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DeadLettered", "Event", "Failed", "Inconsistent", "RunFinished", "RunStarted", "Synced"]
+__all__ = [
+    "Captured",
+    "DeadLettered",
+    "Event",
+    "Failed",
+    "Inconsistent",
+    "RunFinished",
+    "RunStarted",
+    "SchemaEvolved",
+    "Synced",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,6 +39,33 @@ class Synced(Event):
     source: str
     position: int
     counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Captured(Event):
+    """A change read from a source. ``kind`` is ``entity`` (a row or node was created,
+    updated or deleted) or ``relationship`` (an edge of type ``relation`` was created or
+    deleted: one event for each of its two nodes); ``action`` is ``created``,
+    ``updated``, ``deleted``, or ``snapshot`` / ``replay`` for keys vectorsync enqueued."""
+
+    source: str
+    table: str
+    key: Any
+    kind: str
+    action: str
+    relation: str | None = None
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchemaEvolved(Event):
+    """A mapping's definition got a new version in the schema registry (``evolution`` is
+    ``create``, ``add_column``, ``drop_column``, ``type_change``, ``template_change``,
+    ``model_change`` or ``payload_change``)."""
+
+    mapping: str
+    version: int
+    evolution: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -153,6 +153,7 @@ class SourceWorker:
         embedding_cache: bool = True,
         backoff: Backoff | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
+        on_changes: Callable[[Sequence[Change]], None] | None = None,
         run_id: int | None = None,
         stats: SourceStats | None = None,
     ) -> None:
@@ -172,6 +173,7 @@ class SourceWorker:
         self._use_cache = embedding_cache
         self._backoff = backoff or Backoff()
         self._on_batch = on_batch
+        self._on_changes = on_changes
         # Planned-but-uncommitted record state, so a key in two in-flight batches is compared
         # with what the earlier one will have written (not with stale committed state).
         self._overlay: dict[tuple[str, str], RecordState | None] = {}
@@ -312,6 +314,8 @@ class SourceWorker:
 
     # -- prepare ------------------------------------------------------------------------
     async def _prepare(self, changes: Sequence[Change]) -> _Batch:
+        if self._on_changes is not None:
+            self._on_changes(changes)
         latest: dict[tuple[str, Key], Change] = {}
         for change in changes:
             if change.op == "truncate":

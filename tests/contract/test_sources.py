@@ -1,5 +1,5 @@
-"""One contract, every source: the in-memory adapter, SQLite, and PostgreSQL with logical
-replication and with a trigger outbox."""
+"""One contract, every source: the in-memory adapter, SQLite, PostgreSQL with logical
+replication and with a trigger outbox, and FalkorDB (changes written by the graph writer)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, PgApp
+from tests.falkordbserver import FalkorDBServer
+from tests.helpers import App, GraphApp, PgApp
 from vectorsync.errors import ConfigError
 from vectorsync.sources.base import Source, TableSpec
+from vectorsync.sources.falkordb import FalkorDBSource
 from vectorsync.sources.memory import MemorySource
 from vectorsync.sources.postgres import PostgresSource
 from vectorsync.sources.sqlite import SqliteSource
@@ -52,8 +54,26 @@ class Harness:
         self._write("delete", key, None)
 
 
-@pytest.fixture(params=["memory", "sqlite", "pg-logical", "pg-outbox"])
+@pytest.fixture(params=["memory", "sqlite", "pg-logical", "pg-outbox", "falkordb"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    if request.param == "falkordb":
+        server: FalkorDBServer = request.getfixturevalue("falkordb")
+        graph = GraphApp(server.url, request.getfixturevalue("graph_name"))
+        fk_src = FalkorDBSource("app", server.url, graph.graph)
+
+        def write_graph(op: str, key: int, row: dict[str, object] | None) -> None:
+            if row is None:
+                graph.delete(key)
+            elif key in graph.rows():
+                graph.update(key, **{k: v for k, v in row.items() if k != "id"})
+            else:
+                graph.writer.create_nodes("articles", [row])
+
+        await fk_src.open()
+        yield Harness(fk_src, write_graph)
+        await fk_src.close()
+        graph.close()
+        return
     if request.param.startswith("pg-"):
         url = request.getfixturevalue("pg_url")
         capture = request.param.removeprefix("pg-")
@@ -102,8 +122,9 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 
 async def test_columns_and_unknown_table(harness: Harness) -> None:
+    harness.upsert(1)  # a graph knows a label's properties from its nodes
     assert set(await harness.source.columns("articles")) == set(COLUMNS)
-    with pytest.raises(ConfigError, match="table 'nope' not found"):
+    with pytest.raises(ConfigError, match=r"(table|label) 'nope' not found"):
         await harness.source.columns("nope")
 
 

@@ -107,6 +107,10 @@ class FalkorDBSource(GraphSource):
         self._graph_exists = False
         self._stream = outbox_key(graph)
         self._registry = f"vectorsync:{graph}:capture:{name}"
+        # where this reader's stream starts: entries written before its first snapshot are
+        # covered by that snapshot (the sync re-reads current nodes)
+        self._floor_key = f"vectorsync:{graph}:floor:{name}"
+        self._floor = 0
         self._acked = f"vectorsync:{graph}:acked"
 
     def __repr__(self) -> str:
@@ -180,6 +184,9 @@ class FalkorDBSource(GraphSource):
         new = [s for s in tables if self._tables.get(s.table) != s.key]
         for spec in tables:
             await self._index(spec)
+        if new and self.capture == "outbox" and not self._tables:
+            self._floor = await self.head()
+            await self._call("set floor", self._redis.set, self._floor_key, self._floor)
         for spec in new:
             await self.resnapshot(spec)
             await self._call(
@@ -207,7 +214,7 @@ class FalkorDBSource(GraphSource):
 
     async def teardown(self) -> None:
         with wrap_errors("remove capture"):
-            await self._redis.delete(self._registry)
+            await self._redis.delete(self._registry, self._floor_key)
             await self._redis.hdel(self._acked, self.name)
             if not await self._redis.hlen(self._acked):
                 await self._redis.delete(self._stream)  # no other reader: drop the outbox
@@ -250,7 +257,10 @@ class FalkorDBSource(GraphSource):
         else:
             with wrap_errors("read outbox"):
                 entries = await self._redis.xrange(
-                    self._stream, min=f"({_stream_id(after)}", max="+", count=limit
+                    self._stream,
+                    min=f"({_stream_id(max(after, self._floor))}",
+                    max="+",
+                    count=limit,
                 )
             changes = [decode_entry(i, f) for i, f in entries]
         self._cursor = max(after, changes[-1].position if changes else after)
@@ -271,14 +281,18 @@ class FalkorDBSource(GraphSource):
         with wrap_errors("release outbox"):
             await self._redis.hset(self._acked, self.name, position)
             acked = [int(v) for v in (await self._redis.hvals(self._acked))]
-            await self._redis.xtrim(self._stream, minid=_stream_id(min(acked) + 1))
+            floor = _stream_id(min(acked) + 1)
+            await self._redis.xtrim(self._stream, minid=floor, approximate=False)
 
     async def backlog(self, after: int) -> Backlog:
         if self.capture == "poll":
             return await self._poll_backlog(after)
         with wrap_errors("read backlog"):
             entries = await self._redis.xrange(
-                self._stream, min=f"({_stream_id(after)}", max="+", count=_BACKLOG_CAP
+                self._stream,
+                min=f"({_stream_id(max(after, self._floor))}",
+                max="+",
+                count=_BACKLOG_CAP,
             )
             count = len(entries)
             if count == _BACKLOG_CAP:

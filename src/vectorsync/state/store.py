@@ -421,13 +421,14 @@ class StateStore:
     # -- schema registry ----------------------------------------------------------------
     async def register_schema(
         self, mapping: str, digest: str, definition: Mapping[str, Any]
-    ) -> tuple[int, bool]:
-        """Record the mapping's definition; returns (version, changed since last run)."""
+    ) -> tuple[int, str | None]:
+        """Record the mapping's definition; returns its version and, when that version is
+        new, the kind of evolution (``create``, ``add_column``, ``template_change``, ...)."""
         return await self._lane.run(self._register_schema, mapping, digest, dict(definition))
 
     def _register_schema(
         self, mapping: str, digest: str, definition: dict[str, Any]
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, str | None]:
         t = s.schema_registry
         with wrap_errors("register schema"), self.engine.begin() as conn:
             last = conn.execute(
@@ -437,7 +438,7 @@ class StateStore:
                 .limit(1)
             ).first()
             if last is not None and last.hash == digest:
-                return int(last.version), False
+                return int(last.version), None
             version = 1 if last is None else int(last.version) + 1
             evolution = (
                 "create" if last is None else _evolution(orjson.loads(last.definition), definition)
@@ -453,7 +454,7 @@ class StateStore:
                     created_at=time.time(),
                 )
             )
-        return version, last is not None
+        return version, evolution
 
     async def current_sync_digest(self, mapping: str) -> str | None:
         versions = await self.schema_versions(mapping)
