@@ -334,6 +334,11 @@ class Engine:
                 )
                 cols[field] = ""
                 continue
+            if role == "text template field":
+                raise ConfigError(
+                    f"{where}: text template uses {field!r}, not a column of {what} "
+                    f"{m.table!r} {listed}"
+                )
             raise ConfigError(f"{where}: {role} {field!r} not in {what} {m.table!r} {listed}")
 
     def _relation(self, m: MappingConfig, r: RelatedConfig) -> Relation:

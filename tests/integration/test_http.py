@@ -156,11 +156,13 @@ async def test_events_stream_every_kind(workdir: Path, app: App) -> None:
     import asyncio
 
     from vectorsync.events import (
+        Captured,
         DeadLettered,
         Event,
         Inconsistent,
         RunFinished,
         RunStarted,
+        SchemaEvolved,
         Synced,
     )
 
@@ -186,7 +188,12 @@ async def test_events_stream_every_kind(workdir: Path, app: App) -> None:
         await asyncio.wait_for(listener, 10)
         stream.close()
     kinds = [type(e) for e in seen]
-    assert kinds[0] is RunStarted and RunFinished in kinds and kinds[-1] is Inconsistent
+    assert kinds[:2] == [SchemaEvolved, RunStarted]  # the mapping is registered, then run
+    assert RunFinished in kinds and kinds[-1] is Inconsistent
+    [evolved] = [e for e in seen if isinstance(e, SchemaEvolved)]
+    assert (evolved.mapping, evolved.version, evolved.evolution) == ("articles", 1, "create")
+    captured = [(e.key, e.kind, e.action) for e in seen if isinstance(e, Captured)]
+    assert sorted(captured) == [(k, "entity", "snapshot") for k in range(1, 6)]
     [synced] = [e for e in seen if isinstance(e, Synced)]
     assert synced.mapping == "articles" and synced.counts["upserted"] == 4
     [letter] = [e for e in seen if isinstance(e, DeadLettered)]

@@ -177,24 +177,31 @@ class GraphSource:
         return int((time.time() - self.poll_grace) * 1000)
 
     async def _poll(self, after: int, limit: int) -> list[Change]:
-        upto = self._upto()
-        found: list[tuple[int, str, Key]] = []
-        for label, key in self._tables.items():
-            query = poll_query(label, key, self.version_property)
-            rows = await self.query(
-                f"poll {label!r}", query, {"after": after, "upto": upto, "limit": limit + 1}
-            )
-            found.extend((int(v), label, k) for k, v in rows if isinstance(v, int))
-        found.sort(key=lambda f: f[0])
+        found = await self._versions(after, self._upto(), limit + 1)
         if len(found) > limit:
             # never stop inside one version: the next poll starts after it
             last = found[limit - 1][0]
-            cut = [f for f in found if f[0] < last] or [f for f in found if f[0] == last]
-            found = cut
+            found = [f for f in found if f[0] < last] or await self._versions(
+                last - 1,
+                last,
+                2**31 - 1,  # one version holds more nodes than a batch
+            )
         return [
             Change(table=t, key=k, op="update", position=v, committed_at=v / 1000.0)
             for v, t, k in found
         ]
+
+    async def _versions(self, after: int, upto: int, limit: int) -> list[tuple[int, str, Key]]:
+        """(version, label, key) of nodes with a version in (after, upto], oldest first."""
+        found: list[tuple[int, str, Key]] = []
+        for label, key in self._tables.items():
+            query = poll_query(label, key, self.version_property)
+            rows = await self.query(
+                f"poll {label!r}", query, {"after": after, "upto": upto, "limit": limit}
+            )
+            found.extend((int(v), label, k) for k, v in rows if isinstance(v, int))
+        found.sort(key=lambda f: f[0])
+        return found
 
     async def _poll_head(self) -> int:
         newest = 0
