@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.falkordbserver import FalkorDBServer
+from tests.falkordbserver import FalkorDBServer, falkordb_server
 from tests.helpers import App, GraphApp, PgApp
 from tests.pgserver import PgServer
 
@@ -77,12 +77,8 @@ def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def falkordb() -> Iterator[FalkorDBServer]:
     """One throwaway FalkorDB server for the whole session (each test uses its own graph)."""
-    server = FalkorDBServer()
-    try:
-        server.start()
+    with falkordb_server() as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

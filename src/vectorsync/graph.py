@@ -209,7 +209,7 @@ class GraphWriter:
 
         if not pending.queries:
             return
-        with wrap_errors(f"write to graph {self.graph!r}"):
+        with wrap_errors(f"write to graph {self.graph!r}", who="graph writer"):
             pipe = self._redis.pipeline(transaction=True)
             for query, params in pending.queries:
                 header = " ".join(f"{k}={stringify_param_value(v)}" for k, v in params.items())

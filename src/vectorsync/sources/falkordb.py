@@ -72,16 +72,16 @@ def decode_entry(entry_id: str, fields: dict[str, str]) -> Change:
 
 
 @contextlib.contextmanager
-def wrap_errors(what: str) -> Iterator[None]:
+def wrap_errors(what: str, who: str = "falkordb source") -> Iterator[None]:
     """Connection trouble is retryable; a refused command or query is permanent."""
     import redis.exceptions as rex
 
     try:
         yield
     except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-        raise SourceError(f"falkordb source: {what}: {exc}", code="ECONNREFUSED") from exc
+        raise SourceError(f"{who}: {what}: {exc}", code="ECONNREFUSED") from exc
     except rex.RedisError as exc:
-        raise PermanentError(f"falkordb source: {what}: {exc}") from exc
+        raise PermanentError(f"{who}: {what}: {exc}") from exc
 
 
 class FalkorDBSource(GraphSource):
@@ -120,9 +120,9 @@ class FalkorDBSource(GraphSource):
     async def open(self) -> None:
         from falkordb.asyncio import FalkorDB
 
-        self._db = FalkorDB.from_url(self.url)
         with wrap_errors("connect"):
             try:
+                self._db = FalkorDB.from_url(self.url)  # may already talk to the server
                 await self._db.connection.ping()
             except Exception as exc:
                 await self.close()
@@ -132,6 +132,7 @@ class FalkorDBSource(GraphSource):
                 ) from exc
             modules = await self._db.connection.execute_command("MODULE", "LIST")
         if not any("graph" in str(m).lower() for m in modules):
+            await self.close()
             raise ConfigError(
                 f"source {self.name!r}: {self.url} is a Redis server without the FalkorDB "
                 "module; start it with --loadmodule <falkordb.so> or use another url"
@@ -256,15 +257,14 @@ class FalkorDBSource(GraphSource):
             changes = await self._poll(after, limit)
         else:
             with wrap_errors("read outbox"):
-                entries = await self._redis.xrange(
-                    self._stream,
-                    min=f"({_stream_id(max(after, self._floor))}",
-                    max="+",
-                    count=limit,
-                )
+                entries = await self._entries_after(after, limit)
             changes = [decode_entry(i, f) for i, f in entries]
         self._cursor = max(after, changes[-1].position if changes else after)
         return changes
+
+    async def _entries_after(self, after: int, count: int) -> list[tuple[str, dict[str, str]]]:
+        start = f"({_stream_id(max(after, self._floor))}"  # exclusive
+        return list(await self._redis.xrange(self._stream, min=start, max="+", count=count))
 
     async def wait(self, timeout: float) -> None:
         if self.capture == "poll":
@@ -281,19 +281,14 @@ class FalkorDBSource(GraphSource):
         with wrap_errors("release outbox"):
             await self._redis.hset(self._acked, self.name, position)
             acked = [int(v) for v in (await self._redis.hvals(self._acked))]
-            floor = _stream_id(min(acked) + 1)
-            await self._redis.xtrim(self._stream, minid=floor, approximate=False)
+            kept = _stream_id(min(acked) + 1)  # entries every reader acknowledged go
+            await self._redis.xtrim(self._stream, minid=kept, approximate=False)
 
     async def backlog(self, after: int) -> Backlog:
         if self.capture == "poll":
             return await self._poll_backlog(after)
         with wrap_errors("read backlog"):
-            entries = await self._redis.xrange(
-                self._stream,
-                min=f"({_stream_id(max(after, self._floor))}",
-                max="+",
-                count=_BACKLOG_CAP,
-            )
+            entries = await self._entries_after(after, _BACKLOG_CAP)
             count = len(entries)
             if count == _BACKLOG_CAP:
                 count = int(await self._redis.xlen(self._stream))
