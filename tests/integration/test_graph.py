@@ -406,3 +406,17 @@ async def test_writer_and_source_errors_name_the_problem(project: Project, tmp_p
     finally:
         plain.terminate()
         plain.wait()
+
+
+async def test_writes_before_setup_are_read_once_through_the_snapshot(project: Project) -> None:
+    with GraphWriter(project.url, project.graph) as kg:
+        kg.create_nodes("Entity", [{"id": i, "name": f"e{i}", "type": "org"} for i in range(5)])
+        kg.create_nodes("DocumentChunk", [{"id": 1, "text": "hello"}])
+        kg.create_nodes("Document", [{"id": 1, "title": "T", "tags": []}])
+        kg.upsert_node("Entity", {"id": 1, "name": "renamed"})  # outbox entries before setup
+    async with Engine.open(project.config()) as engine:
+        await engine.prepare()  # `vectorsync setup`: the snapshot enqueues the 7 keys
+    async with Engine.open(project.config()) as engine:  # another process, later
+        assert [s.lag_changes for s in await engine.status()] == [7, 7]
+        result = await engine.run(once=True)
+    assert result.changes == 7 and result.counts["upserted"] == 6

@@ -140,6 +140,7 @@ class FalkorDBSource(GraphSource):
         self._tables = await self._call(
             "read capture registry", self._redis.hgetall, self._registry
         )
+        self._floor = int(await self._call("read floor", self._redis.get, self._floor_key) or 0)
 
     async def close(self) -> None:
         if self._db is not None:
