@@ -132,9 +132,7 @@ async def _case(url: str, name: str, text: str, documents: int, chunks: int) -> 
 async def bench(documents: int, chunks: int) -> None:
     with falkordb_server() as server:
         payload = await _case(server.url, "payload", "{{ text }}", documents, chunks)
-        text = await _case(
-            server.url, "text", "{{ doc_title }}: {{ text }}", documents, chunks
-        )
+        text = await _case(server.url, "text", "{{ doc_title }}: {{ text }}", documents, chunks)
     _write(
         "graph-fanout",
         {
