@@ -36,7 +36,6 @@ from .config import (
     PostgresSourceConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
-    RelatedConfig,
     SinkConfig,
     SourceConfig,
 )
@@ -54,9 +53,10 @@ from .events import (
     SchemaEvolved,
     Synced,
 )
+from .mappings import check_keys, check_mapping
 from .metrics import SourceStats
 from .model import Change, Key
-from .related import Relation, node_pattern, pattern_nodes, resolve
+from .related import Relation, resolve
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
 from .sources.base import Source, TableSpec
@@ -288,118 +288,12 @@ class Engine:
 
     async def _validate(self) -> None:
         for m in self.config.mappings:
-            await self._validate_mapping(m)
-        keys: dict[tuple[str, str], tuple[str, str]] = {}
-        for m in self.config.mappings:
-            specs = [(m.table, m.key), *((r.table, r.key) for r in self._relations[m.name])]
-            for table, key in specs:
-                other, where = keys.setdefault((m.source, table), (key, m.name))
-                if other != key:
-                    raise ConfigError(
-                        f"mapping {m.name!r}: table {table!r} is already keyed by {other!r} in "
-                        f"mapping {where!r}; every use of one table must use the same key"
-                    )
+            checked = await check_mapping(m, self.sources[m.source], graph=self._graph(m))
+            self._columns[m.name], self._relations[m.name] = checked
+        check_keys(self.config.mappings, self._relations)
 
     def _graph(self, m: MappingConfig) -> bool:
         return isinstance(self.config.sources.get(m.source), GRAPH_SOURCES)
-
-    async def _validate_mapping(self, m: MappingConfig) -> None:
-        source = self.sources[m.source]
-        cols = await source.columns(m.table)
-        where = f"mapping {m.name!r}"
-        what = "node label" if self._graph(m) else "source table"
-        relations = [self._relation(m, r) for r in m.related]
-        for rel in relations:
-            cols.update(await self._related_columns(m, rel, cols))
-        self._relations[m.name] = tuple(relations)
-        self._columns[m.name] = cols
-        listed = f"(columns: {', '.join(c for c in cols if not c.startswith('@'))})"
-        used = [
-            ("key", m.key),
-            *(("text template field", f) for f in sorted(template_columns(m.text))),
-            *(("payload field", f) for f in m.payload),
-        ]
-        for role, field in used:
-            if field in cols:
-                continue
-            if self._graph(m) and (role != "key" or not cols):
-                # schemaless: a property may be set on no node yet; it reads as NULL
-                logger.warning(
-                    "%s: %s %r is not set on any sampled %s node",
-                    where,
-                    role,
-                    field,
-                    m.table,
-                    extra={"action": "validate", "mapping": m.name},
-                )
-                cols[field] = ""
-                continue
-            if role == "text template field":
-                raise ConfigError(
-                    f"{where}: text template uses {field!r}, not a column of {what} "
-                    f"{m.table!r} {listed}"
-                )
-            raise ConfigError(f"{where}: {role} {field!r} not in {what} {m.table!r} {listed}")
-
-    def _relation(self, m: MappingConfig, r: RelatedConfig) -> Relation:
-        where = f"mapping {m.name!r}: related {r.name!r}"
-        fields = tuple(r.fields.items())
-        if self._graph(m) != (r.pattern is not None):
-            use = "pattern" if self._graph(m) else "table and on"
-            raise ConfigError(f"{where}: source {m.source!r} takes {use} for a relation")
-        if r.pattern is None:
-            assert r.table is not None and r.on is not None
-            [(rc, oc)] = r.on.items()
-            return Relation(
-                name=r.name, table=r.table, key=r.key, fields=fields, many=r.many, on=(rc, oc)
-            )
-        assert m.match is not None
-        owner_var, _ = node_pattern(m.match)
-        nodes = pattern_nodes(r.pattern)
-        others = [(v, label) for v, label in nodes if v != owner_var and label]
-        if owner_var not in {v for v, _ in nodes} or len(others) != 1 or not others[0][0]:
-            raise ConfigError(
-                f"{where}: pattern {r.pattern!r} must contain the mapped node ({owner_var}) "
-                "and one other node with a variable and a label, e.g. "
-                f"(d:Document)-[:HAS_CHUNK]->({owner_var})"
-            )
-        ((related_var, label),) = others
-        return Relation(
-            name=r.name,
-            table=label,
-            key=r.key,
-            fields=fields,
-            many=r.many,
-            pattern=r.pattern,
-            owner_var=owner_var,
-            related_var=related_var,
-        )
-
-    async def _related_columns(
-        self, m: MappingConfig, rel: Relation, owner: dict[str, str]
-    ) -> dict[str, str]:
-        """The types of a relation's fields (list types when ``many``), checked against the
-        related table; ``@name`` holds the related keys."""
-        where = f"mapping {m.name!r}: related {rel.name!r}"
-        cols = await self.sources[m.source].columns(rel.table)
-        listed = f"(columns: {', '.join(cols)})"
-        if rel.on is not None:
-            needed = [("key", rel.key), ("on", rel.on[0]), *(("field", c) for _, c in rel.fields)]
-            for role, column in needed:
-                if column not in cols:
-                    raise ConfigError(
-                        f"{where}: {role} {column!r} not in table {rel.table!r} {listed}"
-                    )
-            if rel.on[1] not in owner:
-                raise ConfigError(f"{where}: on {rel.on[1]!r} not in table {m.table!r}")
-        types: dict[str, str] = {}
-        for out, expr in rel.fields:
-            if out in owner:
-                raise ConfigError(f"{where}: field {out!r} is also a column of {m.table!r}")
-            prop = expr.removeprefix(f"{rel.related_var}.") if rel.pattern else expr
-            declared = cols.get(prop, "")
-            types[out] = f"LIST<{declared}>" if rel.many and declared else declared
-        return {**types, rel.deps_column: "LIST"}
 
     # -- preparing to sync --------------------------------------------------------------
     async def prepare(self) -> list[MappingRuntime]:
