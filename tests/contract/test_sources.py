@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.falkordbserver import FalkorDBServer
 from tests.helpers import App, GraphApp, PgApp
 from vectorsync.errors import ConfigError
+from vectorsync.falkordb_server import FalkorDBServer
 from vectorsync.sources.base import Source, TableSpec
 from vectorsync.sources.falkordb import FalkorDBSource
 from vectorsync.sources.memory import MemorySource

@@ -133,3 +133,36 @@ def test_json_logs_carry_action_mapping_and_counts(workdir: Path, app: App) -> N
     assert all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
     bad = cli("run", "--once", "--log-format", "xml", cwd=workdir)
     assert bad.returncode == 2 and "use text or json" in bad.stderr
+
+
+def test_graph_demo_runs_and_stops_its_falkordb(workdir: Path) -> None:
+    import re
+    import socket
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vectorsync",
+            "demo",
+            "--graph",
+            "--embedder",
+            "hash",
+            "--records",
+            "400",
+            "--dir",
+            str(workdir / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "only the records built from what changed" in out
+    [chunks] = re.findall(r"chunks\s+│\s+0\s+│\s+(\d+)\s+│", out)  # none embedded
+    assert int(chunks) >= 2  # the retitled module's chunks and the edges' chunks
+    [port] = re.findall(r"FalkorDB at redis://127\.0\.0\.1:(\d+)", out)
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(port)), 1):
+        pass  # the demo's server is gone

