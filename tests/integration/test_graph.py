@@ -420,6 +420,7 @@ async def test_writer_and_source_errors_name_the_problem(project: Project, tmp_p
 
 async def test_writes_before_setup_are_read_once_through_the_snapshot(project: Project) -> None:
     with GraphWriter(project.url, project.graph) as kg:
+        kg.execute("CREATE (:Entity {name: 'no key'})")  # not a record: never snapshotted
         kg.create_nodes("Entity", [{"id": i, "name": f"e{i}", "type": "org"} for i in range(5)])
         kg.create_nodes("DocumentChunk", [{"id": 1, "text": "hello"}])
         kg.create_nodes("Document", [{"id": 1, "title": "T", "tags": []}])

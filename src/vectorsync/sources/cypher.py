@@ -44,10 +44,12 @@ def fetch_query(label: str, key: str) -> str:
 
 
 def scan_query(label: str, key: str, *, first: bool) -> str:
+    """A page of nodes in key order (a node without its key property cannot be a record)."""
     k = ident(key)
-    where = "" if first else f"WHERE n.{k} > $after "
+    where = f"n.{k} IS NOT NULL" if first else f"n.{k} > $after"
     return (
-        f"MATCH (n:{ident(label)}) {where}RETURN n.{k} AS k, properties(n) ORDER BY k LIMIT $page"
+        f"MATCH (n:{ident(label)}) WHERE {where} "
+        f"RETURN n.{k} AS k, properties(n) ORDER BY k LIMIT $page"
     )
 
 
