@@ -201,7 +201,9 @@ class GraphSource:
             rows = await self.query(
                 f"poll {label!r}", query, {"after": after, "upto": upto, "limit": limit}
             )
-            found.extend((int(v), label, k) for k, v in rows if isinstance(v, int))
+            found.extend(
+                (int(v), label, k) for k, v in rows if isinstance(v, int) and k is not None
+            )
         found.sort(key=lambda f: f[0])
         return found
 
