@@ -193,6 +193,14 @@ class SourceWorker:
                 letters = await self.state.dead_letters(m.name, status="pending")
                 self._pending_dlq[m.name] = {d.key for d in letters}
         self._stop = stop
+        redone = await self.state.redo_inflight(self.source.name)
+        if redone:
+            logger.warning(
+                "%d records were written to sinks by a run that died before recording them; "
+                "they are rewritten",
+                redone,
+                extra={"action": "redo_inflight", "source": self.source.name, "count": redone},
+            )
         cursor = await self.state.position(self.source.name)
         target = await self.source.head() if once else None
         embed_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
@@ -254,6 +262,18 @@ class SourceWorker:
         self, inp: asyncio.Queue[Any], target: int | None, stop: asyncio.Event
     ) -> None:
         while (batch := await inp.get()) is not _DONE:
+            written = [
+                (w.mapping.name, key)
+                for w in batch.work
+                for key in (
+                    *(u.state.key for u in w.upserts),
+                    *(st.key for st, _ in w.payload_only),
+                    *(key for key, _ in w.deletes),
+                )
+            ]
+            if written:  # durable before the first sink write (see StateStore.redo_inflight)
+                journal = partial(self.state.journal, self.source.name, batch.position, written)
+                await self._retry("journal batch", journal, stop)
             for work in batch.work:
                 await self._write(work, stop)
             _failpoints.hit("after_sink_write")

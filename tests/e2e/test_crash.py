@@ -75,3 +75,39 @@ def test_kill_9_at_random_moments_loses_nothing(workdir: Path, app: App) -> None
 
     asyncio.run(assert_edge_converged(load(cfg), app, workdir))
     assert self_killed >= TRIALS // 6, "too few trials died between the sink and state writes"
+
+
+@pytest.mark.all_sources
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"author": "bob"},  # a payload-only write
+        {"body": "a new body"},  # a re-embedded text
+        None,  # a delete
+    ],
+)
+def test_a_write_the_crash_left_uncommitted_is_redone_even_if_the_row_reverted(
+    workdir: Path, app: App, edit: dict[str, str] | None
+) -> None:
+    """kill -9 between the sink write and the state commit, then the row goes back to what
+    the state store last recorded: the replay must not trust that record (the sink holds
+    the uncommitted write) and must write the row as it is."""
+    app.insert(1, author="ann", body="the body")
+    app.insert(2)
+    cfg = write_config(workdir)
+    vectorsync = [sys.executable, "-m", "vectorsync", "run", "--once"]
+    assert subprocess.run(vectorsync, cwd=workdir, timeout=120).returncode == 0
+    if edit is None:
+        app.delete(1)
+    else:
+        app.update(1, **edit)
+    env = {**os.environ, "VECTORSYNC_FAILPOINT": "after_sink_write:1"}
+    died = subprocess.run(vectorsync, cwd=workdir, env=env, timeout=120)
+    assert died.returncode == -signal.SIGKILL
+    if edit is None:
+        app.insert(1, author="ann", body="the body")
+    else:
+        app.update(1, author="ann", body="the body")
+    done = subprocess.run(vectorsync, cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    asyncio.run(assert_edge_converged(load(cfg), app, workdir))

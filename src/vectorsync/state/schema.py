@@ -122,6 +122,18 @@ record_deps = Table(
     Index("ix_record_deps_key", "mapping", "key"),
 )
 
+# a batch's sink writes, journaled before they are sent and dropped by its state commit:
+# after a crash in between, the record state of these keys cannot be trusted (the sink may
+# hold a write the state store never heard of), so it is forgotten and the replay rewrites
+inflight = Table(
+    "inflight",
+    metadata,
+    Column("source", String(200), primary_key=True),
+    Column("position", BigInteger, primary_key=True),
+    Column("records", Text, nullable=False),  # JSON: [[mapping, key], ...]
+    Column("created_at", Float, nullable=False),
+)
+
 embedding_cache = Table(
     "embedding_cache",
     metadata,

@@ -304,6 +304,10 @@ class StateStore:
             self._apply_dead_letters(conn, batch, now)
             self._apply_counters(conn, batch.counters)
             self._set_marker(conn, batch.source, "", "stream", batch.position, None, batch.run_id)
+            j = s.inflight
+            conn.execute(
+                delete(j).where(j.c.source == batch.source, j.c.position <= batch.position)
+            )
 
     def _apply_records(self, conn: Connection, batch: BatchCommit) -> None:
         t = s.record_state
@@ -635,6 +639,41 @@ class StateStore:
             return [k for (k,) in conn.execute(select(t.c.key).where(t.c.mapping == mapping))]
 
         return await self._tx("read keys", read)
+
+    async def journal(self, source: str, position: int, records: Sequence[tuple[str, str]]) -> None:
+        """Record the (mapping, key) pairs a batch is about to write to sinks; its commit
+        drops the entry (see :meth:`redo_inflight`)."""
+        row = {
+            "source": source,
+            "position": position,
+            "records": orjson.dumps(list(records)).decode(),
+            "created_at": time.time(),
+        }
+
+        def write(conn: Connection) -> None:
+            self._upsert(conn, s.inflight, [row], ["source", "position"])
+
+        await self._tx("journal batch", write)
+
+    async def redo_inflight(self, source: str) -> int:
+        """After a crash between sink writes and their state commit: forget the record
+        state of every key those writes touched, so their replay writes them whatever the
+        state said (a row reverted meanwhile would otherwise be skipped and the sink kept
+        the uncommitted write). Returns how many records are redone."""
+        j, t = s.inflight, s.record_state
+
+        def redo(conn: Connection) -> int:
+            pairs: set[tuple[str, str]] = set()
+            for (records,) in conn.execute(select(j.c.records).where(j.c.source == source)):
+                pairs.update((m, k) for m, k in orjson.loads(records))
+            for mapping, keys in _group(sorted(pairs)).items():
+                for i in range(0, len(keys), _CHUNK):
+                    part = keys[i : i + _CHUNK]
+                    conn.execute(delete(t).where(t.c.mapping == mapping, t.c.key.in_(part)))
+            conn.execute(delete(j).where(j.c.source == source))
+            return len(pairs)
+
+        return await self._tx("redo in-flight batches", redo)
 
     async def dependents(
         self, mapping: str, relation: str, related_keys: Sequence[str]
