@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,17 +19,13 @@ from pathlib import Path
 
 import psycopg
 
+from vectorsync.falkordb_server import free_port
+
 __all__ = ["PASSWORD", "PgServer", "pg_server"]
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "vs_app"
 PASSWORD = "s3cret-pa55"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_owner() -> list[str]:
@@ -41,7 +36,7 @@ class PgServer:
     def __init__(self, *, wal_level: str = "logical") -> None:
         self.root = Path(tempfile.mkdtemp(prefix="vectorsync-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.wal_level = wal_level
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import App, wait_for, write_config
+from vectorsync.falkordb_server import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FAULTY_TEXT = "{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def up(url: str) -> bool:

@@ -143,7 +143,7 @@ class GraphSource:
         raise NotImplementedError
 
     async def labels(self) -> list[str]:
-        raise NotImplementedError
+        return [r[0] for r in await self.query("list labels", "CALL db.labels()")]
 
     async def columns(self, table: str) -> dict[str, str]:
         labels = await self.labels()

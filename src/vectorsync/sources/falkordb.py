@@ -173,9 +173,6 @@ class FalkorDBSource(GraphSource):
             if await self._exists():
                 await self._db.select_graph(self.graph_name).query(query, params)
 
-    async def labels(self) -> list[str]:
-        return [r[0] for r in await self.query("list labels", "CALL db.labels()")]
-
     async def _exists(self) -> bool:
         if not self._graph_exists:  # reading a graph that does not exist would create it
             self._graph_exists = bool(await self._redis.exists(self.graph_name))
@@ -184,7 +181,7 @@ class FalkorDBSource(GraphSource):
     # -- tables ---------------------------------------------------------------------------
     async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
         new = [s for s in tables if self._tables.get(s.table) != s.key]
-        for spec in tables:
+        for spec in new:  # registered below, after its index exists
             await self._index(spec)
         if new and self.capture == "outbox" and not self._tables:
             self._floor = await self.head()

@@ -95,9 +95,6 @@ class Neo4jSource(GraphSource):
         with wrap_errors(what):
             await self._driver.execute_query(query, params or {}, database_=self._database)
 
-    async def labels(self) -> list[str]:
-        return [r[0] for r in await self.query("list labels", "CALL db.labels()")]
-
     async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
         new = [s for s in tables if self._tables.get(s.table) != s.key]
         for spec in new:
