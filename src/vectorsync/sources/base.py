@@ -54,6 +54,14 @@ class Source(Protocol):
         """Remove what ``setup`` installed; a later ``setup`` snapshots again."""
         ...
 
+    async def epoch(self) -> str:
+        """The identity of the installed change capture: a new value every time capture is
+        installed anew (a ``setup`` after ``teardown``, or after its outbox was dropped), so
+        a position stored under another epoch is not a position of this feed. ``""`` while
+        no capture is installed. Sources whose positions never restart (a log sequence
+        number, a timestamp) may return a constant."""
+        ...
+
     async def resnapshot(self, spec: TableSpec) -> None:
         """Enqueue every existing key of a table as a change (after its mapping changed)."""
         ...
