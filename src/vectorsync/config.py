@@ -11,6 +11,7 @@ as TOML scalars when they parse (``10``, ``true``, ``"x"``), else taken as strin
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,10 @@ __all__ = [
 
 CONFIG_ENV = "VECTORSYNC_CONFIG"
 ENV_PREFIX = "VECTORSYNC_"
+
+
+_PAYLOAD_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_COLLECTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
 
 class _Frozen(BaseModel):
@@ -238,10 +243,20 @@ class MappingConfig(_Frozen):
     text: str = Field(min_length=1, description="Jinja2 template over the row")
     payload: tuple[str, ...] = ()
     sink: str
-    collection: str | None = None
+    collection: str | None = Field(
+        default=None, description="default: the mapping's name (letters, digits, _ . -)"
+    )
     embedder: str = "default"
     max_text_length: int = Field(
-        default=20_000, gt=0, description="longer rendered text is dead-lettered"
+        default=20_000,
+        gt=0,
+        description="rendered text longer than this many characters is cut to it "
+        '(long_text = "truncate") or dead-lettered (long_text = "dead_letter")',
+    )
+    long_text: Literal["truncate", "dead_letter"] = Field(
+        default="truncate",
+        description="what happens to text over max_text_length: embedded cut to it (counted "
+        "as truncated, logged once) or the record dead-lettered",
     )
     related: tuple[RelatedConfig, ...] = ()
 
@@ -256,6 +271,18 @@ class MappingConfig(_Frozen):
             object.__setattr__(self, "table", label)
         if not self.table:
             raise ValueError('set table (SQL sources) or match (graphs, e.g. "(c:Chunk)")')
+        for field in self.payload:
+            if not _PAYLOAD_KEY.match(field) or field.startswith("_vs_"):
+                raise ValueError(
+                    f"payload field {field!r} cannot be a vector-store payload key: use letters, "
+                    "digits, _ and - (not starting with _vs_, which is reserved); rename the "
+                    "column, or select it under another name in a view"
+                )
+        if self.collection is not None and not _COLLECTION.match(self.collection):
+            raise ValueError(
+                f"collection {self.collection!r}: use 1-255 letters, digits, _ . - (it names a "
+                "folder in embedded sinks: no path separators, no leading dot)"
+            )
         outputs: set[str] = set()
         for rel in self.related:
             if rel.pattern is not None and self.match is None:
@@ -301,11 +328,19 @@ class Config(_Frozen):
     @model_validator(mode="after")
     def _references(self) -> Config:
         seen: set[str] = set()
+        collections: dict[tuple[str, str], str] = {}
         for i, m in enumerate(self.mappings):
             where = f"mappings[{i}] ({m.name!r})"
             if m.name in seen:
                 raise ValueError(f"{where}: duplicate mapping name; names must be unique")
             seen.add(m.name)
+            other = collections.setdefault((m.sink, m.collection_name), m.name)
+            if other != m.name:
+                raise ValueError(
+                    f"{where}: collection {m.collection_name!r} of sink {m.sink!r} is also "
+                    f"written by mapping {other!r}; a collection holds one mapping's points "
+                    "(checks and repairs own all of it): give each mapping its own collection"
+                )
             for field, table in (
                 ("source", self.sources),
                 ("sink", self.sinks),
@@ -387,7 +422,11 @@ def _scalar(raw: str) -> Any:
 
 def _describe(exc: ValidationError, origin: str) -> str:
     lines = [f"{origin}: invalid configuration"]
-    for err in exc.errors():
+    errors = exc.errors()
+    located = {e["loc"][0] for e in errors if len(e["loc"]) > 1}
+    for err in errors:
+        if err["type"] == "too_short" and err["loc"][:1] == err["loc"] and err["loc"][0] in located:
+            continue  # "no items left" because an item failed: that item's error says why
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import xxhash
+from pydantic import BaseModel, SecretStr
 from sqlalchemy.engine import make_url
 
 from ._tasks import gather_or_fail
@@ -56,10 +57,13 @@ from .events import (
 from .mappings import check_keys, check_mapping
 from .metrics import SourceStats
 from .model import Change, Key
+from .preflight import preflight
+from .redact import register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
 from .sources.base import Source, TableSpec
+from .state.leases import LeaseLost
 from .state.runs import ErrorEntry, RunCounts
 from .state.store import StateStore
 from .worker import BatchReport, MappingRuntime, SourceWorker
@@ -156,7 +160,7 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
     )
 
 
-def build_embedder(name: str, cfg: EmbedderConfig) -> Embedder:
+def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
     if isinstance(cfg, HashEmbedderConfig):
         from .embed.hash import HashEmbedder
 
@@ -165,7 +169,7 @@ def build_embedder(name: str, cfg: EmbedderConfig) -> Embedder:
 
     return SentenceTransformersEmbedder(
         name,
-        model=cfg.model,
+        model=None if cfg.model is None else str(config.resolve(Path(cfg.model))),
         batch_size=cfg.batch_size,
         threads=cfg.threads,
         normalize=cfg.normalize,
@@ -192,6 +196,23 @@ def _digest(value: Any) -> str:
     return xxhash.xxh3_64_hexdigest(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
 
 
+def _secrets(value: Any) -> list[str]:
+    """Every secret a config holds: SecretStr fields and the passwords of its URLs."""
+    if isinstance(value, SecretStr):
+        return [value.get_secret_value()]
+    if isinstance(value, BaseModel):
+        return [x for v in value.__dict__.values() for x in _secrets(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _secrets(v)]
+    if isinstance(value, list | tuple):
+        return [x for v in value for x in _secrets(v)]
+    if isinstance(value, str) and "://" in value:
+        with contextlib.suppress(Exception):
+            password = make_url(value).password
+            return [str(password)] if password else []
+    return []
+
+
 def _redact(values: dict[str, Any]) -> dict[str, Any]:
     """Drop passwords from URL-valued settings."""
     out = dict(values)
@@ -200,6 +221,20 @@ def _redact(values: dict[str, Any]) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 out[k] = make_url(v).render_as_string(hide_password=True)
     return out
+
+
+def _lease_name(source: str) -> str:
+    return f"source:{source}"
+
+
+async def _first_of(work: asyncio.Task[None], beat: asyncio.Task[None]) -> None:
+    """Wait for ``work``; if ``beat`` fails first (a lost lease), stop the work and raise."""
+    await asyncio.wait([work, beat], return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        beat.result()  # raises what ended it
+    await work
 
 
 def _totals(workers: list[SourceWorker]) -> dict[str, int]:
@@ -248,6 +283,13 @@ class Engine:
         self._stats = {name: SourceStats() for name in self.sources}
         self.instance_id = uuid.uuid4().hex[:12]
         self.heartbeat_interval = 5.0
+        self._prepare_lock = asyncio.Lock()  # opening is once per engine, whoever comes first
+        self._sinks_lock = asyncio.Lock()
+
+    @property
+    def lease_ttl(self) -> float:
+        """How long a runner's lease on its sources outlives its last heartbeat."""
+        return self.heartbeat_interval * 6
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -262,7 +304,14 @@ class Engine:
         backoff: Backoff | None = None,
     ) -> AsyncIterator[Engine]:
         """Open the state store and sources and validate every mapping against the live
-        source; adapters passed in (e.g. in-memory ones) replace those the config names."""
+        source; adapters passed in (e.g. in-memory ones) replace those the config names.
+        Nothing is created (no state database, no folder) before the config is known good."""
+        register_secrets(_secrets(config))
+        preflight(
+            config,
+            sinks=() if sinks else _used(config, "sink"),
+            embedders=() if embedders else _used(config, "embedder"),
+        )
         engine = cls(
             config,
             state=state or StateStore(config.state_url()),
@@ -271,7 +320,9 @@ class Engine:
             sinks=sinks
             or {n: build_sink(n, config.sinks[n], config) for n in _used(config, "sink")},
             embedders=embedders
-            or {n: build_embedder(n, config.embedders[n]) for n in _used(config, "embedder")},
+            or {
+                n: build_embedder(n, config.embedders[n], config) for n in _used(config, "embedder")
+            },
             backoff=backoff,
         )
         try:
@@ -299,8 +350,12 @@ class Engine:
     async def prepare(self) -> list[MappingRuntime]:
         """Open sinks and embedders, install capture, register mapping schemas and create
         collections. Idempotent; ``vectorsync setup`` runs exactly this."""
-        if self._runtimes is not None:
+        async with self._prepare_lock:
+            if self._runtimes is None:
+                self._runtimes = await self._prepare()
             return self._runtimes
+
+    async def _prepare(self) -> list[MappingRuntime]:
         for embedder in self.embedders.values():
             await embedder.open()
             self._opened.append(embedder)
@@ -325,9 +380,7 @@ class Engine:
                     ", ".join(new),
                     extra={"action": "snapshot", "source": name, "tables": new},
                 )
-        runtimes = [await self._runtime(m) for m in self.config.mappings]
-        self._runtimes = runtimes
-        return runtimes
+        return [await self._runtime(m) for m in self.config.mappings]
 
     async def teardown(self) -> list[str]:
         """Remove the change capture ``setup`` installed at each source (replication slot
@@ -337,12 +390,13 @@ class Engine:
         return list(self.sources)
 
     async def _open_sinks(self) -> None:
-        if self._sinks_open:
-            return
-        for sink in self.sinks.values():
-            await sink.open()
-            self._opened.append(sink)
-        self._sinks_open = True
+        async with self._sinks_lock:
+            if self._sinks_open:
+                return
+            for sink in self.sinks.values():
+                await sink.open()
+                self._opened.append(sink)
+            self._sinks_open = True
 
     def _sync_part(
         self, m: MappingConfig, model: str, dimension: int, distance: str
@@ -506,39 +560,46 @@ class Engine:
             source_info=self._info("sources"),
             destination_info=self._info("sinks"),
         )
-        workers = [
-            SourceWorker(
-                source,
-                [r for r in runtimes if r.config.source == name],
-                self.state,
-                batch_size=self.config.sync.batch_size,
-                max_in_flight=self.config.sync.max_in_flight,
-                poll_interval=self.config.sources[name].poll_interval
-                if name in self.config.sources
-                else 0.2,
-                embedding_cache=self.config.state.embedding_cache,
-                backoff=self.backoff,
-                on_batch=committed,
-                on_changes=partial(captured, name),
-                run_id=run_id,
-                stats=self._stats[name],
-            )
-            for name, source in self.sources.items()
-        ]
-        self._workers = workers
-        self._emit(RunStarted(run_id=run_id, mode="once" if once else "stream"))
+        workers: list[SourceWorker] = []
+        beat: asyncio.Task[None] | None = None
         started = time.monotonic()
-        beat = asyncio.create_task(self._heartbeat(run_id, workers))
         try:
-            await gather_or_fail(
-                [asyncio.create_task(w.run(once=once, stop=stop)) for w in workers]
+            leases = await self._take_leases(run_id)
+            workers = [
+                SourceWorker(
+                    source,
+                    [r for r in runtimes if r.config.source == name],
+                    self.state,
+                    batch_size=self.config.sync.batch_size,
+                    max_in_flight=self.config.sync.max_in_flight,
+                    poll_interval=self.config.sources[name].poll_interval
+                    if name in self.config.sources
+                    else 0.2,
+                    embedding_cache=self.config.state.embedding_cache,
+                    backoff=self.backoff,
+                    on_batch=committed,
+                    on_changes=partial(captured, name),
+                    run_id=run_id,
+                    stats=self._stats[name],
+                    lease=(_lease_name(name), self.instance_id, leases[name]),
+                )
+                for name, source in self.sources.items()
+            ]
+            self._workers = workers
+            self._emit(RunStarted(run_id=run_id, mode="once" if once else "stream"))
+            beat = asyncio.create_task(self._heartbeat(run_id, workers, leases))
+            syncing = asyncio.create_task(
+                gather_or_fail([asyncio.create_task(w.run(once=once, stop=stop)) for w in workers])
             )
+            await _first_of(syncing, beat)
         except asyncio.CancelledError:
             await self._finish(run_id, workers, beat, "cancelled")
             raise
         except Exception as exc:
             await self._finish(run_id, workers, beat, "failed", exc)
             raise
+        finally:
+            await self._release_leases()
         await self._finish(run_id, workers, beat, "completed")
         totals = _totals(workers)
         return RunResult(
@@ -548,11 +609,38 @@ class Engine:
             run_id=run_id,
         )
 
-    async def _heartbeat(self, run_id: int, workers: list[SourceWorker]) -> None:
+    async def _take_leases(self, run_id: int | None = None) -> dict[str, int]:
+        """One runner per source (whatever the sink): lease every source or none."""
+        taken: dict[str, int] = {}
+        try:
+            for name in self.sources:
+                taken[name] = await self.state.acquire_lease(
+                    _lease_name(name), self.instance_id, ttl=self.lease_ttl, run_id=run_id
+                )
+        except BaseException:
+            await self._release_leases()
+            raise
+        return taken
+
+    async def _release_leases(self) -> None:
+        for name in self.sources:
+            with contextlib.suppress(VectorsyncError):
+                await self.state.release_lease(_lease_name(name), self.instance_id)
+
+    async def _heartbeat(
+        self, run_id: int, workers: list[SourceWorker], leases: Mapping[str, int]
+    ) -> None:
+        """Beat the run and renew the leases; a lease taken over ends the run (LeaseLost)."""
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             try:
+                for name, token in leases.items():
+                    await self.state.renew_lease(
+                        _lease_name(name), self.instance_id, token, ttl=self.lease_ttl
+                    )
                 await self.state.heartbeat(run_id, _run_counts(workers))
+            except LeaseLost:
+                raise
             except VectorsyncError as exc:  # keep syncing; the next beat may get through
                 logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat"})
 
@@ -560,12 +648,13 @@ class Engine:
         self,
         run_id: int,
         workers: list[SourceWorker],
-        beat: asyncio.Task[None],
+        beat: asyncio.Task[None] | None,
         status: str,
         exc: BaseException | None = None,
     ) -> None:
-        beat.cancel()
-        await asyncio.gather(beat, return_exceptions=True)
+        if beat is not None:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
         counts = _run_counts(workers)
         error_type, code = classify(exc) if exc is not None else ("unknown", None)
         details = (
@@ -651,6 +740,8 @@ class Engine:
                     "configured; discard it with `vectorsync dlq discard`"
                 )
             by_table.setdefault((m.source, m.table), []).append(d.details.get("key", d.key))
+        for source in {source for source, _ in by_table}:
+            await self._require_capture(source, "a dead-letter replay")
         for (source, table), keys in by_table.items():
             await self.sources[source].enqueue(table, keys)
         await self.state.set_dead_letter_status(
@@ -745,14 +836,21 @@ class Engine:
         mismatched points are rewritten; vectors come from the embedding cache when the
         text did not change); delete orphaned points."""
         m = self._mapping(report.mapping)
+        await self._require_capture(m.source, "a repair")
         orphans = [d.point_id for d in report.drift if d.category == "orphaned"]
         keys = report.keys("missing", "stale", "outdated", "payload_mismatch")
-        await self._open_sinks()
-        if orphans:
-            await self.sinks[m.sink].delete(m.collection_name, orphans)
-        await self.state.forget(m.name, [str(k) for k in [*keys, *report.keys("orphaned")]])
-        if keys:
-            await self.sources[m.source].enqueue(m.table, keys)
+        await self._take_leases()  # another runner applying these keys would race us
+        try:
+            await self._open_sinks()
+            if orphans:
+                await self.sinks[m.sink].delete(m.collection_name, orphans)
+            forgotten = [*keys, *report.keys("orphaned")]
+            await self.state.forget(m.name, [str(k) for k in forgotten])
+            if keys:
+                await self.sources[m.source].enqueue(m.table, keys)
+        except BaseException:
+            await self._release_leases()
+            raise
         return await self.run(once=True)
 
     def _mapping(self, name: str) -> MappingConfig:
@@ -775,15 +873,28 @@ class Engine:
         the sync runs in this process (woken by each commit) or in another one (polled)."""
         name = self._source(source).name
         deadline = time.monotonic() + timeout
-        while await self.state.position(name) < position:
+        while await self._applied(name) < position:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
                     f"source {name!r}: position {position} not applied within "
-                    f"{timeout:g}s (applied: {await self.state.position(name)})"
+                    f"{timeout:g}s (applied: {await self._applied(name)})"
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._committed.wait(), min(remaining, 0.2))
+
+    async def _applied(self, source: str) -> int:
+        """The position of ``source`` fully applied, in its current capture epoch."""
+        return await self.state.position(source, await self.sources[source].epoch())
+
+    async def _require_capture(self, source: str, action: str) -> None:
+        """Stop before changing anything when the source has no change capture installed:
+        keys enqueued there would go nowhere."""
+        if not await self.sources[source].epoch():
+            raise ConfigError(
+                f"source {source!r} has no change capture installed, so {action} cannot go "
+                "through the sync path: run `vectorsync setup` first"
+            )
 
     def _source(self, name: str | None) -> Source:
         if name is None and len(self.sources) == 1:
@@ -812,7 +923,7 @@ class Engine:
         problems = []
         for name, source in self.sources.items():
             try:
-                backlog = await source.backlog(await self.state.position(name))
+                backlog = await source.backlog(await self._applied(name))
             except VectorsyncError as exc:
                 problems.append(f"source {name!r}: {exc}")
                 continue
@@ -835,7 +946,7 @@ class Engine:
         sources: dict[str, dict[str, Any]] = {}
         mappings: dict[str, dict[str, int]] = {m.name: {} for m in self.config.mappings}
         for name, source in self.sources.items():
-            position = await self.state.position(name)
+            position = await self._applied(name)
             backlog = await source.backlog(position)
             oldest = backlog.oldest_committed_at
             st = self._stats[name]
@@ -864,7 +975,7 @@ class Engine:
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""
         return {
-            name: (await self.state.position(name), await source.head())
+            name: (await self._applied(name), await source.head())
             for name, source in self.sources.items()
         }
 
@@ -873,7 +984,7 @@ class Engine:
         now = time.time()
         for m in self.config.mappings:
             source = self.sources[m.source]
-            position = await self.state.position(m.source)
+            position = await self._applied(m.source)
             backlog = await source.backlog(position)
             counts = await self.state.mapping_counts(m.name)
             oldest = backlog.oldest_committed_at

@@ -13,6 +13,7 @@ __all__ = [
     "SourceError",
     "VectorsyncError",
     "classify",
+    "describe",
 ]
 
 
@@ -75,7 +76,14 @@ class EmbeddingError(RecordError):
     kind = "embedding"
 
 
-_VALIDATION_KINDS = {"empty_text", "text_too_long", "invalid_utf8", "payload_type"}
+_VALIDATION_KINDS = {
+    "empty_text",
+    "text_too_long",
+    "invalid_utf8",
+    "payload_type",
+    "payload_value",
+    "invalid_key",
+}
 
 
 def classify(exc: BaseException) -> tuple[str, str | None]:
@@ -95,3 +103,19 @@ def classify(exc: BaseException) -> tuple[str, str | None]:
     if isinstance(exc, ConfigError):
         return "validation", code
     return "unknown", code
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming an error: its message (its type when the message is empty, as a
+    timeout's often is), then each cause's type and message."""
+    parts = [str(exc).strip() or type(exc).__name__]
+    cause, seen = exc.__cause__ or exc.__context__, {id(exc)}
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause).strip()
+        if text and text not in parts[0]:
+            parts.append(f"{type(cause).__name__}: {text}")
+        elif not text:
+            parts.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return "; caused by ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ class Rendered:
     text: str
     payload: dict[str, Any]
     payload_hash: str
+    truncated: bool = False  # the text was cut to max_text_length
 
 
 def _plain_parts(template: str) -> list[tuple[bool, str]] | None:
@@ -84,6 +86,9 @@ class Renderer:
                     kind="invalid_utf8",
                 )
         text = self._text(row)
+        truncated = len(text) > self._mapping.max_text_length
+        if truncated:
+            text = text[: self._mapping.max_text_length]
         payload = {name: _payload_value(name, row.get(name)) for name in self._mapping.payload}
         for name, kind in self._index_types.items():
             value = payload.get(name)
@@ -93,7 +98,11 @@ class Renderer:
                     f"indexed as {kind}; fix the row or change the column's declared type",
                     kind="payload_type",
                 )
-        return Rendered(text=text, payload=payload, payload_hash=payload_hash(payload))
+        try:
+            digest = payload_hash(payload)
+        except TypeError as exc:  # orjson: a string that is not valid UTF-8, say
+            raise RecordError(f"payload cannot be stored: {exc}", kind="payload_value") from exc
+        return Rendered(text=text, payload=payload, payload_hash=digest, truncated=truncated)
 
     def _text(self, row: Row) -> str:
         try:
@@ -106,10 +115,11 @@ class Renderer:
             nulls = _null_columns(row, template_columns(self._mapping.text))
             why = f" (NULL or blank: {', '.join(nulls)})" if nulls else ""
             raise RecordError(f"rendered text is empty{why}", kind="empty_text")
-        if len(text) > self._mapping.max_text_length:
+        if len(text) > self._mapping.max_text_length and self._mapping.long_text != "truncate":
             raise RecordError(
                 f"rendered text has {len(text)} characters, over max_text_length="
-                f"{self._mapping.max_text_length}; shorten the row or raise the limit",
+                f"{self._mapping.max_text_length}; shorten the row, raise the limit or set "
+                'long_text = "truncate"',
                 kind="text_too_long",
             )
         return text
@@ -141,7 +151,23 @@ def _fits(kind: IndexType, value: Any) -> bool:
     return isinstance(value, str)  # keyword, text, datetime
 
 
+_INT64 = 2**63
+
+
 def _payload_value(name: str, value: Any) -> Any:
+    """The value as every sink can store it (JSON: finite numbers, 64-bit integers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(
+            f"payload field {name!r} holds {value}, which no vector store payload can hold "
+            "(JSON has no NaN or infinity); store NULL or a number in the row",
+            kind="payload_value",
+        )
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        raise RecordError(
+            f"payload field {name!r} holds {value}, outside the 64-bit integer range vector "
+            "stores keep; store it as text or a smaller number",
+            kind="payload_value",
+        )
     if isinstance(value, _JSON_SCALARS):
         return value
     if isinstance(value, list | tuple):

@@ -26,12 +26,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import xxhash
+
 from . import _failpoints
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .config import MappingConfig
 from .embed.base import Embedder
-from .errors import PermanentError, RecordError, RetryableError, VectorsyncError, classify
+from .errors import (
+    PermanentError,
+    RecordError,
+    RetryableError,
+    VectorsyncError,
+    classify,
+    describe,
+)
 from .metrics import SourceStats
 from .model import (
     Change,
@@ -56,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 _WRITE_CHUNK = 512
 _DETAIL_CHARS = 2000
+MAX_KEY_CHARS = 1000  # the state store's key columns
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +93,25 @@ class MappingRuntime:
 
     def native_key(self, key: str) -> Key:
         return int(key) if self.int_key else key
+
+    def key_problem(self, key: Any) -> str | None:
+        """Why ``key`` cannot identify a record (None when it can): keys are integers
+        (64-bit) or text, the type the key column declares, and never NULL."""
+        column = self.config.key
+        if key is None:
+            return f"the row's key {column!r} is NULL; give every row a key"
+        if isinstance(key, bool) or not isinstance(key, int | str):
+            return (
+                f"key {_shown(key)} is a {type(key).__name__}: keys must be integers or text; "
+                f"store {column!r} as one of those"
+            )
+        if self.int_key and not isinstance(key, int):
+            return f"key {_shown(key)} is text in the integer key column {column!r}"
+        if isinstance(key, int) and not -(2**63) <= key < 2**63:
+            return f"key {key} of {column!r} is outside the 64-bit integer range"
+        if isinstance(key, str) and len(key) > MAX_KEY_CHARS:
+            return f"key of {column!r} has {len(key)} characters, over {MAX_KEY_CHARS}"
+        return None
 
     @property
     def collection(self) -> str:
@@ -113,6 +142,7 @@ class _MappingWork:
     embedded: int = 0
     cache_hits: int = 0
     bytes: int = 0
+    truncated: int = 0  # texts cut to max_text_length
 
 
 @dataclass(slots=True, kw_only=True)
@@ -156,9 +186,11 @@ class SourceWorker:
         on_changes: Callable[[Sequence[Change]], None] | None = None,
         run_id: int | None = None,
         stats: SourceStats | None = None,
+        lease: tuple[str, str, int] | None = None,
     ) -> None:
         self.source = source
         self.run_id = run_id
+        self.lease = lease  # (name, holder, token): fences every batch commit
         self.state = state
         self._by_table: dict[str, list[MappingRuntime]] = {}
         # related table → the (mapping, relation) pairs built from its records (fan-out)
@@ -183,11 +215,16 @@ class SourceWorker:
         self.stats = stats or SourceStats()
         self._queues: list[asyncio.Queue[Any]] = []
         self._stop = asyncio.Event()
+        self._epoch = ""
+        self._epoch_changed = False
+        self._truncation_logged: set[str] = set()
 
     # -- the pipeline -------------------------------------------------------------------
     async def run(self, *, once: bool, stop: asyncio.Event) -> None:
         """Sync until ``stop`` is set; with ``once``, until everything committed before the
-        call is applied."""
+        call is applied. When the source's capture is re-installed meanwhile (a new
+        epoch: its positions restarted), the pipeline drains and starts over on the new
+        feed from its beginning."""
         for mappings in self._by_table.values():
             for m in mappings:
                 letters = await self.state.dead_letters(m.name, status="pending")
@@ -201,7 +238,30 @@ class SourceWorker:
                 redone,
                 extra={"action": "redo_inflight", "source": self.source.name, "count": redone},
             )
-        cursor = await self.state.position(self.source.name)
+        while True:
+            self._epoch = await self._current_epoch()
+            self._epoch_changed = False
+            await self._pipeline(once=once, stop=stop)
+            if not self._epoch_changed or stop.is_set():
+                return
+            logger.warning(
+                "source %s: change capture was installed anew while syncing; following the "
+                "new change feed from its start",
+                self.source.name,
+                extra={"action": "new_epoch", "source": self.source.name},
+            )
+
+    async def _current_epoch(self) -> str:
+        epoch = await self._retry("read the capture epoch", self.source.epoch, self._stop)
+        if not epoch:
+            raise PermanentError(
+                f"source {self.source.name!r}: no change capture is installed (was it removed "
+                "with `vectorsync teardown`?); run `vectorsync setup`, then start again"
+            )
+        return str(epoch)
+
+    async def _pipeline(self, *, once: bool, stop: asyncio.Event) -> None:
+        cursor = await self.state.position(self.source.name, self._epoch)
         target = await self.source.head() if once else None
         embed_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
         write_q: asyncio.Queue[Any] = asyncio.Queue(self._max_in_flight)
@@ -233,6 +293,9 @@ class SourceWorker:
                     await out.put(_Batch(position=target, changes=0, work=[]))
                     break
                 await self._idle(stop)
+                if await self._current_epoch() != self._epoch:
+                    self._epoch_changed = True
+                    break
                 continue
             cursor = changes[-1].position
             await out.put(await self._prepare(changes))
@@ -298,14 +361,16 @@ class SourceWorker:
             error_type, code = classify(exc)
             with contextlib.suppress(VectorsyncError):  # the state store may be what is down
                 if incident:
-                    await self.state.update_error(incident[0], retry_count=attempt)
+                    await self.state.update_error(
+                        incident[0], retry_count=attempt, message=describe(exc)
+                    )
                     return
                 incident.append(
                     await self.state.log_error(
                         ErrorEntry(
                             error_type=error_type,
                             error_code=code,
-                            message=str(exc),
+                            message=describe(exc),
                             run_id=self.run_id,
                             source=self.source.name,
                             details={"operation": what},
@@ -357,19 +422,26 @@ class SourceWorker:
             mappings = self._by_table.get(table, [])
             if not mappings:
                 continue
-            rows = await self._retry(
-                f"re-read {table}",
-                partial(self.source.fetch, table, mappings[0].config.key, list(keyed)),
-                self._stop,
-            )
+            invalid = {k: why for k in keyed if (why := mappings[0].key_problem(k)) is not None}
+            bad = [(keyed.pop(k), why) for k, why in invalid.items()]
+            rows: dict[Key, dict[str, Any]] = {}
+            if keyed:
+                rows = await self._retry(
+                    f"re-read {table}",
+                    partial(self.source.fetch, table, mappings[0].config.key, list(keyed)),
+                    self._stop,
+                )
             for m in mappings:
                 own = rows
-                if m.resolve is not None:
+                if m.resolve is not None and rows:
                     own = {k: dict(row) for k, row in rows.items()}
                     await self._retry(
                         f"read related records of {table}", partial(m.resolve, own), self._stop
                     )
                 work = _MappingWork(mapping=m)
+                for change, why in bad:
+                    error = RecordError(why, kind="invalid_key")
+                    work.failed.append(_dead_letter(m.name, change.key, change, error, None))
                 await self._plan(work, keyed, own, batch)
                 batch.work.append(work)
         return batch
@@ -451,6 +523,8 @@ class SourceWorker:
             except RecordError as exc:
                 work.failed.append(_dead_letter(m.name, key, change, exc, row))
                 continue
+            if rendered.truncated:
+                self._truncated_text(work, key)
             work.bytes += len(rendered.text.encode())
             text_hash = content_hash(m.embedder.model_id, rendered.text)
             version = max(change.position, state.source_version if state else 0)
@@ -495,6 +569,22 @@ class SourceWorker:
                     continue
                 work.state_only.append(new)  # same point; remember the row as it is now
             self._plan_state(batch, (m.name, skey), new)
+
+    def _truncated_text(self, work: _MappingWork, key: Key) -> None:
+        work.truncated += 1
+        m = work.mapping
+        if m.name in self._truncation_logged:
+            return
+        self._truncation_logged.add(m.name)
+        logger.warning(
+            "mapping %s: text of key %s is over max_text_length=%d characters and is embedded "
+            "cut to it (this is logged once; the count is in status as 'truncated'); "
+            'set long_text = "dead_letter" to refuse such records instead',
+            m.name,
+            key,
+            m.config.max_text_length,
+            extra={"action": "text_truncated", "mapping": m.name},
+        )
 
     def _plan_state(
         self, batch: _Batch, key_pair: tuple[str, str], planned: RecordState | None
@@ -673,7 +763,13 @@ class SourceWorker:
         work.done.remove(state.key)
 
     def _commit_for(self, batch: _Batch) -> BatchCommit:
-        commit = BatchCommit(source=self.source.name, position=batch.position, run_id=self.run_id)
+        commit = BatchCommit(
+            source=self.source.name,
+            position=batch.position,
+            run_id=self.run_id,
+            epoch=self._epoch,
+            lease=self.lease,
+        )
         for work in batch.work:
             name = work.mapping.name
             model = work.mapping.embedder.model_id
@@ -706,6 +802,7 @@ class SourceWorker:
             "failed": len(work.failed),
             "embedded": work.embedded,
             "cache_hits": work.cache_hits,
+            "truncated": work.truncated,
         }
 
     def _settle(self, batch: _Batch) -> None:
@@ -794,7 +891,7 @@ def _dead_letter(
         }
     return DeadLetter(
         mapping=mapping,
-        key=str(key),
+        key=_bounded(str(key)),
         operation=change.op,
         error_type=error_type,
         message=str(exc),
@@ -802,6 +899,19 @@ def _dead_letter(
         position=change.position,
         stack_trace=_trace(exc),
     )
+
+
+def _shown(key: Any) -> str:
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bounded(key: str) -> str:
+    """A key as the dead-letter queue stores it: over-long keys are cut, with a digest of
+    the whole so two keys never share an entry."""
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    return f"{key[: MAX_KEY_CHARS - 20]}…{xxhash.xxh3_64_hexdigest(key.encode(errors='replace'))}"
 
 
 def _trace(exc: BaseException) -> str:

@@ -130,12 +130,12 @@ async def test_bad_rows_are_dead_lettered_and_the_rest_syncs(workdir: Path, app:
     for k in range(1, 11):
         app.insert(k)
     app.update(2, title=None, body=None)  # NULL text
-    app.update(3, body="x" * 500)  # over max_text_length
+    app.update(3, body="x" * 500)  # over max_text_length, which this mapping refuses
     app.update(4, published=0)  # the template divides by it
     cfg = write_config(
         workdir,
         text="{{ title }}\\n{{ body }}{% if published == 0 %}{{ 1 // published }}{% endif %}",
-        extra_mapping="max_text_length = 300",
+        extra_mapping='max_text_length = 300\nlong_text = "dead_letter"',
     )
     counts = await sync_once(cfg)
     assert counts["failed"] == 3 and counts["upserted"] == 7

@@ -145,6 +145,11 @@ class GraphSource:
     async def labels(self) -> list[str]:
         return [r[0] for r in await self.query("list labels", "CALL db.labels()")]
 
+    async def epoch(self) -> str:
+        """Graph positions are stream ids or server timestamps: they never restart, so one
+        epoch serves every installation ("" while nothing is captured)."""
+        return "graph" if self._tables else ""
+
     async def columns(self, table: str) -> dict[str, str]:
         labels = await self.labels()
         if labels and table not in labels:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ class MemorySource:
         self._keys: dict[str, str] = {}
         self._outbox: list[Change] = []
         self._seq = 0
+        self._epoch = ""
 
     async def open(self) -> None:
         return None
@@ -79,6 +81,9 @@ class MemorySource:
 
     async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
         new = [s for s in tables if self._keys.get(s.table) != s.key]
+        if new and not self._keys:  # installed anew: its positions restart
+            self._epoch = ""
+            self._seq = 0
         for spec in new:
             self._keys[spec.table] = spec.key
             await self.resnapshot(spec)
@@ -87,6 +92,12 @@ class MemorySource:
     async def teardown(self) -> None:
         self._keys.clear()
         self._outbox.clear()
+        self._epoch = ""
+
+    async def epoch(self) -> str:
+        if self._keys and not self._epoch:
+            self._epoch = uuid.uuid4().hex
+        return self._epoch if self._keys else ""
 
     async def resnapshot(self, spec: TableSpec) -> None:
         for key in list(self._rows[spec.table]):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = ["OUTBOX", "SqliteSource"]
 logger = logging.getLogger(__name__)
 
 OUTBOX = "_vectorsync_outbox"
+META = "_vectorsync_meta"  # the capture's epoch (see Source.epoch)
 _DIALECT = sqlite_dialect.dialect()
 _quote = _DIALECT.identifier_preparer.quote_identifier
 _literal_processor = String().literal_processor(_DIALECT)  # type: ignore[no-untyped-call]
@@ -42,6 +44,9 @@ _OUTBOX_DDL = f"""CREATE TABLE IF NOT EXISTS {OUTBOX} (
     op TEXT NOT NULL,
     committed_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
 )"""
+
+
+_META_DDL = f"CREATE TABLE IF NOT EXISTS {META} (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
 def _literal(value: str) -> str:
@@ -83,6 +88,7 @@ class SqliteSource:
         self.path = path
         self._lane = BlockingLane(f"sqlite-source-{name}")
         self._conn: sqlite3.Connection | None = None
+        self._read_epoch = ""  # the epoch of the outbox the last changes were read from
 
     async def open(self) -> None:
         await self._lane.run(self._connect)
@@ -150,6 +156,12 @@ class SqliteSource:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(_OUTBOX_DDL)
+                db.execute(_META_DDL)
+                # a new outbox numbers from 1 again: a new epoch (kept if already there)
+                db.execute(
+                    f"INSERT OR IGNORE INTO {META}(name, value) VALUES ('epoch', ?)",
+                    (uuid.uuid4().hex,),
+                )
                 existing = dict(
                     db.execute("SELECT name, sql FROM sqlite_master WHERE type='trigger'")
                 )
@@ -196,10 +208,24 @@ class SqliteSource:
                 for (name,) in names:
                     db.execute(f"DROP TRIGGER IF EXISTS {_quote(name)}")
                 db.execute(f"DROP TABLE IF EXISTS {OUTBOX}")
+                db.execute(f"DROP TABLE IF EXISTS {META}")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+    async def epoch(self) -> str:
+        return await self._lane.run(self._epoch)
+
+    def _epoch(self) -> str:
+        with wrap_errors("read the capture epoch"):
+            if not self._installed():
+                return ""
+            try:
+                row = self._db.execute(f"SELECT value FROM {META} WHERE name = 'epoch'").fetchone()
+            except sqlite3.OperationalError:  # an outbox installed before epochs existed
+                return "legacy"
+        return str(row[0]) if row else "legacy"
 
     async def resnapshot(self, spec: TableSpec) -> None:
         await self._lane.run(self._resnapshot, spec)
@@ -241,11 +267,16 @@ class SqliteSource:
 
     def _read_changes(self, after: int, limit: int) -> list[Change]:
         with wrap_errors("read outbox"):
-            rows = self._db.execute(
-                f"SELECT seq, tbl, key, op, committed_at FROM {OUTBOX} "
-                "WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
-            ).fetchall()
+            self._db.execute("BEGIN")  # one snapshot: these rows belong to this epoch
+            try:
+                self._read_epoch = self._epoch()
+                rows = self._db.execute(
+                    f"SELECT seq, tbl, key, op, committed_at FROM {OUTBOX} "
+                    "WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after, limit),
+                ).fetchall()
+            finally:
+                self._db.execute("COMMIT")
         return [
             Change(table=t, key=k, op=op, position=seq, committed_at=ts)
             for seq, t, k, op, ts in rows
@@ -345,8 +376,11 @@ class SqliteSource:
         await self._lane.run(self._ack, position)
 
     def _ack(self, position: int) -> None:
+        # only in the epoch the changes were read from: an outbox installed anew since
+        # numbers from 1 again, and its rows are not the ones acknowledged
         with wrap_errors("release outbox"):
-            self._db.execute(f"DELETE FROM {OUTBOX} WHERE seq <= ?", (position,))
+            if self._epoch() == self._read_epoch:
+                self._db.execute(f"DELETE FROM {OUTBOX} WHERE seq <= ?", (position,))
 
     async def backlog(self, after: int) -> Backlog:
         return await self._lane.run(self._backlog, after)

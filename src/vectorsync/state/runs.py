@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
+from ..redact import redact, redact_value
 from . import schema as s
 
 __all__ = [
@@ -167,8 +168,8 @@ def complete_run(
             completed_at=now,
             heartbeat_at=now,
             duration_ms=int((now - started) * 1000),
-            error_message=error_message,
-            error_details=None if error_details is None else _json(error_details),
+            error_message=None if error_message is None else redact(error_message),
+            error_details=None if error_details is None else _json(redact_value(error_details)),
             **counts.columns(),
         )
     )
@@ -259,9 +260,9 @@ def log_error(conn: Connection, entry: ErrorEntry) -> int:
             key=entry.key,
             error_type=entry.error_type,
             error_code=entry.error_code,
-            message=entry.message,
-            details=_json(entry.details),
-            stack_trace=entry.stack_trace,
+            message=redact(entry.message),
+            details=_json(redact_value(entry.details)),
+            stack_trace=None if entry.stack_trace is None else redact(entry.stack_trace),
             record_data=None if entry.record_data is None else _json(entry.record_data),
             retry_count=entry.retry_count,
             max_retries=entry.max_retries,
@@ -275,15 +276,37 @@ def log_error(conn: Connection, entry: ErrorEntry) -> int:
     return int(key[0])
 
 
+_KEPT_MESSAGES = 20  # per incident: the first one and the latest others
+
+
 def update_error(
-    conn: Connection, error_id: int, *, retry_count: int | None = None, status: str | None = None
+    conn: Connection,
+    error_id: int,
+    *,
+    retry_count: int | None = None,
+    status: str | None = None,
+    message: str | None = None,
 ) -> None:
-    values: dict[str, Any] = {"updated_at": time.time()}
+    """Update an incident; a ``message`` becomes its latest message and joins the list of
+    what each attempt reported (``details.messages``), so no failure of a retry incident is
+    invisible (a 503 then a timeout, say)."""
+    t = s.error_log
+    now = time.time()
+    values: dict[str, Any] = {"updated_at": now}
     if retry_count is not None:
         values["retry_count"] = retry_count
     if status is not None:
         values["status"] = status
-    conn.execute(update(s.error_log).where(s.error_log.c.id == error_id).values(**values))
+    if message is not None:
+        message = redact(message)
+        raw = conn.scalar(select(t.c.details).where(t.c.id == error_id))
+        details = orjson.loads(raw) if raw else {}
+        seen = details.setdefault("messages", [])
+        seen.append({"at": now, "attempt": retry_count, "message": message})
+        if len(seen) > _KEPT_MESSAGES:
+            del seen[1 : len(seen) - _KEPT_MESSAGES + 1]
+        values.update(message=message, details=_json(details))
+    conn.execute(update(t).where(t.c.id == error_id).values(**values))
 
 
 def resolve_record_errors(conn: Connection, mapping: str, keys: Sequence[str]) -> None:

@@ -199,3 +199,19 @@ mapping_counters = Table(
     Column("name", String(40), primary_key=True),
     Column("value", BigInteger, nullable=False),
 )
+
+# who may apply a source's changes: one holder at a time, renewed by its heartbeat; the
+# token grows at every takeover and fences the holder's batch commits (see state/leases.py)
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(200), primary_key=True),  # e.g. "source:app"
+    Column("holder", String(100), nullable=False),  # an engine's instance id
+    Column("token", BigInteger, nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("process", String(100), nullable=False),  # pid plus start time: survives pid reuse
+    Column("run_id", Integer),
+    Column("acquired_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)

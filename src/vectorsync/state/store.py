@@ -38,6 +38,8 @@ from sqlalchemy.engine import make_url
 from .._blocking import BlockingLane
 from ..errors import PermanentError, RetryableError
 from ..model import Key, RecordState, key_bucket
+from ..redact import redact, redact_value
+from . import leases as lease_log
 from . import runs as run_log
 from . import schema as s
 from .migrations import migrate
@@ -84,6 +86,8 @@ class BatchCommit:
     source: str
     position: int
     run_id: int | None = None
+    epoch: str | None = None  # the capture epoch the position belongs to (Source.epoch)
+    lease: tuple[str, str, int] | None = None  # (name, holder, token): fences the commit
     upserts: list[RecordState] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key)
     vectors: dict[str, tuple[str, list[float]]] = field(default_factory=dict)  # hash → (model, v)
@@ -185,13 +189,14 @@ class StateStore:
         conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update), rows)
 
     # -- positions ----------------------------------------------------------------------
-    async def position(self, source: str) -> int:
-        return await self._lane.run(self._position, source)
+    async def position(self, source: str, epoch: str | None = None) -> int:
+        """The applied position of a source; 0 when it was stored under another capture
+        epoch than ``epoch`` (capture re-installed: its positions restarted)."""
+        return await self._lane.run(self._position, source, epoch)
 
-    def _position(self, source: str) -> int:
+    def _position(self, source: str, epoch: str | None) -> int:
         with wrap_errors("read position"), self.engine.connect() as conn:
-            value = conn.scalar(_marker_query(source, "", "stream", s.positions.c.position))
-        return int(value or 0)
+            return _stream_position(conn, source, epoch)
 
     async def set_position(
         self, source: str, position: int, *, table: str = "", run_id: int | None = None
@@ -291,6 +296,8 @@ class StateStore:
     def _commit(self, batch: BatchCommit) -> None:
         now = time.time()
         with wrap_errors("commit batch"), self.engine.begin() as conn:
+            if batch.lease is not None:  # first: a commit after a takeover writes nothing
+                lease_log.fence(conn, *batch.lease)
             self._apply_records(conn, batch)
             self._upsert(
                 conn,
@@ -303,7 +310,11 @@ class StateStore:
             )
             self._apply_dead_letters(conn, batch, now)
             self._apply_counters(conn, batch.counters)
-            self._set_marker(conn, batch.source, "", "stream", batch.position, None, batch.run_id)
+            if batch.position >= _stream_position(conn, batch.source, batch.epoch):
+                # never backwards within one epoch, whoever commits
+                self._set_marker(
+                    conn, batch.source, "", "stream", batch.position, batch.epoch, batch.run_id
+                )
             j = s.inflight
             conn.execute(
                 delete(j).where(j.c.source == batch.source, j.c.position <= batch.position)
@@ -384,8 +395,8 @@ class StateStore:
             values = {
                 "operation": dl.operation,
                 "error_type": dl.error_type,
-                "message": dl.message,
-                "details": orjson.dumps(dl.details, default=str).decode(),
+                "message": redact(dl.message),
+                "details": orjson.dumps(redact_value(dl.details), default=str).decode(),
                 "position": dl.position,
                 "status": "pending",
                 "updated_at": now,
@@ -558,6 +569,23 @@ class StateStore:
                 return fn(conn, *args, **kwargs)
 
         return await self._lane.run(call)
+
+    async def acquire_lease(
+        self, name: str, holder: str, *, ttl: float, run_id: int | None = None
+    ) -> int:
+        """Take a lease (see state/leases.py); its token, or LeaseHeld naming the holder."""
+        return await self._tx(
+            "acquire lease", lease_log.acquire, name, holder, ttl=ttl, run_id=run_id
+        )
+
+    async def renew_lease(self, name: str, holder: str, token: int, *, ttl: float) -> None:
+        await self._tx("renew lease", lease_log.renew, name, holder, token, ttl=ttl)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._tx("release lease", lease_log.release, name, holder)
+
+    async def leases(self) -> list[lease_log.Lease]:
+        return await self._tx("read leases", lease_log.holders)
 
     async def start_run(self, **kwargs: Any) -> int:
         return await self._tx("start run", run_log.start_run, **kwargs)
@@ -741,6 +769,21 @@ class StateStore:
             return [{**r._mapping, "definition": orjson.loads(r.definition)} for r in rows]
 
         return await self._tx("read schema registry", read)
+
+
+def _stream_position(conn: Connection, source: str, epoch: str | None) -> int:
+    p = s.positions
+    row = conn.execute(
+        select(p.c.position, p.c.position_data).where(
+            p.c.source == source, p.c.stream == "", p.c.marker_type == "stream"
+        )
+    ).first()
+    if row is None:
+        return 0
+    stored_epoch = row[1]  # None: stored before epochs existed, valid for any
+    if epoch is not None and stored_epoch is not None and stored_epoch != epoch:
+        return 0
+    return int(row[0])
 
 
 def _marker_query(source: str, table: str, kind: str, column: Any) -> Any:
