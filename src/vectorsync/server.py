@@ -24,11 +24,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .engine import Engine
-from .errors import ConfigError, VectorsyncError
+from .errors import ConfigError, PermanentError, VectorsyncError
 from .metrics import prometheus_text
 
 __all__ = ["create_app", "require_token"]
 
+CHECK_MODES = ("full", "sample", "quick", "prove")
+MAX_LIMIT = 1000
+MAX_ID = 2**63 - 1  # the state store's integer ids are signed 64-bit
 MARKER_HEADER = "X-Vectorsync"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _HOST = re.compile(r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.\-]+))(?::[0-9]{1,5})?")
@@ -50,6 +53,14 @@ def _is_loopback(name: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+class _BadRequest(PermanentError):
+    """A request parameter out of its range: the client's fault (400)."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class _Guard:
@@ -135,6 +146,29 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
+def _int_param(request: Request, name: str, default: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    return default if raw is None else _bounded(name, raw, high)
+
+
+def _bounded(name: str, raw: str, high: int) -> int:
+    """``raw`` as an integer from 1 to ``high``, else a 400 naming the parameter (checked
+    as text first: ``int()`` accepts ``1_0`` and refuses very long digit strings)."""
+    digits = raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))
+    if not (digits and 1 <= int(raw) <= high):
+        raise _BadRequest(name, f"{name}={raw!r}: use an integer from 1 to {high}")
+    return int(raw)
+
+
+def _choice(request: Request, name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = request.query_params.get(name, default)
+    if value not in choices:
+        *rest, last = choices
+        allowed = f"{', '.join(rest)} or {last}" if rest else last
+        raise _BadRequest(name, f"{name}={value!r}: use {allowed}")
+    return value
+
+
 def create_app(
     engine: Engine, *, token: str | None = None, max_lag_seconds: float = 60.0
 ) -> Starlette:
@@ -154,7 +188,7 @@ def create_app(
         return _json({"mappings": [asdict(s) for s in await engine.status()]})
 
     async def runs(request: Request) -> Response:
-        limit = int(request.query_params.get("limit", "20"))
+        limit = _int_param(request, "limit", 20, MAX_LIMIT)
         return _json({"runs": [asdict(r) for r in await engine.state.runs(limit=limit)]})
 
     async def dlq(request: Request) -> Response:
@@ -169,20 +203,22 @@ def create_app(
         )
 
     async def replay(request: Request) -> Response:
-        count = await engine.replay_dead_letters([int(request.path_params["id"])])
+        letter = _bounded("id", request.path_params["id"], MAX_ID)
+        count = await engine.replay_dead_letters([letter])
         return _json({"enqueued": count}, 202 if count else 404)
 
     async def run_check(request: Request) -> Response:
         """Check now, inside this process (a qdrant-edge sink has one writer: a separate
         `vectorsync check` cannot open it while this server syncs)."""
-        mode = request.query_params.get("mode", "full")
-        only = request.query_params.get("mapping")
-        names = [only] if only else [m.name for m in engine.config.mappings]
+        mode = _choice(request, "mode", "full", CHECK_MODES)
+        known = tuple(m.name for m in engine.config.mappings)
+        asked = "mapping" in request.query_params
+        names = (_choice(request, "mapping", "", known),) if asked else known
         reports = [(await engine.check(name, mode=mode)).as_dict() for name in names]
         return _json({"checks": reports, "consistent": all(r["consistent"] for r in reports)})
 
     async def checks(request: Request) -> Response:
-        limit = int(request.query_params.get("limit", "20"))
+        limit = _int_param(request, "limit", 20, MAX_LIMIT)
         return _json({"checks": await engine.state.checks(limit=limit)})
 
     async def stats(_: Request) -> Response:
@@ -206,14 +242,19 @@ def create_app(
             Route("/api/status", status),
             Route("/api/runs", runs),
             Route("/api/dlq", dlq),
-            Route("/api/dlq/{id:int}/replay", replay, methods=["POST"]),
+            Route("/api/dlq/{id}/replay", replay, methods=["POST"]),
             Route("/api/checks", checks),
             Route("/api/check", run_check, methods=["POST"]),
             Route("/api/stats", stats),
         ],
         middleware=[Middleware(_Guard, token=token)],
-        exception_handlers={VectorsyncError: _failed},
+        exception_handlers={_BadRequest: _bad_request, VectorsyncError: _failed},
     )
+
+
+async def _bad_request(_: Request, exc: Exception) -> Response:
+    parameter = exc.parameter if isinstance(exc, _BadRequest) else None
+    return _error(str(exc), 400, parameter=parameter)
 
 
 async def _failed(_: Request, exc: Exception) -> Response:

@@ -241,6 +241,36 @@ async def test_cross_site_posts_are_refused_without_a_token(workdir: Path, app: 
         assert page.count('method: "POST"') == 1 and '"X-Vectorsync": "1"' in page
 
 
+async def test_bad_query_values_are_400_naming_the_parameter(workdir: Path, app: App) -> None:
+    async with opened(workdir, app) as (_, http):
+        for url in (
+            "/api/runs?limit=abc",
+            "/api/runs?limit=0",
+            "/api/runs?limit=99999999999999999999999",
+            "/api/checks?limit=1001",
+            "/api/checks?limit=-5",
+            "/api/checks?limit=1_0",
+            "/api/checks?limit=" + "9" * 5000,  # beyond what int() parses
+        ):
+            bad = await http.get(url)
+            assert bad.status_code == 400, url
+            assert bad.json()["parameter"] == "limit"
+            assert "from 1 to 1000" in bad.json()["error"]
+        assert (await http.get("/api/runs?limit=1000")).status_code == 200
+        cases = {
+            f"/api/dlq/{2**64}/replay": ("id", "from 1 to 9223372036854775807"),
+            "/api/dlq/0/replay": ("id", "from 1 to"),
+            "/api/dlq/abc/replay": ("id", "from 1 to"),
+            f"/api/dlq/{'9' * 5000}/replay": ("id", "from 1 to"),
+            "/api/check?mode=fast": ("mode", "full, sample, quick or prove"),
+            "/api/check?mapping=nope": ("mapping", "mapping='nope': use articles"),
+        }
+        for url, (name, hint) in cases.items():
+            bad = await http.post(url, headers=MARKED)
+            assert bad.status_code == 400, url
+            assert bad.json()["parameter"] == name and hint in bad.json()["error"], url
+
+
 async def test_events_stream_every_kind(workdir: Path, app: App) -> None:
     import asyncio
 
