@@ -8,6 +8,7 @@ protection: a page on another site cannot send it."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import re
@@ -32,6 +33,7 @@ __all__ = ["create_app", "require_token"]
 CHECK_MODES = ("full", "sample", "quick", "prove")
 MAX_LIMIT = 1000
 MAX_ID = 2**63 - 1  # the state store's integer ids are signed 64-bit
+CHECK_RETRY_AFTER_SECONDS = 5
 MARKER_HEADER = "X-Vectorsync"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _HOST = re.compile(r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.\-]+))(?::[0-9]{1,5})?")
@@ -207,14 +209,28 @@ def create_app(
         count = await engine.replay_dead_letters([letter])
         return _json({"enqueued": count}, 202 if count else 404)
 
+    one_check = asyncio.Lock()
+
     async def run_check(request: Request) -> Response:
         """Check now, inside this process (a qdrant-edge sink has one writer: a separate
-        `vectorsync check` cannot open it while this server syncs)."""
+        `vectorsync check` cannot open it while this server syncs).
+
+        One check at a time: a check runs in the sync's event loop, so concurrent ones
+        would starve the sync. While one runs, another request is refused at once with 429
+        and Retry-After rather than queued (a queue would hold clients' connections open
+        and still run every check they piled up)."""
         mode = _choice(request, "mode", "full", CHECK_MODES)
         known = tuple(m.name for m in engine.config.mappings)
         asked = "mapping" in request.query_params
         names = (_choice(request, "mapping", "", known),) if asked else known
-        reports = [(await engine.check(name, mode=mode)).as_dict() for name in names]
+        if one_check.locked():
+            return _error(
+                "a check is already running in this server: retry when it has finished",
+                429,
+                headers={"Retry-After": str(CHECK_RETRY_AFTER_SECONDS)},
+            )
+        async with one_check:
+            reports = [(await engine.check(name, mode=mode)).as_dict() for name in names]
         return _json({"checks": reports, "consistent": all(r["consistent"] for r in reports)})
 
     async def checks(request: Request) -> Response:

@@ -4,6 +4,7 @@ token-less loopback server (Host, cross-site requests, one check at a time, reda
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from tests.helpers import App, load, write_config
+from vectorsync.check import CheckReport
 from vectorsync.engine import Engine
 from vectorsync.errors import ConfigError, SinkError
 from vectorsync.server import create_app, require_token
@@ -239,6 +241,41 @@ async def test_cross_site_posts_are_refused_without_a_token(workdir: Path, app: 
         page = (await http.get("/")).text
         # the dashboard's buttons send the marker: one POST options object, marked
         assert page.count('method: "POST"') == 1 and '"X-Vectorsync": "1"' in page
+
+
+async def test_one_check_at_a_time(
+    workdir: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks run in the sync's event loop: while one runs, another is refused (429), so a
+    burst of requests cannot starve the sync."""
+    async with opened(workdir, app) as (engine, http):
+        real = engine.check
+        started, release = asyncio.Event(), asyncio.Event()
+        calls = 0
+
+        async def held(name: str, *, mode: str = "full") -> CheckReport:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                started.set()
+                await release.wait()
+            return await real(name, mode=mode)
+
+        monkeypatch.setattr(engine, "check", held)
+        first = asyncio.create_task(http.post("/api/check", headers=MARKED))
+        try:
+            await asyncio.wait_for(started.wait(), 10)
+            busy = await http.post("/api/check?mode=quick", headers=MARKED)
+            assert busy.status_code == 429
+            assert int(busy.headers["Retry-After"]) >= 1
+            assert "already running" in busy.json()["error"]
+            assert calls == 1  # the refused request never reached the engine
+        finally:
+            release.set()
+            done = await first
+        assert done.status_code == 200 and done.json()["consistent"]
+        again = await http.post("/api/check?mode=quick", headers=MARKED)
+        assert again.status_code == 200  # the finished check let go
 
 
 async def test_bad_query_values_are_400_naming_the_parameter(workdir: Path, app: App) -> None:
