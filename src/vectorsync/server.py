@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .engine import Engine
 from .errors import ConfigError, PermanentError, VectorsyncError
 from .metrics import prometheus_text
+from .redact import redact, redact_value
 
 __all__ = ["create_app", "require_token"]
 
@@ -284,7 +285,13 @@ def _error(
 
 
 def _json(value: Any, status_code: int = 200, *, headers: dict[str, str] | None = None) -> Response:
+    """Every JSON body leaves through here: redacted (URL passwords, declared secrets),
+    including values orjson only knows how to print."""
     import orjson
 
-    body = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    body = orjson.dumps(
+        redact_value(value),
+        default=lambda v: redact(str(v)),
+        option=orjson.OPT_NON_STR_KEYS,
+    )
     return Response(body, status_code, headers=headers, media_type="application/json")

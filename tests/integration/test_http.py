@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import App, load, write_config
 from vectorsync.check import CheckReport
 from vectorsync.engine import Engine
-from vectorsync.errors import ConfigError, SinkError
+from vectorsync.errors import ConfigError, SinkError, SourceError
 from vectorsync.server import create_app, require_token
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 
@@ -306,6 +306,29 @@ async def test_bad_query_values_are_400_naming_the_parameter(workdir: Path, app:
             bad = await http.post(url, headers=MARKED)
             assert bad.status_code == 400, url
             assert bad.json()["parameter"] == name and hint in bad.json()["error"], url
+
+
+async def test_error_bodies_are_redacted(
+    workdir: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "postgresql://u:secret@h/db"
+
+    async def unreachable() -> list[object]:
+        raise SourceError(f"source 'pg': could not connect to {url}")
+
+    async def not_ready(**_: object) -> list[str]:
+        return [f"source 'pg': connection to {url} refused"]
+
+    async with opened(workdir, app) as (engine, http):
+        monkeypatch.setattr(engine, "status", unreachable)
+        monkeypatch.setattr(engine, "readiness", not_ready)
+        failed = await http.get("/api/status")
+        assert failed.status_code == 503
+        assert "secret" not in failed.text
+        assert "could not connect to postgresql://u:***@h/db" in failed.json()["error"]
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and "secret" not in ready.text
+        assert "postgresql://u:***@h/db" in ready.json()["problems"][0]
 
 
 async def test_events_stream_every_kind(workdir: Path, app: App) -> None:
