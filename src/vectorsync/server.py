@@ -1,57 +1,175 @@
 """The HTTP side: Prometheus metrics, health and readiness probes, a JSON API and the
-dashboard. Bound to 127.0.0.1 by default; any other address requires a bearer token."""
+dashboard. Bound to 127.0.0.1 by default; any other address requires a bearer token.
+
+Without a token the server trusts no browser page but its own: it answers only to loopback
+Host names (a DNS-rebound name is refused) and refuses state-changing requests from another
+origin or without a marker a cross-site form cannot send. With a token, the token is the
+protection: a page on another site cannot send it."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
+import re
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .engine import Engine
-from .errors import ConfigError, VectorsyncError
+from .errors import ConfigError, PermanentError, VectorsyncError
 from .metrics import prometheus_text
+from .redact import redact, redact_value
 
 __all__ = ["create_app", "require_token"]
+
+CHECK_MODES = ("full", "sample", "quick", "prove")
+MAX_LIMIT = 1000
+MAX_ID = 2**63 - 1  # the state store's integer ids are signed 64-bit
+CHECK_RETRY_AFTER_SECONDS = 5
+MARKER_HEADER = "X-Vectorsync"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9.\-]+))(?::[0-9]{1,5})?")
 
 
 def require_token(host: str, token: str | None) -> None:
     """Refuse to serve beyond loopback without a token (the API can replay dead letters)."""
-    loopback = host == "localhost"
-    if not loopback:
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-    if not loopback and not token:
+    if not _is_loopback(host) and not token:
         raise ConfigError(
             f"http: serving on {host!r} requires a bearer token; set [http] token "
             "(or VECTORSYNC_HTTP__TOKEN), or bind to 127.0.0.1"
         )
 
 
-class _BearerToken(BaseHTTPMiddleware):
-    def __init__(self, app: Any, token: str) -> None:
-        super().__init__(app)
-        self._expected = f"Bearer {token}".encode()
+def _is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        given = request.headers.get("authorization", "").encode()
-        if request.url.path != "/healthz" and not hmac.compare_digest(given, self._expected):
-            return JSONResponse(
-                {"error": "missing or wrong bearer token"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return await call_next(request)
+
+class _BadRequest(PermanentError):
+    """A request parameter out of its range: the client's fault (400)."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+class _Guard:
+    """Checks every HTTP request before a route sees it: the bearer token when one is
+    configured; otherwise the Host (DNS rebinding) and, for state-changing requests, the
+    origin and a non-simple-request marker (CSRF)."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self._app = app
+        self._token = token.encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+    def _refusal(self, request: Request) -> Response | None:
+        if self._token is not None:
+            return _unauthorized(request, self._token)
+        return _foreign_host(request) or _cross_site(request)
+
+
+def _unauthorized(request: Request, expected: bytes) -> Response | None:
+    """401 unless ``Authorization: Bearer <token>`` (scheme case-insensitive, RFC 7235)."""
+    if request.url.path == "/healthz":  # probes stay open
+        return None
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    # Starlette decodes headers as latin-1: encoding back gives the bytes as sent
+    matches = hmac.compare_digest(credentials.strip().encode("latin-1"), expected)
+    if matches and scheme.lower() == "bearer":
+        return None
+    return _error(
+        "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
+        "with the [http] token of this server",
+        401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _foreign_host(request: Request) -> Response | None:
+    """421 unless the Host header names a loopback address: a page whose own name was
+    rebound to 127.0.0.1 would otherwise be same-origin with this server."""
+    host = request.headers.get("host", "")
+    match = _HOST.fullmatch(host.lower())
+    if match and _is_loopback(match.group("ipv6") or match.group("name")):
+        return None
+    return _error(
+        f"Host {host!r} is refused: without a token this server answers only to loopback "
+        "names (localhost, 127.0.0.1, [::1]); browse to http://127.0.0.1:<port>/, or set "
+        "[http] token to serve other names",
+        421,
+    )
+
+
+def _cross_site(request: Request) -> Response | None:
+    """403 for a state-changing request from another origin, or without a marker that makes
+    browsers preflight it (a cross-site form or simple fetch cannot send one)."""
+    if request.method in _SAFE_METHODS:
+        return None
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    # host[:port] only, not the scheme: a TLS-terminating proxy would change it
+    own = request.headers.get("host", "").lower()
+    if origin is not None and urlsplit(origin).netloc.lower() != own:
+        return _error(
+            f"{request.method} from origin {origin!r} refused: it is not this server's; "
+            "use the dashboard served here, or a client that sends no Origin",
+            403,
+        )
+    if MARKER_HEADER.lower() in request.headers or _media_type(request) == "application/json":
+        return None
+    return _error(
+        f"{request.method} {request.url.path} refused: send the header "
+        f"'{MARKER_HEADER}: 1' (or 'Content-Type: application/json'), which a cross-site "
+        "form cannot",
+        403,
+    )
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+def _int_param(request: Request, name: str, default: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    return default if raw is None else _bounded(name, raw, high)
+
+
+def _bounded(name: str, raw: str, high: int) -> int:
+    """``raw`` as an integer from 1 to ``high``, else a 400 naming the parameter (checked
+    as text first: ``int()`` accepts ``1_0`` and refuses very long digit strings)."""
+    digits = raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))
+    if not (digits and 1 <= int(raw) <= high):
+        raise _BadRequest(name, f"{name}={raw!r}: use an integer from 1 to {high}")
+    return int(raw)
+
+
+def _choice(request: Request, name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = request.query_params.get(name, default)
+    if value not in choices:
+        *rest, last = choices
+        allowed = f"{', '.join(rest)} or {last}" if rest else last
+        raise _BadRequest(name, f"{name}={value!r}: use {allowed}")
+    return value
 
 
 def create_app(
@@ -63,19 +181,17 @@ def create_app(
         )
 
     async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return _json({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
         problems = await engine.readiness(max_lag_seconds=max_lag_seconds)
-        return JSONResponse(
-            {"ready": not problems, "problems": problems}, status_code=503 if problems else 200
-        )
+        return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
 
     async def status(_: Request) -> Response:
-        return JSONResponse({"mappings": [asdict(s) for s in await engine.status()]})
+        return _json({"mappings": [asdict(s) for s in await engine.status()]})
 
     async def runs(request: Request) -> Response:
-        limit = int(request.query_params.get("limit", "20"))
+        limit = _int_param(request, "limit", 20, MAX_LIMIT)
         return _json({"runs": [asdict(r) for r in await engine.state.runs(limit=limit)]})
 
     async def dlq(request: Request) -> Response:
@@ -90,20 +206,36 @@ def create_app(
         )
 
     async def replay(request: Request) -> Response:
-        count = await engine.replay_dead_letters([int(request.path_params["id"])])
-        return JSONResponse({"enqueued": count}, status_code=202 if count else 404)
+        letter = _bounded("id", request.path_params["id"], MAX_ID)
+        count = await engine.replay_dead_letters([letter])
+        return _json({"enqueued": count}, 202 if count else 404)
+
+    one_check = asyncio.Lock()
 
     async def run_check(request: Request) -> Response:
         """Check now, inside this process (a qdrant-edge sink has one writer: a separate
-        `vectorsync check` cannot open it while this server syncs)."""
-        mode = request.query_params.get("mode", "full")
-        only = request.query_params.get("mapping")
-        names = [only] if only else [m.name for m in engine.config.mappings]
-        reports = [(await engine.check(name, mode=mode)).as_dict() for name in names]
+        `vectorsync check` cannot open it while this server syncs).
+
+        One check at a time: a check runs in the sync's event loop, so concurrent ones
+        would starve the sync. While one runs, another request is refused at once with 429
+        and Retry-After rather than queued (a queue would hold clients' connections open
+        and still run every check they piled up)."""
+        mode = _choice(request, "mode", "full", CHECK_MODES)
+        known = tuple(m.name for m in engine.config.mappings)
+        asked = "mapping" in request.query_params
+        names = (_choice(request, "mapping", "", known),) if asked else known
+        if one_check.locked():
+            return _error(
+                "a check is already running in this server: retry when it has finished",
+                429,
+                headers={"Retry-After": str(CHECK_RETRY_AFTER_SECONDS)},
+            )
+        async with one_check:
+            reports = [(await engine.check(name, mode=mode)).as_dict() for name in names]
         return _json({"checks": reports, "consistent": all(r["consistent"] for r in reports)})
 
     async def checks(request: Request) -> Response:
-        limit = int(request.query_params.get("limit", "20"))
+        limit = _int_param(request, "limit", 20, MAX_LIMIT)
         return _json({"checks": await engine.state.checks(limit=limit)})
 
     async def stats(_: Request) -> Response:
@@ -118,10 +250,6 @@ def create_app(
         page = resources.files("vectorsync").joinpath("dashboard.html").read_text()
         return HTMLResponse(page)
 
-    async def failed(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": str(exc)}, status_code=503)
-
-    middleware = [Middleware(_BearerToken, token=token)] if token else []
     return Starlette(
         routes=[
             Route("/", dashboard),
@@ -131,18 +259,39 @@ def create_app(
             Route("/api/status", status),
             Route("/api/runs", runs),
             Route("/api/dlq", dlq),
-            Route("/api/dlq/{id:int}/replay", replay, methods=["POST"]),
+            Route("/api/dlq/{id}/replay", replay, methods=["POST"]),
             Route("/api/checks", checks),
             Route("/api/check", run_check, methods=["POST"]),
             Route("/api/stats", stats),
         ],
-        middleware=middleware,
-        exception_handlers={VectorsyncError: failed},
+        middleware=[Middleware(_Guard, token=token)],
+        exception_handlers={_BadRequest: _bad_request, VectorsyncError: _failed},
     )
 
 
-def _json(value: Any) -> Response:
+async def _bad_request(_: Request, exc: Exception) -> Response:
+    parameter = exc.parameter if isinstance(exc, _BadRequest) else None
+    return _error(str(exc), 400, parameter=parameter)
+
+
+async def _failed(_: Request, exc: Exception) -> Response:
+    return _error(str(exc), 503)
+
+
+def _error(
+    message: str, status_code: int, *, headers: dict[str, str] | None = None, **fields: Any
+) -> Response:
+    return _json({"error": message, **fields}, status_code, headers=headers)
+
+
+def _json(value: Any, status_code: int = 200, *, headers: dict[str, str] | None = None) -> Response:
+    """Every JSON body leaves through here: redacted (URL passwords, declared secrets),
+    including values orjson only knows how to print."""
     import orjson
 
-    body = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
-    return Response(body, media_type="application/json")
+    body = orjson.dumps(
+        redact_value(value),
+        default=lambda v: redact(str(v)),
+        option=orjson.OPT_NON_STR_KEYS,
+    )
+    return Response(body, status_code, headers=headers, media_type="application/json")

@@ -1,18 +1,22 @@
 """The HTTP side against a real engine (SQLite + qdrant-edge): every metric after a real
-sync, probes, the JSON API, dead-letter replay and the bearer token."""
+sync, probes, the JSON API, dead-letter replay, the bearer token, and the guards of a
+token-less loopback server (Host, cross-site requests, one check at a time, redaction)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.helpers import App, load, write_config
+from vectorsync.check import CheckReport
 from vectorsync.engine import Engine
-from vectorsync.errors import ConfigError, SinkError
+from vectorsync.errors import ConfigError, SinkError, SourceError
 from vectorsync.server import create_app, require_token
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 
@@ -28,9 +32,24 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"{name}{{{want}}} not in metrics")
 
 
+ORIGIN = "http://127.0.0.1:8787"
+MARKED = {"X-Vectorsync": "1"}  # what the dashboard's buttons send with their POSTs
+
+
 def client(engine: Engine, **kwargs: object) -> httpx.AsyncClient:
     app = create_app(engine, **kwargs)  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ORIGIN)
+
+
+@asynccontextmanager
+async def opened(
+    workdir: Path, app: App, **kwargs: object
+) -> AsyncIterator[tuple[Engine, httpx.AsyncClient]]:
+    """An engine over one synced row, and a client of its app."""
+    app.insert(1)
+    async with Engine.open(load(write_config(workdir))) as engine, client(engine, **kwargs) as http:
+        await engine.run(once=True)
+        yield engine, http
 
 
 async def test_every_metric_after_a_real_sync(workdir: Path, app: App) -> None:
@@ -119,7 +138,7 @@ async def test_api_endpoints_and_dead_letter_replay(workdir: Path, app: App) -> 
             assert letter["key"] == "2" and "stack_trace" not in letter
             [check] = (await http.get("/api/checks")).json()["checks"]
             assert check["mapping"] == "articles"
-            now = (await http.post("/api/check?mode=quick")).json()
+            now = (await http.post("/api/check?mode=quick", headers=MARKED)).json()
             # existence only: the dead-lettered row 2 has no point
             assert now["checks"][0]["mode"] == "quick" and not now["consistent"]
             assert now["checks"][0]["keys"]["missing"] == [2]
@@ -128,9 +147,9 @@ async def test_api_endpoints_and_dead_letter_replay(workdir: Path, app: App) -> 
             page = await http.get("/")
             assert page.status_code == 200 and "vectorsync" in page.text
             app.update(2, published=2024)
-            replay = await http.post(f"/api/dlq/{letter['id']}/replay")
+            replay = await http.post(f"/api/dlq/{letter['id']}/replay", headers=MARKED)
             assert replay.status_code == 202 and replay.json() == {"enqueued": 1}
-            assert (await http.post("/api/dlq/999/replay")).status_code == 404
+            assert (await http.post("/api/dlq/999/replay", headers=MARKED)).status_code == 404
             await engine.run(once=True)
             assert (await http.get("/api/dlq")).json()["dead_letters"] == []
 
@@ -150,6 +169,166 @@ async def test_bearer_token_beyond_loopback(workdir: Path, app: App) -> None:
         assert ok.status_code == 200
         wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
+
+
+async def test_bearer_scheme_is_case_insensitive(workdir: Path, app: App) -> None:
+    async with opened(workdir, app, token="s3cret") as (_, http):
+        for given in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret"):
+            ok = await http.get("/api/status", headers={"Authorization": given})
+            assert ok.status_code == 200, given
+        for given in ("Basic s3cret", "s3cret", "Bearer s3cre", "bearer s3cretx", "bearer"):
+            wrong = await http.get("/api/status", headers={"Authorization": given})
+            assert wrong.status_code == 401, given
+            assert "Authorization: Bearer" in wrong.json()["error"]
+        # with a token, the token is the protection: any Host, and no CSRF marker needed
+        # (a cross-site page cannot send the token)
+        lan = {"Host": "nas.lan:8787", "Authorization": "bearer s3cret"}
+        assert (await http.get("/api/status", headers=lan)).status_code == 200
+        assert (await http.post("/api/dlq/999/replay", headers=lan)).status_code == 404
+
+
+async def test_foreign_host_names_are_refused_without_a_token(workdir: Path, app: App) -> None:
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 reaches
+    this server, same-origin to itself, with ``Host: evil.example:8787``."""
+    async with opened(workdir, app) as (_, http):
+        for host in (
+            "evil.example:8787",
+            "evil.example",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:8787",
+            "10.0.0.5:8787",
+            "localhost:notaport",
+            "",
+        ):
+            refused = await http.get("/api/status", headers={"Host": host})
+            assert refused.status_code == 421, host
+            assert "[http] token" in refused.json()["error"]
+        for host in ("127.0.0.1:8787", "localhost:8787", "LOCALHOST", "[::1]:8787", "[::1]"):
+            assert (await http.get("/api/status", headers={"Host": host})).status_code == 200
+
+
+async def test_cross_site_posts_are_refused_without_a_token(workdir: Path, app: App) -> None:
+    """CSRF: a page on another site can POST a form (or a simple fetch) to 127.0.0.1."""
+    async with opened(workdir, app) as (_, http):
+        form = {
+            "Origin": "http://evil.example",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        foreign = [
+            form,
+            {"Origin": "http://evil.example", **MARKED},
+            {"Origin": "null", **MARKED},  # sandboxed frames, file:// pages
+            {"Origin": "http://127.0.0.1:9999", **MARKED},  # another local service
+            {"Referer": "http://evil.example/page", **MARKED},
+        ]
+        for headers in foreign:
+            refused = await http.post("/api/dlq/999/replay", headers=headers)
+            assert refused.status_code == 403, headers
+            assert "is not this server's" in refused.json()["error"]
+        # same origin but a simple request, which a cross-site form could send just as well
+        for headers in ({"Origin": ORIGIN}, {}, {"Content-Type": "text/plain"}):
+            unmarked = await http.post("/api/check", headers=headers)
+            assert unmarked.status_code == 403, headers
+            assert "X-Vectorsync: 1" in unmarked.json()["error"]
+        # what browsers must preflight passes the guard (404: no such dead letter)
+        for headers in (
+            {"Origin": ORIGIN, **MARKED},
+            {"Referer": f"{ORIGIN}/", **MARKED},
+            {"Content-Type": "application/json; charset=utf-8"},
+        ):
+            passed = await http.post("/api/dlq/999/replay", headers=headers)
+            assert passed.status_code == 404, headers
+        page = (await http.get("/")).text
+        # the dashboard's buttons send the marker: one POST options object, marked
+        assert page.count('method: "POST"') == 1 and '"X-Vectorsync": "1"' in page
+
+
+async def test_one_check_at_a_time(
+    workdir: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks run in the sync's event loop: while one runs, another is refused (429), so a
+    burst of requests cannot starve the sync."""
+    async with opened(workdir, app) as (engine, http):
+        real = engine.check
+        started, release = asyncio.Event(), asyncio.Event()
+        calls = 0
+
+        async def held(name: str, *, mode: str = "full") -> CheckReport:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                started.set()
+                await release.wait()
+            return await real(name, mode=mode)
+
+        monkeypatch.setattr(engine, "check", held)
+        first = asyncio.create_task(http.post("/api/check", headers=MARKED))
+        try:
+            await asyncio.wait_for(started.wait(), 10)
+            busy = await http.post("/api/check?mode=quick", headers=MARKED)
+            assert busy.status_code == 429
+            assert int(busy.headers["Retry-After"]) >= 1
+            assert "already running" in busy.json()["error"]
+            assert calls == 1  # the refused request never reached the engine
+        finally:
+            release.set()
+            done = await first
+        assert done.status_code == 200 and done.json()["consistent"]
+        again = await http.post("/api/check?mode=quick", headers=MARKED)
+        assert again.status_code == 200  # the finished check let go
+
+
+async def test_bad_query_values_are_400_naming_the_parameter(workdir: Path, app: App) -> None:
+    async with opened(workdir, app) as (_, http):
+        for url in (
+            "/api/runs?limit=abc",
+            "/api/runs?limit=0",
+            "/api/runs?limit=99999999999999999999999",
+            "/api/checks?limit=1001",
+            "/api/checks?limit=-5",
+            "/api/checks?limit=1_0",
+            "/api/checks?limit=" + "9" * 5000,  # beyond what int() parses
+        ):
+            bad = await http.get(url)
+            assert bad.status_code == 400, url
+            assert bad.json()["parameter"] == "limit"
+            assert "from 1 to 1000" in bad.json()["error"]
+        assert (await http.get("/api/runs?limit=1000")).status_code == 200
+        cases = {
+            f"/api/dlq/{2**64}/replay": ("id", "from 1 to 9223372036854775807"),
+            "/api/dlq/0/replay": ("id", "from 1 to"),
+            "/api/dlq/abc/replay": ("id", "from 1 to"),
+            f"/api/dlq/{'9' * 5000}/replay": ("id", "from 1 to"),
+            "/api/check?mode=fast": ("mode", "full, sample, quick or prove"),
+            "/api/check?mapping=nope": ("mapping", "mapping='nope': use articles"),
+        }
+        for url, (name, hint) in cases.items():
+            bad = await http.post(url, headers=MARKED)
+            assert bad.status_code == 400, url
+            assert bad.json()["parameter"] == name and hint in bad.json()["error"], url
+
+
+async def test_error_bodies_are_redacted(
+    workdir: Path, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "postgresql://u:secret@h/db"
+
+    async def unreachable() -> list[object]:
+        raise SourceError(f"source 'pg': could not connect to {url}")
+
+    async def not_ready(**_: object) -> list[str]:
+        return [f"source 'pg': connection to {url} refused"]
+
+    async with opened(workdir, app) as (engine, http):
+        monkeypatch.setattr(engine, "status", unreachable)
+        monkeypatch.setattr(engine, "readiness", not_ready)
+        failed = await http.get("/api/status")
+        assert failed.status_code == 503
+        assert "secret" not in failed.text
+        assert "could not connect to postgresql://u:***@h/db" in failed.json()["error"]
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and "secret" not in ready.text
+        assert "postgresql://u:***@h/db" in ready.json()["problems"][0]
 
 
 async def test_events_stream_every_kind(workdir: Path, app: App) -> None:
