@@ -7,6 +7,13 @@ the buckets proves equality when the roots match, and only the records of differ
 are compared key by key. Categories: missing (no point), orphaned (a point without a live
 row, or a foreign point), outdated (written under an older schema version or model), stale
 (text differs) and payload mismatch.
+
+A record with a pending dead letter is *known*: every mode reports it as ``dead_lettered``
+(not as drift of another kind, and not making the check inconsistent) and leaves it out of
+the comparison, so its kept last good point is never counted as orphaned nor deleted by a
+repair. A row that cannot be rendered and is not yet dead-lettered is drift (``stale`` when
+its point exists, else ``missing``): repairing it sends it through the sync path, which
+dead-letters it and keeps its point.
 """
 
 from __future__ import annotations
@@ -36,10 +43,12 @@ from .sinks.base import Sink
 from .sources.base import Source
 from .state.store import StateStore
 
-__all__ = ["CATEGORIES", "CheckReport", "Checker", "Drift", "wilson_interval"]
+__all__ = ["CATEGORIES", "KNOWN", "CheckReport", "Checker", "Drift", "wilson_interval"]
 
-Category = Literal["missing", "orphaned", "outdated", "stale", "payload_mismatch"]
+Category = Literal["missing", "orphaned", "outdated", "stale", "payload_mismatch", "dead_lettered"]
+# drift: what makes a check inconsistent; dead_lettered records are known and reported apart
 CATEGORIES: tuple[Category, ...] = ("missing", "orphaned", "outdated", "stale", "payload_mismatch")
+KNOWN: Category = "dead_lettered"
 BUCKETS = DIGEST_BUCKETS
 _LOW31 = (1 << 31) - 1
 _REPORTED_KEYS = 1000  # keys listed per category in a report (counts are always exact)
@@ -63,6 +72,7 @@ class Drift:
     category: Category
     key: Key | None
     point_id: str
+    unrenderable: bool = False  # the row cannot be rendered: a repair dead-letters it
 
 
 @dataclass(slots=True, kw_only=True)
@@ -82,7 +92,7 @@ class CheckReport:
         return [d.key for d in self.drift if d.category in categories and d.key is not None]
 
     def as_dict(self) -> dict[str, Any]:
-        listed: dict[str, list[Any]] = {c: [] for c in CATEGORIES}
+        listed: dict[str, list[Any]] = {c: [] for c in (*CATEGORIES, KNOWN)}
         for d in self.drift:
             if len(listed[d.category]) < _REPORTED_KEYS:
                 listed[d.category].append(d.key if d.key is not None else d.point_id)
@@ -125,6 +135,12 @@ class _Side:
     def add(self, key: Key, entry: _Entry) -> None:
         self.entries[key] = entry
         self.buckets[_bucket(key)] ^= entry.digest(key)
+
+    def discard(self, key: Key) -> _Entry | None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.buckets[_bucket(key)] ^= entry.digest(key)
+        return entry
 
     def root(self) -> str:
         level = [xxhash.xxh3_64_hexdigest(d.to_bytes(8, "little")) for d in self.buckets]
@@ -169,7 +185,7 @@ class Checker:
         try:
             rendered = self.renderer.render(row)
         except RecordError:
-            return None  # cannot be synced as it is: the dead-letter queue holds it
+            return None  # cannot be synced as it is
         return _Entry(
             text_hash=content_hash(self.model_id, rendered.text),
             payload_hash=rendered.payload_hash,
@@ -185,6 +201,14 @@ class Checker:
             schema=payload.get("_vs_schema"),
             point_id=pid,
         )
+
+    async def _known(self) -> set[str]:
+        """Keys with a dead letter still open: known, reported apart from drift."""
+        letters = await self.state.dead_letters(self.mapping, status=None)
+        return {d.key for d in letters if d.status in ("pending", "processing")}
+
+    def _known_drift(self, keys: Iterable[Key]) -> list[Drift]:
+        return [Drift(category=KNOWN, key=k, point_id=point_id(self.mapping, k)) for k in keys]
 
     async def _rows(self, page: int = 2000) -> AsyncIterator[dict[str, Any]]:
         """Every current source row, completed the way the sync completes it."""
@@ -204,12 +228,13 @@ class Checker:
         for done in rows.values():
             yield done
 
-    async def _read_source(self) -> tuple[_Side, int]:
-        side, unrenderable = _Side(), 0
+    async def _read_source(self) -> tuple[_Side, list[Key]]:
+        """The rendered records, and the keys of the rows that cannot be rendered."""
+        side, unrenderable = _Side(), []
         async for row in self._rows():
             entry = self._source_entry(row)
             if entry is None:
-                unrenderable += 1
+                unrenderable.append(row[self.key])
             else:
                 side.add(row[self.key], entry)
         return side, unrenderable
@@ -227,11 +252,24 @@ class Checker:
     # -- modes ------------------------------------------------------------------------------
     async def full(self) -> CheckReport:
         started = time.monotonic()
+        known = await self._known()
         src, unrenderable = await self._read_source()
         snk, foreign = await self._read_sink()
+        records, points = len(src.entries) + len(unrenderable), len(snk.entries) + len(foreign)
+        present = [k for k in (*src.entries, *unrenderable) if str(k) in known]
+        drift = self._known_drift(present)
+        for key in present:
+            src.discard(key)
+            snk.discard(key)
+        for key in unrenderable:
+            if str(key) not in known:  # the sync would dead-letter it (and keep its point)
+                category: Category = "stale" if snk.discard(key) else "missing"
+                drift.append(
+                    Drift(category=category, key=key, point_id=point_id(self.mapping, key))
+                )
         src_root, snk_root = src.root(), snk.root()
         differing = [b for b in range(BUCKETS) if src.buckets[b] != snk.buckets[b]]
-        drift = [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
+        drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
         if differing:
             wanted = set(differing)
             keys = {k for k in src.entries if _bucket(k) in wanted}
@@ -242,14 +280,14 @@ class Checker:
             "full",
             started,
             drift,
-            len(src.entries) + unrenderable,
-            len(snk.entries) + len(foreign),
+            records,
+            points,
             {
                 "source_root": src_root,
                 "sink_root": snk_root,
                 "buckets": BUCKETS,
                 "buckets_differing": len(differing),
-                "unrenderable": unrenderable,
+                "unrenderable": len(unrenderable),
             },
         )
 
@@ -279,18 +317,29 @@ class Checker:
         in the sink are not seen here unless they change its point count: ``full`` reads
         every point for that."""
         started = time.monotonic()
+        known = await self._known()
         sums = [[0, 0] for _ in range(BUCKETS)]
-        rows = 0
+        rows, present = 0, []
         async for row in self._rows():
+            rows += 1
+            key = row[self.key]
+            if str(key) in known:
+                present.append(key)
+                continue
             d = row_digest(row, self.digest_columns)
-            acc = sums[_bucket(row[self.key])]
+            acc = sums[_bucket(key)]
             acc[0] += d >> 31
             acc[1] += d & _LOW31
-            rows += 1
         synced, records = await self.state.bucket_sums(self.mapping)
+        for key, d in (await self.state.record_digests(self.mapping, present)).items():
+            b = _bucket(key)
+            hi, lo = synced.get(b, (0, 0))
+            synced[b] = (hi - (d >> 31), lo - (d & _LOW31))
         points = await self.sink.count(self.collection)
         differing = [b for b in range(BUCKETS) if tuple(sums[b]) != synced.get(b, (0, 0))]
-        drift = await self._drill(differing) if differing else []
+        drift = self._known_drift(present)
+        if differing:
+            drift += await self._drill(differing, known)
         report = self._report(
             "prove",
             started,
@@ -307,7 +356,7 @@ class Checker:
         report.consistent = report.consistent and points == records
         return report
 
-    async def _drill(self, buckets: list[int]) -> list[Drift]:
+    async def _drill(self, buckets: list[int], known: set[str]) -> list[Drift]:
         wanted = set(buckets)
         synced = await self.state.bucket_digests(self.mapping, buckets)
         current: dict[str, tuple[Key, int]] = {}
@@ -316,7 +365,7 @@ class Checker:
             if _bucket(key) in wanted:
                 current[str(key)] = (key, row_digest(row, self.digest_columns))
         drift = []
-        for skey in sorted(set(synced) | set(current)):
+        for skey in sorted((set(synced) | set(current)) - known):
             pid = point_id(self.mapping, skey)
             if skey not in synced:
                 drift.append(Drift(category="missing", key=current[skey][0], point_id=pid))
@@ -328,10 +377,14 @@ class Checker:
 
     async def sample(self, size: int, *, seed: int | None = None) -> CheckReport:
         """Compare ``size`` random source records with their points: an estimate of the
-        share of source records whose point is missing or wrong, with a 95% interval."""
+        share of source records whose point is missing or wrong, with a 95% interval
+        (dead-lettered records are known, so they are reported and not sampled)."""
         started = time.monotonic()
+        known = await self._known()
         keys = [row[self.key] async for row in self.source.scan(self.table, self.key)]
-        chosen = random.Random(seed).sample(keys, min(size, len(keys)))
+        present = [k for k in keys if str(k) in known]
+        candidates = [k for k in keys if str(k) not in known]
+        chosen = random.Random(seed).sample(candidates, min(size, len(candidates)))
         rows = await self.source.fetch(self.table, self.key, chosen)
         if self.resolve is not None:
             await self.resolve(rows)
@@ -344,6 +397,9 @@ class Checker:
             rec = found.get(pid)
             snk = self._sink_entry(rec.payload, pid) if rec is not None else None
             d = self._compare(key, src, snk)
+            if d is None and row is not None and src is None:  # unrenderable, not yet known
+                category: Category = "stale" if rec else "missing"
+                d = Drift(category=category, key=key, point_id=pid, unrenderable=True)
             if d is not None:
                 drift.append(d)
         low, high = wilson_interval(len(drift), len(chosen))
@@ -354,14 +410,14 @@ class Checker:
             "low": low,
             "high": high,
             "confidence": 0.95,
-            "estimated_drifted_records": round(len(keys) * len(drift) / len(chosen))
+            "estimated_drifted_records": round(len(candidates) * len(drift) / len(chosen))
             if chosen
             else 0,
         }
         return self._report(
             "sample",
             started,
-            drift,
+            [*self._known_drift(present), *drift],
             len(keys),
             await self.sink.count(self.collection),
             {"estimate": estimate},
@@ -370,18 +426,24 @@ class Checker:
     async def quick(self) -> CheckReport:
         """Existence only: Bloom filters of each side's point ids against the other's."""
         started = time.monotonic()
+        known = await self._known()
         keys = {
             point_id(self.mapping, row[self.key]): row[self.key]
             async for row in self.source.scan(self.table, self.key)
         }
+        present = [k for k in keys.values() if str(k) in known]
+        for key in present:
+            keys.pop(point_id(self.mapping, key))
+        kept = {point_id(self.mapping, k) for k in present}
         sink_ids = [
             r.id async for r in self.sink.scroll(self.collection, with_payload=False, page=5000)
         ]
         in_sink = rbloom.Bloom(max(1, len(sink_ids)), 1e-6)
         in_sink.update(sink_ids)
-        in_source = rbloom.Bloom(max(1, len(keys)), 1e-6)
-        in_source.update(keys)
-        drift = [
+        in_source = rbloom.Bloom(max(1, len(keys) + len(kept)), 1e-6)
+        in_source.update([*keys, *kept])
+        drift = self._known_drift(present)
+        drift += [
             Drift(category="missing", key=k, point_id=pid)
             for pid, k in keys.items()
             if pid not in in_sink
@@ -392,7 +454,12 @@ class Checker:
             if pid not in in_source
         ]
         return self._report(
-            "quick", started, drift, len(keys), len(sink_ids), {"false_positive_rate": 1e-6}
+            "quick",
+            started,
+            drift,
+            len(keys) + len(present),
+            len(sink_ids),
+            {"false_positive_rate": 1e-6},
         )
 
     def _report(
@@ -404,13 +471,13 @@ class Checker:
         sink_points: int,
         details: dict[str, Any],
     ) -> CheckReport:
-        counts: dict[str, int] = {c: 0 for c in CATEGORIES}
+        counts: dict[str, int] = {c: 0 for c in (*CATEGORIES, KNOWN)}
         for d in drift:
             counts[d.category] += 1
         return CheckReport(
             mapping=self.mapping,
             mode=mode,
-            consistent=not drift,
+            consistent=all(d.category == KNOWN for d in drift),
             source_records=source_records,
             sink_points=sink_points,
             counts=counts,

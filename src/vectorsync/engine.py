@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
-from .check import Checker, CheckReport
+from .check import KNOWN, Checker, CheckReport
 from .config import (
     GRAPH_SOURCES,
     Config,
@@ -844,7 +844,12 @@ class Engine:
             await self._open_sinks()
             if orphans:
                 await self.sinks[m.sink].delete(m.collection_name, orphans)
-            forgotten = [*keys, *report.keys("orphaned")]
+            # rewritten in full; an unrenderable row keeps its state and point (dead-lettered)
+            forgotten = [
+                d.key
+                for d in report.drift
+                if d.key is not None and d.category != KNOWN and not d.unrenderable
+            ]
             await self.state.forget(m.name, [str(k) for k in forgotten])
             if keys:
                 await self.sources[m.source].enqueue(m.table, keys)

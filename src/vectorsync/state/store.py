@@ -659,6 +659,25 @@ class StateStore:
 
         return await self._tx("read digests", read)
 
+    async def record_digests(self, mapping: str, keys: Sequence[Key]) -> dict[Key, int]:
+        """Key → row digest as last synced, for the given keys that have record state."""
+        t = s.record_state
+        by_text = {str(k): k for k in keys}
+
+        def read(conn: Connection) -> dict[Key, int]:
+            found: dict[Key, int] = {}
+            names = list(by_text)
+            for i in range(0, len(names), _CHUNK):
+                rows = conn.execute(
+                    select(t.c.key, t.c.digest_hi, t.c.digest_lo).where(
+                        t.c.mapping == mapping, t.c.key.in_(names[i : i + _CHUNK])
+                    )
+                )
+                found.update((by_text[k], (hi << 31) | lo) for k, hi, lo in rows)
+            return found
+
+        return await self._tx("read digests", read)
+
     async def keys(self, mapping: str) -> list[str]:
         """Every key a mapping holds (a TRUNCATE re-checks them all)."""
         t = s.record_state
