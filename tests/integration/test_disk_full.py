@@ -22,6 +22,7 @@ import pytest
 
 from tests.helpers import App, assert_edge_converged, load, wait_for, write_config
 from vectorsync.errors import SinkError
+from vectorsync.model import Point, point_id
 from vectorsync.sinks.base import CollectionSpec
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
@@ -164,6 +165,30 @@ async def test_problems_report_low_space_until_it_is_freed(disk: Path) -> None:
         await sink.ensure_collection(spec)
     finally:
         await sink.close()
+
+
+async def test_a_flush_that_finds_the_disk_full_is_a_sink_error_and_loses_nothing(
+    disk: Path,
+) -> None:
+    """Space taken behind the check's back: flushing at close gets ENOSPC (qdrant-edge
+    writes its id tracker with write(2)); the sink says so and the WAL keeps the points."""
+    spec = CollectionSpec(name="c", dimension=4, distance="cosine")
+    sink = QdrantEdgeSink("vectors", disk / "sink")
+    await sink.open()
+    await sink.ensure_collection(spec)
+    points = [Point(id=point_id("m", k), vector=[1.0, 2.0, 3.0, k], payload={}) for k in range(500)]
+    await sink.upsert("c", points)
+    filler = fill(disk, leave_mib=0)
+    with pytest.raises(SinkError, match="No space left on device"):
+        await sink.close()
+    filler.unlink()
+    again = QdrantEdgeSink("vectors", disk / "sink")
+    await again.open()  # the lock was released
+    try:
+        await again.ensure_collection(spec)
+        assert await again.count("c") == 500
+    finally:
+        await again.close()
 
 
 async def test_memory_sink_problems_follow_its_outage_switch() -> None:

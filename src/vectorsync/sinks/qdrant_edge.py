@@ -107,17 +107,28 @@ class QdrantEdgeSink:
             raise SinkError(low, code="ENOSPC")
 
     async def close(self) -> None:
-        await self._lane.run(self._close_all)
-        self._lane.shutdown()
+        try:
+            await self._lane.run(self._close_all)
+        finally:
+            self._lane.shutdown()
 
     def _close_all(self) -> None:
-        for shard in self._shards.values():
-            shard.flush()
+        unflushed = []
+        for name, shard in self._shards.items():
+            try:
+                shard.flush()
+            except Exception as exc:  # ENOSPC, say: closing still works, the WAL has it all
+                unflushed.append(f"{name!r} ({exc})")
             shard.close()
         self._shards.clear()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if unflushed:
+            raise SinkError(
+                f"sink {self.name!r}: cannot flush {', '.join(unflushed)}; its write-ahead log "
+                "keeps every write and the next open replays it"
+            )
 
     def _shard(self, collection: str) -> Any:
         try:
