@@ -154,6 +154,14 @@ GRAPH_SOURCES = (FalkorDBSourceConfig, Neo4jSourceConfig)
 class QdrantEdgeSinkConfig(_Frozen):
     kind: Literal["qdrant-edge"]
     path: Path = Path(".vectorsync/qdrant")
+    min_free_space: int = Field(
+        default=256,
+        ge=0,
+        description="MiB that must stay free under path: below it each write fails as a "
+        "retryable sink error (qdrant-edge writes through mmap, so a full disk would kill "
+        "the process); keep it over the largest write: about 4 MiB per 1,000 384-d points, "
+        "about 40 MiB to open a new collection; 0 disables the check",
+    )
 
 
 class QdrantSinkConfig(_Frozen):

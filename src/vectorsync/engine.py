@@ -144,7 +144,7 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
     if isinstance(cfg, QdrantEdgeSinkConfig):
         from .sinks.qdrant_edge import QdrantEdgeSink
 
-        return QdrantEdgeSink(name, config.resolve(cfg.path))
+        return QdrantEdgeSink(name, config.resolve(cfg.path), min_free_space=cfg.min_free_space)
     assert isinstance(cfg, QdrantSinkConfig)
     from .sinks.qdrant import QdrantSink
 

@@ -53,6 +53,11 @@ class Sink(Protocol):
 
     async def close(self) -> None: ...
 
+    async def problems(self) -> list[str]:
+        """What keeps the sink from accepting writes right now (a full disk, an outage),
+        each naming the fix; empty when healthy. Cheap enough for a readiness probe."""
+        ...
+
     async def ensure_collection(self, spec: CollectionSpec) -> None:
         """Create the collection and its payload indexes if missing; PermanentError if an
         existing one has another dimension or distance."""

@@ -26,6 +26,9 @@ class MemorySink:
     async def close(self) -> None:
         return None
 
+    async def problems(self) -> list[str]:
+        return [f"sink {self.name!r} is down"] if self.down else []
+
     def _check(self, collection: str) -> dict[str, tuple[list[float], dict[str, Any]]]:
         if self.down:
             raise SinkError(f"sink {self.name!r} is down")

@@ -63,6 +63,9 @@ class QdrantSink:
             await self._client.close()
             self._client = None
 
+    async def problems(self) -> list[str]:
+        return []  # the server manages its own disk; an outage shows as a failed call
+
     @property
     def client(self) -> AsyncQdrantClient:
         if self._client is None:

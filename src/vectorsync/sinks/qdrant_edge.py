@@ -3,10 +3,20 @@
 An update that has returned is in the shard's write-ahead log and survives a crash, so a
 returned call is an acknowledged write. A shard has a single writer: we hold an advisory
 lock on the folder so a second process gets a clear error instead of a WAL lock failure.
+
+qdrant-edge writes its segments and WAL through mmap into sparse files, so a full disk is
+not an error it can return: the kernel kills the process with SIGBUS. Every write first
+checks that ``min_free_space`` MiB are free under the folder and raises SinkError (a
+retryable outage) when they are not. The margin must cover one write: a batch of 1,000
+384-d points allocates about 4 MiB (14 MiB at 1,536-d), and loading a collection fills in
+the sparse files it maps (37 MiB the first time for a small 384-d one). Space taken by
+another process between the check and the write can still end in SIGBUS; only a margin
+over the largest write guards against that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -22,6 +32,7 @@ from .base import CollectionSpec, Hit
 __all__ = ["QdrantEdgeSink"]
 
 _LOCK = ".vectorsync.lock"
+_MIB = 1 << 20
 
 
 @contextlib.contextmanager
@@ -35,9 +46,10 @@ def wrap_errors(what: str) -> Iterator[None]:
 
 
 class QdrantEdgeSink:
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, *, min_free_space: int = 256) -> None:
         self.name = name
         self.path = path
+        self.min_free_space = min_free_space  # MiB; 0 disables the check
         self._lane = BlockingLane(f"qdrant-edge-{name}")
         self._shards: dict[str, Any] = {}
         self._specs: dict[str, CollectionSpec] = {}
@@ -64,18 +76,59 @@ class QdrantEdgeSink:
         lock.flush()
         self._lock = lock
 
+    async def problems(self) -> list[str]:
+        # off the lane: a readiness probe must not wait behind a long write
+        low = await asyncio.to_thread(self._low_space)
+        return [low] if low else []
+
+    def _low_space(self) -> str | None:
+        """Why there is no room for a write under the folder, or None."""
+        if self.min_free_space <= 0:
+            return None
+        folder = self.path
+        while not folder.exists() and folder != folder.parent:  # not created yet
+            folder = folder.parent
+        try:
+            st = os.statvfs(folder)
+        except OSError as exc:
+            return f"sink {self.name!r}: cannot read the free space under {str(folder)!r}: {exc}"
+        free = st.f_bavail * st.f_frsize
+        if free >= self.min_free_space * _MIB:
+            return None
+        return (
+            f"sink {self.name!r}: only {free / _MIB:.1f} MiB free under {str(self.path)!r} "
+            f"(need {self.min_free_space} MiB: sinks.{self.name}.min_free_space); "
+            "free space or lower min_free_space"
+        )
+
+    def _check_room(self) -> None:
+        low = self._low_space()
+        if low is not None:
+            raise SinkError(low, code="ENOSPC")
+
     async def close(self) -> None:
-        await self._lane.run(self._close_all)
-        self._lane.shutdown()
+        try:
+            await self._lane.run(self._close_all)
+        finally:
+            self._lane.shutdown()
 
     def _close_all(self) -> None:
-        for shard in self._shards.values():
-            shard.flush()
+        unflushed = []
+        for name, shard in self._shards.items():
+            try:
+                shard.flush()
+            except Exception as exc:  # ENOSPC, say: closing still works, the WAL has it all
+                unflushed.append(f"{name!r} ({exc})")
             shard.close()
         self._shards.clear()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        if unflushed:
+            raise SinkError(
+                f"sink {self.name!r}: cannot flush {', '.join(unflushed)}; its write-ahead log "
+                "keeps every write and the next open replays it"
+            )
 
     def _shard(self, collection: str) -> Any:
         try:
@@ -109,6 +162,7 @@ class QdrantEdgeSink:
                 f"{spec.distance}; use another collection name"
             )
         if spec.name not in self._shards:
+            self._check_room()  # loading writes too: it fills sparse files in
             try:
                 if (folder / "wal").exists():
                     shard = qe.EdgeShard.load(str(folder), config)
@@ -132,10 +186,12 @@ class QdrantEdgeSink:
             "text": qe.PayloadSchemaType.Text,
         }
         existing = shard.info().payload_schema
+        missing = {f: kind for f, kind in spec.indexes.items() if f not in existing}
+        if missing:
+            self._check_room()
         with wrap_errors(f"index {spec.name!r}"):
-            for field, kind in spec.indexes.items():
-                if field not in existing:
-                    shard.update(qe.UpdateOperation.create_field_index(field, schema_types[kind]))
+            for field, kind in missing.items():
+                shard.update(qe.UpdateOperation.create_field_index(field, schema_types[kind]))
 
     async def upsert(self, collection: str, points: Sequence[Point]) -> None:
         await self._lane.run(self._upsert, collection, points)
@@ -144,6 +200,7 @@ class QdrantEdgeSink:
         import qdrant_edge as qe
 
         batch = [qe.Point(p.id, p.vector, p.payload) for p in points]
+        self._check_room()
         with wrap_errors(f"upsert into {collection!r}"):
             self._shard(collection).update(qe.UpdateOperation.upsert_points(batch))
 
@@ -159,6 +216,7 @@ class QdrantEdgeSink:
 
         shard = self._shard(collection)
         op = qe.UpdateOperation
+        self._check_room()
         with wrap_errors(f"update payloads in {collection!r}"):
             ids: list[Any] = [u.id for u in updates]
             found = {str(r.id) for r in shard.retrieve(ids, with_payload=False, with_vector=False)}
@@ -181,6 +239,7 @@ class QdrantEdgeSink:
     def _delete(self, collection: str, ids: list[Any]) -> None:
         import qdrant_edge as qe
 
+        self._check_room()  # a delete appends to the WAL and marks segment pages
         with wrap_errors(f"delete from {collection!r}"):
             self._shard(collection).update(qe.UpdateOperation.delete_points(ids))
 
