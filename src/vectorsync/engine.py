@@ -13,7 +13,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ class MappingStatus:
     outdated: int
     dead_letters: int
     counters: dict[str, int]
+    sink_problems: list[str] = field(default_factory=list)  # what stops the sink taking writes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -423,10 +424,10 @@ class Engine:
 
     def _index_types(self, m: MappingConfig) -> dict[str, IndexType]:
         indexes: dict[str, IndexType] = {}
-        for field in m.payload:
-            kind = index_type_for(self._columns[m.name][field])
+        for name in m.payload:
+            kind = index_type_for(self._columns[m.name][name])
             if kind is not None:
-                indexes[field] = kind
+                indexes[name] = kind
         return indexes
 
     async def _runtime(self, m: MappingConfig) -> MappingRuntime:
@@ -459,13 +460,16 @@ class Engine:
             self._emit(SchemaEvolved(mapping=m.name, version=version, evolution=evolution))
         indexes = self._index_types(m)
         sink = self.sinks[m.sink]
-        await sink.ensure_collection(
-            CollectionSpec(
-                name=m.collection_name,
-                dimension=embedder.dimension,
-                distance=embedder.distance,
-                indexes={**indexes, "_vs_key": "keyword" if self._is_text_key(m) else "integer"},
-            )
+        spec = CollectionSpec(
+            name=m.collection_name,
+            dimension=embedder.dimension,
+            distance=embedder.distance,
+            indexes={**indexes, "_vs_key": "keyword" if self._is_text_key(m) else "integer"},
+        )
+        await retrying(
+            f"{m.sink}: open collection {spec.name}",
+            partial(sink.ensure_collection, spec),
+            self.backoff,
         )
         return MappingRuntime(
             config=m,
@@ -942,6 +946,8 @@ class Engine:
                 await self.sinks[m.sink].count(m.collection_name)
             except VectorsyncError as exc:
                 problems.append(f"sink {m.sink!r}: {exc}")
+        for sink in self.sinks.values():
+            problems.extend(await sink.problems())
         return problems
 
     async def stats(self) -> dict[str, Any]:
@@ -1008,6 +1014,7 @@ class Engine:
                     outdated=counts.outdated,
                     dead_letters=counts.dead_letters,
                     counters=counts.counters,
+                    sink_problems=await self.sinks[m.sink].problems(),
                 )
             )
         return result
