@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from .config import MappingConfig, RelatedConfig
 from .errors import ConfigError
 from .related import Relation, node_pattern, pattern_nodes
-from .render import template_columns
-from .sources.base import Source
+from .render import template_attributes, template_columns
+from .sinks.base import index_type_for
+from .sources.base import Source, TableSpec
 
 __all__ = ["check_keys", "check_mapping"]
 
@@ -25,6 +26,8 @@ async def check_mapping(
     Graphs are schemaless: a property no sampled node has is accepted and reads as NULL."""
     cols = await source.columns(m.table)
     where = f"mapping {m.name!r}"
+    if m.key in cols:
+        await source.check_key(TableSpec(table=m.table, key=m.key))
     what = "node label" if graph else "source table"
     relations = tuple(_relation(m, r, graph=graph) for r in m.related)
     for rel in relations:
@@ -55,7 +58,34 @@ async def check_mapping(
                 f"{m.table!r} {listed}"
             )
         raise ConfigError(f"{where}: {role} {field!r} not in {what} {m.table!r} {listed}")
+    _check_attributes(m, cols)
     return cols, relations
+
+
+_SCALARS: dict[str, type] = {
+    "keyword": str,
+    "text": str,
+    "datetime": str,  # rendered as ISO text
+    "integer": int,
+    "float": float,
+    "bool": bool,
+}
+
+
+def _check_attributes(m: MappingConfig, cols: Mapping[str, str]) -> None:
+    """``{{ body.nosuch }}`` on a text column fails on every row: refuse it here. Columns
+    of structured types (JSON, lists, untyped graph properties) may hold anything."""
+    for column, attr in template_attributes(m.text):
+        kind = index_type_for(cols.get(column, ""))
+        scalar = (
+            _SCALARS.get(kind) if kind is not None and not cols[column].startswith("LIST") else None
+        )
+        if scalar is not None and not hasattr(scalar, attr):
+            raise ConfigError(
+                f"mapping {m.name!r}: text template reads {column}.{attr}, but {column!r} is a "
+                f"{cols[column]} column (a {scalar.__name__} has no {attr!r}); write "
+                f"{{{{ {column} }}}}, or read {attr!r} from a JSON column"
+            )
 
 
 def check_keys(

@@ -15,7 +15,7 @@ from .errors import ConfigError, RecordError, RenderError
 from .model import InvalidText, Row, payload_hash
 from .sinks.base import IndexType
 
-__all__ = ["Rendered", "Renderer", "template_columns"]
+__all__ = ["Rendered", "Renderer", "template_attributes", "template_columns"]
 
 _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
@@ -33,6 +33,23 @@ def template_columns(template: str) -> set[str]:
         raise ConfigError(
             f"text template: syntax error on line {exc.lineno}: {exc.message}"
         ) from exc
+
+
+def template_attributes(template: str) -> list[tuple[str, str]]:
+    """(column, attribute) for every ``column.attribute`` or ``column['key']`` the template
+    reads, so validation can refuse what a column's type cannot have."""
+    found: list[tuple[str, str]] = []
+    for node in _ENV.parse(template).find_all((nodes.Getattr, nodes.Getitem)):
+        if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name):
+            found.append((node.node.name, node.attr))
+        elif (
+            isinstance(node, nodes.Getitem)
+            and isinstance(node.node, nodes.Name)
+            and isinstance(node.arg, nodes.Const)
+            and isinstance(node.arg.value, str)
+        ):
+            found.append((node.node.name, node.arg.value))
+    return found
 
 
 @dataclass(frozen=True, slots=True)

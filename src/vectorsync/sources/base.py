@@ -46,6 +46,11 @@ class Source(Protocol):
         """Column name → declared type; ConfigError if the table does not exist."""
         ...
 
+    async def check_key(self, spec: TableSpec) -> None:
+        """ConfigError unless ``spec.key`` identifies one row of its table (a primary key or
+        a unique index on it, of a type that keeps 42 and '42' apart), naming the fix."""
+        ...
+
     async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
         """Install change capture idempotently; returns the tables snapshotted now (new ones)."""
         ...

@@ -145,6 +145,9 @@ class GraphSource:
     async def labels(self) -> list[str]:
         return [r[0] for r in await self.query("list labels", "CALL db.labels()")]
 
+    async def check_key(self, spec: TableSpec) -> None:
+        return None  # graphs have no declared keys: a node without the property is skipped
+
     async def epoch(self) -> str:
         """Graph positions are stream ids or server timestamps: they never restart, so one
         epoch serves every installation ("" while nothing is captured)."""

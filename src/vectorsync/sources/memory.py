@@ -79,6 +79,9 @@ class MemorySource:
             raise ConfigError(f"source {self.name!r}: table {table!r} not found (tables: {known})")
         return dict(self._schemas[table])
 
+    async def check_key(self, spec: TableSpec) -> None:
+        return None  # rows are kept by key: one row per key by construction
+
     async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
         new = [s for s in tables if self._keys.get(s.table) != s.key]
         if new and not self._keys:  # installed anew: its positions restart

@@ -138,6 +138,39 @@ class SqliteSource:
                 )
         return {r[1]: (r[2] or "").upper() for r in rows}
 
+    async def check_key(self, spec: TableSpec) -> None:
+        await self._lane.run(self._check_key, spec)
+
+    def _check_key(self, spec: TableSpec) -> None:
+        where = f"source {self.name!r}: key {spec.key!r} of table {spec.table!r}"
+        with wrap_errors(f"describe {spec.table!r}"):
+            info = self._db.execute(f"PRAGMA table_info({_quote(spec.table)})").fetchall()
+            declared = {r[1]: (r[2] or "").upper() for r in info}
+            primary = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5]]
+            unique = primary == [spec.key] or any(
+                self._unique_on(index, spec.key)
+                for _, index, is_unique, _, partial in self._db.execute(
+                    f"PRAGMA index_list({_quote(spec.table)})"
+                )
+                if is_unique and not partial
+            )
+        kind = declared.get(spec.key, "")
+        if not any(t in kind for t in ("INT", "CHAR", "CLOB", "TEXT")):
+            raise ConfigError(
+                f"{where} is declared {kind or 'without a type'}: SQLite then keeps 42 and '42' "
+                "as two rows that would share one point; declare it INTEGER or TEXT"
+            )
+        if not unique:
+            raise ConfigError(
+                f"{where} is neither the primary key nor covered by a unique index: rows "
+                "sharing a key would merge into one point; make it PRIMARY KEY or add "
+                f"CREATE UNIQUE INDEX ON {spec.table} ({spec.key}), or map another key"
+            )
+
+    def _unique_on(self, index: str, column: str) -> bool:
+        cols = [r[2] for r in self._db.execute(f"PRAGMA index_info({_quote(index)})")]
+        return cols == [column]
+
     async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
         return await self._lane.run(self._setup, list(tables))
 

@@ -8,6 +8,7 @@ ordering is the no-loss guarantee.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -156,8 +157,15 @@ class StateStore:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         where = url.render_as_string(hide_password=True)
+        sqlite_file = engine.dialect.name == "sqlite" and url.database not in (None, "", ":memory:")
         try:
-            with wrap_errors(f"open {where}"), engine.begin() as conn:
+            with (
+                wrap_errors(f"open {where}"),
+                _file_lock(Path(f"{url.database}.lock"))
+                if sqlite_file
+                else contextlib.nullcontext(),
+                engine.begin() as conn,
+            ):
                 if engine.dialect.name == "postgresql":  # one migrator at a time
                     conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('vectorsync-state'))"))
                 migrate(conn)
@@ -788,6 +796,18 @@ class StateStore:
             return [{**r._mapping, "definition": orjson.loads(r.definition)} for r in rows]
 
         return await self._tx("read schema registry", read)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """One migrator at a time on a SQLite file (its DDL does not run in one transaction
+    that would serialise two processes creating the schema at once)."""
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _stream_position(conn: Connection, source: str, epoch: str | None) -> int:
