@@ -85,6 +85,7 @@ async def test_injected_drift_is_found_exactly_in_every_category_and_repaired(
             "outdated": 1,
             "stale": 2,
             "payload_mismatch": 2,
+            "dead_lettered": 0,
         }
         assert report.details["buckets_differing"] <= 12
         assert report.details["source_root"] != report.details["sink_root"]
