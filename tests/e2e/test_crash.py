@@ -92,7 +92,7 @@ def test_kill_9_at_every_failpoint_of_the_batch_cycle_loses_nothing(
     schedule = [
         (POINTS[t // 2 % len(POINTS)], 1 if t % 2 else rng.randint(2, 6)) for t in range(TRIALS)
     ]
-    logs = []
+    logs: list[str] = []
     for trial, (point, n) in enumerate(schedule):
         with _writing(app, seed=trial):
             proc = _start(workdir, _env(f"{point}:{n}"))
