@@ -1,24 +1,44 @@
 """Named crash points for crash-safety tests.
 
 ``VECTORSYNC_FAILPOINT=after_sink_write:3`` kills the process with SIGKILL the third time
-the worker passes ``after_sink_write``. Unset (always, in production) the check is one
-dict lookup.
+the worker passes ``after_sink_write``, after writing ``vectorsync: failpoint
+after_sink_write fired`` to stderr so that a test can tell where it died. Unset (always,
+in production) the check is one string comparison.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from typing import Literal, get_args
+
+# Every point the code passes; a crash test kills at each of them.
+Failpoint = Literal["after_sink_write", "after_state_commit"]
+POINTS: tuple[Failpoint, ...] = get_args(Failpoint)
+
+
+def parse(spec: str) -> tuple[str, int]:
+    """``name[:N]`` → (name, N); a typo must not silently turn a crash test into a no-op."""
+    name, _, count = spec.partition(":")
+    if name not in POINTS:
+        raise ValueError(
+            f"VECTORSYNC_FAILPOINT={spec!r}: unknown failpoint {name!r} "
+            f"(known: {', '.join(POINTS)})"
+        )
+    if not (count or "1").isdigit() or int(count or 1) < 1:
+        raise ValueError(f"VECTORSYNC_FAILPOINT={spec!r}: the count after ':' must be 1 or more")
+    return name, int(count or 1)
+
 
 _spec = os.environ.get("VECTORSYNC_FAILPOINT", "")
-_name, _, _count = _spec.partition(":")
-_remaining = int(_count or 1)
+_name, _remaining = parse(_spec) if _spec else ("", 0)
 
 
-def hit(name: str) -> None:
+def hit(name: Failpoint) -> None:
     global _remaining
-    if not _spec or name != _name:
+    if name != _name:
         return
     _remaining -= 1
-    if _remaining <= 0:
+    if _remaining == 0:
+        os.write(2, f"vectorsync: failpoint {name} fired\n".encode())
         os.kill(os.getpid(), signal.SIGKILL)
