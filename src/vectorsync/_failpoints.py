@@ -13,7 +13,16 @@ import signal
 from typing import Literal, get_args
 
 # Every point the code passes; a crash test kills at each of them.
-Failpoint = Literal["after_sink_write", "after_state_commit"]
+Failpoint = Literal[
+    "after_redo_inflight",
+    "after_read_changes",
+    "after_embed",
+    "after_journal",
+    "after_sink_call",
+    "after_sink_write",
+    "after_state_commit",
+    "after_source_ack",
+]
 POINTS: tuple[Failpoint, ...] = get_args(Failpoint)
 
 

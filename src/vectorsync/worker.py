@@ -231,6 +231,7 @@ class SourceWorker:
                 self._pending_dlq[m.name] = {d.key for d in letters}
         self._stop = stop
         redone = await self.state.redo_inflight(self.source.name)
+        _failpoints.hit("after_redo_inflight")
         if redone:
             logger.warning(
                 "%d records were written to sinks by a run that died before recording them; "
@@ -297,6 +298,7 @@ class SourceWorker:
                     self._epoch_changed = True
                     break
                 continue
+            _failpoints.hit("after_read_changes")
             cursor = changes[-1].position
             await out.put(await self._prepare(changes))
         await out.put(_DONE)
@@ -318,6 +320,7 @@ class SourceWorker:
         while (batch := await inp.get()) is not _DONE:
             for work in batch.work:
                 await self._embed(work)
+            _failpoints.hit("after_embed")
             await out.put(batch)
         await out.put(_DONE)
 
@@ -337,6 +340,7 @@ class SourceWorker:
             if written:  # durable before the first sink write (see StateStore.redo_inflight)
                 journal = partial(self.state.journal, self.source.name, batch.position, written)
                 await self._retry("journal batch", journal, stop)
+                _failpoints.hit("after_journal")
             for work in batch.work:
                 await self._write(work, stop)
             _failpoints.hit("after_sink_write")
@@ -348,6 +352,7 @@ class SourceWorker:
                 await self.source.ack(batch.position)
             except VectorsyncError as exc:  # harmless: the next ack covers it
                 logger.warning("source ack failed: %s", exc, extra={"action": "source_ack"})
+            _failpoints.hit("after_source_ack")
             self._report(batch, target)
 
     async def _retry(
@@ -682,6 +687,7 @@ class SourceWorker:
                     f"upsert into {coll}", chunk, partial(sink.upsert, coll), stop
                 )
             )
+            _failpoints.hit("after_sink_call")
         updates = [u for _, u in work.payload_only]
         missing: list[str] = []
         for i in range(0, len(updates), _WRITE_CHUNK):
@@ -694,6 +700,7 @@ class SourceWorker:
                     stop,
                 )
             )
+            _failpoints.hit("after_sink_call")
         if missing:
             # The point vanished from the sink behind our back: forget its state so that the
             # next change (or a consistency repair) writes it in full.
@@ -712,6 +719,7 @@ class SourceWorker:
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]
             await self._retry(f"delete from {coll}", partial(sink.delete, coll, part_ids), stop)
+            _failpoints.hit("after_sink_call")
 
     @staticmethod
     async def _update_payloads(
