@@ -22,6 +22,7 @@ from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
 from vectorsync.errors import PermanentError, VectorsyncError
 from vectorsync.sources import postgres as pg_source
+from vectorsync.sources.base import TableSpec
 from vectorsync.sources.pg_logical import LogicalCapture
 from vectorsync.sources.pg_outbox import OutboxCapture
 from vectorsync.sources.pgoutput import Decoder, Transaction
@@ -234,6 +235,56 @@ def test_teardown_removes_the_capture_and_setup_restores_it(workdir: Path, pgapp
     done = _cli(workdir, "run", "--once")  # set up again: a new snapshot catches up
     assert done.returncode == 0, done.stderr
     asyncio.run(check(workdir / "vectorsync.toml", pgapp))
+
+
+@pytest.mark.parametrize("mode", ["logical", "outbox"])
+async def test_the_capture_epoch_is_new_at_each_install(pg_url: str, mode: str) -> None:
+    """ "" while no capture is installed; the same across setups and reopening; a new one
+    after teardown + setup, or once the slot / outbox was removed behind our back."""
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("CREATE TABLE docs (id integer PRIMARY KEY, body text)")
+        specs = [TableSpec(table="docs", key="id")]
+        source = pg_source.PostgresSource("app", pg_url, capture=mode)  # type: ignore[arg-type]
+        await source.open()
+        try:
+            assert await source.epoch() == ""  # nothing of vectorsync's in the database yet
+            await source.setup(specs)
+            first = await source.epoch()
+            assert len(first) == 32
+            await source.setup(specs)
+            assert await source.epoch() == first
+            await source.close()
+            source = pg_source.PostgresSource("app", pg_url, capture=mode)  # type: ignore[arg-type]
+            await source.open()
+            assert await source.epoch() == first
+            await source.teardown()
+            assert await source.epoch() == ""
+            await source.setup(specs)
+            second = await source.epoch()
+            assert second not in ("", first)
+
+            if mode == "logical":
+                db.execute("SELECT pg_drop_replication_slot('vectorsync_app')")
+            else:
+                db.execute("DROP TABLE vectorsync.vectorsync_app_outbox")
+                db.execute("DROP SEQUENCE vectorsync.vectorsync_app_pos")
+            assert await source.epoch() == ""
+            await source.setup(specs)
+            third = await source.epoch()
+            assert third not in ("", first, second)
+            db.execute("INSERT INTO docs VALUES (1, 'captured')")
+            await source.head()  # logical: the stream has reached the insert
+            changes = await source.read_changes(0, 10)
+            assert [(c.key, c.op) for c in changes] == [(1, "insert")]
+
+            db.execute("DELETE FROM vectorsync.captures")  # as an install from before epochs
+            assert await source.epoch() == ""
+            await source.setup(specs)
+            assert await source.epoch() not in ("", first, second, third)
+            await source.teardown()
+            assert await source.epoch() == ""
+        finally:
+            await source.close()
 
 
 def test_the_password_never_appears_in_output_logs_or_state(workdir: Path, pgapp: PgApp) -> None:

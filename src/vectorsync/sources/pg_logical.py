@@ -26,7 +26,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from ..errors import SourceError
+from ..errors import ConfigError, SourceError
 from ..model import Change, Key
 from .base import Backlog, TableSpec
 from .pgoutput import MESSAGE_PREFIX, Decoder, Transaction
@@ -68,6 +68,7 @@ class LogicalCapture:
         await source.ensure_schema()
         async with source.session() as conn:
             with wrap_errors("install the publication"):
+                await source.check_owner(conn)
                 listed = sql.SQL(", ").join(table_ident(s.table) for s in tables)
                 pub = sql.Identifier(self.publication)
                 cur = await conn.execute(
@@ -88,11 +89,11 @@ class LogicalCapture:
                     await conn.execute(
                         sql.SQL("ALTER PUBLICATION {p} SET TABLE {t}").format(p=pub, t=listed)
                     )
-                slot = await (
-                    await conn.execute(
-                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
-                    )
-                ).fetchone()
+                slot = await self._slot_database(conn)
+                if slot is None:  # installed anew: a new epoch, before the slot exists
+                    await source.renew_epoch(conn, "logical")
+                else:  # a slot made before epochs existed gets one now
+                    await source.renew_epoch(conn, "logical", keep=True)
         if slot is None:
             await source.forget_snapshots()
             return await self._create_slot_and_snapshot(source, tables)
@@ -102,12 +103,31 @@ class LogicalCapture:
                 await source.snapshot_table(spec, pending[spec.table])
         return sorted(pending)
 
+    async def _slot_database(self, conn: psycopg.AsyncConnection[Any]) -> str | None:
+        """The database of the slot named ours (``None``: there is none); slot names are
+        per server, so another database's slot of that name is refused."""
+        row = await (
+            await conn.execute(
+                "SELECT database, database = current_database() FROM pg_replication_slots "
+                "WHERE slot_name = %s",
+                (self.slot,),
+            )
+        ).fetchone()
+        if row is not None and not row[1]:
+            raise ConfigError(
+                f"source {self.source.name!r}: replication slot {self.slot!r} belongs to "
+                f"database {row[0]!r} on this server; give this source its own slot name "
+                '(slot = "..." in its [sources] section)'
+            )
+        return None if row is None else str(row[0])
+
     async def _create_slot_and_snapshot(
         self, source: PostgresSource, tables: Sequence[TableSpec]
     ) -> list[str]:
         """Create the slot, then read existing keys at its consistent point: every change
         after that point is in the stream, every row before it is in the snapshot."""
         import psycopg2
+        import psycopg2.extensions
         import psycopg2.extras
 
         def create() -> tuple[Any, str, str]:
@@ -116,9 +136,8 @@ class LogicalCapture:
                     source.url, connection_factory=psycopg2.extras.LogicalReplicationConnection
                 )
                 cur = conn.cursor()
-                cur.execute(
-                    f'CREATE_REPLICATION_SLOT "{self.slot}" LOGICAL pgoutput EXPORT_SNAPSHOT'
-                )
+                slot = psycopg2.extensions.quote_ident(self.slot, conn)
+                cur.execute(f"CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT")
                 _, consistent, snapshot, _ = cur.fetchone()
             except psycopg2.Error as exc:
                 raise SourceError(
@@ -140,7 +159,9 @@ class LogicalCapture:
                 with wrap_errors("open the exported snapshot"):
                     await reader.set_autocommit(False)
                     await reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    await reader.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                    await reader.execute(
+                        sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
+                    )
                 for spec in tables:
                     await source.snapshot_table(spec, None, reader)
             finally:
@@ -157,7 +178,8 @@ class LogicalCapture:
                 while True:
                     row = await (
                         await conn.execute(
-                            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                            "SELECT active_pid FROM pg_replication_slots "
+                            "WHERE slot_name = %s AND database = current_database()",
                             (self.slot,),
                         )
                     ).fetchone()
@@ -179,7 +201,15 @@ class LogicalCapture:
                         p=sql.Identifier(self.publication)
                     )
                 )
+                await self.source.forget_epoch(conn)
         await self.source.forget_snapshots()
+
+    async def epoch(self) -> str:
+        installed = sql.SQL(
+            "EXISTS (SELECT 1 FROM pg_replication_slots "
+            "WHERE slot_name = {s} AND database = current_database())"
+        ).format(s=sql.Literal(self.slot))
+        return await self.source.read_epoch("logical", installed)
 
     # -- the feed ---------------------------------------------------------------------------
     async def write_keys(

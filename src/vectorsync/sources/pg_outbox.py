@@ -21,7 +21,7 @@ from psycopg import sql
 
 from ..model import Change, Key
 from .base import Backlog, TableSpec
-from .postgres import SCHEMA, split_table, table_ident, wrap_errors
+from .postgres import SCHEMA, derived_name, split_table, table_ident, wrap_errors
 
 if TYPE_CHECKING:
     from .postgres import PostgresSource
@@ -29,15 +29,19 @@ if TYPE_CHECKING:
 __all__ = ["OutboxCapture"]
 
 _CLAIM_ALL_CHUNK = 50_000
+_PARTS = ("row", "stmt")  # the row trigger records keys; the statement one wakes readers
 
 
 class OutboxCapture:
     def __init__(self, source: PostgresSource) -> None:
         self.source = source
         cap = source.slot
-        self.outbox = sql.Identifier(SCHEMA, f"{cap}_outbox")
-        self.seq = f"{SCHEMA}.{cap}_pos"
-        self.channel = cap
+        self.outbox = sql.Identifier(SCHEMA, derived_name(cap, "outbox"))
+        self.seq = sql.Identifier(SCHEMA, derived_name(cap, "pos"))
+        self._seq_text = self.seq.as_string(None)  # for to_regclass and nextval
+        self._index = sql.Identifier(derived_name(cap, "pos", "idx"))
+        self.channel = cap  # at most 63 bytes, as every capture name
+        self._triggers = {part: derived_name(cap, part) for part in _PARTS}
         self._lock_key = f"vectorsync:{cap}"
         self._listener: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self._int_tables: set[str] = set()
@@ -51,11 +55,14 @@ class OutboxCapture:
         await source.ensure_schema()
         async with source.session() as conn:
             with wrap_errors("install the outbox"):
+                await source.check_owner(conn)
                 wanted = {s.table: self._trigger_sql(s) for s in tables}
                 stale = [s for s in tables if not await self._current(conn, s, wanted[s.table])]
-                if stale:
-                    fresh = not await _exists(conn, self.seq)
+                fresh = not await _exists(conn, self._seq_text)
+                if stale or fresh:
                     await self._install(conn, stale, wanted, create_outbox=fresh)
+                if not fresh:  # an outbox made before epochs existed gets one now
+                    await source.renew_epoch(conn, "outbox", keep=True)
         pending = await source.pending_snapshots(tables)
         for spec in tables:
             if spec.table in pending:
@@ -70,99 +77,147 @@ class OutboxCapture:
         *,
         create_outbox: bool = False,
     ) -> None:
-        """(Re)install triggers in one transaction. The application tables are locked
-        first, so their writers (which go on to the outbox) never wait in a cycle with us."""
+        """(Re)install triggers in one transaction, dropping the functions they replace.
+        The application tables are locked first, so their writers (which go on to the
+        outbox) never wait in a cycle with us."""
         async with conn.transaction():
-            listed = sql.SQL(", ").join(table_ident(s.table) for s in stale)
-            await conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(listed))
+            if stale:
+                listed = sql.SQL(", ").join(table_ident(s.table) for s in stale)
+                await conn.execute(
+                    sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(listed)
+                )
             if create_outbox:
-                await conn.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {ob} (id bigserial PRIMARY KEY, "
-                        "tbl text NOT NULL, key text, op text NOT NULL, pos bigint, "
-                        "committed_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-                    ).format(ob=self.outbox)
-                )
-                await conn.execute(
-                    sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {ob} (pos)").format(
-                        i=sql.Identifier(f"{self.channel}_outbox_pos"), ob=self.outbox
-                    )
-                )
-                await conn.execute(f"CREATE SEQUENCE IF NOT EXISTS {self.seq}")
+                await self._create_outbox(conn)
+            replaced: set[int] = set()
             for spec in stale:
+                replaced |= await self._trigger_functions(conn, spec)
                 for statement in wanted[spec.table]:
                     await conn.execute(statement)
+            await self._drop_unused(conn, replaced)
+
+    async def _create_outbox(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A new feed: outbox, position sequence, a new epoch, and no snapshot counted
+        as done (whatever happened before this outbox is not in it)."""
+        await conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {ob} (id bigserial PRIMARY KEY, "
+                "tbl text NOT NULL, key text, op text NOT NULL, pos bigint, "
+                "committed_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+            ).format(ob=self.outbox)
+        )
+        await conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {ob} (pos)").format(
+                i=self._index, ob=self.outbox
+            )
+        )
+        await conn.execute(sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(self.seq))
+        await self.source.renew_epoch(conn, "outbox")
+        await conn.execute(
+            sql.SQL("DELETE FROM {} WHERE capture = %s").format(
+                sql.Identifier(SCHEMA, "snapshots")
+            ),
+            (self.source.slot,),
+        )
+
+    async def _trigger_functions(
+        self, conn: psycopg.AsyncConnection[Any], spec: TableSpec
+    ) -> set[int]:
+        """The functions this capture's triggers on the table call now."""
+        cur = await conn.execute(
+            "SELECT tgfoid FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname IN (%s, %s)",
+            (table_ident(spec.table).as_string(conn), *self._triggers.values()),
+        )
+        return {int(r[0]) for r in await cur.fetchall()}
+
+    async def _drop_unused(self, conn: psycopg.AsyncConnection[Any], oids: set[int]) -> None:
+        """Drop those of our functions (in the vectorsync schema) no trigger calls."""
+        cur = await conn.execute(
+            "SELECT n.nspname, p.proname FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE p.oid = ANY(%s::oid[]) AND n.nspname = %s "
+            "AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)",
+            (sorted(oids), SCHEMA),
+        )
+        for schema, name in await cur.fetchall():
+            await conn.execute(
+                sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(schema, name))
+            )
 
     async def _current(
         self, conn: psycopg.AsyncConnection[Any], spec: TableSpec, wanted: list[sql.Composed]
     ) -> bool:
-        """Whether the table's triggers are installed exactly as ``wanted`` (a digest of
-        the statements is kept as the row function's comment)."""
+        """Whether the table's triggers are installed exactly as ``wanted``: both call
+        this capture's functions, whose statements' digest is the row function's comment."""
+        row_fn, stmt_fn = (self._fn(spec, part).as_string(conn) + "()" for part in _PARTS)
         cur = await conn.execute(
             "SELECT obj_description(to_regprocedure(%s), 'pg_proc'), "
             "(SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
-            "AND tgname IN (%s, %s))",
+            "AND ((tgname = %s AND tgfoid = to_regprocedure(%s)) "
+            "OR (tgname = %s AND tgfoid = to_regprocedure(%s))))",
             (
-                f"{SCHEMA}.{self._fn_name(spec, 'row')}()",
+                row_fn,
                 table_ident(spec.table).as_string(conn),
-                f"{self.channel}_row",
-                f"{self.channel}_stmt",
+                self._triggers["row"],
+                row_fn,
+                self._triggers["stmt"],
+                stmt_fn,
             ),
         )
         row = await cur.fetchone()
         return row is not None and row[1] == 2 and row[0] == _digest(wanted[:-1])
 
-    def _fn_name(self, spec: TableSpec, part: str) -> str:
-        return f"{self.channel}_{split_table(spec.table)[1]}_{part}"
+    def _fn(self, spec: TableSpec, part: str) -> sql.Identifier:
+        """A trigger function: always hashed, as its name joins two varying parts."""
+        schema, table = split_table(spec.table)
+        return sql.Identifier(
+            SCHEMA, derived_name(self.source.slot, schema, table, part, verbatim=False)
+        )
 
     def _trigger_sql(self, spec: TableSpec) -> list[sql.Composed]:
-        cap = self.channel
-        row_fn = sql.Identifier(SCHEMA, self._fn_name(spec, "row"))
-        stmt_fn = sql.Identifier(SCHEMA, self._fn_name(spec, "stmt"))
-        out: list[sql.Composed] = []
+        row_fn, stmt_fn = (self._fn(spec, part) for part in _PARTS)
         k, tbl = sql.Identifier(spec.key), sql.Literal(spec.table)
         insert = sql.SQL("INSERT INTO {ob} (tbl, key, op) VALUES").format(ob=self.outbox)
-        out.append(
+        row_body = sql.SQL(
+            "BEGIN\n"
+            "  IF TG_OP = 'INSERT' THEN {ins} ({tbl}, NEW.{k}::text, 'insert');\n"
+            "  ELSIF TG_OP = 'UPDATE' THEN\n"
+            "    IF OLD.{k} IS DISTINCT FROM NEW.{k} THEN\n"
+            "      {ins} ({tbl}, OLD.{k}::text, 'delete');\n"
+            "    END IF;\n"
+            "    {ins} ({tbl}, NEW.{k}::text, 'update');\n"
+            "  ELSE {ins} ({tbl}, OLD.{k}::text, 'delete');\n"
+            "  END IF;\n"
+            "  RETURN NULL;\n"
+            "END"
+        ).format(ins=insert, tbl=tbl, k=k)
+        stmt_body = sql.SQL(
+            "BEGIN\n"
+            "  IF TG_OP = 'TRUNCATE' THEN {ins} ({tbl}, '', 'truncate'); END IF;\n"
+            "  PERFORM pg_notify({ch}, '');\n"
+            "  RETURN NULL;\n"
+            "END"
+        ).format(ins=insert, tbl=tbl, ch=sql.Literal(self.channel))
+        # the body is a string literal, not dollar-quoted: a table name may hold any $tag$
+        out = [
             sql.SQL(
-                "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $f$\n"
-                "BEGIN\n"
-                "  IF TG_OP = 'INSERT' THEN {ins} ({tbl}, NEW.{k}::text, 'insert');\n"
-                "  ELSIF TG_OP = 'UPDATE' THEN\n"
-                "    IF OLD.{k} IS DISTINCT FROM NEW.{k} THEN\n"
-                "      {ins} ({tbl}, OLD.{k}::text, 'delete');\n"
-                "    END IF;\n"
-                "    {ins} ({tbl}, NEW.{k}::text, 'update');\n"
-                "  ELSE {ins} ({tbl}, OLD.{k}::text, 'delete');\n"
-                "  END IF;\n"
-                "  RETURN NULL;\n"
-                "END $f$"
-            ).format(fn=row_fn, ins=insert, tbl=tbl, k=k)
-        )
-        out.append(
-            sql.SQL(
-                "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $f$\n"
-                "BEGIN\n"
-                "  IF TG_OP = 'TRUNCATE' THEN {ins} ({tbl}, '', 'truncate'); END IF;\n"
-                "  PERFORM pg_notify({ch}, '');\n"
-                "  RETURN NULL;\n"
-                "END $f$"
-            ).format(fn=stmt_fn, ins=insert, tbl=tbl, ch=sql.Literal(cap))
-        )
+                "CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS {b}"
+            ).format(fn=fn, b=sql.Literal(body.as_string(None)))
+            for fn, body in ((row_fn, row_body), (stmt_fn, stmt_body))
+        ]
         t = table_ident(spec.table)
-        for trig, ddl in (
-            (f"{cap}_row", "AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW"),
+        for part, fn, ddl in (
+            ("row", row_fn, "AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW"),
             (
-                f"{cap}_stmt",
+                "stmt",
+                stmt_fn,
                 "AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {t} FOR EACH STATEMENT",
             ),
         ):
-            fn = row_fn if trig.endswith("_row") else stmt_fn
-            out.append(
-                sql.SQL("DROP TRIGGER IF EXISTS {n} ON {t}").format(n=sql.Identifier(trig), t=t)
-            )
+            trig = sql.Identifier(self._triggers[part])
+            out.append(sql.SQL("DROP TRIGGER IF EXISTS {n} ON {t}").format(n=trig, t=t))
             out.append(
                 sql.SQL("CREATE TRIGGER {n} " + ddl + " EXECUTE FUNCTION {fn}()").format(
-                    n=sql.Identifier(trig), t=t, fn=fn
+                    n=trig, t=t, fn=fn
                 )
             )
         out.append(
@@ -176,28 +231,43 @@ class OutboxCapture:
         async with self.source.session() as conn:
             with wrap_errors("remove the outbox"):
                 async with conn.transaction():
+                    called = await self._drop_triggers(conn)
+                    # and functions left by tables dropped since, or by older names
                     cur = await conn.execute(
-                        "SELECT DISTINCT event_object_schema, event_object_table "
-                        "FROM information_schema.triggers WHERE trigger_name IN (%s, %s)",
-                        (f"{self.channel}_row", f"{self.channel}_stmt"),
+                        "SELECT p.oid FROM pg_proc p JOIN pg_namespace n "
+                        "ON n.oid = p.pronamespace WHERE n.nspname = %s "
+                        "AND strpos(p.prosrc, %s) > 0",
+                        (SCHEMA, self.outbox.as_string(conn)),
                     )
-                    for schema, table in await cur.fetchall():
-                        for trig in (f"{self.channel}_row", f"{self.channel}_stmt"):
-                            await conn.execute(
-                                sql.SQL("DROP TRIGGER IF EXISTS {n} ON {t}").format(
-                                    n=sql.Identifier(trig), t=sql.Identifier(schema, table)
-                                )
-                            )
-                    cur = await conn.execute(
-                        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n "
-                        "ON n.oid = p.pronamespace WHERE n.nspname = %s AND p.proname LIKE %s",
-                        (SCHEMA, f"{self.channel}\\_%"),
+                    await self._drop_unused(
+                        conn, called | {int(r[0]) for r in await cur.fetchall()}
                     )
-                    for (fn,) in await cur.fetchall():
-                        await conn.execute(f"DROP FUNCTION IF EXISTS {fn}")
                     await conn.execute(sql.SQL("DROP TABLE IF EXISTS {ob}").format(ob=self.outbox))
-                    await conn.execute(f"DROP SEQUENCE IF EXISTS {self.seq}")
+                    await conn.execute(sql.SQL("DROP SEQUENCE IF EXISTS {}").format(self.seq))
+                    await self.source.forget_epoch(conn)
         await self.source.forget_snapshots()
+
+    async def _drop_triggers(self, conn: psycopg.AsyncConnection[Any]) -> set[int]:
+        """Drop this capture's triggers on every table; the functions they called."""
+        cur = await conn.execute(
+            "SELECT n.nspname, c.relname, t.tgname, t.tgfoid FROM pg_trigger t "
+            "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE t.tgname IN (%s, %s) AND NOT t.tgisinternal",
+            tuple(self._triggers.values()),
+        )
+        called: set[int] = set()
+        for schema, table, trig, fn in await cur.fetchall():
+            await conn.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS {n} ON {t}").format(
+                    n=sql.Identifier(trig), t=sql.Identifier(schema, table)
+                )
+            )
+            called.add(int(fn))
+        return called
+
+    async def epoch(self) -> str:
+        installed = sql.SQL("to_regclass({}) IS NOT NULL").format(sql.Literal(self._seq_text))
+        return await self.source.read_epoch("outbox", installed)
 
     # -- the feed -------------------------------------------------------------------------
     async def write_keys(
@@ -214,17 +284,20 @@ class OutboxCapture:
     async def _claim(self, conn: psycopg.AsyncConnection[Any], after: int, limit: int) -> int:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
+            seq_text = sql.Literal(self._seq_text)
             # positions stay above what was applied, even after a teardown reset the sequence
             await conn.execute(
-                f"SELECT setval('{self.seq}', %s) FROM {self.seq} WHERE last_value < %s",
+                sql.SQL("SELECT setval({s}, %s) FROM {seq} WHERE last_value < %s").format(
+                    s=seq_text, seq=self.seq
+                ),
                 (after, after),
             )
             cur = await conn.execute(
                 sql.SQL(
                     "WITH picked AS (SELECT id FROM {ob} WHERE pos IS NULL ORDER BY id "
                     "LIMIT %s FOR UPDATE SKIP LOCKED) "
-                    "UPDATE {ob} o SET pos = nextval({seq}) FROM picked WHERE o.id = picked.id"
-                ).format(ob=self.outbox, seq=sql.Literal(self.seq)),
+                    "UPDATE {ob} o SET pos = nextval({s}) FROM picked WHERE o.id = picked.id"
+                ).format(ob=self.outbox, s=seq_text),
                 (limit,),
             )
             return cur.rowcount
@@ -255,13 +328,15 @@ class OutboxCapture:
         """Claims everything committed so far; the last position is the head."""
         async with self.source.session() as conn:
             with wrap_errors("read the outbox head"):
-                if not await _exists(conn, self.seq):
+                if not await _exists(conn, self._seq_text):
                     return 0
                 while await self._claim(conn, 0, _CLAIM_ALL_CHUNK) == _CLAIM_ALL_CHUNK:
                     pass
                 row = await (
                     await conn.execute(
-                        f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {self.seq}"
+                        sql.SQL(
+                            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {}"
+                        ).format(self.seq)
                     )
                 ).fetchone()
         return int(row[0]) if row else 0
@@ -276,7 +351,7 @@ class OutboxCapture:
     async def backlog(self, after: int) -> Backlog:
         async with self.source.session() as conn:
             with wrap_errors("read the backlog"):
-                if not await _exists(conn, self.seq):
+                if not await _exists(conn, self._seq_text):
                     return Backlog(changes=0, oldest_committed_at=None)
                 row = await (
                     await conn.execute(
@@ -317,6 +392,7 @@ def _digest(statements: list[sql.Composed]) -> str:
     return "vectorsync " + xxhash.xxh3_64_hexdigest(text.encode())
 
 
-async def _exists(conn: psycopg.AsyncConnection[Any], name: str) -> bool:
-    row = await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))).fetchone()
+async def _exists(conn: psycopg.AsyncConnection[Any], quoted: str) -> bool:
+    """Whether the relation named by ``quoted`` (identifier syntax) exists."""
+    row = await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (quoted,))).fetchone()
     return bool(row and row[0])

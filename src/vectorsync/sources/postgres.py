@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import re
 import uuid
@@ -21,6 +22,7 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 import psycopg
+import xxhash
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -29,17 +31,28 @@ from ..model import Change, Key
 from ..related import RelatedRecord, Relation
 from .base import Backlog, TableSpec
 
-__all__ = ["PostgresSource", "redact", "wrap_errors"]
+__all__ = ["PostgresSource", "capture_name", "derived_name", "redact", "wrap_errors"]
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "vectorsync"
+IDENT_BYTES = 63  # NAMEDATALEN - 1
+_HASHED = re.compile(r"__[0-9a-f]{16}\Z")  # what derived_name appends
+_PLAIN = re.compile(r"[a-z0-9_]+\Z")
+_SLOT = re.compile(r"[a-z0-9_]{1,63}\Z")
 SNAPSHOT_PAGE = 5000
 _FETCH_CHUNK = 1000
 _PROGRESS = (
     f"INSERT INTO {SCHEMA}.snapshots (capture, tbl, last_key, done) VALUES (%s, %s, %s, %s) "
     "ON CONFLICT (capture, tbl) DO UPDATE SET last_key = EXCLUDED.last_key, done = EXCLUDED.done"
 )
+
+_NEW_EPOCH = (
+    f"INSERT INTO {SCHEMA}.captures AS c (capture, source, mode, epoch) "
+    "VALUES (%s, %s, %s, %s) ON CONFLICT (capture) DO UPDATE SET source = EXCLUDED.source, "
+    "mode = EXCLUDED.mode, epoch = EXCLUDED.epoch, created_at = now()"
+)
+_ADOPT_EPOCH = _NEW_EPOCH + " WHERE c.mode <> EXCLUDED.mode"
 
 
 def redact(url: str) -> str:
@@ -61,8 +74,39 @@ def wrap_errors(what: str) -> Iterator[None]:
         raise PermanentError(f"postgres source: {what}: {exc}".strip(), code=exc.sqlstate) from exc
 
 
+def derived_name(*parts: str, verbatim: bool = True, plain: bool = False) -> str:
+    """The name of an object vectorsync derives from ``parts``: at most 63 bytes (longer
+    identifiers are silently cut by the server, so two would become one) and distinct for
+    distinct parts.
+
+    ``"_".join(parts)`` itself when it fits, cannot be mistaken for a hashed name and
+    ``verbatim`` is allowed: the caller's parts vary in one place only, so the join is
+    unambiguous (these are the names existing installs already use). Otherwise a readable
+    prefix of the join, cut on a character boundary, then ``__`` and a 64-bit hash of the
+    parts. ``plain`` keeps the name to ``[a-z0-9_]`` (replication slot names)."""
+    joined = "_".join(parts)
+    if (
+        verbatim
+        and len(joined.encode()) <= IDENT_BYTES
+        and not _HASHED.search(joined)
+        and (not plain or _PLAIN.fullmatch(joined))
+    ):
+        return joined
+    digest = xxhash.xxh3_64_hexdigest(json.dumps(parts).encode())  # a list: unambiguous
+    readable = re.sub(r"[^a-z0-9_]", "_", joined.lower()) if plain else joined
+    room = IDENT_BYTES - len("__") - len(digest)
+    prefix = readable.encode()[:room].decode(errors="ignore")  # drops a cut character
+    return f"{prefix}__{digest}"
+
+
 def capture_name(source: str) -> str:
-    """Default slot / publication / outbox name: lower case letters, digits, underscores."""
+    """Default slot / publication / outbox name: ``vectorsync_<source>``, hashed when the
+    source name is not lower case letters, digits and underscores or is too long."""
+    return derived_name("vectorsync", source, plain=True)
+
+
+def _legacy_capture_name(source: str) -> str:
+    """The default name before names were bounded and distinct ("My-DB" and "my_db" met)."""
     return "vectorsync_" + re.sub(r"[^a-z0-9_]", "_", source.lower())
 
 
@@ -115,6 +159,8 @@ class Capture(Protocol):
 
     async def teardown(self) -> None: ...
 
+    async def epoch(self) -> str: ...
+
     async def close(self) -> None: ...
 
 
@@ -131,7 +177,17 @@ class PostgresSource:
         self.name = name
         self.url = url
         self.capture_mode = capture
+        if slot is not None and not _SLOT.fullmatch(slot):
+            raise ConfigError(
+                f"source {name!r}: slot {slot!r} is not a replication slot name; use 1 to 63 "
+                "lower case letters, digits and underscores"
+            )
         self.slot = slot or capture_name(name)
+        legacy = _legacy_capture_name(name)
+        self._default_slot = slot is None
+        self._legacy = (
+            legacy if slot is None and legacy != self.slot and len(legacy) <= IDENT_BYTES else None
+        )
         self.heartbeat_interval = heartbeat_interval
         self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self._lock = asyncio.Lock()
@@ -175,6 +231,8 @@ class PostgresSource:
                     f"(the server has {wal_level!r}); set it in postgresql.conf and restart the "
                     "server, or use capture = 'outbox'"
                 )
+            if self._legacy is not None:
+                await self._keep_legacy_name(conn)
             if self.capture_mode == "logical":
                 from .pg_logical import LogicalCapture
 
@@ -183,6 +241,49 @@ class PostgresSource:
                 from .pg_outbox import OutboxCapture
 
                 self._capture = OutboxCapture(self)
+
+    async def _keep_legacy_name(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Keep the capture an older vectorsync installed under the sanitized source name
+        (a new name would leave its slot pinning WAL, or its triggers filling an outbox
+        nobody reads), unless that capture is recorded as another source's."""
+        assert self._legacy is not None
+        outbox = sql.Identifier(SCHEMA, derived_name(self._legacy, "outbox"))
+        with wrap_errors("look for an existing capture"):
+            row = await (
+                await conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s "
+                    "AND database = current_database()) OR to_regclass(%s) IS NOT NULL, "
+                    "to_regclass(%s) IS NOT NULL",
+                    (self._legacy, outbox.as_string(conn), f"{SCHEMA}.captures"),
+                )
+            ).fetchone()
+            if row is None or not row[0]:
+                return
+            if row[1]:
+                owner = await (
+                    await conn.execute(
+                        f"SELECT source FROM {SCHEMA}.captures WHERE capture = %s",
+                        (self._legacy,),
+                    )
+                ).fetchone()
+                if owner is not None and owner[0] != self.name:
+                    return
+        self.slot = self._legacy
+
+    async def check_owner(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Refuse to share a default-named capture with another source (possible only
+        when an older install's name was kept, see ``_keep_legacy_name``)."""
+        row = await (
+            await conn.execute(
+                f"SELECT source FROM {SCHEMA}.captures WHERE capture = %s", (self.slot,)
+            )
+        ).fetchone()
+        if self._default_slot and row is not None and row[0] != self.name:
+            raise ConfigError(
+                f"source {self.name!r}: capture {self.slot!r} in {redact(self.url)} belongs to "
+                f'source {row[0]!r}; give this source a slot of its own (slot = "..." in '
+                "its [sources] section)"
+            )
 
     async def close(self) -> None:
         if self._capture is not None:
@@ -283,6 +384,9 @@ class PostgresSource:
     async def teardown(self) -> None:
         """Remove everything ``setup`` created (slot, publication, triggers, outbox)."""
         await self.feed.teardown()
+
+    async def epoch(self) -> str:
+        return await self.feed.epoch()
 
     async def resnapshot(self, spec: TableSpec) -> None:
         async for page in self.key_pages(spec, after=None):
@@ -463,6 +567,42 @@ class PostgresSource:
                     "tbl text NOT NULL, last_key text, done boolean NOT NULL DEFAULT false, "
                     "PRIMARY KEY (capture, tbl))"
                 )
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {SCHEMA}.captures (capture text PRIMARY KEY, "
+                    "source text NOT NULL, mode text NOT NULL, epoch text NOT NULL, "
+                    "created_at timestamptz NOT NULL DEFAULT now())"
+                )
+
+    # -- the capture epoch ---------------------------------------------------------------
+    async def renew_epoch(
+        self, conn: psycopg.AsyncConnection[Any], mode: str, *, keep: bool = False
+    ) -> None:
+        """Give the capture a new identity (it is being installed anew). With ``keep``,
+        only if it has none for ``mode`` yet: an install made before epochs existed."""
+        await conn.execute(
+            _ADOPT_EPOCH if keep else _NEW_EPOCH, (self.slot, self.name, mode, uuid.uuid4().hex)
+        )
+
+    async def forget_epoch(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        found = await (
+            await conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.captures",))
+        ).fetchone()
+        if found is not None and found[0] is not None:
+            await conn.execute(f"DELETE FROM {SCHEMA}.captures WHERE capture = %s", (self.slot,))
+
+    async def read_epoch(self, mode: str, installed: sql.Composable) -> str:
+        """The stored epoch of this capture in ``mode``; ``""`` without one, or while
+        ``installed`` (a SQL condition: the sequence, the slot) does not hold."""
+        query = sql.SQL(
+            "SELECT epoch FROM {t} WHERE capture = %s AND mode = %s AND {installed}"
+        ).format(t=sql.Identifier(SCHEMA, "captures"), installed=installed)
+        async with self.session() as conn:
+            with wrap_errors("read the capture epoch"):
+                try:
+                    row = await (await conn.execute(query, (self.slot, mode))).fetchone()
+                except psycopg.errors.UndefinedTable:  # never set up here
+                    return ""
+        return str(row[0]) if row else ""
 
     async def pending_snapshots(self, tables: Sequence[TableSpec]) -> dict[str, str | None]:
         """Tables whose snapshot has not completed, with the last key already handed over."""
