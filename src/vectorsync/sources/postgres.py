@@ -326,6 +326,9 @@ class PostgresSource:
                     )
         return {r[0]: r[1].upper() for r in rows}
 
+    async def check_key(self, spec: TableSpec) -> None:
+        await self.check_table(spec, needs_identity=self.capture_mode == "logical")
+
     async def check_table(self, spec: TableSpec, *, needs_identity: bool) -> None:
         """Refuse a table whose key does not identify one row, or (for logical capture)
         whose deletes would not carry the key."""
