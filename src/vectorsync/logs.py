@@ -9,13 +9,15 @@ import time
 
 import orjson
 
+from .redact import redact, redact_value
+
 __all__ = ["configure"]
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    return {k: redact_value(v) for k, v in vars(record).items() if k not in _STANDARD}
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,12 +27,12 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
             **_fields(record),
         }
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+            line["exception"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(line, default=lambda v: redact(str(v))).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -39,7 +41,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        return f"{super().format(record)} {fields}".rstrip()
+        return redact(f"{super().format(record)} {fields}".rstrip())
 
 
 def configure(*, verbose: bool, fmt: str = "text") -> None:
