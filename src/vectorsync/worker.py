@@ -627,7 +627,9 @@ class SourceWorker:
             u.state.text_hash: u.text for u in work.upserts if u.state.text_hash not in vectors
         }
         rejected: dict[str, RecordError] = {}
-        items = list(texts.items())
+        # by length: each model batch pads to its longest text, so similar lengths together
+        # waste least (sentence-transformers' own encode sorts the same way)
+        items = sorted(texts.items(), key=lambda item: len(item[1]))
         for i in range(0, len(items), embedder.batch_size):
             chunk = items[i : i + embedder.batch_size]
             vectors.update(await self._embed_isolating(embedder, chunk, rejected))

