@@ -61,6 +61,7 @@ from .preflight import preflight
 from .redact import register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
+from .search import Where, conditions
 from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
 from .sources.base import Source, TableSpec
 from .state.leases import LeaseLost
@@ -1019,11 +1020,31 @@ class Engine:
             )
         return result
 
-    async def search(self, mapping: str, text: str, limit: int = 5) -> list[Hit]:
-        """Semantic search in a mapping's collection (embeds the query with its embedder)."""
+    async def search(
+        self, mapping: str, text: str, limit: int = 5, *, where: Where | None = None
+    ) -> list[Hit]:
+        """Semantic search in a mapping's live collection (the query embedded with the
+        mapping's embedder); ``where`` filters on payload fields, e.g. ``{"author": "ann",
+        "published": {">=": 2025}}`` or ``["author=ann", "published>=2025"]``."""
+        m = self._mapping(mapping)
+        fields = {name: index_type_for(self._columns[m.name][name]) for name in m.payload}
+        filters = conditions(m.name, where, fields)
         runtimes = {r.name: r for r in await self.prepare()}
-        if mapping not in runtimes:
-            raise ConfigError(f"no mapping named {mapping!r} (mappings: {', '.join(runtimes)})")
-        r = runtimes[mapping]
+        r = runtimes[m.name]
         [vector] = await r.embedder.embed([text])
-        return await r.sink.search(r.collection, vector, limit)
+        return await r.sink.search(r.collection, vector, limit, filters)
+
+    async def texts(self, mapping: str, keys: Sequence[Key]) -> dict[Key, str]:
+        """The current text of records, rendered from their rows as the sync renders it
+        (what a search hit is about); keys whose row is gone or cannot render are left out."""
+        m = self._mapping(mapping)
+        rows = await self.sources[m.source].fetch(m.table, m.key, list(keys))
+        resolve = self._resolver(m)
+        if resolve is not None and rows:
+            await resolve(rows)
+        renderer = Renderer(m, self._index_types(m))
+        found: dict[Key, str] = {}
+        for key, row in rows.items():
+            with contextlib.suppress(VectorsyncError):
+                found[key] = renderer.render(row).text
+        return found

@@ -14,6 +14,7 @@ import xxhash
 __all__ = [
     "NAMESPACE",
     "Change",
+    "Condition",
     "InvalidText",
     "Key",
     "Op",
@@ -139,3 +140,15 @@ class SinkRecord:
     id: str
     payload: dict[str, Any]
     vector: list[float] | None = field(default=None, repr=False)
+
+
+ConditionOp = Literal["eq", "ne", "gt", "gte", "lt", "lte"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Condition:
+    """One payload filter of a search: ``field op value`` (all conditions must hold)."""
+
+    field: str
+    op: ConditionOp
+    value: Any

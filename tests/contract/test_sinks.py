@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vectorsync.errors import PermanentError
-from vectorsync.model import PayloadUpdate, Point
+from vectorsync.model import Condition, PayloadUpdate, Point
 from vectorsync.sinks.base import CollectionSpec, Sink
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.qdrant import QdrantSink
@@ -79,6 +79,43 @@ async def test_delete_scroll_and_search(sink: Sink) -> None:
     hits = await sink.search("docs", [1.0, 0.0, 0.0, 0.0], limit=2)
     assert [h.record.payload["n"] for h in hits] == [0, 1]
     assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_search_filters_on_payload_fields(sink: Sink) -> None:
+    authors = ["ann", "bob", "cy"]
+    points = [
+        Point(
+            id=_id(i),
+            vector=[1.0, i / 10, 0, 0],
+            payload={"author": authors[i % 3], "year": 2020 + i, "tags": ["a", "b"][: i % 3]},
+        )
+        for i in range(12)
+    ]
+    await sink.upsert("docs", points)
+
+    async def found(*where: Condition) -> list[int]:
+        hits = await sink.search("docs", [1.0, 0.0, 0.0, 0.0], limit=20, where=where)
+        return sorted(h.record.payload["year"] - 2020 for h in hits)
+
+    ann = Condition(field="author", op="eq", value="ann")
+    assert await found(ann) == [0, 3, 6, 9]
+    assert await found(ann, Condition(field="year", op="gte", value=2026)) == [6, 9]
+    assert await found(Condition(field="year", op="lt", value=2022)) == [0, 1]
+    assert await found(Condition(field="year", op="lte", value=2021)) == [0, 1]
+    assert await found(Condition(field="year", op="gt", value=2030)) == [11]
+    assert await found(Condition(field="author", op="ne", value="ann")) == [
+        1,
+        2,
+        4,
+        5,
+        7,
+        8,
+        10,
+        11,
+    ]
+    # a list payload matches when one of its items does
+    assert await found(Condition(field="tags", op="eq", value="b")) == [2, 5, 8, 11]
+    assert await found(Condition(field="author", op="eq", value="nobody")) == []
 
 
 async def test_reopening_with_another_dimension_is_refused(sink: Sink) -> None:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from ..model import PayloadUpdate, Point, SinkRecord
+from ..model import Condition, PayloadUpdate, Point, SinkRecord
 
 __all__ = ["CollectionSpec", "Distance", "Hit", "IndexType", "Sink", "index_type_for"]
 
@@ -88,5 +88,11 @@ class Sink(Protocol):
     async def count(self, collection: str) -> int: ...
 
     async def search(
-        self, collection: str, vector: Sequence[float], limit: int = 5
-    ) -> list[Hit]: ...
+        self,
+        collection: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        """The ``limit`` nearest points whose payload meets every condition."""
+        ...

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..errors import PermanentError, SinkError
-from ..model import PayloadUpdate, Point, SinkRecord
+from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from .base import CollectionSpec, Hit
 
 __all__ = ["MemorySink"]
@@ -88,13 +89,40 @@ class MemorySink:
     async def count(self, collection: str) -> int:
         return len(self._check(collection))
 
-    async def search(self, collection: str, vector: Sequence[float], limit: int = 5) -> list[Hit]:
+    async def search(
+        self,
+        collection: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
         q = _normalise(vector)
         scored = [
             Hit(sum(a * b for a, b in zip(q, vec, strict=True)), _record(pid, (vec, pl), False))
             for pid, (vec, pl) in self._check(collection).items()
+            if all(_holds(c, pl.get(c.field)) for c in where)
         ]
         return sorted(scored, key=lambda h: -h.score)[:limit]
+
+
+def _holds(c: Condition, value: Any) -> bool:
+    """A condition on one payload value, as Qdrant evaluates it (a list matches when one
+    of its items does; a missing value matches nothing but ``ne``)."""
+    if isinstance(value, list):
+        return any(_holds(c, v) for v in value) if c.op != "ne" else c.value not in value
+    if c.op == "eq":
+        return bool(value == c.value)
+    if c.op == "ne":
+        return bool(value != c.value)
+    if value is None or isinstance(value, bool) != isinstance(c.value, bool):
+        return False
+    try:
+        return bool(_ORDER[c.op](value, c.value))
+    except TypeError:  # a text against a number: no match, as in Qdrant
+        return False
+
+
+_ORDER = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
 
 
 def _record(pid: str, item: tuple[list[float], dict[str, Any]], with_vectors: bool) -> SinkRecord:

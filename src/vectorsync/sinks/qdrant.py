@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PermanentError, SinkError, VectorsyncError
-from ..model import PayloadUpdate, Point, SinkRecord
+from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from .base import CollectionSpec, Hit
 
 if TYPE_CHECKING:
@@ -187,12 +187,37 @@ class QdrantSink:
         with wrap_errors(f"count {collection!r}"):
             return (await self.client.count(collection, exact=True)).count
 
-    async def search(self, collection: str, vector: Sequence[float], limit: int = 5) -> list[Hit]:
+    async def search(
+        self,
+        collection: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
         with wrap_errors(f"search {collection!r}"):
             result = await self.client.query_points(
-                collection, query=list(vector), limit=limit, with_payload=True
+                collection,
+                query=list(vector),
+                limit=limit,
+                with_payload=True,
+                query_filter=_filter(where) if where else None,
             )
         return [Hit(p.score, _record(p.id, p.payload, None)) for p in result.points]
+
+
+def _filter(where: Sequence[Condition]) -> Any:
+    from qdrant_client import models
+
+    must: list[Any] = []
+    must_not: list[Any] = []
+    for c in where:
+        if c.op in ("eq", "ne"):
+            match = models.FieldCondition(key=c.field, match=models.MatchValue(value=c.value))
+            (must if c.op == "eq" else must_not).append(match)
+        else:
+            bound = models.Range(**{c.op: c.value})
+            must.append(models.FieldCondition(key=c.field, range=bound))
+    return models.Filter(must=must or None, must_not=must_not or None)
 
 
 def _record(pid: Any, payload: Any, vector: Any) -> SinkRecord:

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from .._blocking import BlockingLane
 from ..errors import PermanentError, SinkError
-from ..model import PayloadUpdate, Point, SinkRecord
+from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from .base import CollectionSpec, Hit
 
 __all__ = ["QdrantEdgeSink"]
@@ -294,16 +294,45 @@ class QdrantEdgeSink:
         with wrap_errors(f"count {collection!r}"):
             return int(self._shard(collection).count(qe.CountRequest(exact=True)))
 
-    async def search(self, collection: str, vector: Sequence[float], limit: int = 5) -> list[Hit]:
-        return await self._lane.run(self._search, collection, list(vector), limit)
+    async def search(
+        self,
+        collection: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        return await self._lane.run(self._search, collection, list(vector), limit, list(where))
 
-    def _search(self, collection: str, vector: list[float], limit: int) -> list[Hit]:
+    def _search(
+        self, collection: str, vector: list[float], limit: int, where: list[Condition]
+    ) -> list[Hit]:
         import qdrant_edge as qe
 
-        request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector), with_payload=True)
+        request = qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(vector),
+            with_payload=True,
+            filter=_filter(where) if where else None,
+        )
         with wrap_errors(f"search {collection!r}"):
             scored = self._shard(collection).query(request)
         return [Hit(float(s.score), _record(s, False)) for s in scored]
+
+
+def _filter(where: Sequence[Condition]) -> Any:
+    """Conditions as a qdrant-edge filter (the same shape as Qdrant's own)."""
+    import qdrant_edge as qe
+
+    must: list[Any] = []
+    must_not: list[Any] = []
+    for c in where:
+        if c.op in ("eq", "ne"):
+            condition = qe.FieldCondition(key=c.field, match=qe.MatchValue(c.value))
+            (must if c.op == "eq" else must_not).append(condition)
+        else:
+            bound = {c.op: c.value}
+            must.append(qe.FieldCondition(key=c.field, range=qe.RangeFloat(**bound)))
+    return qe.Filter(must=must or None, must_not=must_not or None)
 
 
 def _record(r: Any, with_vectors: bool) -> SinkRecord:

@@ -1,0 +1,101 @@
+"""Searching a mapping: payload filters (``where``) checked against the mapping's payload
+fields and their index types, and the hits' keys and current texts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigError
+from .model import Condition, ConditionOp, Key
+from .sinks.base import IndexType
+
+__all__ = ["Where", "conditions"]
+
+# what engine.search(where=...) takes: {"author": "ann", "published": {">=": 2025}},
+# ["author=ann", "published>=2025"], or Condition values
+Where = Mapping[str, Any] | Sequence[str | Condition]
+
+_EXPRESSION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*(>=|<=|!=|==|=|>|<)\s*(.*?)\s*$")
+_OPS: dict[str, ConditionOp] = {
+    "=": "eq",
+    "==": "eq",
+    "!=": "ne",
+    ">": "gt",
+    ">=": "gte",
+    "<": "lt",
+    "<=": "lte",
+}
+_NUMERIC = ("integer", "float")
+
+
+def conditions(
+    mapping: str, where: Where | None, fields: Mapping[str, IndexType | None]
+) -> list[Condition]:
+    """``where`` as conditions on the mapping's payload ``fields`` (name → index type),
+    values typed like the field; ConfigError naming the condition and the fix."""
+    if not where:
+        return []
+    found: list[Condition] = []
+    if isinstance(where, Mapping):
+        for name, value in where.items():
+            if isinstance(value, Mapping):
+                found += [_condition(mapping, name, op, v, fields) for op, v in value.items()]
+            else:
+                found.append(_condition(mapping, name, "=", value, fields))
+        return found
+    for item in where:
+        if isinstance(item, Condition):
+            found.append(_condition(mapping, item.field, item.op, item.value, fields))
+            continue
+        match = _EXPRESSION.match(item)
+        if match is None:
+            raise ConfigError(
+                f"search filter {item!r}: write FIELD=VALUE, FIELD!=VALUE or a comparison "
+                "such as published>=2025"
+            )
+        name, op, raw = match.groups()
+        found.append(_condition(mapping, name, op, _typed(raw, fields.get(name)), fields))
+    return found
+
+
+def _condition(
+    mapping: str, name: str, op: str, value: Any, fields: Mapping[str, IndexType | None]
+) -> Condition:
+    if name not in fields:
+        listed = ", ".join(sorted(fields)) or "none"
+        raise ConfigError(
+            f"search filter on {name!r}: not a payload field of mapping {mapping!r} "
+            f"(payload fields: {listed})"
+        )
+    kind = _OPS.get(op) or next((k for k in _OPS.values() if k == op), None)
+    if kind is None:
+        raise ConfigError(f"search filter on {name!r}: unknown comparison {op!r}")
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind not in ("eq", "ne") and (fields[name] not in _NUMERIC or not numeric):
+        raise ConfigError(
+            f"search filter {name}{op}{value!r}: ranges need a number on a numeric payload "
+            f"field; {name!r} is indexed as {fields[name] or 'nothing'}"
+        )
+    return Condition(field=name, op=kind, value=value)
+
+
+def _typed(raw: str, kind: IndexType | None) -> Any:
+    """A filter value from the command line, typed like the field it compares."""
+    text = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"search filter value {raw!r}: a number is needed here") from None
+    if kind == "bool" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def hit_key(payload: Mapping[str, Any]) -> Key | None:
+    key = payload.get("_vs_key")
+    return key if isinstance(key, int | str) else None
