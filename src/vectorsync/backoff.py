@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import RetryableError
+from .errors import RetryableError, describe
 
 __all__ = ["Backoff", "retrying"]
 
@@ -63,7 +63,7 @@ async def retrying(
                 what,
                 attempt,
                 delay,
-                exc,
+                describe(exc),
                 extra={"action": "retry", "what": what, "attempt": attempt},
             )
             if on_retry is not None:

@@ -378,7 +378,16 @@ class SourceWorker:
                             message=describe(exc),
                             run_id=self.run_id,
                             source=self.source.name,
-                            details={"operation": what},
+                            details={
+                                "operation": what,
+                                "messages": [
+                                    {
+                                        "at": time.time(),
+                                        "attempt": attempt,
+                                        "message": describe(exc),
+                                    }
+                                ],
+                            },
                             stack_trace=_trace(exc),
                             retry_count=attempt,
                             max_retries=self._backoff.max_attempts,

@@ -287,11 +287,6 @@ async def test_a_retry_incident_shows_its_latest_message_never_empty(
     assert "TimeoutError" in incident.message, incident.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect 14 still open: the incident's first message (the 503) is in neither "
-    "details['messages'] (only update_error appends) nor message (overwritten by the latest)",
-)
 async def test_a_retry_incident_lists_every_message(workdir: Path, app: App) -> None:
     app.insert(1)
     incident = await _retry_incident(workdir)
