@@ -58,7 +58,7 @@ from .mappings import check_keys, check_mapping
 from .metrics import SourceStats
 from .model import Change, Key
 from .preflight import preflight
-from .redact import register_secrets
+from .redact import redact_value, register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
 from .search import Where, conditions
@@ -215,16 +215,6 @@ def _secrets(value: Any) -> list[str]:
     return []
 
 
-def _redact(values: dict[str, Any]) -> dict[str, Any]:
-    """Drop passwords from URL-valued settings."""
-    out = dict(values)
-    for k, v in values.items():
-        if isinstance(v, str) and "://" in v:
-            with contextlib.suppress(Exception):
-                out[k] = make_url(v).render_as_string(hide_password=True)
-    return out
-
-
 def _lease_name(source: str) -> str:
     return f"source:{source}"
 
@@ -359,8 +349,9 @@ class Engine:
 
     async def _prepare(self) -> list[MappingRuntime]:
         for embedder in self.embedders.values():
-            await embedder.open()
-            self._opened.append(embedder)
+            if embedder not in self._opened:
+                await embedder.open()
+                self._opened.append(embedder)
         await self._open_sinks()
         for name, source in self.sources.items():
             specs = {
@@ -715,7 +706,7 @@ class Engine:
         used = _used(self.config, section[:-1])
         entries = getattr(self.config, section)
         return {
-            name: _redact(entries[name].model_dump(mode="json", exclude={"api_key"}))
+            name: redact_value(entries[name].model_dump(mode="json", exclude={"api_key"}))
             for name in sorted(used)
         }
 
@@ -1029,10 +1020,26 @@ class Engine:
         m = self._mapping(mapping)
         fields = {name: index_type_for(self._columns[m.name][name]) for name in m.payload}
         filters = conditions(m.name, where, fields)
-        runtimes = {r.name: r for r in await self.prepare()}
-        r = runtimes[m.name]
-        [vector] = await r.embedder.embed([text])
-        return await r.sink.search(r.collection, vector, limit, filters)
+        embedder, sink = await self._reader(m)
+        [vector] = await embedder.embed([text])
+        return await sink.search(m.collection_name, vector, limit, filters)
+
+    async def _reader(self, m: MappingConfig) -> tuple[Embedder, Sink]:
+        """What a search of ``m`` needs, opened once per engine: its embedder and its
+        sink's collection (no capture is installed, and an unreachable sink fails at once)."""
+        async with self._prepare_lock:
+            embedder = self.embedders[m.embedder]
+            if embedder not in self._opened:
+                await embedder.open()
+                self._opened.append(embedder)
+            await self._open_sinks()
+            sink = self.sinks[m.sink]
+            if self._runtimes is None:
+                spec = CollectionSpec(
+                    name=m.collection_name, dimension=embedder.dimension, distance=embedder.distance
+                )
+                await sink.ensure_collection(spec)
+        return embedder, sink
 
     async def texts(self, mapping: str, keys: Sequence[Key]) -> dict[Key, str]:
         """The current text of records, rendered from their rows as the sync renders it

@@ -26,6 +26,7 @@ import orjson
 
 from ..errors import ConfigError, PermanentError, SourceError
 from ..model import Change, Key
+from ..redact import redact
 from . import cypher
 from .base import Backlog, TableSpec
 from .cypher import PAGE, GraphSource
@@ -127,14 +128,14 @@ class FalkorDBSource(GraphSource):
             except Exception as exc:
                 await self.close()
                 raise SourceError(
-                    f"source {self.name!r}: cannot reach FalkorDB at {self.url}: {exc}",
+                    f"source {self.name!r}: cannot reach FalkorDB at {redact(self.url)}: {exc}",
                     code="ECONNREFUSED",
                 ) from exc
             modules = await self._db.connection.execute_command("MODULE", "LIST")
         if not any("graph" in str(m).lower() for m in modules):
             await self.close()
             raise ConfigError(
-                f"source {self.name!r}: {self.url} is a Redis server without the FalkorDB "
+                f"source {self.name!r}: {redact(self.url)} is a Redis server without the FalkorDB "
                 "module; start it with --loadmodule <falkordb.so> or use another url"
             )
         self._tables = await self._call(

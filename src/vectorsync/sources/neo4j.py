@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from ..errors import ConfigError, PermanentError, SourceError
 from ..model import Change, Key
+from ..redact import redact
 from .base import Backlog, TableSpec
 from .cypher import GraphSource
 
@@ -68,7 +69,7 @@ class Neo4jSource(GraphSource):
         from neo4j import AsyncGraphDatabase
 
         self._driver = AsyncGraphDatabase.driver(self.url, auth=self._auth)
-        with wrap_errors(f"connect to {self.url}"):
+        with wrap_errors(f"connect to {redact(self.url)}"):
             await self._driver.verify_connectivity()
         rows = await self.query(
             "read capture registry",

@@ -24,10 +24,10 @@ from typing import Any, Literal, Protocol
 import psycopg
 import xxhash
 from psycopg import sql
-from sqlalchemy.engine import make_url
 
 from ..errors import ConfigError, PermanentError, SourceError
 from ..model import Change, Key
+from ..redact import redact
 from ..related import RelatedRecord, Relation
 from .base import Backlog, TableSpec
 
@@ -53,14 +53,6 @@ _NEW_EPOCH = (
     "mode = EXCLUDED.mode, epoch = EXCLUDED.epoch, created_at = now()"
 )
 _ADOPT_EPOCH = _NEW_EPOCH + " WHERE c.mode <> EXCLUDED.mode"
-
-
-def redact(url: str) -> str:
-    """The URL with its password masked: the only form that reaches logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable url>"
 
 
 @contextlib.contextmanager
