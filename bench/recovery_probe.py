@@ -81,6 +81,5 @@ _wrap(store.StateStore, "start_run")
 _wrap(engine.Engine, "_take_leases")
 _wrap(store.StateStore, "redo_inflight")
 _wrap(worker.SourceWorker, "_pipeline")
-_wrap(store.StateStore, "commit")  # every batch's state commit
 
 vectorsync.cli.main()
