@@ -726,6 +726,15 @@ class Engine:
             for d in letters
             if d.status in ("pending", "processing") and (ids is not None or d.status == "pending")
         ]
+        unkeyed = [d for d in letters if d.details.get("error_code") == "invalid_key"]
+        if unkeyed:  # no key to re-read them by: their row's next change (a new key) comes alone
+            logger.warning(
+                "%d dead letters have no usable key and cannot be replayed; fix their rows' keys "
+                "(the change arrives by itself) or discard them",
+                len(unkeyed),
+                extra={"action": "dlq_replay", "count": len(unkeyed)},
+            )
+            letters = [d for d in letters if d not in unkeyed]
         mappings = {m.name: m for m in self.config.mappings}
         by_table: dict[tuple[str, str], list[Any]] = {}
         for d in letters:

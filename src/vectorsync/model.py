@@ -71,8 +71,46 @@ def key_bucket(key: Key) -> int:
 def row_digest(row: Mapping[str, Any], columns: Sequence[str]) -> int:
     """A 62-bit digest of the raw values a mapping reads from a row. Kept split into two
     31-bit halves in the state store, so per-bucket SUMs in SQL never overflow."""
-    raw = orjson.dumps([row.get(c) for c in columns], default=repr)
+    raw = dumps([row.get(c) for c in columns])
     return xxhash.xxh3_64_intdigest(raw) & ((1 << 62) - 1)
+
+
+_INT64 = 2**63
+
+
+def dumps(value: Any) -> bytes:
+    """JSON of any value a source can hand us: what orjson cannot write (integers over 64
+    bits, bytes, other types) is written as its repr, so one odd value never fails a write."""
+    try:
+        return orjson.dumps(value, default=repr)
+    except TypeError:  # an integer over 64 bits, somewhere inside
+        return orjson.dumps(json_safe(value), default=repr)
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -_INT64 <= value < _INT64 else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+MAX_KEY_CHARS = 1000  # the state store's key columns
+NULL_KEY = "\x00null"  # how a NULL key is named where a key must be text (dead letters)
+
+
+def key_text(key: Any) -> str:
+    """A key as the state store names it: over-long keys are cut, with a digest of the
+    whole so two keys never share a name; NULL has a name no text key takes."""
+    if key is None:
+        return NULL_KEY
+    text = str(key)
+    if len(text) <= MAX_KEY_CHARS:
+        return text
+    digest = xxhash.xxh3_64_hexdigest(text.encode(errors="replace"))
+    return f"{text[: MAX_KEY_CHARS - 20]}…{digest}"
 
 
 def content_hash(model: str, text: str) -> str:

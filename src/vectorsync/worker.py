@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import xxhash
-
 from . import _failpoints
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
@@ -43,12 +41,14 @@ from .errors import (
 )
 from .metrics import SourceStats
 from .model import (
+    MAX_KEY_CHARS,
     Change,
     Key,
     PayloadUpdate,
     Point,
     RecordState,
     content_hash,
+    key_text,
     point_id,
     row_digest,
 )
@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 _WRITE_CHUNK = 512
 _DETAIL_CHARS = 2000
-MAX_KEY_CHARS = 1000  # the state store's key columns
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -910,7 +909,7 @@ def _dead_letter(
         }
     return DeadLetter(
         mapping=mapping,
-        key=_bounded(str(key)),
+        key=key_text(key),
         operation=change.op,
         error_type=error_type,
         message=str(exc),
@@ -923,14 +922,6 @@ def _dead_letter(
 def _shown(key: Any) -> str:
     text = repr(key)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _bounded(key: str) -> str:
-    """A key as the dead-letter queue stores it: over-long keys are cut, with a digest of
-    the whole so two keys never share an entry."""
-    if len(key) <= MAX_KEY_CHARS:
-        return key
-    return f"{key[: MAX_KEY_CHARS - 20]}…{xxhash.xxh3_64_hexdigest(key.encode(errors='replace'))}"
 
 
 def _trace(exc: BaseException) -> str:

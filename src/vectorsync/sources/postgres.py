@@ -116,6 +116,8 @@ def plain(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool | dict | list):
         return value
     if isinstance(value, Decimal):
+        if not value.is_finite():  # NaN, Infinity: a float, which the payload refuses
+            return float(value)
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()

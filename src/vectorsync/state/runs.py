@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
+from ..model import dumps
 from ..redact import redact, redact_value
 from . import schema as s
 
@@ -45,7 +46,7 @@ _COUNT_FIELDS = (
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
+    return dumps(value).decode()
 
 
 @dataclass(slots=True, kw_only=True)

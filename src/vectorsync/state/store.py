@@ -38,7 +38,7 @@ from sqlalchemy.engine import make_url
 
 from .._blocking import BlockingLane
 from ..errors import PermanentError, RetryableError
-from ..model import Key, RecordState, key_bucket
+from ..model import Key, RecordState, dumps, key_bucket
 from ..redact import redact, redact_value
 from . import leases as lease_log
 from . import runs as run_log
@@ -404,7 +404,7 @@ class StateStore:
                 "operation": dl.operation,
                 "error_type": dl.error_type,
                 "message": redact(dl.message),
-                "details": orjson.dumps(redact_value(dl.details), default=str).decode(),
+                "details": dumps(redact_value(dl.details)).decode(),
                 "position": dl.position,
                 "status": "pending",
                 "updated_at": now,
@@ -767,7 +767,7 @@ class StateStore:
             values = {
                 **row,
                 "counts": orjson.dumps(row["counts"]).decode(),
-                "report": orjson.dumps(row["report"], default=str).decode(),
+                "report": dumps(row["report"]).decode(),
             }
             key = conn.execute(s.checks.insert().values(**values)).inserted_primary_key
             assert key is not None
