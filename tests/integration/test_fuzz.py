@@ -37,7 +37,7 @@ from vectorsync.engine import Engine
 from vectorsync.errors import RecordError
 from vectorsync.model import Key, SinkRecord, content_hash, decode_text, point_id
 from vectorsync.render import Rendered
-from vectorsync.sinks.base import Sink
+from vectorsync.sinks.base import CollectionSpec, Sink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 from vectorsync.state.store import DeadLetter, StateStore
 from vectorsync.worker import MAX_KEY_CHARS, MappingRuntime
@@ -273,8 +273,23 @@ pg_cases = st.fixed_dictionaries(
     {
         t: _rows((plain, odd), PG_PLAIN, pg_values.__getitem__)
         for t, (_, plain, odd) in PG_KEYS.items()
-    }
+    },
+    optional={"truncate": st.booleans()},
 )
+Case = dict[str, Any]  # table → rows (and, PostgreSQL, "truncate")
+Moves = dict[str, list[tuple[int, Any]]]  # table → (row index, new key)
+
+
+def _moves(keys: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    """Key changes after the rows are written: (row index, new key) per table."""
+    return st.fixed_dictionaries(
+        {t: st.lists(st.tuples(st.integers(0, 5), k), max_size=2) for t, k in keys.items()}
+    )
+
+
+sqlite_moves = _moves({t: plain | odd for t, (plain, odd) in SQLITE_KEYS.items()})
+pg_moves = _moves({t: plain | odd for t, (_, plain, odd) in PG_KEYS.items()})
+NO_MOVES: dict[str, list[Any]] = {}
 
 
 def _huge_sqlite_case() -> dict[str, list[dict[str, Any]]]:
@@ -331,12 +346,23 @@ class SqliteDb:
     def close(self) -> None:
         self.db.close()
 
-    def write(self, case: dict[str, list[dict[str, Any]]], good: dict[str, dict[str, Any]]) -> None:
+    def write(self, case: Case, moves: Moves, good: dict[str, dict[str, Any]]) -> None:
+        """Replace every table's rows by the case's (what the database refuses is skipped),
+        change some keys, then write the good row."""
         for table in SQLITE_DDL:
             self.db.execute(f"DELETE FROM {table}")
             for row in case[table]:
                 with contextlib.suppress(sqlite3.IntegrityError, sqlite3.ProgrammingError):
-                    self._insert(table, row, "INSERT")  # what the database refuses is skipped
+                    self._insert(table, row, "INSERT")
+            rowids = [r[0] for r in self.db.execute(f"SELECT rowid FROM {table} ORDER BY rowid")]
+            for i, key in moves.get(table, []) if rowids else []:
+                mark = "CAST(? AS TEXT)" if isinstance(key, CastText) else "?"
+                value = bytes(key) if isinstance(key, CastText) else key
+                with contextlib.suppress(sqlite3.IntegrityError):
+                    self.db.execute(
+                        f"UPDATE {table} SET id = {mark} WHERE rowid = ?",
+                        (value, rowids[i % len(rowids)]),
+                    )
             self._insert(table, good[table], "INSERT OR REPLACE")
 
     def _insert(self, table: str, row: dict[str, Any], verb: str) -> None:
@@ -360,12 +386,22 @@ class PgDb:
     def close(self) -> None:
         self.pg.close()
 
-    def write(self, case: dict[str, list[dict[str, Any]]], good: dict[str, dict[str, Any]]) -> None:
+    def write(self, case: Case, moves: Moves, good: dict[str, dict[str, Any]]) -> None:
+        """Replace every table's rows by the case's (TRUNCATE when it says so; what the
+        database refuses is skipped), change some keys, then write the good row."""
         for table in PG_KEYS:
-            self.pg.execute(f"DELETE FROM {table}")  # type: ignore[arg-type]
+            empty = "TRUNCATE" if case.get("truncate") else "DELETE FROM"
+            self.pg.execute(f"{empty} {table}")  # type: ignore[arg-type]
             for row in case[table]:
                 with contextlib.suppress(psycopg.DataError, psycopg.IntegrityError):
-                    self._insert(table, row)  # what the database refuses is skipped
+                    self._insert(table, row)
+            for i, key in moves.get(table, []):
+                with contextlib.suppress(psycopg.DataError, psycopg.IntegrityError):
+                    self.pg.execute(
+                        f"UPDATE {table} SET id = %s WHERE id = "  # type: ignore[arg-type]
+                        f"(SELECT id FROM {table} ORDER BY id OFFSET %s LIMIT 1)",
+                        (key, i),
+                    )
             self.pg.execute(f"DELETE FROM {table} WHERE id = %s", (good[table]["id"],))  # type: ignore[arg-type]
             self._insert(table, good[table])
 
@@ -486,6 +522,9 @@ class Cli:
         await sink.open()
         await state.open()
         try:
+            for m in self.config.mappings:  # an embedded sink opens collections by their spec
+                spec = CollectionSpec(name=m.collection_name, dimension=384, distance="cosine")
+                await sink.ensure_collection(spec)
             return await observe(sink, state, self.config, since)
         finally:
             await state.close()
@@ -569,14 +608,15 @@ def assert_accounted(table: str, keys: list[Any], good: tuple[Any, str, str], se
 def exercise(
     db: SqliteDb | PgDb,
     runner: InProcess | Cli,
-    case: dict[str, list[dict[str, Any]]],
+    case: Case,
+    moves: Moves,
     good: dict[str, dict[str, Any]],
     field_name: str,
 ) -> None:
     """Write the rows and a good row per table, sync once, check; in-process, then replay
     the dead letters whose keys can be replayed and check again."""
     since = time.time()
-    db.write(case, good)
+    db.write(case, moves, good)
     seen = runner.sync(since)
     for table, row in good.items():
         assert_accounted(
@@ -620,12 +660,12 @@ def sqlite_runner(
         db.close()
 
 
-def _sqlite_example(db: SqliteDb, runner: InProcess | Cli, case: dict[str, Any]) -> None:
+def _sqlite_example(db: SqliteDb, runner: InProcess | Cli, case: Case, moves: Moves) -> None:
     n = next(_example_numbers)
     good = _good_rows(
         SQLITE_DDL, "good", title="good row", body=f"a good body {n}", n=7, x=1.5, tag=f"good-{n}"
     )
-    exercise(db, runner, case, good, "tag")
+    exercise(db, runner, case, moves, good, "tag")
 
 
 @pytest.mark.parametrize(
@@ -635,24 +675,24 @@ def _sqlite_example(db: SqliteDb, runner: InProcess | Cli, case: dict[str, Any])
     ids=["qdrant-edge", "qdrant-memory"],
 )
 @fuzz_settings(40)
-@example(case=_huge_sqlite_case())
-@given(case=sqlite_cases)
+@example(case=_huge_sqlite_case(), moves=NO_MOVES)
+@given(case=sqlite_cases, moves=sqlite_moves)
 def test_sqlite_odd_rows(
-    sqlite_runner: tuple[SqliteDb, InProcess | Cli], case: dict[str, Any]
+    sqlite_runner: tuple[SqliteDb, InProcess | Cli], case: Case, moves: Moves
 ) -> None:
-    _sqlite_example(*sqlite_runner, case)
+    _sqlite_example(*sqlite_runner, case, moves)
 
 
 @pytest.mark.parametrize(
     "sqlite_runner", [("qdrant-edge", "cli")], indirect=True, ids=["qdrant-edge-cli"]
 )
 @fuzz_settings(8)
-@example(case=_huge_sqlite_case())
-@given(case=sqlite_cases)
+@example(case=_huge_sqlite_case(), moves=NO_MOVES)
+@given(case=sqlite_cases, moves=sqlite_moves)
 def test_sqlite_odd_rows_cli_exits_zero(
-    sqlite_runner: tuple[SqliteDb, InProcess | Cli], case: dict[str, Any]
+    sqlite_runner: tuple[SqliteDb, InProcess | Cli], case: Case, moves: Moves
 ) -> None:
-    _sqlite_example(*sqlite_runner, case)
+    _sqlite_example(*sqlite_runner, case, moves)
 
 
 @pytest.fixture
@@ -682,12 +722,12 @@ PG_COMBINATIONS = [
     "pg_runner", PG_COMBINATIONS, indirect=True, ids=[f"{c}-{s}" for c, s in PG_COMBINATIONS]
 )
 @fuzz_settings(30)
-@example(case=_huge_pg_case())
-@given(case=pg_cases)
-def test_postgres_odd_rows(pg_runner: tuple[PgDb, InProcess], case: dict[str, Any]) -> None:
+@example(case=_huge_pg_case(), moves=NO_MOVES)
+@given(case=pg_cases, moves=pg_moves)
+def test_postgres_odd_rows(pg_runner: tuple[PgDb, InProcess], case: Case, moves: Moves) -> None:
     n = next(_example_numbers)
     good = _good_rows(PG_KEYS, "good", title=f"good-{n}", body=f"a good body {n}", n=7)
-    exercise(*pg_runner, case, good, "title")
+    exercise(*pg_runner, case, moves, good, "title")
 
 
 # -- defects this fuzz found (minimal reproductions; remove xfail when fixed) ----------------
