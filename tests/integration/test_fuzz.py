@@ -208,7 +208,8 @@ SQLITE_KEYS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = 
             st.floats(),
         ),
     ),
-    "bpk": (SMALL_INT, sqlite_values(ODD_KEYS)),
+    # not -2**63: see test_a_real_key_equal_to_an_integer_leaves_no_point
+    "bpk": (SMALL_INT, sqlite_values(ODD_KEYS).filter(lambda k: k != -(2**63))),
 }
 SQLITE_PLAIN: dict[str, st.SearchStrategy[Any]] = {
     "title": PLAIN_TEXT,
@@ -855,3 +856,26 @@ def test_check_knows_a_dead_lettered_long_key(tiny: tuple[Any, InProcess]) -> No
     seen = runner.sync(0)["t"]
     assert [d.details["error_code"] for d in seen.letters] == ["invalid_key"]
     assert seen.report is not None and seen.report.consistent, seen.report.counts
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SQLite keeps -2.0**63 as a REAL key (INT affinity cannot convert it) that equals "
+    "the integer -2**63, in SQL and in Python: worker._prepare merges the two keys' changes, "
+    "the re-read returns the REAL row for the integer key, and when that row goes its delete "
+    "(a REAL key: invalid_key) never removes the point",
+)
+@pytest.mark.parametrize(
+    "tiny",
+    [("sqlite", "CREATE TABLE t (id BIGINT PRIMARY KEY, body TEXT, x REAL)", "qdrant-edge")],
+    indirect=True,
+)
+def test_a_real_key_equal_to_an_integer_leaves_no_point(tiny: tuple[Any, InProcess]) -> None:
+    db, runner = tiny
+    db.execute("INSERT INTO t VALUES (?, 'integer key', 1)", (-(2**63),))
+    runner.sync(0)
+    db.execute("DELETE FROM t")
+    db.execute("INSERT INTO t VALUES (?, 'real key', 1)", (-(2.0**63),))
+    runner.sync(0)
+    db.execute("DELETE FROM t")
+    assert runner.sync(0)["t"].points == {}
