@@ -524,6 +524,12 @@ class SourceWorker:
             skey = str(key)
             state = states.get(skey)
             row = rows.get(key)
+            if row is not None and (why := m.key_problem(row[m.config.key])) is not None:
+                # the row found is keyed by an equal value of another type (SQLite: 2.0 for
+                # 2): it is not this record, so the record is gone and that row is refused
+                error = RecordError(why, kind="invalid_key")
+                work.failed.append(_dead_letter(m.name, row[m.config.key], change, error, None))
+                row = None
             if row is None:
                 # Delete even without state: a crash after a sink write but before the state
                 # commit leaves a point that no state row knows of.
