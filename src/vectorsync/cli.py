@@ -345,7 +345,7 @@ def run(
             "--http",
             envvar="VECTORSYNC_HTTP",
             show_envvar=True,
-            help="also serve /metrics, probes, API and dashboard ([http] host/port)",
+            help="also serve /metrics, probes, API and dashboard (\\[http] host/port)",
         ),
     ] = False,
     stop_timeout: StopTimeoutOption = 15.0,
