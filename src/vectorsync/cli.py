@@ -7,17 +7,13 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import socket
 import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
-from types import FrameType
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -31,11 +27,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from . import logs
+from . import logs, stopping
 from .config import CONFIG_ENV, Config, load_config
 from .engine import Engine, RunResult
 from .errors import ConfigError, VectorsyncError
+from .redact import redact
 from .worker import BatchReport
 
 __all__ = ["app", "main"]
@@ -93,206 +91,36 @@ def _setup_logging(verbose: bool) -> None:
     _verbose = verbose
     fmt = os.environ.get("VECTORSYNC_LOG_FORMAT", "text")
     if fmt not in ("text", "json"):
-        err.print(f"[bold red]config error:[/] log format {fmt!r}: use text or json")
+        _problem("config error", f"log format {fmt!r}: use text or json")
         raise typer.Exit(2)
     logs.configure(verbose=verbose, fmt=fmt)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_CLOSE_SECONDS = 5.0  # after a stop cancelled the work: time to close what it opened
-# Test hook: pause at a named phase until a signal arrives (``run`` phases: config, open,
-# prepare, http; ``prepare:stuck`` also never finishes closing, like a call that hangs).
-_PAUSE_ENV = "VECTORSYNC_PAUSE_AT"
-
-
-class _Signals:
-    """SIGINT and SIGTERM for the whole process, from ``main()`` on.
-
-    One handler for the process's lifetime, so there is no moment where asyncio's own
-    SIGINT handler (it cancels the main task) or Python's default (KeyboardInterrupt, raised
-    wherever the main thread happens to be) is in place. The first signal is a stop request:
-    remembered while no event loop runs, so it is never lost; a second one exits at once.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._wake: Callable[[], object] | None = None
-
-    def install(self) -> None:
-        for sig in _STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
-            os.write(2, b"second signal: exiting now\n")
-            os._exit(128 + signum)
-        self.received = signum
-        if self._wake is not None:
-            self._wake()
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "a signal"
-
-    @contextlib.contextmanager
-    def watching(self, loop: asyncio.AbstractEventLoop) -> Iterator[asyncio.Event]:
-        """An event the stop request sets. Python runs handlers in the main thread only:
-        when the signal lands on another thread (a model load, a SQLite lane) while the
-        loop sleeps in select(), the wakeup fd is what wakes it to run the handler."""
-        stop = asyncio.Event()
-        main = threading.current_thread() is threading.main_thread()
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        writer.setblocking(False)
-        loop.add_reader(reader.fileno(), _drain, reader)
-        previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False) if main else -1
-        self._wake = partial(loop.call_soon_threadsafe, stop.set)
-        if self.received is not None:
-            stop.set()
-        try:
-            yield stop
-        finally:
-            self._wake = None
-            if main:
-                signal.set_wakeup_fd(previous)
-            loop.remove_reader(reader.fileno())
-            reader.close()
-            writer.close()
-
-
-def _drain(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.recv(4096)
-
-
-_signals = _Signals()
-
-
-class _Stopped(Exception):
-    """A stop request ended the command before its work did."""
-
-    def __init__(self, message: str, *, clean: bool) -> None:
-        super().__init__(message)
-        self.clean = clean
-
-
-_PHASES = {
-    "open": "opening sources and the state store",
-    "prepare": "preparing embedders, sinks and change capture",
-    "http": "starting the HTTP server",
-    "sync": "syncing",
-}
-
-
-class _Phase:
-    """How far a run got, for a stop: before "sync" its work is cancelled at once (nothing
-    there is worth finishing); during "sync" the run first finishes its batches in flight."""
-
-    def __init__(self, stop_timeout: float) -> None:
-        self.name = "start"
-        self.stop_timeout = stop_timeout
-
-    async def enter(self, name: str, stop: asyncio.Event) -> None:
-        self.name = name
-        logger.info(_PHASES[name], extra={"action": "phase", "phase": name})
-        pause = os.environ.get(_PAUSE_ENV, "")
-        if pause.partition(":")[0] != name:
-            return
-        err.print(f"paused at {name}", highlight=False)
-        try:
-            await asyncio.sleep(3600)  # a stop cancels it, as all work before the sync
-        finally:
-            if pause.endswith(":stuck"):  # closing then waits for a call that never returns
-                await asyncio.to_thread(time.sleep, 3600)
-
-
-def _pause_before_loop(name: str) -> None:
-    if os.environ.get(_PAUSE_ENV) != name:
-        return
-    err.print(f"paused at {name}", highlight=False)
-    deadline = time.monotonic() + 600
-    while _signals.received is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-async def _until_stopped(work: Callable[[asyncio.Event], Awaitable[T]], phase: _Phase | None) -> T:
-    """Run ``work`` until it ends or a stop request arrives; then see :func:`_stop`."""
-    with _signals.watching(asyncio.get_running_loop()) as stop:
-        if stop.is_set():  # the signal came before the loop ran
-            raise _stopped_before(phase)
-        task = asyncio.ensure_future(work(stop))
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if task.done():
-            return task.result()
-        return await _stop(task, phase)
-
-
-async def _stop(task: asyncio.Future[T], phase: _Phase | None) -> T:
-    """A run that is syncing gets ``stop_timeout`` seconds to finish its batches (a clean
-    stop); anything else is cancelled at once. Cancelled work gets _CLOSE_SECONDS to close
-    what it opened; past that the command exits without it (a thread in a call that does
-    not return, e.g. a model load or a locked database, cannot be interrupted)."""
-    drain = phase.stop_timeout if phase is not None and phase.name == "sync" else None
-    where = f" during {phase.name}" if phase is not None else ""
-    err.print(f"stopping ({_signals.name}){where}", highlight=False)
-    if drain is not None:
-        await asyncio.wait({task}, timeout=drain)
-        if task.done():
-            return task.result()
-    task.cancel()
-    await asyncio.wait({task}, timeout=_CLOSE_SECONDS)
-    if not task.done():
-        raise _Stopped(
-            f"stopped by {_signals.name}; closing did not finish within "
-            f"{_CLOSE_SECONDS:g}s: exiting without waiting for it",
-            clean=False,
-        )
-    if not task.cancelled():  # it ended (or failed) by itself as it was cancelled
-        return task.result()
-    if drain is None:
-        raise _stopped_before(phase)
-    raise _Stopped(
-        f"stopped by {_signals.name}; the batches in flight did not finish within "
-        f"{drain:g}s (--stop-timeout): the run is cancelled and the next start replays them",
-        clean=False,
-    )
-
-
-def _stopped_before(phase: _Phase | None) -> _Stopped:
-    """Stopped before a run's sync began: clean, nothing was left half-done. Any other
-    command was interrupted."""
-    if phase is None:
-        return _Stopped(f"interrupted by {_signals.name}", clean=False)
-    return _Stopped(f"stopped by {_signals.name} before the sync started", clean=True)
-
-
-def _execute(work: Callable[[asyncio.Event], Awaitable[T]], *, phase: _Phase | None = None) -> T:
+def _execute(
+    work: Callable[[asyncio.Event], Awaitable[T]], *, phase: stopping.Phase | None = None
+) -> T:
     """Run one service call; map errors to exit codes (2: config, 1: anything else) and a
     stop request to 0 (a run stopped cleanly) or 128 + the signal number (anything else)."""
     runner = asyncio.Runner()
     try:
-        return runner.run(_until_stopped(work, phase))
-    except _Stopped as stopped:
+        return runner.run(stopping.until_stopped(work, phase))
+    except stopping.Stopped as stopped:
         err.print(str(stopped), highlight=False)
-        raise typer.Exit(0 if stopped.clean else 128 + (_signals.received or 0)) from None
+        raise typer.Exit(0 if stopped.clean else 128 + (stopping.received() or 0)) from None
     except ConfigError as exc:
-        err.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        _problem("config error", str(exc))
         raise typer.Exit(2) from None
     except (VectorsyncError, OSError) as exc:
         if _verbose:
-            err.print_exception()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(redact("".join(traceback.format_exception(exc))), markup=False)
+        _problem("error", str(exc))
         cause = exc.__cause__
         while cause is not None:
-            err.print(f"  caused by: {type(cause).__name__}: {cause}", highlight=False)
+            _say(f"  caused by: {type(cause).__name__}: {cause}")
             cause = cause.__cause__
         raise typer.Exit(1) from None
     finally:
-        if _signals.received is None:  # closing waits for threads a stop leaves behind
+        if stopping.received() is None:  # closing waits for threads a stop leaves behind
             runner.close()
 
 
@@ -300,8 +128,18 @@ def _config(path: Path | None) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        err.print(f"[bold red]config error:[/] {exc}", highlight=False)
+        _problem("config error", str(exc))
         raise typer.Exit(2) from None
+
+
+def _problem(label: str, message: str) -> None:
+    """An error for a person: the label in bold red, the message verbatim (never read as
+    markup: "[http] token" must print as written) and redacted."""
+    err.print(Text.assemble((f"{label}: ", "bold red"), redact(message)), highlight=False)
+
+
+def _say(line: str) -> None:
+    err.print(redact(line), markup=False, highlight=False)
 
 
 StopTimeoutOption = Annotated[
@@ -356,15 +194,15 @@ def run(
     if log_format:
         os.environ["VECTORSYNC_LOG_FORMAT"] = log_format
     _setup_logging(verbose)
-    _pause_before_loop("config")
+    stopping.pause_before_loop("config")
     cfg = _config(config)
-    phase = _Phase(stop_timeout)
+    phase = stopping.Phase(stop_timeout)
     result = _execute(lambda stop: _run(cfg, once, stop, phase, http=http), phase=phase)
     err.print(_summary(result), highlight=False)
 
 
 async def _run(
-    cfg: Config, once: bool, stop: asyncio.Event, phase: _Phase, *, http: bool = False
+    cfg: Config, once: bool, stop: asyncio.Event, phase: stopping.Phase, *, http: bool = False
 ) -> RunResult:
     token = cfg.http.token.get_secret_value() if cfg.http.token else None
     if http:
@@ -405,7 +243,9 @@ def _http_server(engine: Engine, cfg: Config, token: str | None) -> Any:
     return server
 
 
-async def _sync(engine: Engine, once: bool, stop: asyncio.Event, phase: _Phase) -> RunResult:
+async def _sync(
+    engine: Engine, once: bool, stop: asyncio.Event, phase: stopping.Phase
+) -> RunResult:
     await phase.enter("prepare", stop)
     await engine.prepare()
     targets = await engine.targets()
@@ -874,24 +714,13 @@ def demo(
 
 
 def main() -> None:
-    _signals.install()  # first: a signal from here on is a stop request, never lost
+    stopping.install()  # first: a signal from here on is a stop request, never lost
     code: object = 0
     try:
         app()
     except SystemExit as exc:
-        if _signals.received is None:
+        if stopping.received() is None:
             raise
         code = exc.code
-    if _signals.received is not None:
-        _exit_after_stop(code)
-
-
-def _exit_after_stop(code: object) -> NoReturn:
-    """Exit without joining threads: a stop may leave one in a call that does not return
-    (a model load, a locked database), which the interpreter would wait for at exit. What
-    the command opened is closed (or was given up on) by now."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+    if stopping.received() is not None:
+        stopping.exit_after_stop(code)

@@ -220,8 +220,14 @@ def _lease_name(source: str) -> str:
 
 
 async def _first_of(work: asyncio.Task[None], beat: asyncio.Task[None]) -> None:
-    """Wait for ``work``; if ``beat`` fails first (a lost lease), stop the work and raise."""
-    await asyncio.wait([work, beat], return_when=asyncio.FIRST_COMPLETED)
+    """Wait for ``work``; if ``beat`` fails first (a lost lease), stop the work and raise.
+    Cancelled, it cancels the work first (no worker outlives the run)."""
+    try:
+        await asyncio.wait([work, beat], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise
     if not work.done():
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)

@@ -248,11 +248,6 @@ def test_a_second_signal_exits_at_once(
     assert "second signal: exiting now" in cli.said
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.run leaves its workers running when it is cancelled (as a stop does after "
-    "--stop-timeout): _tasks.gather_or_fail must cancel and await its tasks when cancelled",
-)
 async def test_a_cancelled_run_leaves_no_worker_running(workdir: Path, app: App) -> None:
     app.insert(1)
     config = load(write_config(workdir))

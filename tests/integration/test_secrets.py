@@ -137,7 +137,9 @@ def test_no_output_log_table_or_response_carries_a_secret(
         outputs.append(_cli(workdir, "run", "--once", env=override))
         # the right password for a server that is not there: drivers quote the whole URL
         port = wrong_url.rsplit(":", 1)[1].split("/")[0]
-        gone = wrong_url.replace("wrong-one", GRAPH_PASSWORD if app.kind == "falkordb" else PASSWORD)
+        gone = wrong_url.replace(
+            "wrong-one", GRAPH_PASSWORD if app.kind == "falkordb" else PASSWORD
+        )
         gone = gone.replace(f":{port}", ":9")
         override = {"VECTORSYNC_SOURCES__APP__URL": gone}
         outputs.append(_cli(workdir, "status", "-v", env=override))
