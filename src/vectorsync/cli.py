@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -29,11 +29,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import logs, stopping
+from . import control, logs, stopping
 from .config import CONFIG_ENV, Config, load_config
 from .engine import Engine, RunResult
 from .errors import ConfigError, VectorsyncError
 from .redact import redact
+from .search import find
 from .worker import BatchReport
 
 __all__ = ["app", "main"]
@@ -47,10 +48,32 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: "[http] token" prints as written
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages are never cut into lines
 # Piped output (scripts, grep) must not be cut to 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 240)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"vectorsync {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Keep vector stores consistent with the database that owns the truth."""
+
 
 ConfigOption = Annotated[
     Path | None,
@@ -183,7 +206,7 @@ def run(
             "--http",
             envvar="VECTORSYNC_HTTP",
             show_envvar=True,
-            help="also serve /metrics, probes, API and dashboard (\\[http] host/port)",
+            help="also serve /metrics, probes, API and dashboard ([http] host/port)",
         ),
     ] = False,
     stop_timeout: StopTimeoutOption = 15.0,
@@ -210,17 +233,41 @@ async def _run(
 
         require_token(cfg.http.host, token)
     await phase.enter("open", stop)
-    async with Engine.open(cfg) as engine:
+    async with Engine.open(cfg) as engine, _control(engine, cfg) as sock:
+        url = f"http://{cfg.http.host}:{cfg.http.port}/" if http else None
         if not http:
-            return await _sync(engine, once, stop, phase)
+            return await _sync(engine, once, stop, phase, banner=(url, sock))
         server = _http_server(engine, cfg, token)
         serving = asyncio.create_task(server.serve())
         try:
             await phase.enter("http", stop)
-            return await _sync(engine, once, stop, phase)
+            return await _sync(engine, once, stop, phase, banner=(url, sock))
         finally:
             server.should_exit = True
             await serving
+
+
+@contextlib.asynccontextmanager
+async def _control(engine: Engine, cfg: Config) -> AsyncIterator[Path | None]:
+    """The control socket other commands reach this run through (see control.py)."""
+    try:
+        from .server import create_app
+    except ImportError:  # no http extra: no socket
+        yield None
+        return
+    async with control.serving(create_app(engine), cfg) as path:
+        yield path
+
+
+def _banner(engine: Engine, once: bool, url: str | None, sock: Path | None) -> None:
+    """What this run does and where, before it starts."""
+    for line in engine.describe():
+        _say(line)
+    if url is not None:
+        _say(f"dashboard and API: {url}")
+    if sock is not None and not once:
+        _say(f"search and check from another shell go through {sock}")
+    _say("syncing what was committed, then exiting" if once else "streaming; Ctrl-C stops")
 
 
 def _http_server(engine: Engine, cfg: Config, token: str | None) -> Any:
@@ -244,10 +291,16 @@ def _http_server(engine: Engine, cfg: Config, token: str | None) -> Any:
 
 
 async def _sync(
-    engine: Engine, once: bool, stop: asyncio.Event, phase: stopping.Phase
+    engine: Engine,
+    once: bool,
+    stop: asyncio.Event,
+    phase: stopping.Phase,
+    *,
+    banner: tuple[str | None, Path | None] = (None, None),
 ) -> RunResult:
     await phase.enter("prepare", stop)
     await engine.prepare()
+    _banner(engine, once, *banner)
     targets = await engine.targets()
     start = sum(p for p, _ in targets.values())
     total = sum(max(0, h - p) for p, h in targets.values()) if once else None
@@ -280,12 +333,17 @@ def _summary(result: RunResult) -> str:
     c = result.counts
     rate = result.changes / result.seconds if result.seconds else 0.0
     return (
-        f"{result.changes} changes in {result.seconds:.1f}s ({rate:,.0f}/s): "
+        f"{_n(result.changes, 'change')} in {result.seconds:.1f}s ({rate:,.0f}/s): "
         f"{c.get('embedded', 0)} embedded, {c.get('cache_hits', 0)} from cache, "
         f"{c.get('upserted', 0)} upserted, {c.get('payload_only', 0)} payload-only, "
         f"{c.get('deleted', 0)} deleted, {c.get('skipped', 0)} unchanged, "
         f"{c.get('failed', 0)} dead-lettered"
     )
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 change``, ``2 changes``."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _with_engine(path: Path | None, verbose: bool, work: Callable[[Engine], Awaitable[T]]) -> T:
@@ -404,14 +462,63 @@ def status(
 def search(
     mapping: Annotated[str, typer.Argument(help="mapping to search")],
     query: Annotated[str, typer.Argument(help="text to search for")],
-    limit: Annotated[int, typer.Option("--limit", "-n")] = 5,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000)] = 5,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--where",
+            "-w",
+            help="a payload filter, repeatable: FIELD=VALUE, FIELD!=VALUE, FIELD>=N, "
+            "FIELD<N ... (e.g. --where author=ann --where published>=2025)",
+        ),
+    ] = None,
     config: ConfigOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="every hit with its payload and bookkeeping ids")
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Semantic search in a mapping's collection."""
-    hits = _with_engine(config, verbose, lambda e: e.search(mapping, query, limit))
+    """Semantic search in a mapping's collection: rank, score, key and the record's text.
+    While `vectorsync run` streams on this config, the search goes through it."""
+    running = _running(config)
+    if running is not None:
+        params = {"mapping": mapping, "q": query, "limit": limit, "where": where or []}
+        hits = _through(running, "GET", "/api/search", params)["hits"]
+    else:
+        hits = _with_engine(config, verbose, lambda e: find(e, mapping, query, limit, where))
+    if as_json:
+        _print_json({"mapping": mapping, "hits": hits})
+        return
+    if not hits:
+        _say("no hits" + (" (with these filters)" if where else ""))
     for hit in hits:
-        out.print(f"{hit.score:.3f}  {json.dumps(hit.record.payload, default=str)}")
+        text = " ".join(str(hit["text"] or "(the record is gone)").split())
+        shown = text if len(text) <= 160 else text[:157] + "..."
+        out.print(
+            Text.assemble(
+                (f"{hit['rank']:>2}. ", "bold"), f"{hit['score']:.3f}  ", (str(hit["key"]), "cyan")
+            ),
+            highlight=False,
+        )
+        out.print(Text(f"    {shown}"), highlight=False)
+
+
+def _running(path: Path | None) -> control.Control | None:
+    """The control socket of a `vectorsync run` streaming on this config, if any."""
+    cfg = _config(path)
+    return control.find(cfg)
+
+
+def _through(running: control.Control, method: str, route: str, params: Any) -> Any:
+    """A command answered by the running sync (exit codes as if it ran here)."""
+    try:
+        return running.request(method, route, params)
+    except control.ControlError as exc:
+        _problem("config error" if exc.status == 400 else "error", str(exc))
+        raise typer.Exit(2 if exc.status == 400 else 1) from None
+    except OSError as exc:
+        _problem("error", f"the running sync at {running.path} did not answer: {exc}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -492,7 +599,7 @@ def stats(
 def recover(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
     """Mark runs left 'running' by a dead process as failed; apply retention."""
     failed = _with_engine(config, verbose, Engine.recover)
-    err.print(f"{len(failed)} stale runs marked failed" + (f": {failed}" if failed else ""))
+    err.print(f"{_n(len(failed), 'stale run')} marked failed" + (f": {failed}" if failed else ""))
 
 
 @app.command()
@@ -525,21 +632,24 @@ def check(
 
     async def work(engine: Engine) -> list[dict[str, Any]]:
         names = [mapping] if mapping else [m.name for m in engine.config.mappings]
-        results = []
-        for name in names:
-            report = await engine.check(name, mode=mode, sample_size=sample_size, seed=seed)
-            entry: dict[str, Any] = {"before": report.as_dict()}
-            if repair and not report.consistent:
-                run = await engine.repair(report)
-                after = await engine.check(
-                    name, mode=mode, sample_size=sample_size, seed=seed, repair_of=report.id
-                )
-                entry["repair_run"] = run.run_id
-                entry["after"] = after.as_dict()
-            results.append(entry)
-        return results
+        return [
+            await engine.check_and_repair(
+                name, mode=mode, repair=repair, sample_size=sample_size, seed=seed
+            )
+            for name in names
+        ]
 
-    results = _with_engine(config, verbose, work)
+    running = _running(config)
+    if running is not None:  # a streaming run holds the sinks: it checks (and repairs)
+        params: dict[str, Any] = {"mode": mode, "repair": int(repair), "sample_size": sample_size}
+        if mapping:
+            params["mapping"] = mapping
+        if seed is not None:
+            params["seed"] = seed
+        body = _through(running, "POST", "/api/check", params)
+        results = body["repairs"] or [{"before": r} for r in body["checks"]]
+    else:
+        results = _with_engine(config, verbose, work)
     final = [r.get("after", r["before"]) for r in results]
     if as_json:
         _print_json({"checks": results, "consistent": all(r["consistent"] for r in final)})
@@ -598,8 +708,10 @@ app.add_typer(dlq_app, name="dlq")
 @dlq_app.command("list")
 def dlq_list(
     status_: Annotated[
-        str | None,
-        typer.Option("--status", help="pending, processing, resolved, discarded; all when omitted"),
+        str,
+        typer.Option(
+            "--status", help="pending (the default), processing, resolved, discarded or all"
+        ),
     ] = "pending",
     mapping: Annotated[str | None, typer.Option(help="only this mapping")] = None,
     config: ConfigOption = None,
@@ -607,8 +719,13 @@ def dlq_list(
     verbose: VerboseOption = False,
 ) -> None:
     """Dead letters with their reasons."""
+    statuses = ("pending", "processing", "resolved", "discarded", "all")
+    if status_ not in statuses:
+        _problem("config error", f"--status {status_!r}: use {', '.join(statuses)}")
+        raise typer.Exit(2)
+    chosen = None if status_ == "all" else status_
     letters = _with_engine(
-        config, verbose, lambda e: e.state.dead_letters(mapping=mapping, status=status_)
+        config, verbose, lambda e: e.state.dead_letters(mapping=mapping, status=chosen)
     )
     if as_json:
         _print_json({"dead_letters": [_letter(d) for d in letters]})
@@ -661,7 +778,7 @@ def dlq_replay(
         return count, (await engine.run(once=True) if now and count else None)
 
     count, result = _with_engine(config, verbose, work)
-    err.print(f"{count} dead letters enqueued for replay")
+    err.print(f"{_n(count, 'dead letter')} enqueued for replay")
     if result is not None:
         err.print(_summary(result), highlight=False)
         if result.counts.get("failed"):
@@ -676,7 +793,7 @@ def dlq_discard(
 ) -> None:
     """Give up on dead letters (their errors are marked ignored)."""
     count = _with_engine(config, verbose, lambda e: e.discard_dead_letters(ids))
-    err.print(f"{count} dead letters discarded")
+    err.print(f"{_n(count, 'dead letter')} discarded")
 
 
 @app.command()

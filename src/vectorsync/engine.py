@@ -58,7 +58,7 @@ from .mappings import check_keys, check_mapping
 from .metrics import SourceStats
 from .model import Change, Key
 from .preflight import preflight
-from .redact import redact_value, register_secrets
+from .redact import redact, redact_value, register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
 from .search import Where, conditions
@@ -281,6 +281,7 @@ class Engine:
         self._stats = {name: SourceStats() for name in self.sources}
         self.instance_id = uuid.uuid4().hex[:12]
         self.heartbeat_interval = 5.0
+        self._running = False  # a run of this engine is applying changes
         self._prepare_lock = asyncio.Lock()  # opening is once per engine, whoever comes first
         self._sinks_lock = asyncio.Lock()
 
@@ -588,6 +589,7 @@ class Engine:
                 for name, source in self.sources.items()
             ]
             self._workers = workers
+            self._running = True
             self._emit(RunStarted(run_id=run_id, mode="once" if once else "stream"))
             beat = asyncio.create_task(self._heartbeat(run_id, workers, leases))
             syncing = asyncio.create_task(
@@ -601,6 +603,7 @@ class Engine:
             await self._finish(run_id, workers, beat, "failed", exc)
             raise
         finally:
+            self._running = False
             await self._release_leases()
         await self._finish(run_id, workers, beat, "completed")
         totals = _totals(workers)
@@ -706,6 +709,31 @@ class Engine:
             )
         await self.state.cleanup(retention_days=self.config.state.retention_days)
         return failed
+
+    def describe(self) -> list[str]:
+        """What this engine syncs, one line per source, sink and mapping, without secrets
+        (what ``run`` and ``serve`` print at start)."""
+        lines = []
+        for name, source in self.sources.items():
+            cfg = self.config.sources.get(name)
+            kind = cfg.kind if cfg is not None else type(source).__name__
+            capture = getattr(source, "capture_mode", None) or getattr(source, "capture", None)
+            capture = capture or ("trigger outbox" if kind == "sqlite" else None)
+            where = getattr(cfg, "path", None) or getattr(cfg, "url", None) or ""
+            how = f" ({capture} capture)" if capture else ""
+            lines.append(f"source {name}: {kind} {where}{how}")
+        for name in sorted(_used(self.config, "sink")):
+            sink_cfg = self.config.sinks[name]
+            where = getattr(sink_cfg, "url", None) or getattr(sink_cfg, "path", None) or ""
+            lines.append(f"sink {name}: {sink_cfg.kind} {where}")
+        for m in self.config.mappings:
+            embedder = self.embedders.get(m.embedder)
+            model = getattr(embedder, "model_id", "") or m.embedder
+            lines.append(
+                f"mapping {m.name}: {m.source}.{m.table} → {m.sink}/{m.collection_name} "
+                f"(embedder {m.embedder}: {model})"
+            )
+        return [redact(line) for line in lines]
 
     def _info(self, section: str) -> dict[str, Any]:
         """Where data comes from or goes, without credentials."""
@@ -841,6 +869,27 @@ class Engine:
             )
         return report
 
+    async def check_and_repair(
+        self,
+        mapping: str,
+        *,
+        mode: str = "full",
+        repair: bool = False,
+        sample_size: int = 1000,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """A check and, when asked and drift was found, its repair and the check after it:
+        ``{"before": report, "repair_run": id, "after": report}`` (``check --repair``)."""
+        report = await self.check(mapping, mode=mode, sample_size=sample_size, seed=seed)
+        entry: dict[str, Any] = {"before": report.as_dict()}
+        if repair and not report.consistent:
+            run = await self.repair(report)
+            after = await self.check(
+                mapping, mode=mode, sample_size=sample_size, seed=seed, repair_of=report.id
+            )
+            entry.update(repair_run=run.run_id, after=after.as_dict())
+        return entry
+
     async def repair(self, report: CheckReport) -> RunResult:
         """Repair what a check found through the normal sync path: forget the record state
         of drifted keys and enqueue them at the source (missing, stale, outdated and
@@ -850,24 +899,35 @@ class Engine:
         await self._require_capture(m.source, "a repair")
         orphans = [d.point_id for d in report.drift if d.category == "orphaned"]
         keys = report.keys("missing", "stale", "outdated", "payload_mismatch")
+        if self._running:  # this engine streams: its run applies the repair
+            started = time.monotonic()
+            await self._repair_writes(m, report, orphans, keys)
+            await self.wait_for(await self.head(m.source), source=m.source, timeout=600)
+            return RunResult(changes=len(keys), counts={}, seconds=time.monotonic() - started)
         await self._take_leases()  # another runner applying these keys would race us
         try:
-            await self._open_sinks()
-            if orphans:
-                await self.sinks[m.sink].delete(m.collection_name, orphans)
-            # rewritten in full; an unrenderable row keeps its state and point (dead-lettered)
-            forgotten = [
-                d.key
-                for d in report.drift
-                if d.key is not None and d.category != KNOWN and not d.unrenderable
-            ]
-            await self.state.forget(m.name, [str(k) for k in forgotten])
-            if keys:
-                await self.sources[m.source].enqueue(m.table, keys)
+            await self._repair_writes(m, report, orphans, keys)
         except BaseException:
             await self._release_leases()
             raise
         return await self.run(once=True)
+
+    async def _repair_writes(
+        self, m: MappingConfig, report: CheckReport, orphans: list[str], keys: list[Key]
+    ) -> None:
+        """Delete orphans, forget what is rewritten in full, enqueue those keys."""
+        await self._open_sinks()
+        if orphans:
+            await self.sinks[m.sink].delete(m.collection_name, orphans)
+        # rewritten in full; an unrenderable row keeps its state and point (dead-lettered)
+        forgotten = [
+            d.key
+            for d in report.drift
+            if d.key is not None and d.category != KNOWN and not d.unrenderable
+        ]
+        await self.state.forget(m.name, [str(k) for k in forgotten])
+        if keys:
+            await self.sources[m.source].enqueue(m.table, keys)
 
     def _mapping(self, name: str) -> MappingConfig:
         for m in self.config.mappings:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .model import Condition, ConditionOp, Key
-from .sinks.base import IndexType
+from .sinks.base import Hit, IndexType
 
-__all__ = ["Where", "conditions"]
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["Where", "conditions", "find", "results"]
 
 # what engine.search(where=...) takes: {"author": "ann", "published": {">=": 2025}},
 # ["author=ann", "published>=2025"], or Condition values
@@ -99,3 +102,33 @@ def _typed(raw: str, kind: IndexType | None) -> Any:
 def hit_key(payload: Mapping[str, Any]) -> Key | None:
     key = payload.get("_vs_key")
     return key if isinstance(key, int | str) else None
+
+
+def results(hits: Sequence[Hit], texts: Mapping[Key, str]) -> list[dict[str, Any]]:
+    """Hits as a person reads them: rank, score, the record's key and current text, and
+    its payload without vectorsync's bookkeeping fields (``_vs_*``)."""
+    found = []
+    for rank, hit in enumerate(hits, 1):
+        key = hit_key(hit.record.payload)
+        found.append(
+            {
+                "rank": rank,
+                "score": round(hit.score, 6),
+                "key": key,
+                "text": texts.get(key) if key is not None else None,
+                "payload": {
+                    k: v for k, v in hit.record.payload.items() if not k.startswith("_vs_")
+                },
+                "id": hit.record.id,
+            }
+        )
+    return found
+
+
+async def find(
+    engine: Engine, mapping: str, text: str, limit: int, where: Where | None
+) -> list[dict[str, Any]]:
+    """Search and present the hits (the CLI and /api/search)."""
+    hits = await engine.search(mapping, text, limit, where=where)
+    keys = [k for h in hits if (k := hit_key(h.record.payload)) is not None]
+    return results(hits, await engine.texts(mapping, keys))

@@ -28,11 +28,13 @@ from .engine import Engine
 from .errors import ConfigError, PermanentError, VectorsyncError
 from .metrics import prometheus_text
 from .redact import redact, redact_value
+from .search import find
 
 __all__ = ["create_app", "require_token"]
 
 CHECK_MODES = ("full", "sample", "quick", "prove")
 MAX_LIMIT = 1000
+MAX_SAMPLE = 1_000_000
 MAX_ID = 2**63 - 1  # the state store's integer ids are signed 64-bit
 CHECK_RETRY_AFTER_SECONDS = 5
 MARKER_HEADER = "X-Vectorsync"
@@ -230,9 +232,42 @@ def create_app(
                 429,
                 headers={"Retry-After": str(CHECK_RETRY_AFTER_SECONDS)},
             )
+        repair = request.query_params.get("repair", "") in ("1", "true", "yes")
+        sample_size = _int_param(request, "sample_size", 1000, MAX_SAMPLE)
+        seed = _int_param(request, "seed", 0, MAX_ID) if "seed" in request.query_params else None
         async with one_check:
-            reports = [(await engine.check(name, mode=mode)).as_dict() for name in names]
-        return _json({"checks": reports, "consistent": all(r["consistent"] for r in reports)})
+            entries = [
+                await engine.check_and_repair(
+                    name, mode=mode, repair=repair, sample_size=sample_size, seed=seed
+                )
+                for name in names
+            ]
+        final = [e.get("after", e["before"]) for e in entries]
+        reports = [e["before"] for e in entries]
+        return _json(
+            {
+                "checks": reports,
+                "repairs": entries if repair else [],
+                "consistent": all(r["consistent"] for r in final),
+            }
+        )
+
+    async def search(request: Request) -> Response:
+        """``?mapping=M&q=TEXT&limit=N&where=author=ann&where=published>=2025``: the hits
+        with their keys, current texts and payloads."""
+        known = tuple(m.name for m in engine.config.mappings)
+        default = known[0] if len(known) == 1 else ""
+        mapping = _choice(request, "mapping", default, known)
+        query = request.query_params.get("q", "")
+        if not query.strip():
+            raise _BadRequest("q", "q: give the text to search for")
+        limit = _int_param(request, "limit", 5, MAX_LIMIT)
+        where = request.query_params.getlist("where")
+        try:
+            hits = await find(engine, mapping, query, limit, where)
+        except ConfigError as exc:  # a filter that does not fit the mapping: the client's
+            raise _BadRequest("where", str(exc)) from exc
+        return _json({"mapping": mapping, "hits": hits})
 
     async def checks(request: Request) -> Response:
         limit = _int_param(request, "limit", 20, MAX_LIMIT)
@@ -263,6 +298,7 @@ def create_app(
             Route("/api/checks", checks),
             Route("/api/check", run_check, methods=["POST"]),
             Route("/api/stats", stats),
+            Route("/api/search", search),
         ],
         middleware=[Middleware(_Guard, token=token)],
         exception_handlers={_BadRequest: _bad_request, VectorsyncError: _failed},

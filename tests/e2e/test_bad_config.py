@@ -280,5 +280,5 @@ def test_one_runner_per_source_with_an_in_memory_qdrant_sink(workdir: Path, app:
     app.insert(4)
     third = cli("run", "--once", cwd=workdir)
     assert third.returncode == 0, third.stderr
-    assert "1 changes" in said(third) and "1 upserted" in said(third), third.stderr
+    assert "1 change in" in said(third) and "1 upserted" in said(third), third.stderr
     assert _position(workdir) == 4

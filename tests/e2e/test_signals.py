@@ -221,7 +221,7 @@ def test_batches_that_outlast_the_stop_timeout_are_cancelled_and_replayed(
     assert run_statuses(workdir) == ["cancelled"]
     again = start("run", "--once", env=fake_model)
     assert again.proc.wait(timeout=DEADLINE) == 0, again.stderr
-    assert "1 changes in" in again.said and "1 embedded" in again.said
+    assert "1 change in" in again.said and "1 embedded" in again.said
 
 
 def test_a_stop_exits_within_its_bound_when_closing_never_finishes(

@@ -254,7 +254,7 @@ async def test_one_check_at_a_time(
         started, release = asyncio.Event(), asyncio.Event()
         calls = 0
 
-        async def held(name: str, *, mode: str = "full") -> CheckReport:
+        async def held(name: str, *, mode: str = "full", **_: object) -> CheckReport:
             nonlocal calls
             calls += 1
             if calls == 1:
