@@ -799,8 +799,13 @@ def dlq_discard(
 @app.command()
 def demo(
     directory: Annotated[
-        Path, typer.Option("--dir", help="where the demo's files go (recreated)")
-    ] = Path("vectorsync-demo"),
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="where the demo's files go (recreated); default vectorsync-demo, or "
+            "vectorsync-demo-graph with --graph",
+        ),
+    ] = None,
     records: Annotated[int, typer.Option(help="how many stdlib symbols to load at most")] = 3000,
     embedder: Annotated[
         str, typer.Option(help="sentence-transformers or hash")
@@ -821,13 +826,13 @@ def demo(
     if graph:
         from .demo_graph import run_graph_demo
 
-        _execute(
-            lambda _: run_graph_demo(directory, records=records, embedder=embedder, console=out)
-        )
+        folder = directory or Path("vectorsync-demo-graph")
+        _execute(lambda _: run_graph_demo(folder, records=records, embedder=embedder, console=out))
         return
     from .demo import run_demo
 
-    _execute(lambda _: run_demo(directory, records=records, embedder=embedder, console=out))
+    folder = directory or Path("vectorsync-demo")
+    _execute(lambda _: run_demo(folder, records=records, embedder=embedder, console=out))
 
 
 def main() -> None:

@@ -231,6 +231,8 @@ def test_teardown_removes_the_capture_and_setup_restores_it(workdir: Path, pgapp
     done = _cli(workdir, "teardown")
     assert done.returncode == 0, done.stderr
     assert pgapp.execute(probe)[0][0] == 0 and pgapp.execute(probe2)[0][0] == 0
+    # nothing of vectorsync's is left in the database: not even its schema
+    assert pgapp.execute("SELECT to_regnamespace('vectorsync')")[0][0] is None
     pgapp.insert(2)
     done = _cli(workdir, "run", "--once")  # set up again: a new snapshot catches up
     assert done.returncode == 0, done.stderr

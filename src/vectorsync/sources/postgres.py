@@ -379,8 +379,32 @@ class PostgresSource:
         return await self.feed.install(self, tables)
 
     async def teardown(self) -> None:
-        """Remove everything ``setup`` created (slot, publication, triggers, outbox)."""
+        """Remove everything ``setup`` created (slot, publication, triggers, outbox), and
+        the ``vectorsync`` schema once no capture is left in it."""
         await self.feed.teardown()
+        async with self.session() as conn:
+            with wrap_errors("remove the vectorsync schema"):
+                if await self._schema_unused(conn):
+                    await conn.execute(
+                        sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(SCHEMA))
+                    )
+
+    async def _schema_unused(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """No capture of any source left: no captures row, no outbox table in the schema."""
+        cur = await conn.execute(
+            "SELECT to_regnamespace(%s) IS NOT NULL, to_regclass(%s) IS NOT NULL, "
+            "(SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s)",
+            (SCHEMA, f"{SCHEMA}.captures", SCHEMA, "%\\_outbox"),
+        )
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            return False
+        if row[2]:
+            return False
+        if row[1]:
+            left = await (await conn.execute(f"SELECT count(*) FROM {SCHEMA}.captures")).fetchone()
+            return left is not None and left[0] == 0
+        return True
 
     async def epoch(self) -> str:
         return await self.feed.epoch()
