@@ -14,6 +14,7 @@ import importlib
 import inspect
 import shutil
 import sqlite3
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -293,9 +294,12 @@ async def run_demo(directory: Path, *, records: int, embedder: str, console: Con
                 )
             console.print(table)
     db.close()
+    command = shutil.which("vectorsync") or str(Path(sys.executable).parent / "vectorsync")
+    config = directory / "vectorsync.toml"
+    console.print(f"Done in {time.monotonic() - started:.0f}s. Try:", highlight=False)
+    console.print(f"  {command} status -c {config}", highlight=False, markup=False)
     console.print(
-        f"Done in {time.monotonic() - started:.0f}s. Try: vectorsync status -c "
-        f"{directory / 'vectorsync.toml'}"
+        f'  {command} search stdlib "read a JSON file" -c {config}', highlight=False, markup=False
     )
 
 
