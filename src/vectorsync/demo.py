@@ -295,11 +295,11 @@ async def run_demo(directory: Path, *, records: int, embedder: str, console: Con
             console.print(table)
     db.close()
     command = shutil.which("vectorsync") or str(Path(sys.executable).parent / "vectorsync")
-    config = directory / "vectorsync.toml"
+    toml = directory / "vectorsync.toml"
     console.print(f"Done in {time.monotonic() - started:.0f}s. Try:", highlight=False)
-    console.print(f"  {command} status -c {config}", highlight=False, markup=False)
+    console.print(f"  {command} status -c {toml}", highlight=False, markup=False)
     console.print(
-        f'  {command} search stdlib "read a JSON file" -c {config}', highlight=False, markup=False
+        f'  {command} search stdlib "read a JSON file" -c {toml}', highlight=False, markup=False
     )
 
 
