@@ -88,7 +88,12 @@ def test_1000_records_with_injected_faults_are_synced_or_dead_lettered(
             else:
                 app.update(k, published=0)
     app.db.execute("COMMIT")
-    write_config(workdir, text=FAULTY_TEXT, extra_mapping="max_text_length = 2000", batch_size=128)
+    write_config(
+        workdir,
+        text=FAULTY_TEXT,
+        extra_mapping='max_text_length = 2000\nlong_text = "dead_letter"',  # refuse, not cut
+        batch_size=128,
+    )
     done = cli("run", "--once", cwd=workdir)
     assert done.returncode == 0, done.stderr
     letters = cli_json("dlq", "list", cwd=workdir)["dead_letters"]
@@ -125,9 +130,9 @@ def test_dlq_commands_show_replay_and_discard(workdir: Path, app: App) -> None:
     app.update(2, published=2022)  # fix one row
     replay = cli("dlq", "replay", str(letters["2"]["id"]), "--now", cwd=workdir)
     assert replay.returncode == 0, replay.stderr
-    assert "1 dead letters enqueued" in replay.stderr and "1 upserted" in replay.stderr
+    assert "1 dead letter enqueued" in replay.stderr and "1 upserted" in replay.stderr
     discard = cli("dlq", "discard", str(letters["4"]["id"]), cwd=workdir)
-    assert discard.returncode == 0 and "1 dead letters discarded" in discard.stderr
+    assert discard.returncode == 0 and "1 dead letter discarded" in discard.stderr
     assert cli_json("dlq", "list", cwd=workdir)["dead_letters"] == []
     every = cli_json("dlq", "list", "--status", "resolved", cwd=workdir)["dead_letters"]
     assert [d["key"] for d in every] == ["2"]
