@@ -89,8 +89,11 @@ class Source(Protocol):
         self, table: str, key: str, keys: Sequence[Key]
     ) -> dict[Key, dict[str, Any]]: ...
 
-    def scan(self, table: str, key: str, *, page: int = 5000) -> AsyncIterator[dict[str, Any]]:
-        """Every current row of a table, in key order, a page at a time."""
+    def scan(
+        self, table: str, key: str, *, page: int = 5000, after: Key | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every current row of a table (with a key above ``after``), in key order, a page
+        at a time."""
         ...
 
     async def related(

@@ -254,9 +254,8 @@ class GraphSource:
         return found
 
     async def scan(
-        self, table: str, key: str, *, page: int = 5000
+        self, table: str, key: str, *, page: int = 5000, after: Key | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        after: Any = None
         while True:
             query = scan_query(table, key, first=after is None)
             rows = await self.query(f"scan {table!r}", query, {"after": after, "page": page})

@@ -124,10 +124,11 @@ class MemorySource:
         return {k: dict(rows[k]) for k in keys if k in rows}
 
     async def scan(
-        self, table: str, key: str, *, page: int = 5000
+        self, table: str, key: str, *, page: int = 5000, after: Key | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        for k in sorted(self._rows[table], key=lambda v: (str(type(v)), v)):
-            yield dict(self._rows[table][k])
+        for k in sorted(self._rows[table], key=_order):
+            if after is None or _order(k) > _order(after):
+                yield dict(self._rows[table][k])
 
     async def related(
         self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
@@ -162,3 +163,8 @@ class MemorySource:
         pending = [c for c in self._outbox if c.position > after]
         oldest = min((c.committed_at for c in pending), default=None)
         return Backlog(changes=len(pending), oldest_committed_at=oldest)
+
+
+def _order(key: Key) -> tuple[str, Key]:
+    """Keys in order, integers apart from texts (as a database orders one typed column)."""
+    return (str(type(key)), key)

@@ -547,11 +547,10 @@ class PostgresSource:
         return found
 
     async def scan(
-        self, table: str, key: str, *, page: int = 5000
+        self, table: str, key: str, *, page: int = 5000, after: Key | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         sql_type, _ = await self.key_type(table, key)
         k, t = sql.Identifier(key), table_ident(table)
-        after: Any = None
         while True:
             where = (
                 sql.SQL("")

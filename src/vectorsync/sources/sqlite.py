@@ -386,9 +386,8 @@ class SqliteSource:
         return found
 
     async def scan(
-        self, table: str, key: str, *, page: int = 5000
+        self, table: str, key: str, *, page: int = 5000, after: Key | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        after: Any = None
         while True:
             rows = await self._lane.run(self._scan_page, table, key, after, page)
             for row in rows:

@@ -215,3 +215,23 @@ leases = Table(
     Column("acquired_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+
+# a mapping's index versions: what its vectors are made of (model, dimension, distance,
+# template: the digest), the physical collection holding them, and where each stands
+index_versions = Table(
+    "index_versions",
+    metadata,
+    Column("mapping", String(200), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("digest", String(32), nullable=False),
+    Column("collection", String(255), nullable=False),  # the physical collection
+    Column("state", String(20), nullable=False),  # building | live | previous | dropped
+    Column("definition", Text, nullable=False),  # JSON: model, dimension, distance, text, embedder
+    Column("created_at", Float, nullable=False),
+    Column("live_at", Float),
+    Column("retired_at", Float),  # when it stopped being live
+    Column("dropped_at", Float),
+    Column("backfill_after", Text),  # JSON: the last key a backfill committed (a checkpoint)
+    Column("backfill_done", Integer, nullable=False, default=0),
+    Column("backfilled", BigInteger, nullable=False, default=0),  # records the backfill wrote
+)

@@ -38,6 +38,7 @@ from sqlalchemy.engine import make_url
 
 from .._blocking import BlockingLane
 from ..errors import PermanentError, RetryableError
+from ..index import versions as index_log
 from ..model import Key, RecordState, dumps, key_bucket
 from ..redact import redact, redact_value
 from . import leases as lease_log
@@ -89,6 +90,9 @@ class BatchCommit:
     run_id: int | None = None
     epoch: str | None = None  # the capture epoch the position belongs to (Source.epoch)
     lease: tuple[str, str, int] | None = None  # (name, holder, token): fences the commit
+    # backfill progress committed with the records it wrote: (mapping, version, last key,
+    # records, done)
+    checkpoints: list[tuple[str, int, Key | None, int, bool]] = field(default_factory=list)
     upserts: list[RecordState] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key)
     vectors: dict[str, tuple[str, list[float]]] = field(default_factory=dict)  # hash → (model, v)
@@ -318,6 +322,8 @@ class StateStore:
             )
             self._apply_dead_letters(conn, batch, now)
             self._apply_counters(conn, batch.counters)
+            for checkpoint in batch.checkpoints:
+                index_log.checkpoint(conn, *checkpoint)
             if batch.position >= _stream_position(conn, batch.source, batch.epoch):
                 # never backwards within one epoch, whoever commits
                 self._set_marker(
@@ -594,6 +600,32 @@ class StateStore:
 
     async def leases(self) -> list[lease_log.Lease]:
         return await self._tx("read leases", lease_log.holders)
+
+    # -- index versions (see index/versions.py) --------------------------------------------
+    async def index_versions(self, mapping: str | None = None) -> list[index_log.IndexVersion]:
+        return await self._tx("read index versions", index_log.versions, mapping)
+
+    async def add_index_version(self, mapping: str, **kwargs: Any) -> index_log.IndexVersion:
+        return await self._tx("add an index version", index_log.add_version, mapping, **kwargs)
+
+    async def set_index_state(self, mapping: str, version: int, state: Any) -> None:
+        await self._tx("change an index version", index_log.set_state, mapping, version, state)
+
+    async def set_index_collection(self, mapping: str, version: int, collection: str) -> None:
+        await self._tx(
+            "move an index version", index_log.set_collection, mapping, version, collection
+        )
+
+    async def swap_index(
+        self, mapping: str, live: index_log.IndexVersion, building: index_log.IndexVersion
+    ) -> None:
+        await self._tx("swap index versions", index_log.swap, mapping, live, building)
+
+    async def forget_index_state(self, name: str) -> None:
+        await self._tx("drop an index version's state", index_log.forget_state, name)
+
+    async def version_digests(self, name: str, keys: Sequence[str]) -> dict[str, int]:
+        return await self._tx("read a version's digests", index_log.keys_in, name, list(keys))
 
     async def start_run(self, **kwargs: Any) -> int:
         return await self._tx("start run", run_log.start_run, **kwargs)
