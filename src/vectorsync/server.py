@@ -93,7 +93,9 @@ class _Guard:
 
 def _unauthorized(request: Request, expected: bytes) -> Response | None:
     """401 unless ``Authorization: Bearer <token>`` (scheme case-insensitive, RFC 7235)."""
-    if request.url.path == "/healthz":  # probes stay open
+    # probes stay open, and so does the page itself: it holds no data (its API calls send
+    # the token from #token=...), and a browser opening it sends no Authorization header
+    if request.url.path in ("/healthz", "/"):
         return None
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     # Starlette decodes headers as latin-1: encoding back gives the bytes as sent

@@ -166,6 +166,8 @@ async def test_bearer_token_beyond_loopback(workdir: Path, app: App) -> None:
     async with Engine.open(load(cfg)) as engine, client(engine, token="s3cret") as http:
         assert (await http.get("/api/status")).status_code == 401
         assert (await http.get("/healthz")).status_code == 200  # probes stay open
+        page = await http.get("/")  # a browser opens the page without a header
+        assert page.status_code == 200 and "token" in page.text and "s3cret" not in page.text
         ok = await http.get("/api/status", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
