@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -426,28 +426,7 @@ class Checker:
         present = [k for k in keys if key_text(k) in known]
         candidates = [k for k in keys if key_text(k) not in known]
         chosen = random.Random(seed).sample(candidates, min(size, len(candidates)))
-        rows = await self.source.fetch(self.table, self.key, chosen)
-        if self.resolve is not None:
-            await self.resolve(rows)
-        ids = {point_id(self.mapping, k): k for k in chosen}
-        found = {r.id: r for r in await self.sink.retrieve(self.collection, list(ids))}
-        drift: list[Drift] = []
-        for pid, key in ids.items():
-            row = rows.get(key)
-            src = self._source_entry(row) if row is not None else None
-            rec = found.get(pid)
-            snk = self._sink_entry(rec.payload, pid) if rec is not None else None
-            d = self._compare(key, src, snk)
-            if d is not None and d.category == "payload_mismatch" and row is not None:
-                assert rec is not None
-                wanted = self.renderer.render(row).payload
-                if _close(wanted, {f: rec.payload.get(f) for f in self.payload_fields}):
-                    d = None  # float noise only
-            if d is None and row is not None and src is None:  # unrenderable, not yet known
-                category: Category = "stale" if rec else "missing"
-                d = Drift(category=category, key=key, point_id=pid, unrenderable=True)
-            if d is not None:
-                drift.append(d)
+        drift = await self.compare_keys(chosen)
         low, high = wilson_interval(len(drift), len(chosen))
         estimate = {
             "sampled": len(chosen),
@@ -467,6 +446,55 @@ class Checker:
             len(keys),
             await self.sink.count(self.collection),
             {"estimate": estimate},
+        )
+
+    async def compare_keys(self, keys: Sequence[Key]) -> list[Drift]:
+        """Each of ``keys`` compared with its point now, record by record (what a sample
+        compares, and how drift found while a sync streams is confirmed)."""
+        rows = await self.source.fetch(self.table, self.key, list(keys))
+        if self.resolve is not None and rows:
+            await self.resolve(rows)
+        ids = {point_id(self.mapping, k): k for k in keys}
+        found = {r.id: r for r in await self.sink.retrieve(self.collection, list(ids))}
+        drift: list[Drift] = []
+        for pid, key in ids.items():
+            row = rows.get(key)
+            src = self._source_entry(row) if row is not None else None
+            rec = found.get(pid)
+            snk = self._sink_entry(rec.payload, pid) if rec is not None else None
+            d = self._compare(key, src, snk)
+            if d is not None and d.category == "payload_mismatch" and row is not None:
+                assert rec is not None
+                wanted = self.renderer.render(row).payload
+                if _close(wanted, {f: rec.payload.get(f) for f in self.payload_fields}):
+                    d = None  # float noise only
+            if d is None and row is not None and src is None:  # unrenderable, not yet known
+                category: Category = "stale" if rec else "missing"
+                d = Drift(category=category, key=key, point_id=pid, unrenderable=True)
+            if d is not None:
+                drift.append(d)
+        return drift
+
+    async def confirm(self, report: CheckReport) -> None:
+        """Keep only the drift that is still there: compare the drifted records again
+        (after a streaming sync applied what was in flight when the check read them)."""
+        known = await self._known()
+        keyed = [d.key for d in report.drift if d.key is not None and d.category != KNOWN]
+        still = {(d.category, d.key) for d in await self.compare_keys(keyed)}
+        kept = [
+            d
+            for d in report.drift
+            if d.key is None
+            or d.category == KNOWN
+            or (d.category, d.key) in still
+            or key_text(d.key) in known
+        ]
+        report.drift = kept
+        report.counts = {c: 0 for c in (*CATEGORIES, KNOWN)}
+        for d in kept:
+            report.counts[d.category] += 1
+        report.consistent = all(d.category == KNOWN for d in kept) and report.details.get(
+            "sink_count_matches", True
         )
 
     async def quick(self) -> CheckReport:
