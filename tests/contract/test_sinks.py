@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -135,3 +137,209 @@ async def test_edge_writes_survive_reopen(tmp_path: Path) -> None:
     await again.ensure_collection(SPEC)
     assert [r.payload async for r in again.scroll("docs")] == [{"k": 1}]
     await again.close()
+
+
+# Index versions behind an alias: two physical collections of different shapes.
+V1 = CollectionSpec(name="articles__v1", dimension=4, distance="cosine")
+V2 = CollectionSpec(name="articles__v2", dimension=8, distance="cosine")
+
+
+async def _two_versions(sink: Sink, v1: CollectionSpec = V1, v2: CollectionSpec = V2) -> None:
+    await sink.ensure_collection(v1)
+    await sink.ensure_collection(v2)
+    await sink.upsert(v1.name, [Point(id=_id(1), vector=[1, 0, 0, 0], payload={"v": 1})])
+    await sink.upsert(
+        v2.name,
+        [Point(id=_id(i), vector=[1.0] * 7 + [float(i)], payload={"v": 2}) for i in (2, 3)],
+    )
+
+
+async def _read_through(sink: Sink, name: str, dimension: int) -> list[tuple[str, int]]:
+    """What a reader of ``name`` sees: every point by search, checked against count/retrieve."""
+    hits = await sink.search(name, [1.0] * dimension, limit=10)
+    ids = [h.record.id for h in hits]
+    assert await sink.count(name) == len(ids)
+    assert sorted(r.id for r in await sink.retrieve(name, ids)) == sorted(ids)
+    return sorted((h.record.id, h.record.payload["v"]) for h in hits)
+
+
+async def _alias_lifecycle(sink: Sink, alias: str, v1: CollectionSpec, v2: CollectionSpec) -> None:
+    await _two_versions(sink, v1, v2)
+    assert await sink.alias_target(alias) is None and not await sink.is_alias(alias)
+    await sink.set_alias(alias, v1.name)
+    assert await sink.alias_target(alias) == v1.name and await sink.is_alias(alias)
+    assert await sink.alias_target(v1.name) is None and not await sink.is_alias(v1.name)
+    assert await _read_through(sink, alias, 4) == [(_id(1), 1)]
+    before = await sink.collections()
+    assert v1.name in before and v2.name in before and alias not in before
+    # a reader ensuring the alias' collection gets the live version, nothing new
+    await sink.ensure_collection(CollectionSpec(name=alias, dimension=4, distance="cosine"))
+    assert await sink.collections() == before
+
+    await sink.set_alias(alias, v2.name)  # the swap
+    assert await sink.alias_target(alias) == v2.name
+    assert await _read_through(sink, alias, 8) == sorted([(_id(2), 2), (_id(3), 2)])
+    await sink.set_alias(alias, v2.name)  # again: nothing changes
+    assert await sink.alias_target(alias) == v2.name
+
+    with pytest.raises(PermanentError, match=f"{v2.name}.*live.*{alias}"):
+        await sink.drop_collection(v2.name)
+    with pytest.raises(PermanentError, match=f"{alias}.*is an alias"):
+        await sink.drop_collection(alias)
+    await sink.drop_collection(v1.name)
+    await sink.drop_collection(v1.name)  # idempotent
+    assert v1.name not in await sink.collections()
+    assert await _read_through(sink, alias, 8) == sorted([(_id(2), 2), (_id(3), 2)])
+
+
+async def test_an_alias_names_the_live_version_and_swaps(sink: Sink) -> None:
+    await _alias_lifecycle(sink, "articles", V1, V2)
+    assert await sink.collections() == ["articles__v2", "docs"]
+
+
+async def test_set_alias_refuses_a_real_collection_and_bad_targets(sink: Sink) -> None:
+    await _two_versions(sink)
+    with pytest.raises(PermanentError, match=r"'docs'.*a collection has that name.*rename"):
+        await sink.set_alias("docs", V1.name)
+    with pytest.raises(PermanentError, match="no such collection"):
+        await sink.set_alias("articles", "articles__v9")
+    await sink.set_alias("articles", V1.name)
+    with pytest.raises(PermanentError, match="alias itself"):
+        await sink.set_alias("latest", "articles")
+    assert await sink.alias_target("docs") is None and await sink.alias_target("latest") is None
+
+
+async def test_a_collection_from_before_versions_is_renamed_then_aliased(sink: Sink) -> None:
+    await sink.upsert("docs", [Point(id=_id(1), vector=[1, 0, 0, 0], payload={"v": 1})])
+    if isinstance(sink, QdrantSink):  # Qdrant cannot rename a collection, local or server
+        with pytest.raises(PermanentError, match="no collection rename"):
+            await sink.rename_collection("docs", "docs__v1")
+        return
+    await sink.ensure_collection(V1)
+    with pytest.raises(PermanentError, match="exists"):
+        await sink.rename_collection("docs", V1.name)
+    await sink.rename_collection("docs", "docs__v1")
+    assert await sink.collections() == ["articles__v1", "docs__v1"]
+    await sink.upsert("docs__v1", [Point(id=_id(2), vector=[0, 1, 0, 0], payload={"v": 1})])
+    await sink.set_alias("docs", "docs__v1")
+    assert await _read_through(sink, "docs", 4) == sorted([(_id(1), 1), (_id(2), 1)])
+    with pytest.raises(PermanentError, match="live"):
+        await sink.rename_collection("docs__v1", "docs__v2")
+    with pytest.raises(PermanentError, match="no such collection"):
+        await sink.rename_collection("nothing", "docs__v3")
+
+
+async def test_edge_alias_is_a_relative_symlink_a_fresh_load_follows(tmp_path: Path) -> None:
+    import qdrant_edge as qe
+
+    folder = tmp_path / "edge"
+    sink = QdrantEdgeSink("edge", folder)
+    await sink.open()
+    await _two_versions(sink)
+    await sink.set_alias("articles", V1.name)
+    await sink.close()
+    assert os.readlink(folder / "articles") == V1.name  # relative: the folder can move
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".vectorsync.lock",
+        *sorted(["articles", V1.name, V2.name]),
+    ]  # no temporary link left behind
+
+    def ids_by_loading(name: str) -> list[str]:
+        shard = qe.EdgeShard.load(str(folder / name))  # what an application does
+        try:
+            records, _ = shard.scroll(qe.ScrollRequest(limit=10, with_payload=False))
+            return sorted(str(r.id) for r in records)
+        finally:
+            shard.close()
+
+    assert ids_by_loading("articles") == [_id(1)]
+    again = QdrantEdgeSink("edge", folder)  # a second instance finds the alias
+    await again.open()
+    assert await again.alias_target("articles") == V1.name
+    await again.ensure_collection(CollectionSpec(name="articles", dimension=4, distance="cosine"))
+    assert await _read_through(again, "articles", 4) == [(_id(1), 1)]
+    await again.ensure_collection(V2)
+    await again.set_alias("articles", V2.name)
+    assert await _read_through(again, "articles", 8) == sorted([(_id(2), 2), (_id(3), 2)])
+    await again.close()
+    assert ids_by_loading("articles") == sorted([_id(2), _id(3)])
+    assert ids_by_loading(V1.name) == [_id(1)]  # the old version is untouched
+
+
+async def test_edge_drop_and_rename_close_the_open_shard(tmp_path: Path) -> None:
+    sink = QdrantEdgeSink("edge", tmp_path / "edge")
+    await sink.open()
+    await _two_versions(sink)
+    await sink.drop_collection(V1.name)  # open in the sink's cache
+    assert not (tmp_path / "edge" / V1.name).exists()
+    await sink.ensure_collection(V1)  # a new, empty one
+    assert await sink.count(V1.name) == 0
+    await sink.rename_collection(V2.name, "articles__v3")  # reopened under its new name
+    assert await sink.count("articles__v3") == 2
+    await sink.upsert("articles__v3", [Point(id=_id(4), vector=[1.0] * 8, payload={"v": 3})])
+    with pytest.raises(PermanentError, match="not opened"):
+        await sink.count(V2.name)
+    with pytest.raises(PermanentError, match="'/'"):
+        await sink.drop_collection("../elsewhere")
+    await sink.close()
+    again = QdrantEdgeSink("edge", tmp_path / "edge")
+    await again.open()
+    await again.ensure_collection(
+        CollectionSpec(name="articles__v3", dimension=8, distance="cosine")
+    )
+    assert await again.count("articles__v3") == 3
+    await again.close()
+
+
+async def test_qdrant_local_alias_survives_reopen_and_serves_query_points(tmp_path: Path) -> None:
+    from qdrant_client import AsyncQdrantClient
+
+    path = str(tmp_path / "local")
+    sink = QdrantSink("qdrant", path=path)
+    await sink.open()
+    await _two_versions(sink)
+    await sink.set_alias("articles", V1.name)
+    await sink.close()
+    client = AsyncQdrantClient(path=path)  # a reader of its own, by the alias name
+    try:
+        found = await client.query_points("articles", query=[1.0, 0, 0, 0], limit=5)
+        assert [str(p.id) for p in found.points] == [_id(1)]
+    finally:
+        await client.close()
+    again = QdrantSink("qdrant", path=path)
+    await again.open()
+    await again.set_alias("articles", V2.name)
+    found = await again.client.query_points("articles", query=[1.0] * 8, limit=5)
+    assert sorted(str(p.id) for p in found.points) == sorted([_id(2), _id(3)])
+    await again.close()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("QDRANT_URL"),
+    reason="needs a Qdrant server at QDRANT_URL; none can be installed on this machine, "
+    "so this has not run here",
+)
+async def test_qdrant_server_aliases() -> None:
+    run = uuid.uuid4().hex[:8]
+    alias = f"vs_test_{run}"
+    v1 = CollectionSpec(name=f"{alias}__v1", dimension=4, distance="cosine")
+    v2 = CollectionSpec(name=f"{alias}__v2", dimension=8, distance="cosine")
+    sink = QdrantSink(
+        "qdrant", url=os.environ["QDRANT_URL"], api_key=os.environ.get("QDRANT_API_KEY")
+    )
+    await sink.open()
+    try:
+        await _alias_lifecycle(sink, alias, v1, v2)
+        found = await sink.client.query_points(alias, query=[1.0] * 8, limit=5)
+        assert sorted(str(p.id) for p in found.points) == sorted([_id(2), _id(3)])
+        with pytest.raises(PermanentError, match="no collection rename"):
+            await sink.rename_collection(v2.name, f"{alias}__v3")
+    finally:
+        from qdrant_client import models
+
+        delete = models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+        with contextlib.suppress(Exception):
+            await sink.client.update_collection_aliases([delete])
+        for spec in (v1, v2):
+            await sink.client.delete_collection(spec.name)
+        await sink.close()

@@ -96,3 +96,35 @@ class Sink(Protocol):
     ) -> list[Hit]:
         """The ``limit`` nearest points whose payload meets every condition."""
         ...
+
+    # Index versions: each version is a physical collection (``articles__v2``); readers use
+    # an alias (``articles``) naming the live one. Every method above also accepts an alias
+    # and acts on the collection it names, as a Qdrant server does.
+
+    async def set_alias(self, alias: str, collection: str) -> None:
+        """Make ``alias`` name the physical ``collection``, replacing what it named before,
+        in one step readers cannot observe half-done. PermanentError if ``collection`` is
+        missing or is itself an alias, or if a real collection is named ``alias`` (one made
+        before versions existed: move it aside with ``rename_collection`` first)."""
+        ...
+
+    async def alias_target(self, alias: str) -> str | None:
+        """The collection ``alias`` names; None if it is no alias (or a real collection)."""
+        ...
+
+    async def is_alias(self, name: str) -> bool: ...
+
+    async def rename_collection(self, old: str, new: str) -> None:
+        """Give a physical collection another name, keeping its points. PermanentError where
+        the store cannot (Qdrant through qdrant-client), if ``new`` is taken, or if an alias
+        names ``old``."""
+        ...
+
+    async def drop_collection(self, name: str) -> None:
+        """Delete a physical collection and its points; nothing if it is missing.
+        PermanentError if ``name`` is an alias or an alias names it (it is live)."""
+        ...
+
+    async def collections(self) -> list[str]:
+        """The physical collections, sorted (aliases are not listed)."""
+        ...

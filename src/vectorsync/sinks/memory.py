@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import AsyncIterator, Sequence
@@ -9,6 +10,7 @@ from typing import Any
 
 from ..errors import PermanentError, SinkError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
+from ._aliases import check_drop, check_rename, check_set_alias
 from .base import CollectionSpec, Hit
 
 __all__ = ["MemorySink"]
@@ -19,6 +21,7 @@ class MemorySink:
         self.name = name
         self.specs: dict[str, CollectionSpec] = {}
         self.points: dict[str, dict[str, tuple[list[float], dict[str, Any]]]] = {}
+        self.aliases: dict[str, str] = {}  # alias -> physical collection
         self.down = False  # tests flip this to simulate an outage
 
     async def open(self) -> None:
@@ -33,9 +36,11 @@ class MemorySink:
     def _check(self, collection: str) -> dict[str, tuple[list[float], dict[str, Any]]]:
         if self.down:
             raise SinkError(f"sink {self.name!r} is down")
-        return self.points[collection]
+        return self.points[self.aliases.get(collection, collection)]
 
     async def ensure_collection(self, spec: CollectionSpec) -> None:
+        if spec.name in self.aliases:
+            spec = dataclasses.replace(spec, name=self.aliases[spec.name])
         old = self.specs.get(spec.name)
         if old is not None and (old.dimension, old.distance) != (spec.dimension, spec.distance):
             raise PermanentError(
@@ -47,7 +52,8 @@ class MemorySink:
 
     async def upsert(self, collection: str, points: Sequence[Point]) -> None:
         store = self._check(collection)
-        dim, distance = self.specs[collection].dimension, self.specs[collection].distance
+        spec = self.specs[self.aliases.get(collection, collection)]
+        dim, distance = spec.dimension, spec.distance
         for p in points:
             if len(p.vector) != dim:
                 raise PermanentError(f"vector dimension {len(p.vector)}, expected {dim}")
@@ -103,6 +109,29 @@ class MemorySink:
             if all(_holds(c, pl.get(c.field)) for c in where)
         ]
         return sorted(scored, key=lambda h: -h.score)[:limit]
+
+    async def set_alias(self, alias: str, collection: str) -> None:
+        check_set_alias(self.name, alias, collection, set(self.points), self.aliases)
+        self.aliases[alias] = collection
+
+    async def alias_target(self, alias: str) -> str | None:
+        return self.aliases.get(alias)
+
+    async def is_alias(self, name: str) -> bool:
+        return name in self.aliases
+
+    async def rename_collection(self, old: str, new: str) -> None:
+        check_rename(self.name, old, new, set(self.points), self.aliases)
+        self.points[new] = self.points.pop(old)
+        self.specs[new] = dataclasses.replace(self.specs.pop(old), name=new)
+
+    async def drop_collection(self, name: str) -> None:
+        check_drop(self.name, name, self.aliases)
+        self.points.pop(name, None)
+        self.specs.pop(name, None)
+
+    async def collections(self) -> list[str]:
+        return sorted(self.points)
 
 
 def _holds(c: Condition, value: Any) -> bool:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import PermanentError, SinkError, VectorsyncError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
+from ._aliases import check_drop, check_set_alias, rename_unsupported
 from .base import CollectionSpec, Hit
 
 if TYPE_CHECKING:
@@ -203,6 +204,49 @@ class QdrantSink:
                 query_filter=_filter(where) if where else None,
             )
         return [Hit(p.score, _record(p.id, p.payload, None)) for p in result.points]
+
+    async def set_alias(self, alias: str, collection: str) -> None:
+        from qdrant_client import models
+
+        aliases = await self._aliases()
+        check_set_alias(self.name, alias, collection, set(await self.collections()), aliases)
+        if aliases.get(alias) == collection:
+            return
+        ops: list[models.AliasOperations] = []
+        if alias in aliases:  # a server refuses to delete an alias that is not there
+            ops.append(
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+            )
+        create = models.CreateAlias(collection_name=collection, alias_name=alias)
+        ops.append(models.CreateAliasOperation(create_alias=create))
+        with wrap_errors(f"point alias {alias!r} at {collection!r}"):
+            await self.client.update_collection_aliases(ops)  # one call: readers see old or new
+
+    async def alias_target(self, alias: str) -> str | None:
+        return (await self._aliases()).get(alias)
+
+    async def is_alias(self, name: str) -> bool:
+        return name in await self._aliases()
+
+    async def _aliases(self) -> dict[str, str]:
+        with wrap_errors("list aliases"):
+            found = (await self.client.get_aliases()).aliases
+        return {a.alias_name: a.collection_name for a in found}
+
+    async def rename_collection(self, old: str, new: str) -> None:
+        where = "a Qdrant server" if self._url is not None else "qdrant-client local mode"
+        raise rename_unsupported(self.name, old, where)
+
+    async def drop_collection(self, name: str) -> None:
+        # Qdrant drops a collection's aliases with it: refuse first, so readers keep theirs
+        check_drop(self.name, name, await self._aliases())
+        with wrap_errors(f"drop collection {name!r}"):
+            await self.client.delete_collection(name)  # False when missing: fine
+
+    async def collections(self) -> list[str]:
+        with wrap_errors("list collections"):
+            found = (await self.client.get_collections()).collections
+        return sorted(c.name for c in found)
 
 
 def _filter(where: Sequence[Condition]) -> Any:

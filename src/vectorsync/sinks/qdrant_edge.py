@@ -12,12 +12,22 @@ retryable outage) when they are not. The margin must cover one write: a batch of
 the sparse files it maps (37 MiB the first time for a small 384-d one). Space taken by
 another process between the check and the write can still end in SIGBUS; only a margin
 over the largest write guards against that.
+
+qdrant-edge has no aliases: an alias is a symlink ``<path>/<alias>`` to the collection's
+folder (see ``_edge_folders``), swapped atomically, so ``EdgeShard.load(path / alias)`` opens
+the live version. A shard remembers the path it was opened by and re-resolves files through
+it later (a flush after a swap looks for its segments in the new target and fails), so this
+sink opens every shard by its own folder, and a long-lived reader should open
+``os.path.realpath(path / alias)`` and reopen to follow a swap. Only one process at a time can
+open a shard (a second ``load``, even read-only, fails on the WAL lock), so other processes
+can read a collection this sink has open only after it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -27,6 +37,8 @@ from typing import IO, Any
 from .._blocking import BlockingLane
 from ..errors import PermanentError, SinkError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
+from . import _edge_folders as folders
+from ._aliases import check_drop, check_rename, check_set_alias
 from .base import CollectionSpec, Hit
 
 __all__ = ["QdrantEdgeSink"]
@@ -75,6 +87,7 @@ class QdrantEdgeSink:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock = lock
+        folders.sweep(self.path)
 
     async def problems(self) -> list[str]:
         # off the lane: a readiness probe must not wait behind a long write
@@ -131,9 +144,13 @@ class QdrantEdgeSink:
             )
 
     def _shard(self, collection: str) -> Any:
+        """The open shard of a collection, or of the collection an alias names."""
         try:
             return self._shards[collection]
         except KeyError:
+            target = folders.link_target(self.path, collection)
+            if target in self._shards:
+                return self._shards[target]
             raise PermanentError(
                 f"sink {self.name!r}: collection {collection!r} was not opened"
             ) from None
@@ -150,6 +167,7 @@ class QdrantEdgeSink:
             "euclid": qe.Distance.Euclid,
         }[spec.distance]
         config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=spec.dimension, distance=distance))
+        spec = self._through_alias(spec)
         folder = self.path / spec.name
         known = self._specs.get(spec.name)
         if known is not None and (known.dimension, known.distance) != (
@@ -192,6 +210,19 @@ class QdrantEdgeSink:
         with wrap_errors(f"index {spec.name!r}"):
             for field, kind in missing.items():
                 shard.update(qe.UpdateOperation.create_field_index(field, schema_types[kind]))
+
+    def _through_alias(self, spec: CollectionSpec) -> CollectionSpec:
+        """The spec of the collection ``spec.name`` names if it is an alias: the shard is
+        opened (and cached) by its own folder, never through the link."""
+        target = folders.link_target(self.path, spec.name)
+        if target is None:
+            return spec
+        if target not in folders.physical(self.path):
+            raise PermanentError(
+                f"sink {self.name!r}: alias {spec.name!r} names {target!r}, which is missing; "
+                f"point it at a collection with set_alias or remove the link {spec.name!r}"
+            )
+        return dataclasses.replace(spec, name=target)
 
     async def upsert(self, collection: str, points: Sequence[Point]) -> None:
         await self._lane.run(self._upsert, collection, points)
@@ -317,6 +348,63 @@ class QdrantEdgeSink:
         with wrap_errors(f"search {collection!r}"):
             scored = self._shard(collection).query(request)
         return [Hit(float(s.score), _record(s, False)) for s in scored]
+
+    async def set_alias(self, alias: str, collection: str) -> None:
+        await self._lane.run(self._set_alias, alias, collection)
+
+    def _set_alias(self, alias: str, collection: str) -> None:
+        self._require_open()
+        folders.check_plain(self.name, alias)
+        check_set_alias(
+            self.name, alias, collection, folders.physical(self.path), folders.links(self.path)
+        )
+        with wrap_errors(f"point alias {alias!r} at {collection!r}"):
+            folders.swap_link(self.path, alias, collection)
+
+    async def alias_target(self, alias: str) -> str | None:
+        return await self._lane.run(folders.link_target, self.path, alias)
+
+    async def is_alias(self, name: str) -> bool:
+        return await self.alias_target(name) is not None
+
+    async def rename_collection(self, old: str, new: str) -> None:
+        await self._lane.run(self._rename, old, new)
+
+    def _rename(self, old: str, new: str) -> None:
+        self._require_open()
+        for name in (old, new):
+            folders.check_plain(self.name, name)
+        check_rename(self.name, old, new, folders.physical(self.path), folders.links(self.path))
+        spec = self._specs.get(old)
+        if old in self._shards:  # a shard keeps its path: close it, move it, reopen it
+            with wrap_errors(f"close {old!r} to rename it"):
+                self._shards[old].flush()
+                self._shards.pop(old).close()
+            del self._specs[old]
+        with wrap_errors(f"rename {old!r} to {new!r}"):
+            folders.rename(self.path, old, new)
+        if spec is not None:
+            self._ensure(dataclasses.replace(spec, name=new))
+
+    async def drop_collection(self, name: str) -> None:
+        await self._lane.run(self._drop, name)
+
+    def _drop(self, name: str) -> None:
+        self._require_open()
+        folders.check_plain(self.name, name)  # never rmtree a path outside the folder
+        check_drop(self.name, name, folders.links(self.path))
+        self._specs.pop(name, None)
+        with wrap_errors(f"drop collection {name!r}"):
+            if name in self._shards:
+                self._shards.pop(name).close()
+            folders.remove(self.path, name)
+
+    async def collections(self) -> list[str]:
+        return sorted(await self._lane.run(folders.physical, self.path))
+
+    def _require_open(self) -> None:
+        if self._lock is None:  # only the lock holder may change the folder
+            raise RuntimeError(f"sink {self.name!r} is not open")
 
 
 def _filter(where: Sequence[Condition]) -> Any:
