@@ -186,8 +186,10 @@ class Checker:
         state: StateStore,
         digest_columns: tuple[str, ...],
         resolve: Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None = None,
+        state_name: str | None = None,
     ) -> None:
         self.mapping, self.source, self.table, self.key = mapping, source, table, key
+        self.state_name = state_name or mapping  # the index version's record state
         self.resolve = resolve  # completes rows as the sync does (related fields)
         self.renderer, self.sink, self.collection = renderer, sink, collection
         self.payload_fields = tuple(payload_fields)
@@ -218,7 +220,7 @@ class Checker:
 
     async def _known(self) -> set[str]:
         """Keys with a dead letter still open: known, reported apart from drift."""
-        letters = await self.state.dead_letters(self.mapping, status=None)
+        letters = await self.state.dead_letters(self.state_name, status=None)
         return {d.key for d in letters if d.status in ("pending", "processing")}
 
     def _known_drift(self, keys: Iterable[Key]) -> list[Drift]:
@@ -371,8 +373,8 @@ class Checker:
             acc = sums[_bucket(key)]
             acc[0] += d >> 31
             acc[1] += d & _LOW31
-        synced, records = await self.state.bucket_sums(self.mapping)
-        for key, d in (await self.state.record_digests(self.mapping, present)).items():
+        synced, records = await self.state.bucket_sums(self.state_name)
+        for key, d in (await self.state.record_digests(self.state_name, present)).items():
             b = _bucket(key)
             hi, lo = synced.get(b, (0, 0))
             synced[b] = (hi - (d >> 31), lo - (d & _LOW31))
@@ -399,7 +401,7 @@ class Checker:
 
     async def _drill(self, buckets: list[int], known: set[str]) -> list[Drift]:
         wanted = set(buckets)
-        synced = await self.state.bucket_digests(self.mapping, buckets)
+        synced = await self.state.bucket_digests(self.state_name, buckets)
         current: dict[str, tuple[Key, int]] = {}
         async for row in self._rows():
             key = row[self.key]

@@ -314,6 +314,17 @@ class SyncConfig(_Frozen):
     max_in_flight: int = Field(
         default=2, gt=0, description="batches between capture, embedding and writes"
     )
+    reindex: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="auto: a change of model, dimension, distance or template builds the next "
+        "index version beside the live one and swaps when it is verified; manual: only "
+        "`vectorsync reindex` does (the mapping shows as outdated meanwhile)",
+    )
+    keep_previous: str = Field(
+        default="24h",
+        description="how long the previous index version is kept (and maintained) after a "
+        "swap, for `vectorsync reindex --rollback`: 24h, 30m, 90s, 2d",
+    )
 
 
 class HttpConfig(_Frozen):

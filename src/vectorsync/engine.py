@@ -54,6 +54,7 @@ from .events import (
     SchemaEvolved,
     Synced,
 )
+from .index.service import IndexService
 from .mappings import check_keys, check_mapping
 from .metrics import SourceStats
 from .model import Change, Key
@@ -215,6 +216,15 @@ def _secrets(value: Any) -> list[str]:
     return []
 
 
+_IN_PLACE = ("table", "key", "payload", "collection", "column_types", "related")
+
+
+def _in_place(definition: Mapping[str, Any]) -> str:
+    """The digest of what a change re-checks in place (everything but what vectors are
+    made of, which is an index version's)."""
+    return _digest({k: definition.get(k) for k in _IN_PLACE})
+
+
 def _lease_name(source: str) -> str:
     return f"source:{source}"
 
@@ -282,6 +292,7 @@ class Engine:
         self.instance_id = uuid.uuid4().hex[:12]
         self.heartbeat_interval = 5.0
         self._running = False  # a run of this engine is applying changes
+        self.index = IndexService(self)
         self._prepare_lock = asyncio.Lock()  # opening is once per engine, whoever comes first
         self._sinks_lock = asyncio.Lock()
 
@@ -380,7 +391,11 @@ class Engine:
                     ", ".join(new),
                     extra={"action": "snapshot", "source": name, "tables": new},
                 )
-        return [await self._runtime(m) for m in self.config.mappings]
+        runtimes = []
+        for m in self.config.mappings:
+            legacy = await self._register(m)
+            runtimes.extend(await self.index.targets(m, legacy))
+        return runtimes
 
     async def teardown(self) -> list[str]:
         """Remove the change capture ``setup`` installed at each source (replication slot
@@ -398,13 +413,13 @@ class Engine:
                 self._opened.append(sink)
             self._sinks_open = True
 
-    def _sync_part(
+    def sync_part(
         self, m: MappingConfig, model: str, dimension: int, distance: str
     ) -> dict[str, Any]:
         """What every point of a mapping is computed from: a change here re-checks every
         record. Its digest is the schema version written into each point."""
         columns = self._columns[m.name]
-        used = self._digest_columns(m)
+        used = self.digest_columns(m)
         part: dict[str, Any] = {
             "table": m.table,
             "key": m.key,
@@ -421,7 +436,7 @@ class Engine:
             part["related"] = [_relation_definition(r) for r in self._relations[m.name]]
         return part
 
-    def _index_types(self, m: MappingConfig) -> dict[str, IndexType]:
+    def index_types(self, m: MappingConfig) -> dict[str, IndexType]:
         indexes: dict[str, IndexType] = {}
         for name in m.payload:
             kind = index_type_for(self._columns[m.name][name])
@@ -429,17 +444,24 @@ class Engine:
                 indexes[name] = kind
         return indexes
 
-    async def _runtime(self, m: MappingConfig) -> MappingRuntime:
+    async def _register(self, m: MappingConfig) -> dict[str, Any] | None:
+        """Register the mapping's definition in the schema registry; re-check every record
+        in place when what points carry changed (payload, columns, relations). What their
+        vectors are made of (model, dimension, distance, template) is an index version's
+        business instead. Returns the index part of the definition registered before, if
+        any (the version a collection from before index versions holds)."""
         embedder = self.embedders[m.embedder]
         columns = self._columns[m.name]
-        sync_part = self._sync_part(m, embedder.model_id, embedder.dimension, embedder.distance)
+        sync_part = self.sync_part(m, embedder.model_id, embedder.dimension, embedder.distance)
         sync_digest = _digest(sync_part)
         definition = {**sync_part, "columns": columns, "sync_digest": sync_digest}
+        versions = await self.state.schema_versions(m.name)
+        last = versions[-1]["definition"] if versions else None
         # Enqueue the re-check before registering the version: a crash in between then
         # re-checks again at the next start instead of never.
-        if await self.state.current_sync_digest(m.name) not in (None, sync_digest):
+        if last is not None and _in_place(last) != _in_place(sync_part):
             logger.info(
-                "mapping %s changed what points are made of: re-checking every record",
+                "mapping %s changed what points carry: re-checking every record in place",
                 m.name,
                 extra={"action": "schema_recheck", "mapping": m.name},
             )
@@ -456,33 +478,35 @@ class Engine:
                     evolution,
                     extra={"action": "schema_change", "mapping": m.name},
                 )
-            self._emit(SchemaEvolved(mapping=m.name, version=version, evolution=evolution))
-        indexes = self._index_types(m)
-        sink = self.sinks[m.sink]
-        spec = CollectionSpec(
-            name=m.collection_name,
-            dimension=embedder.dimension,
-            distance=embedder.distance,
-            indexes={**indexes, "_vs_key": "keyword" if self._is_text_key(m) else "integer"},
-        )
-        await retrying(
-            f"{m.sink}: open collection {spec.name}",
-            partial(sink.ensure_collection, spec),
-            self.backoff,
-        )
-        return MappingRuntime(
-            config=m,
-            renderer=Renderer(m, indexes),
-            embedder=embedder,
-            sink=sink,
-            schema_version=sync_digest,
-            digest_columns=self._digest_columns(m),
-            int_key=self._columns[m.name][m.key].upper() in _INT_TYPES,
-            relations=self._relations[m.name],
-            resolve=self._resolver(m),
-        )
+            self.emit(SchemaEvolved(mapping=m.name, version=version, evolution=evolution))
+        if last is None:
+            return None
+        return {k: last.get(k) for k in ("model", "dimension", "distance", "text")}
 
-    def _resolver(
+    async def source_targets(self, source: str) -> list[MappingRuntime]:
+        """The runtimes of a source's mappings again (after a swap changed their versions)."""
+        fresh = [
+            rt
+            for m in self.config.mappings
+            if m.source == source
+            for rt in await self.index.targets(m, None)
+        ]
+        if self._runtimes is not None:
+            kept = [r for r in self._runtimes if r.config.source != source]
+            self._runtimes = [*kept, *fresh]
+        return fresh
+
+    def keep_open(self, part: Any) -> None:
+        """Close ``part`` with the engine (an embedder built for an older index version)."""
+        self._opened.append(part)
+
+    def columns(self, m: MappingConfig) -> dict[str, str]:
+        return self._columns[m.name]
+
+    def relations(self, m: MappingConfig) -> tuple[Relation, ...]:
+        return self._relations[m.name]
+
+    def resolver(
         self, m: MappingConfig
     ) -> Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None:
         """How re-read rows are completed before rendering: related fields, and (graph
@@ -495,14 +519,14 @@ class Engine:
             self.sources[m.source],
             TableSpec(table=m.table, key=m.key),
             relations,
-            columns=self._digest_columns(m) if graph else (),
+            columns=self.digest_columns(m) if graph else (),
         )
 
-    def _digest_columns(self, m: MappingConfig) -> tuple[str, ...]:
+    def digest_columns(self, m: MappingConfig) -> tuple[str, ...]:
         deps = [r.deps_column for r in self._relations[m.name]]
         return tuple(sorted({m.key, *m.payload, *template_columns(m.text), *deps}))
 
-    def _is_text_key(self, m: MappingConfig) -> bool:
+    def is_text_key(self, m: MappingConfig) -> bool:
         return index_type_for(self._columns[m.name][m.key]) != "integer"
 
     # -- running ------------------------------------------------------------------------
@@ -523,7 +547,7 @@ class Engine:
             if on_batch is not None:
                 on_batch(report)
             for mapping, counts in report.mappings.items():
-                self._emit(
+                self.emit(
                     Synced(
                         mapping=mapping,
                         source=report.source,
@@ -532,7 +556,7 @@ class Engine:
                     )
                 )
             for d in report.dead_letters:
-                self._emit(
+                self.emit(
                     DeadLettered(
                         mapping=d.mapping, key=d.key, error_type=d.error_type, message=d.message
                     )
@@ -544,7 +568,7 @@ class Engine:
             if not self._subscribers:  # events cost nothing when nobody listens
                 return
             for c in changes:
-                self._emit(
+                self.emit(
                     Captured(
                         source=source,
                         table=c.table,
@@ -585,12 +609,14 @@ class Engine:
                     run_id=run_id,
                     stats=self._stats[name],
                     lease=(_lease_name(name), self.instance_id, leases[name]),
+                    backfills=partial(self.index.backfills, name),
+                    on_backfilled=self.index.backfilled,
                 )
                 for name, source in self.sources.items()
             ]
             self._workers = workers
             self._running = True
-            self._emit(RunStarted(run_id=run_id, mode="once" if once else "stream"))
+            self.emit(RunStarted(run_id=run_id, mode="once" if once else "stream"))
             beat = asyncio.create_task(self._heartbeat(run_id, workers, leases))
             syncing = asyncio.create_task(
                 gather_or_fail([asyncio.create_task(w.run(once=once, stop=stop)) for w in workers])
@@ -694,8 +720,8 @@ class Engine:
                 extra={"action": "run_finish", "run": run_id},
             )
         if exc is not None:
-            self._emit(Failed(run_id=run_id, error_type=error_type, message=str(exc)))
-        self._emit(RunFinished(run_id=run_id, status=status, counts=asdict(counts)))
+            self.emit(Failed(run_id=run_id, error_type=error_type, message=str(exc)))
+        self.emit(RunFinished(run_id=run_id, status=status, counts=asdict(counts)))
 
     async def recover(self) -> list[int]:
         """Mark runs whose process died as failed and put half-replayed dead letters back to
@@ -793,37 +819,41 @@ class Engine:
 
     # -- consistency ----------------------------------------------------------------------
     async def checker(self, mapping: str) -> Checker:
-        """A checker for one mapping against its last synced model (no model is loaded)."""
-        m = self._mapping(mapping)
-        versions = await self.state.schema_versions(m.name)
-        if not versions:
+        """A checker for one mapping's live index version (no model is loaded: the model
+        id, dimension and template are the version's own)."""
+        m = self.mapping(mapping)
+        history = await self.state.schema_versions(m.name)
+        live = next((v for v in await self.state.index_versions(m.name) if v.state == "live"), None)
+        if not history and live is None:
             raise ConfigError(
                 f"mapping {m.name!r} was never synced: run `vectorsync run "
                 "--once` before checking it"
             )
-        last = versions[-1]["definition"]
+        made = dict(live.definition) if live is not None else history[-1]["definition"]
+        cfg = m
+        if made.get("text", m.text) != m.text:
+            cfg = m.model_copy(update={"text": made["text"]})
         await self._open_sinks()
         sink = self.sinks[m.sink]
+        collection = live.collection if live is not None else m.collection_name
         await sink.ensure_collection(
-            CollectionSpec(
-                name=m.collection_name, dimension=last["dimension"], distance=last["distance"]
-            )
+            CollectionSpec(name=collection, dimension=made["dimension"], distance=made["distance"])
         )
-        current = _digest(self._sync_part(m, last["model"], last["dimension"], last["distance"]))
+        schema = _digest(self.sync_part(cfg, made["model"], made["dimension"], made["distance"]))
         return Checker(
             mapping=m.name,
             source=self.sources[m.source],
             table=m.table,
             key=m.key,
-            renderer=Renderer(m, self._index_types(m)),
+            renderer=Renderer(cfg, self.index_types(m)),
             sink=sink,
-            collection=m.collection_name,
+            collection=collection,
             payload_fields=m.payload,
-            model_id=last["model"],
-            schema_version=current,
+            model_id=made["model"],
+            schema_version=schema,
             state=self.state,
-            digest_columns=self._digest_columns(m),
-            resolve=self._resolver(m),
+            digest_columns=self.digest_columns(cfg),
+            resolve=self.resolver(m),
         )
 
     async def check(
@@ -840,7 +870,7 @@ class Engine:
         applied what was committed when the check began: a change in flight is not drift."""
         checker = await self.checker(mapping)
         started = time.time()
-        source = self._mapping(mapping).source
+        source = self.mapping(mapping).source
         head = await self.head(source) if self._running else None
         if mode == "full":
             report = await checker.full()
@@ -872,7 +902,7 @@ class Engine:
             }
         )
         if not report.consistent:
-            self._emit(
+            self.emit(
                 Inconsistent(mapping=report.mapping, check_id=report.id, counts=report.counts)
             )
         return report
@@ -903,7 +933,7 @@ class Engine:
         of drifted keys and enqueue them at the source (missing, stale, outdated and
         mismatched points are rewritten; vectors come from the embedding cache when the
         text did not change); delete orphaned points."""
-        m = self._mapping(report.mapping)
+        m = self.mapping(report.mapping)
         await self._require_capture(m.source, "a repair")
         orphans = [d.point_id for d in report.drift if d.category == "orphaned"]
         keys = report.keys("missing", "stale", "outdated", "payload_mismatch")
@@ -937,7 +967,7 @@ class Engine:
         if keys:
             await self.sources[m.source].enqueue(m.table, keys)
 
-    def _mapping(self, name: str) -> MappingConfig:
+    def mapping(self, name: str) -> MappingConfig:
         for m in self.config.mappings:
             if m.name == name:
                 return m
@@ -994,7 +1024,7 @@ class Engine:
         ``events_dropped``) rather than slowing the sync. ``close()`` unsubscribes."""
         return EventStream(self._subscribers, buffer)
 
-    def _emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()
@@ -1100,7 +1130,7 @@ class Engine:
         """Semantic search in a mapping's live collection (the query embedded with the
         mapping's embedder); ``where`` filters on payload fields, e.g. ``{"author": "ann",
         "published": {">=": 2025}}`` or ``["author=ann", "published>=2025"]``."""
-        m = self._mapping(mapping)
+        m = self.mapping(mapping)
         fields = {name: index_type_for(self._columns[m.name][name]) for name in m.payload}
         filters = conditions(m.name, where, fields)
         embedder, sink = await self._reader(m)
@@ -1124,15 +1154,55 @@ class Engine:
                 await sink.ensure_collection(spec)
         return embedder, sink
 
-    async def texts(self, mapping: str, keys: Sequence[Key]) -> dict[Key, str]:
+    # -- index versions (see index/) ---------------------------------------------------
+    async def indexes(self, mapping: str | None = None) -> list[dict[str, Any]]:
+        """Every index version (of ``mapping``, or all): version, collection, state
+        (building, live, previous, dropped), records, model, dimension, times, backfill."""
+        if mapping is not None:
+            self.mapping(mapping)
+        return await self.index.listing(mapping)
+
+    async def reindex(
+        self, mapping: str, *, dry_run: bool = False, rollback: bool = False
+    ) -> dict[str, Any]:
+        """Build ``mapping``'s configured index version beside the live one, verify it and
+        swap it live (``run --once`` semantics: returns when it is live); ``dry_run``: what
+        that would cost, changing nothing; ``rollback``: make the previous version live."""
+        m = self.mapping(mapping)
+        if dry_run:
+            return await self.index.dry_run(m)
+        if self._running:
+            raise ConfigError(
+                f"mapping {m.name!r}: this engine is syncing; a re-index it starts runs in "
+                'that sync (set sync.reindex = "auto") — stop it to re-index by hand'
+            )
+        await self._take_leases()
+        try:
+            await self._open_sinks()
+            if rollback:
+                version = await self.index.rollback(m)
+                return {"mapping": m.name, "live": version.version, "rolled_back": True}
+            building = await self.index.start_build(m)
+        finally:
+            await self._release_leases()
+        self._runtimes = None  # the targets change: prepare them again
+        result = await self.run(once=True)
+        return {"mapping": m.name, "live": building.version, "run": result.run_id}
+
+    async def texts(
+        self, mapping: str, keys: Sequence[Key], *, text: str | None = None
+    ) -> dict[Key, str]:
         """The current text of records, rendered from their rows as the sync renders it
-        (what a search hit is about); keys whose row is gone or cannot render are left out."""
-        m = self._mapping(mapping)
+        (what a search hit is about), with the mapping's template or ``text``; keys whose
+        row is gone or cannot render are left out."""
+        m = self.mapping(mapping)
+        if text is not None and text != m.text:
+            m = m.model_copy(update={"text": text})
         rows = await self.sources[m.source].fetch(m.table, m.key, list(keys))
-        resolve = self._resolver(m)
+        resolve = self.resolver(m)
         if resolve is not None and rows:
             await resolve(rows)
-        renderer = Renderer(m, self._index_types(m))
+        renderer = Renderer(m, self.index_types(m))
         found: dict[Key, str] = {}
         for key, row in rows.items():
             with contextlib.suppress(VectorsyncError):

@@ -13,6 +13,9 @@ __all__ = [
     "Event",
     "Failed",
     "Inconsistent",
+    "IndexSwapped",
+    "ReindexProgress",
+    "ReindexStarted",
     "RunFinished",
     "RunStarted",
     "SchemaEvolved",
@@ -97,6 +100,36 @@ class Inconsistent(Event):
     mapping: str
     check_id: int | None
     counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReindexStarted(Event):
+    """A mapping's next index version is being built beside the live one."""
+
+    mapping: str
+    version: int
+    collection: str
+    reason: str  # what changed: model, dimension, distance, text, or "asked"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReindexProgress(Event):
+    mapping: str
+    version: int
+    done: int
+    total: int | None
+    rate: float  # records per second
+    eta: float | None  # seconds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexSwapped(Event):
+    """The mapping's collection name points at another version now (a swap or rollback)."""
+
+    mapping: str
+    version: int
+    previous: int
+    collection: str
 
 
 class EventStream:

@@ -39,6 +39,7 @@ from .errors import (
     classify,
     describe,
 )
+from .index.backfill import Backfill
 from .metrics import SourceStats
 from .model import (
     MAX_KEY_CHARS,
@@ -81,10 +82,16 @@ class MappingRuntime:
     relations: tuple[Relation, ...] = ()
     # completes re-read rows for rendering (related fields, absent graph properties)
     resolve: Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None = None
+    state_name: str = ""  # see name
+    collection_name: str = ""  # see collection
+    version: int = 0  # the index version this target writes (0: not versioned)
 
     @property
     def name(self) -> str:
-        return self.config.name
+        """Where this target's record state lives: the mapping's name for its live index
+        version, ``mapping@vN`` for a version being built or kept (point ids are always
+        the mapping's: the same record has the same id in every version)."""
+        return self.state_name or self.config.name
 
     @property
     def spec(self) -> TableSpec:
@@ -114,7 +121,8 @@ class MappingRuntime:
 
     @property
     def collection(self) -> str:
-        return self.config.collection_name
+        """The physical collection this target writes."""
+        return self.collection_name or self.config.collection_name
 
 
 @dataclass(slots=True, kw_only=True)
@@ -151,6 +159,9 @@ class _Batch:
     work: list[_MappingWork]
     committed_at: list[float] = field(default_factory=list)  # of each change, for latency
     planned: list[tuple[tuple[str, str], RecordState | None]] = field(default_factory=list)
+    backfill: Backfill | None = None  # a page of a backfill (no change of the feed)
+    checkpoints: list[tuple[str, int, Key | None, int, bool]] = field(default_factory=list)
+    emitted: float = 0.0  # monotonic time the batch was planned
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +175,7 @@ class BatchReport:
     counts: dict[str, int]
     mappings: dict[str, dict[str, int]] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    backfill: dict[str, Any] | None = None  # mapping, version, done, total, rate, eta
 
 
 _DONE = object()
@@ -186,6 +198,9 @@ class SourceWorker:
         run_id: int | None = None,
         stats: SourceStats | None = None,
         lease: tuple[str, str, int] | None = None,
+        backfills: Callable[[], Sequence[Backfill]] | None = None,
+        on_backfilled: Callable[[Backfill], Awaitable[Sequence[MappingRuntime] | None]]
+        | None = None,
     ) -> None:
         self.source = source
         self.run_id = run_id
@@ -194,10 +209,11 @@ class SourceWorker:
         self._by_table: dict[str, list[MappingRuntime]] = {}
         # related table → the (mapping, relation) pairs built from its records (fan-out)
         self._watch: dict[str, list[tuple[MappingRuntime, Relation]]] = {}
-        for m in mappings:
-            self._by_table.setdefault(m.config.table, []).append(m)
-            for rel in m.relations:
-                self._watch.setdefault(rel.table, []).append((m, rel))
+        self._use(mappings)
+        self._backfills_of = backfills or list
+        self._backfills = list(self._backfills_of())
+        self._on_backfilled = on_backfilled
+        self._backfilled: Backfill | None = None  # its last page planned: verify and swap
         self._batch_size = batch_size
         self._max_in_flight = max_in_flight
         self._poll = poll_interval
@@ -217,6 +233,14 @@ class SourceWorker:
         self._epoch = ""
         self._epoch_changed = False
         self._truncation_logged: set[str] = set()
+
+    def _use(self, mappings: Sequence[MappingRuntime]) -> None:
+        self._by_table.clear()
+        self._watch.clear()
+        for m in mappings:
+            self._by_table.setdefault(m.config.table, []).append(m)
+            for rel in m.relations:
+                self._watch.setdefault(rel.table, []).append((m, rel))
 
     # -- the pipeline -------------------------------------------------------------------
     async def run(self, *, once: bool, stop: asyncio.Event) -> None:
@@ -242,6 +266,9 @@ class SourceWorker:
             self._epoch = await self._current_epoch()
             self._epoch_changed = False
             await self._pipeline(once=once, stop=stop)
+            if self._backfilled is not None and not stop.is_set():
+                await self._finish_backfill(self._backfilled)
+                continue
             if not self._epoch_changed or stop.is_set():
                 return
             logger.warning(
@@ -250,6 +277,19 @@ class SourceWorker:
                 self.source.name,
                 extra={"action": "new_epoch", "source": self.source.name},
             )
+
+    async def _finish_backfill(self, done: Backfill) -> None:
+        """Every page of a backfill is committed and nothing is in flight: the engine
+        verifies the version and swaps it live; the pipeline goes on with the targets it
+        hands back."""
+        self._backfilled = None
+        self._backfills.remove(done)
+        if self._on_backfilled is None:
+            return
+        targets = await self._on_backfilled(done)
+        if targets is not None:
+            self._use(targets)
+        self._backfills = list(self._backfills_of())  # one that did not verify runs again
 
     async def _current_epoch(self) -> str:
         epoch = await self._retry("read the capture epoch", self.source.epoch, self._stop)
@@ -282,25 +322,70 @@ class SourceWorker:
     async def _prepare_stage(
         self, cursor: int, target: int | None, stop: asyncio.Event, out: asyncio.Queue[Any]
     ) -> None:
-        while not stop.is_set() and (target is None or cursor < target):
-            changes = await self._retry(
-                "read changes", partial(self.source.read_changes, cursor, self._batch_size), stop
-            )
-            if target is not None:
-                changes = [c for c in changes if c.position <= target]
-            if not changes:
-                if target is not None:  # nothing left up to the target: finish there
-                    await out.put(_Batch(position=target, changes=0, work=[]))
-                    break
-                await self._idle(stop)
-                if await self._current_epoch() != self._epoch:
-                    self._epoch_changed = True
-                    break
+        while not stop.is_set() and (target is None or cursor < target or self._backfills):
+            changes: list[Change] = []
+            if target is None or cursor < target:
+                changes = await self._retry(
+                    "read changes",
+                    partial(self.source.read_changes, cursor, self._batch_size),
+                    stop,
+                )
+                if target is not None:
+                    changes = [c for c in changes if c.position <= target]
+            if changes:
+                _failpoints.hit("after_read_changes")
+                cursor = changes[-1].position
+                await out.put(await self._prepare(changes))
+            if self._backfills:  # a page after every batch of live changes, or when idle
+                page = await self._backfill_page(self._backfills[0], cursor)
+                if page is not None:
+                    await out.put(page)
+                if self._backfilled is not None:
+                    break  # drain, then verify and swap (see run)
                 continue
-            _failpoints.hit("after_read_changes")
-            cursor = changes[-1].position
-            await out.put(await self._prepare(changes))
+            if changes:
+                continue
+            if target is not None:  # nothing left up to the target: finish there
+                await out.put(_Batch(position=target, changes=0, work=[]))
+                break
+            await self._idle(stop)
+            if await self._current_epoch() != self._epoch:
+                self._epoch_changed = True
+                break
         await out.put(_DONE)
+
+    async def _backfill_page(self, bf: Backfill, cursor: int) -> _Batch | None:
+        """The next page of keys for ``bf``'s target, planned for that target alone (its
+        rows re-read as any change's); the last one marks the backfill done."""
+        m = bf.target
+        keys: list[Key] = []
+        scan = self.source.scan(m.config.table, m.config.key, page=bf.page, after=bf.after)
+        async with contextlib.aclosing(scan) as rows:  # type: ignore[type-var]
+            async for row in rows:
+                keys.append(row[m.config.key])
+                if len(keys) >= bf.page:
+                    break
+        if not keys:
+            bf.finished = True
+            self._backfilled = bf
+            return _Batch(
+                position=cursor,
+                changes=0,
+                work=[],
+                backfill=bf,
+                checkpoints=[(bf.mapping, bf.version, bf.after, 0, True)],
+                emitted=time.monotonic(),
+            )
+        changes = [
+            Change(table=m.config.table, key=k, op="snapshot", position=cursor) for k in keys
+        ]
+        batch = await self._prepare(changes, only=m)
+        batch.changes = 0  # no change of the feed was read
+        batch.backfill = bf
+        batch.checkpoints.append((bf.mapping, bf.version, keys[-1], len(keys), False))
+        batch.emitted = time.monotonic()
+        bf.after = keys[-1]
+        return batch
 
     async def _idle(self, stop: asyncio.Event) -> None:
         """Wait for the source to signal new changes, at most one poll interval."""
@@ -346,6 +431,10 @@ class SourceWorker:
             commit = self._commit_for(batch)
             await self._retry("commit state", partial(self.state.commit, commit), stop)
             _failpoints.hit("after_state_commit")
+            if batch.backfill is not None:
+                batch.backfill.adapt(time.monotonic() - batch.emitted)
+                batch.backfill.done += sum(w.processed for w in batch.work)
+                batch.backfill.embedded += sum(w.embedded for w in batch.work)
             self._settle(batch)
             try:
                 await self.source.ack(batch.position)
@@ -411,8 +500,12 @@ class SourceWorker:
         )
 
     # -- prepare ------------------------------------------------------------------------
-    async def _prepare(self, changes: Sequence[Change]) -> _Batch:
-        if self._on_changes is not None:
+    async def _prepare(
+        self, changes: Sequence[Change], *, only: MappingRuntime | None = None
+    ) -> _Batch:
+        """A batch planned for every target of the changed tables (or ``only`` one: a
+        backfill page)."""
+        if self._on_changes is not None and only is None:
             self._on_changes(changes)
         latest: dict[tuple[str, Key], Change] = {}
         for change in changes:
@@ -429,10 +522,11 @@ class SourceWorker:
             work=[],
             committed_at=[c.committed_at for c in changes],
         )
-        self.stats.captured += len(changes)
-        await self._fan_out(by_table)
+        if only is None:
+            self.stats.captured += len(changes)
+            await self._fan_out(by_table)
         for table, keyed in by_table.items():
-            mappings = self._by_table.get(table, [])
+            mappings = [only] if only is not None else self._by_table.get(table, [])
             if not mappings:
                 continue
             invalid = {k: why for k in keyed if (why := mappings[0].key_problem(k)) is not None}
@@ -533,7 +627,7 @@ class SourceWorker:
             if row is None:
                 # Delete even without state: a crash after a sink write but before the state
                 # commit leaves a point that no state row knows of.
-                work.deletes.append((skey, point_id(m.name, key)))
+                work.deletes.append((skey, point_id(m.config.name, key)))
                 self._plan_state(batch, (m.name, skey), None)
                 work.done.append(skey)
                 continue
@@ -557,7 +651,7 @@ class SourceWorker:
             new = RecordState(
                 mapping=m.name,
                 key=skey,
-                point_id=state.point_id if state else point_id(m.name, key),
+                point_id=state.point_id if state else point_id(m.config.name, key),
                 text_hash=text_hash,
                 payload_hash=rendered.payload_hash,
                 source_version=version,
@@ -793,6 +887,7 @@ class SourceWorker:
             run_id=self.run_id,
             epoch=self._epoch,
             lease=self.lease,
+            checkpoints=list(batch.checkpoints),
         )
         for work in batch.work:
             name = work.mapping.name
@@ -887,8 +982,23 @@ class SourceWorker:
                     counts=counts,
                     mappings={w.mapping.name: self._counts(w) for w in batch.work},
                     dead_letters=[d for w in batch.work for d in w.failed],
+                    backfill=_progress(batch.backfill),
                 )
             )
+
+
+def _progress(bf: Backfill | None) -> dict[str, Any] | None:
+    if bf is None:
+        return None
+    return {
+        "mapping": bf.mapping,
+        "version": bf.version,
+        "done": bf.done,
+        "total": bf.total,
+        "rate": bf.rate(),
+        "eta": bf.eta(),
+        "finished": bf.finished or (bf.after is None and bf.done > 0),
+    }
 
 
 def _payload_update(pid: str, old: Mapping[str, Any], new: dict[str, Any]) -> PayloadUpdate:

@@ -124,7 +124,8 @@ class CountingSink(QdrantEdgeSink):
         self.writes: dict[str, int] = {}
 
     def _count(self, collection: str, n: int) -> None:
-        self.writes[collection] = self.writes.get(collection, 0) + n
+        mapping = collection.split("__v")[0]  # the index version's collection: its mapping
+        self.writes[mapping] = self.writes.get(mapping, 0) + n
 
     async def upsert(self, collection: str, points: Sequence[Point]) -> None:
         self._count(collection, len(points))

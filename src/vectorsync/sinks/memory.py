@@ -33,6 +33,11 @@ class MemorySink:
     async def problems(self) -> list[str]:
         return [f"sink {self.name!r} is down"] if self.down else []
 
+    def points_in(self, collection: str) -> dict[str, tuple[list[float], dict[str, Any]]]:
+        """A collection's points by id (vector, payload); an alias names the collection it
+        points at (for tests that read the sink directly)."""
+        return self.points[self.aliases.get(collection, collection)]
+
     def _check(self, collection: str) -> dict[str, tuple[list[float], dict[str, Any]]]:
         if self.down:
             raise SinkError(f"sink {self.name!r} is down")

@@ -301,6 +301,21 @@ class StateStore:
                 found.update((h, decode_vector(v)) for h, v in rows)
         return found
 
+    async def cached_hashes(self, model: str, hashes: Sequence[str]) -> set[str]:
+        """Which of ``hashes`` the embedding cache holds a vector of (vectors not read)."""
+        t = s.embedding_cache
+
+        def read(conn: Connection) -> set[str]:
+            found: set[str] = set()
+            for i in range(0, len(hashes), _CHUNK):
+                query = select(t.c.text_hash).where(
+                    t.c.model == model, t.c.text_hash.in_(list(hashes[i : i + _CHUNK]))
+                )
+                found.update(h for (h,) in conn.execute(query))
+            return found
+
+        return await self._tx("read the embedding cache", read)
+
     # -- the batch commit ---------------------------------------------------------------
     async def commit(self, batch: BatchCommit) -> None:
         await self._lane.run(self._commit, batch)
@@ -620,6 +635,10 @@ class StateStore:
         self, mapping: str, live: index_log.IndexVersion, building: index_log.IndexVersion
     ) -> None:
         await self._tx("swap index versions", index_log.swap, mapping, live, building)
+
+    async def reset_backfill(self, mapping: str, version: int) -> None:
+        """Start a version's backfill over (after it did not verify)."""
+        await self._tx("restart a backfill", index_log.checkpoint, mapping, version, None, 0, False)
 
     async def forget_index_state(self, name: str) -> None:
         await self._tx("drop an index version's state", index_log.forget_state, name)
