@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -306,25 +306,30 @@ async def _sync(
     total = sum(max(0, h - p) for p, h in targets.values()) if once else None
     done: dict[str, int] = {name: p for name, (p, _) in targets.items()}
     await phase.enter("sync", stop)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=not err.is_terminal,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("syncing" if once else "streaming", total=total, rate="")
+    with _progress("syncing" if once else "streaming") as (progress, task):
+        progress.update(task, total=total)
 
         def on_batch(report: BatchReport) -> None:
+            bf = report.backfill
+            if bf is not None:  # a re-index's backfill: its own progress
+                progress.update(
+                    task,
+                    description=f"re-indexing {bf['mapping']} (version {bf['version']})",
+                    completed=bf["done"],
+                    total=bf["total"],
+                    rate=f"{bf['rate']:,.0f} records/s" if bf["rate"] else "",
+                )
+                return
             done[report.source] = report.position
             elapsed = progress.tasks[0].elapsed or 1e-9
             applied = sum(done.values()) - start
-            progress.update(task, completed=applied, rate=f"{applied / elapsed:,.0f} changes/s")
+            progress.update(
+                task,
+                description="syncing" if once else "streaming",
+                completed=applied,
+                total=total,
+                rate=f"{applied / elapsed:,.0f} changes/s",
+            )
 
         return await engine.run(once=once, stop=stop, on_batch=on_batch)
 
@@ -697,6 +702,130 @@ def _check_row(r: dict[str, Any], when: str) -> list[str]:
         estimate,
         f"{r['seconds']:.2f}",
     ]
+
+
+@app.command()
+def reindex(
+    mapping: Annotated[str, typer.Argument(help="the mapping to re-index")],
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="say what it would cost (records, texts, time), change nothing"
+        ),
+    ] = False,
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="make the previous index version live again")
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Build the mapping's configured index version beside the live one, verify it and swap
+    the collection name over to it: searches never see a half-built index. With sync.reindex
+    = "auto" (the default) `run` does this by itself when the model, dimension, distance or
+    template changes."""
+    with _progress("re-indexing") as (progress, task):
+
+        def on_batch(report: BatchReport) -> None:
+            bf = report.backfill
+            if bf is not None:
+                rate = f"{bf['rate']:,.0f} records/s" if bf["rate"] else ""
+                progress.update(task, completed=bf["done"], total=bf["total"], rate=rate)
+
+        result = _with_engine(
+            config,
+            verbose,
+            lambda e: e.reindex(mapping, dry_run=dry_run, rollback=rollback, on_batch=on_batch),
+        )
+    if as_json:
+        _print_json(result)
+        return
+    if dry_run:
+        _dry_run_table(result)
+        return
+    if result.get("rolled_back"):
+        _say(f"mapping {result['mapping']}: version {result['live']} is live again")
+    else:
+        _say(f"mapping {result['mapping']}: version {result['live']} is live")
+
+
+def _dry_run_table(r: dict[str, Any]) -> None:
+    table = Table("what", "value", show_header=False)
+    seconds = r["estimated_seconds"]
+    rows = [
+        ("mapping", r["mapping"]),
+        ("a new version", "yes" if r["version_changes"] else "no (the config's is live)"),
+        ("records", f"{r['records']:,}"),
+        ("texts", f"{r['texts']:,}"),
+        ("to embed", f"{r['to_embed']:,}"),
+        ("from the embedding cache", f"{r['from_cache']:,}"),
+        ("estimated tokens", f"{r['estimated_tokens']:,} (characters / 4)"),
+        ("embedder", f"{r['model']} ({r['dimension']} dimensions)"),
+        ("measured rate", "-" if not r["embed_rate"] else f"{r['embed_rate']:,.0f} texts/s"),
+        ("estimated time", "-" if seconds is None else f"{seconds:,.0f} s"),
+        ("estimated cost", "-" if r["estimated_cost"] is None else f"{r['estimated_cost']}"),
+    ]
+    for what, value in rows:
+        table.add_row(what, str(value))
+    out.print(table)
+
+
+@app.command()
+def indexes(
+    mapping: Annotated[str | None, typer.Option(help="only this mapping")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Every index version: collection, state (building, live, previous, dropped), records,
+    model, dimension, when it was made, backfill progress."""
+    rows = _with_engine(config, verbose, lambda e: e.indexes(mapping))
+    if as_json:
+        _print_json({"indexes": rows})
+        return
+    table = Table(
+        "mapping",
+        "version",
+        "state",
+        "collection",
+        "records",
+        "model",
+        "dim",
+        "created",
+        "backfill",
+    )
+    for r in rows:
+        backfill = "done" if r["backfill"]["done"] else f"{r['backfill']['records']:,} so far"
+        table.add_row(
+            r["mapping"],
+            str(r["version"]),
+            r["state"],
+            r["collection"],
+            f"{r['records']:,}",
+            r["model"],
+            str(r["dimension"]),
+            _when(r["created_at"]),
+            backfill if r["state"] == "building" else "-",
+        )
+    out.print(table)
+
+
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[tuple[Progress, Any]]:
+    """A progress bar with rate and ETA on a terminal (nothing in a log)."""
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=False,
+    ) as progress:
+        yield progress, progress.add_task(description, total=None, rate="")
 
 
 dlq_app = typer.Typer(

@@ -371,6 +371,7 @@ class Engine:
                 await embedder.open()
                 self._opened.append(embedder)
         await self._open_sinks()
+        snapshotted: set[tuple[str, str]] = set()
         for name, source in self.sources.items():
             specs = {
                 spec
@@ -385,6 +386,7 @@ class Engine:
             new = await retrying(
                 f"{name}: install capture", partial(source.setup, ordered), self.backoff
             )
+            snapshotted.update((name, table) for table in new)
             if new:
                 logger.info(
                     "snapshot enqueued for %s",
@@ -393,7 +395,7 @@ class Engine:
                 )
         runtimes = []
         for m in self.config.mappings:
-            legacy = await self._register(m)
+            legacy = await self._register(m, snapshotted=(m.source, m.table) in snapshotted)
             runtimes.extend(await self.index.targets(m, legacy))
         return runtimes
 
@@ -444,7 +446,9 @@ class Engine:
                 indexes[name] = kind
         return indexes
 
-    async def _register(self, m: MappingConfig) -> dict[str, Any] | None:
+    async def _register(
+        self, m: MappingConfig, *, snapshotted: bool = False
+    ) -> dict[str, Any] | None:
         """Register the mapping's definition in the schema registry; re-check every record
         in place when what points carry changed (payload, columns, relations). What their
         vectors are made of (model, dimension, distance, template) is an index version's
@@ -459,6 +463,14 @@ class Engine:
         last = versions[-1]["definition"] if versions else None
         # Enqueue the re-check before registering the version: a crash in between then
         # re-checks again at the next start instead of never.
+        if last is None and not snapshotted:  # a new mapping of a table captured already
+            logger.info(
+                "mapping %s is new: every existing row of %s is enqueued",
+                m.name,
+                m.table,
+                extra={"action": "snapshot", "mapping": m.name},
+            )
+            await self.sources[m.source].resnapshot(TableSpec(table=m.table, key=m.key))
         if last is not None and _in_place(last) != _in_place(sync_part):
             logger.info(
                 "mapping %s changed what points carry: re-checking every record in place",
@@ -1163,7 +1175,12 @@ class Engine:
         return await self.index.listing(mapping)
 
     async def reindex(
-        self, mapping: str, *, dry_run: bool = False, rollback: bool = False
+        self,
+        mapping: str,
+        *,
+        dry_run: bool = False,
+        rollback: bool = False,
+        on_batch: Callable[[BatchReport], None] | None = None,
     ) -> dict[str, Any]:
         """Build ``mapping``'s configured index version beside the live one, verify it and
         swap it live (``run --once`` semantics: returns when it is live); ``dry_run``: what
@@ -1186,7 +1203,7 @@ class Engine:
         finally:
             await self._release_leases()
         self._runtimes = None  # the targets change: prepare them again
-        result = await self.run(once=True)
+        result = await self.run(once=True, on_batch=on_batch)
         return {"mapping": m.name, "live": building.version, "run": result.run_id}
 
     async def texts(

@@ -76,10 +76,19 @@ async def reconcile(
         )
         await drop(state, sink, mapping, building)
         building = None
-    if building is None and live.digest != digest and auto:
+    rolled_back = previous is not None and previous.digest == digest
+    if building is None and live.digest != digest and auto and not rolled_back:
         building = await start_build(state, mapping, alias, digest, definition)
-    if previous is not None and previous.digest == digest and building is None:
-        pass  # a rolled-back config: the previous version is the one asked for (rollback)
+    if rolled_back and building is None and live.digest != digest:
+        logger.warning(
+            "mapping %s: version %d (the config's) was rolled back; version %d stays live "
+            "until `vectorsync reindex %s` or a config change",
+            mapping,
+            previous.version if previous else 0,
+            live.version,
+            mapping,
+            extra={"action": "index_rolled_back", "mapping": mapping},
+        )
     return Versions(live=live, building=building, previous=previous)
 
 

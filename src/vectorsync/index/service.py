@@ -313,14 +313,19 @@ class IndexService:
         """``vectorsync reindex``: build the configured version again beside the live one
         (or go on with the one being built)."""
         e = self.engine
-        for v in await e.state.index_versions(m.name):
-            if v.state == "building":
-                return v
+        found = {v.state: v for v in await e.state.index_versions(m.name)}
+        if "building" in found:
+            return found["building"]
         embedder = e.embedders[m.embedder]
+        await embedder.open()
+        e.keep_open(embedder)
         definition = index_definition(m, embedder, e.config.embedders.get(m.embedder))
-        return await _start_build(
-            e.state, m.name, m.collection_name, index_digest(definition), definition
-        )
+        digest = index_digest(definition)
+        previous, live = found.get("previous"), found.get("live")
+        if previous is not None and live is not None and previous.digest == digest:
+            await self.swap(m, live, previous)  # rolled back before: forward again, at once
+            return previous
+        return await _start_build(e.state, m.name, m.collection_name, digest, definition)
 
     async def dry_run(self, m: MappingConfig) -> dict[str, Any]:
         """What building ``m``'s configured version would cost, changing nothing: records,
