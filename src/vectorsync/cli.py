@@ -410,8 +410,10 @@ def setup(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
 
 @app.command()
 def teardown(config: ConfigOption = None, verbose: VerboseOption = False) -> None:
-    """Remove the change capture `setup` installed (PostgreSQL: the replication slot and
-    publication, or the outbox triggers). Sinks and the state store are kept."""
+    """Remove the change capture `setup` installed (SQLite: the triggers and outbox tables;
+    PostgreSQL: the replication slot and publication, or the outbox triggers, and the
+    vectorsync schema once unused; graphs: the capture registry). Sinks and the state store
+    are kept; a later `setup` or `run` snapshots again."""
     removed = _with_engine(config, verbose, Engine.teardown)
     err.print(f"capture removed from: {', '.join(removed) or 'no source that needs it'}")
 
@@ -461,6 +463,12 @@ def status(
             str(c.get("deleted", 0)),
         )
     out.print(table)
+    for problem in sorted({p for r in rows for p in r["sink_problems"]}):
+        _problem("sink problem", problem)
+    truncated = {r["mapping"]: r["counters"].get("truncated", 0) for r in rows}
+    for name, n in truncated.items():
+        if n:
+            _say(f"mapping {name}: {_n(n, 'text')} cut to max_text_length so far")
 
 
 @app.command()
@@ -902,12 +910,17 @@ def dlq_replay(
 ) -> None:
     """Retry dead letters through the normal sync path (after fixing their rows)."""
 
+    streaming = _running(config) is not None  # its run applies them: no second runner
+
     async def work(engine: Engine) -> tuple[int, RunResult | None]:
         count = await engine.replay_dead_letters(ids or None, mapping=mapping)
-        return count, (await engine.run(once=True) if now and count else None)
+        sync_now = now and count and not streaming
+        return count, (await engine.run(once=True) if sync_now else None)
 
     count, result = _with_engine(config, verbose, work)
     err.print(f"{_n(count, 'dead letter')} enqueued for replay")
+    if now and streaming and count:
+        _say("the vectorsync run streaming on this config applies them")
     if result is not None:
         err.print(_summary(result), highlight=False)
         if result.counts.get("failed"):

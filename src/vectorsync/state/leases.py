@@ -127,8 +127,8 @@ def acquire(
         raise LeaseHeld(
             f"{_what(name)} is being synced by another vectorsync process (pid {lease.pid} on "
             f"{lease.host}{_run(lease.run_id)}, lease valid for {lease.expires_at - now:.0f}s "
-            "more); stop it first: one runner per source. If it died on another host, its "
-            "lease expires and is taken over by itself"
+            "more); stop it first: one runner per source. If that process died on another "
+            "host, start again once its lease has expired: this one then takes it over"
         )
     token = lease.token + (lease.holder != holder)
     conn.execute(update(t).where(t.c.name == name).values(token=token, **values))
