@@ -5,7 +5,6 @@ removed changes nothing; one runner per source whatever the sink."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_cli import cli as run_cli
 from tests.helpers import App, read_sink, wait_for, write_config
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 
@@ -23,14 +23,7 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vectorsync", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **_OFFLINE},
-    )
+    return run_cli(*args, cwd=cwd, env=_OFFLINE)
 
 
 def said(done: subprocess.CompletedProcess[str]) -> str:

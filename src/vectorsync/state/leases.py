@@ -64,15 +64,22 @@ def process_tag(pid: int | None = None) -> str:
     return f"{pid}:{_start_time(pid)}"
 
 
-def _alive(tag: str) -> bool:
-    pid_text, _, started = tag.partition(":")
-    pid = int(pid_text)
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, as another user's
         return True
+    return True
+
+
+def _alive(tag: str) -> bool:
+    pid_text, _, started = tag.partition(":")
+    pid = int(pid_text)
+    if not pid_alive(pid):
+        return False
     if not started:
         return True
     _start_time.cache_clear()

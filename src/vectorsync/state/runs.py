@@ -19,6 +19,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from ..model import dumps
 from ..redact import redact, redact_value
 from . import schema as s
+from .leases import pid_alive
 
 __all__ = [
     "ErrorEntry",
@@ -176,16 +177,6 @@ def complete_run(
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_runs(conn: Connection, *, stale_after: float) -> list[int]:
     """Mark runs whose process is gone as failed: on this host, a dead pid; elsewhere, no
     heartbeat for ``stale_after`` seconds. Dead letters stuck in 'processing' go back to
@@ -197,7 +188,7 @@ def recover_runs(conn: Connection, *, stale_after: float) -> list[int]:
     for run_id, run_host, pid, beat in conn.execute(
         select(t.c.id, t.c.host, t.c.pid, t.c.heartbeat_at).where(t.c.status == "running")
     ):
-        gone = not _alive(pid) if run_host == host and pid != os.getpid() else False
+        gone = not pid_alive(pid) if run_host == host and pid != os.getpid() else False
         if gone or now - beat > stale_after:
             dead.append(int(run_id))
     for run_id in dead:
