@@ -1145,26 +1145,41 @@ class Engine:
         m = self.mapping(mapping)
         fields = {name: index_type_for(self._columns[m.name][name]) for name in m.payload}
         filters = conditions(m.name, where, fields)
-        embedder, sink = await self._reader(m)
+        embedder, sink, collection = await self._reader(m)
         [vector] = await embedder.embed([text])
-        return await sink.search(m.collection_name, vector, limit, filters)
+        return await sink.search(collection, vector, limit, filters)
 
-    async def _reader(self, m: MappingConfig) -> tuple[Embedder, Sink]:
-        """What a search of ``m`` needs, opened once per engine: its embedder and its
-        sink's collection (no capture is installed, and an unreachable sink fails at once)."""
+    async def _reader(self, m: MappingConfig) -> tuple[Embedder, Sink, str]:
+        """What a search of ``m`` needs: the live index version's embedder (its own model,
+        which during a re-index is not the configured one yet) and physical collection.
+        Opened once per engine; no capture is installed, and an unreachable sink fails at
+        once."""
         async with self._prepare_lock:
+            await self._open_sinks()
+            sink = self.sinks[m.sink]
+            for runtime in self._runtimes or ():
+                if runtime.config.name == m.name and runtime.name == m.name:  # the live one
+                    return runtime.embedder, sink, runtime.collection
             embedder = self.embedders[m.embedder]
             if embedder not in self._opened:
                 await embedder.open()
                 self._opened.append(embedder)
-            await self._open_sinks()
-            sink = self.sinks[m.sink]
-            if self._runtimes is None:
-                spec = CollectionSpec(
-                    name=m.collection_name, dimension=embedder.dimension, distance=embedder.distance
-                )
-                await sink.ensure_collection(spec)
-        return embedder, sink
+            versions = await self.state.index_versions(m.name)
+            live = next((v for v in versions if v.state == "live"), None)
+            if live is not None:
+                made = await self.index.embedder_for(m, live)
+                if made is not None:
+                    await sink.ensure_collection(
+                        CollectionSpec(
+                            name=live.collection, dimension=made.dimension, distance=made.distance
+                        )
+                    )
+                    return made, sink, live.collection
+            spec = CollectionSpec(
+                name=m.collection_name, dimension=embedder.dimension, distance=embedder.distance
+            )
+            await sink.ensure_collection(spec)
+        return embedder, sink, m.collection_name
 
     # -- index versions (see index/) ---------------------------------------------------
     async def indexes(self, mapping: str | None = None) -> list[dict[str, Any]]:

@@ -131,7 +131,7 @@ class IndexService:
         mapped = self._mapped.get(mapping)
         return None if mapped is None else mapped.versions
 
-    async def _embedder(self, m: MappingConfig, version: IndexVersion) -> Embedder | None:
+    async def embedder_for(self, m: MappingConfig, version: IndexVersion) -> Embedder | None:
         """The embedder that makes ``version``'s vectors: the configured one, or one built
         again from the settings the version recorded (None when that is not possible)."""
         current = self.engine.embedders[m.embedder]
@@ -168,7 +168,7 @@ class IndexService:
         from ..worker import MappingRuntime
 
         e = self.engine
-        embedder = await self._embedder(m, version)
+        embedder = await self.embedder_for(m, version)
         if embedder is None:
             return None
         text = str(version.definition.get("text", m.text))
