@@ -63,9 +63,12 @@ class _Entry:
     point_id: str
 
     def digest(self, key: Key) -> int:
-        return xxhash.xxh3_64_intdigest(
-            f"{key}\x1f{self.text_hash}\x1f{self.payload_hash}\x1f{self.schema}".encode()
-        )
+        return _digest(key, self.text_hash, self.payload_hash, self.schema)
+
+
+def _digest(key: Key, text_hash: str | None, payload_hash: str, schema: str | None) -> int:
+    """What a record is, in 64 bits: the same for a source row and its point when in sync."""
+    return xxhash.xxh3_64_intdigest(f"{key}\x1f{text_hash}\x1f{payload_hash}\x1f{schema}".encode())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,33 +140,18 @@ def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, floa
 
 
 _bucket = key_bucket
+_COMPARE_PAGE = 2000  # drifted keys compared record by record per round trip
 
 
-class _Side:
-    """One side's records, bucket digests and Merkle root."""
-
-    def __init__(self) -> None:
-        self.entries: dict[Key, _Entry] = {}
-        self.buckets = [0] * BUCKETS
-
-    def add(self, key: Key, entry: _Entry) -> None:
-        self.entries[key] = entry
-        self.buckets[_bucket(key)] ^= entry.digest(key)
-
-    def discard(self, key: Key) -> _Entry | None:
-        entry = self.entries.pop(key, None)
-        if entry is not None:
-            self.buckets[_bucket(key)] ^= entry.digest(key)
-        return entry
-
-    def root(self) -> str:
-        level = [xxhash.xxh3_64_hexdigest(d.to_bytes(8, "little")) for d in self.buckets]
-        while len(level) > 1:  # binary Merkle tree over the buckets
-            level = [
-                xxhash.xxh3_64_hexdigest((a + b).encode())
-                for a, b in zip(level[::2], level[1::2], strict=True)
-            ]
-        return level[0]
+def _merkle_root(buckets: Sequence[int]) -> str:
+    """The root of a binary Merkle tree over the bucket digests."""
+    level = [xxhash.xxh3_64_hexdigest(d.to_bytes(8, "little")) for d in buckets]
+    while len(level) > 1:
+        level = [
+            xxhash.xxh3_64_hexdigest((a + b).encode())
+            for a, b in zip(level[::2], level[1::2], strict=True)
+        ]
+    return level[0]
 
 
 class Checker:
@@ -244,54 +232,59 @@ class Checker:
         for done in rows.values():
             yield done
 
-    async def _read_source(self) -> tuple[_Side, list[Key]]:
-        """The rendered records, and the keys of the rows that cannot be rendered."""
-        side, unrenderable = _Side(), []
-        async for row in self._rows():
-            entry = self._source_entry(row)
-            if entry is None:
-                unrenderable.append(row[self.key])
-            else:
-                side.add(row[self.key], entry)
-        return side, unrenderable
-
-    async def _read_sink(self) -> tuple[_Side, list[str]]:
-        side, foreign = _Side(), []
-        async for record in self.sink.scroll(self.collection, page=2000):
-            key = record.payload.get("_vs_key")
-            if key is None or record.id != point_id(self.mapping, key) or key in side.entries:
-                foreign.append(record.id)
-            else:
-                side.add(key, self._sink_entry(record.payload, record.id))
-        return side, foreign
-
     # -- modes ------------------------------------------------------------------------------
     async def full(self) -> CheckReport:
+        """Every record of both sides, in memory bounded by one 64-bit digest per source
+        record: the source pass keeps each rendered record's digest, the sink pass strikes
+        off every point whose digest matches, and only what is left (the drift) is read
+        again and compared record by record."""
         started = time.monotonic()
         known = await self._known()
-        src, unrenderable = await self._read_source()
-        snk, foreign = await self._read_sink()
-        records, points = len(src.entries) + len(unrenderable), len(snk.entries) + len(foreign)
-        present = [k for k in (*src.entries, *unrenderable) if key_text(k) in known]
+        src_buckets, snk_buckets = [0] * BUCKETS, [0] * BUCKETS
+        unmatched: dict[Key, int] = {}  # source digests no point has matched yet
+        unrenderable: set[Key] = set()
+        present: list[Key] = []
+        records = 0
+        async for row in self._rows():
+            records += 1
+            key = row[self.key]
+            if key_text(key) in known:
+                present.append(key)
+                continue
+            try:
+                rendered = self.renderer.render(row)
+            except RecordError:  # cannot be synced as it is
+                unrenderable.add(key)
+                continue
+            text_hash = content_hash(self.model_id, rendered.text)
+            digest = _digest(key, text_hash, rendered.payload_hash, self.schema_version)
+            src_buckets[_bucket(key)] ^= digest
+            unmatched[key] = digest
+        points, foreign, differ, pointed = 0, [], [], set()
+        async for record in self.sink.scroll(self.collection, page=2000):
+            points += 1
+            key = record.payload.get("_vs_key")
+            if key is None or record.id != point_id(self.mapping, key):
+                foreign.append(record.id)
+            elif key in unrenderable:
+                pointed.add(key)
+            elif key_text(key) not in known:
+                digest = self._sink_entry(record.payload, record.id).digest(key)
+                snk_buckets[_bucket(key)] ^= digest
+                if unmatched.get(key) == digest:
+                    del unmatched[key]
+                else:
+                    differ.append(key)
         drift = self._known_drift(present)
-        for key in present:
-            src.discard(key)
-            snk.discard(key)
-        for key in unrenderable:
-            if key_text(key) not in known:  # the sync would dead-letter it (and keep its point)
-                category: Category = "stale" if snk.discard(key) else "missing"
-                drift.append(
-                    Drift(category=category, key=key, point_id=point_id(self.mapping, key))
-                )
-        src_root, snk_root = src.root(), snk.root()
-        differing = [b for b in range(BUCKETS) if src.buckets[b] != snk.buckets[b]]
+        for key in unrenderable:  # the sync would dead-letter it (and keep its point)
+            category: Category = "stale" if key in pointed else "missing"
+            drift.append(Drift(category=category, key=key, point_id=point_id(self.mapping, key)))
         drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
-        if differing:
-            wanted = set(differing)
-            keys = {k for k in src.entries if _bucket(k) in wanted}
-            keys |= {k for k in snk.entries if _bucket(k) in wanted}
-            compared = (self._compare(k, src.entries.get(k), snk.entries.get(k)) for k in keys)
-            drift.extend(await self._confirmed([d for d in compared if d is not None]))
+        suspects = list(dict.fromkeys([*differ, *unmatched]))
+        del unmatched, differ
+        for start in range(0, len(suspects), _COMPARE_PAGE):
+            drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE])
+        differing = sum(1 for a, b in zip(src_buckets, snk_buckets, strict=True) if a != b)
         return self._report(
             "full",
             started,
@@ -299,10 +292,10 @@ class Checker:
             records,
             points,
             {
-                "source_root": src_root,
-                "sink_root": snk_root,
+                "source_root": _merkle_root(src_buckets),
+                "sink_root": _merkle_root(snk_buckets),
                 "buckets": BUCKETS,
-                "buckets_differing": len(differing),
+                "buckets_differing": differing,
                 "unrenderable": len(unrenderable),
             },
         )
@@ -322,33 +315,6 @@ class Checker:
         if snk.payload_hash != src.payload_hash:
             return Drift(category="payload_mismatch", key=key, point_id=snk.point_id)
         return None
-
-    async def _confirmed(self, drift: list[Drift]) -> list[Drift]:
-        """Drop payload mismatches that are only float noise: compare those records field
-        by field, allowing floats the few ULP a store's JSON parsing may cost them
-        (qdrant-edge returns about a quarter of random doubles one ULP off)."""
-        suspects = {
-            d.key: d for d in drift if d.category == "payload_mismatch" and d.key is not None
-        }
-        if not suspects:
-            return drift
-        rows = await self.source.fetch(self.table, self.key, list(suspects))
-        if self.resolve is not None and rows:
-            await self.resolve(rows)
-        ids = {d.point_id: k for k, d in suspects.items()}
-        records = {r.id: r for r in await self.sink.retrieve(self.collection, list(ids))}
-        noise = set()
-        for pid, key in ids.items():
-            row, record = rows.get(key), records.get(pid)
-            if row is None or record is None:
-                continue
-            try:
-                wanted = self.renderer.render(row).payload
-            except RecordError:
-                continue
-            if _close(wanted, {f: record.payload.get(f) for f in self.payload_fields}):
-                noise.add(key)
-        return [d for d in drift if not (d.category == "payload_mismatch" and d.key in noise)]
 
     async def prove(self) -> CheckReport:
         """The fast path: prove that every current source row is what was last synced, and
