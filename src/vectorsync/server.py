@@ -271,6 +271,14 @@ def create_app(
             raise _BadRequest("where", str(exc)) from exc
         return _json({"mapping": mapping, "hits": hits})
 
+    async def indexes(request: Request) -> Response:
+        """Every index version (``?mapping=M`` for one mapping): state, collection, records,
+        model, dimension, times and backfill progress, as ``vectorsync indexes --json``."""
+        known = tuple(m.name for m in engine.config.mappings)
+        asked = "mapping" in request.query_params
+        mapping = _choice(request, "mapping", "", known) if asked else None
+        return _json({"indexes": await engine.indexes(mapping)})
+
     async def checks(request: Request) -> Response:
         limit = _int_param(request, "limit", 20, MAX_LIMIT)
         return _json({"checks": await engine.state.checks(limit=limit)})
@@ -301,6 +309,7 @@ def create_app(
             Route("/api/check", run_check, methods=["POST"]),
             Route("/api/stats", stats),
             Route("/api/search", search),
+            Route("/api/indexes", indexes),
         ],
         middleware=[Middleware(_Guard, token=token)],
         exception_handlers={_BadRequest: _bad_request, VectorsyncError: _failed},

@@ -161,6 +161,10 @@ def test_dashboard_shows_live_data_and_replays_a_dead_letter(workdir: Path, app:
                 "#mappings tbody tr", "trs => trs.map(t => t.innerText)"
             )
             assert len(rows) == 1 and rows[0].startswith("articles"), rows
+            page.wait_for_function(  # the index versions card: version 1 of articles, live
+                "() => /articles\\s+1\\s+live/.test(document.querySelector('#indexes').innerText)",
+                polling=250,
+            )
             page.click("#check-now")  # a check inside the serving process
             page.wait_for_function(
                 "() => /consistent/i.test(document.querySelector('#checks').innerText)",

@@ -143,6 +143,10 @@ async def test_api_endpoints_and_dead_letter_replay(workdir: Path, app: App) -> 
             assert now["checks"][0]["mode"] == "quick" and now["consistent"]
             assert now["checks"][0]["keys"]["dead_lettered"] == [2]
             assert now["checks"][0]["keys"]["missing"] == []
+            [index] = (await http.get("/api/indexes")).json()["indexes"]
+            assert index["mapping"] == "articles" and index["state"] == "live"
+            assert index["version"] == 1 and index["records"] == 2
+            assert (await http.get("/api/indexes?mapping=nosuch")).status_code == 400
             stats = (await http.get("/api/stats")).json()
             assert stats["sources"]["app"]["latency"]["count"] == 3
             page = await http.get("/")
