@@ -114,3 +114,13 @@ def app(workdir: Path, source_kind: str, request: pytest.FixtureRequest) -> Iter
         yield application
     finally:
         application.close()
+
+
+@pytest.fixture(scope="session")
+def infinity_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real OpenAI-compatible embedding server (infinity-emb serving the bundled MiniLM),
+    for the session; its base URL."""
+    from tests.embedding_server import infinity
+
+    with infinity(tmp_path_factory.mktemp("infinity") / "infinity.log") as base:
+        yield base

@@ -281,6 +281,7 @@ def write_config(
     text: str = "{{ title }}\\n{{ body }}",
     extra_mapping: str = "",
     batch_size: int = 1000,
+    embedder: str = 'kind = "hash"',
 ) -> Path:
     path = folder / "vectorsync.toml"
     # the `app` fixture leaves the source section of the database under test here
@@ -300,7 +301,7 @@ def write_config(
         "[sinks.vectors]",
         sink,
         "[embedders.default]",
-        'kind = "hash"',
+        embedder,
         "[[mappings]]",
         'name = "articles"',
         'source = "app"',

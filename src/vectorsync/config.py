@@ -199,8 +199,55 @@ class HashEmbedderConfig(_Frozen):
     batch_size: int = Field(default=256, gt=0)
 
 
+class OpenAIEmbedderConfig(_Frozen):
+    """Any OpenAI-compatible ``/v1/embeddings`` endpoint (OpenAI, Azure, Ollama, vLLM, TEI,
+    LiteLLM, Infinity)."""
+
+    kind: Literal["openai"]
+    url: str = Field(
+        default="https://api.openai.com/v1", description="the API base URL (ending in /v1)"
+    )
+    model: str = Field(description="the model name the endpoint serves")
+    api_key: SecretStr | None = Field(default=None, description="the key, if given here")
+    api_key_env: str | None = Field(
+        default=None, description="the environment variable holding the key (instead of api_key)"
+    )
+    dimensions: int | None = Field(
+        default=None, gt=0, description="ask for shorter vectors (models that can shorten)"
+    )
+    batch_size: int = Field(default=64, gt=0, description="texts per request")
+    max_batch_tokens: int = Field(default=300_000, gt=0, description="tokens per request")
+    max_input_tokens: int | None = Field(
+        default=None, gt=0, description="the model's window in tokens; unset: not checked"
+    )
+    truncate: Literal["model", "error"] = Field(
+        default="model",
+        description='a text over max_input_tokens: "model" cuts it (counted), "error" '
+        "dead-letters it",
+    )
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    concurrency: int = Field(default=4, gt=0, description="requests in flight at once")
+    timeout: float = Field(default=60.0, gt=0, description="seconds per request")
+    price_per_million_tokens: float | None = Field(
+        default=None, ge=0, description="for cost estimates and counts"
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="a folder with the model's tokenizer.json to count tokens; unset: "
+        "tiktoken for OpenAI models, else 4 characters a token",
+    )
+
+    @model_validator(mode="after")
+    def _one_key(self) -> OpenAIEmbedderConfig:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("set api_key or api_key_env, not both")
+        return self
+
+
 EmbedderConfig = Annotated[
-    SentenceTransformersEmbedderConfig | HashEmbedderConfig, Field(discriminator="kind")
+    SentenceTransformersEmbedderConfig | HashEmbedderConfig | OpenAIEmbedderConfig,
+    Field(discriminator="kind"),
 ]
 
 

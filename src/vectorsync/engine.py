@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -34,6 +35,7 @@ from .config import (
     HashEmbedderConfig,
     MappingConfig,
     Neo4jSourceConfig,
+    OpenAIEmbedderConfig,
     PostgresSourceConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
@@ -168,6 +170,36 @@ def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
         from .embed.hash import HashEmbedder
 
         return HashEmbedder(name, dimension=cfg.dimension, batch_size=cfg.batch_size)
+    if isinstance(cfg, OpenAIEmbedderConfig):
+        from .embed.openai import OpenAIEmbedder
+
+        key = cfg.api_key.get_secret_value() if cfg.api_key is not None else None
+        if cfg.api_key_env is not None:
+            key = os.environ.get(cfg.api_key_env) or None
+            if key is None:
+                raise ConfigError(
+                    f"embedder {name!r}: the environment variable {cfg.api_key_env!r} "
+                    "(api_key_env) is not set; export the API key in it"
+                )
+        register_secrets([key])
+        return OpenAIEmbedder(
+            name,
+            url=cfg.url,
+            model=cfg.model,
+            api_key=key,
+            api_key_field="api_key_env" if cfg.api_key_env else "api_key",
+            dimensions=cfg.dimensions,
+            batch_size=cfg.batch_size,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_input_tokens=cfg.max_input_tokens,
+            truncate=cfg.truncate,
+            requests_per_minute=cfg.requests_per_minute,
+            tokens_per_minute=cfg.tokens_per_minute,
+            concurrency=cfg.concurrency,
+            timeout=cfg.timeout,
+            price_per_million_tokens=cfg.price_per_million_tokens,
+            tokenizer=None if cfg.tokenizer is None else str(config.resolve(Path(cfg.tokenizer))),
+        )
     from .embed.sentence_transformers import SentenceTransformersEmbedder
 
     return SentenceTransformersEmbedder(

@@ -764,8 +764,9 @@ class SourceWorker:
         self, embedder: Embedder, chunk: list[tuple[str, str]], rejected: dict[str, RecordError]
     ) -> dict[str, list[float]]:
         """Embed a chunk; if the model rejects it, find the texts it rejects one by one."""
-        try:
-            vectors = await embedder.embed([t for _, t in chunk])
+        embed = partial(embedder.embed, [t for _, t in chunk])
+        try:  # an endpoint that is down or overloaded: one error incident, retried
+            vectors = await self._retry(f"embed with {embedder.name!r}", embed, self._stop)
         except RecordError as exc:
             if len(chunk) == 1:
                 rejected[chunk[0][0]] = exc

@@ -1,4 +1,5 @@
-"""One contract, every embedder: the hash embedder and the bundled MiniLM model."""
+"""One contract, every embedder: the hash embedder, the bundled MiniLM model, and the
+openai embedder against a real OpenAI-compatible server (infinity-emb serving MiniLM)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,26 @@ import pytest
 
 from vectorsync.embed.base import Embedder
 from vectorsync.embed.hash import HashEmbedder
+from vectorsync.embed.openai import OpenAIEmbedder
 from vectorsync.embed.sentence_transformers import SentenceTransformersEmbedder
 
 
-@pytest.fixture(params=["hash", pytest.param("minilm", marks=pytest.mark.embedding_model)])
+@pytest.fixture(
+    params=[
+        "hash",
+        pytest.param("minilm", marks=pytest.mark.embedding_model),
+        pytest.param("openai", marks=pytest.mark.embedding_server),
+    ]
+)
 async def embedder(request: pytest.FixtureRequest) -> AsyncIterator[Embedder]:
     e: Embedder
     if request.param == "hash":
         e = HashEmbedder("hash")
+    elif request.param == "openai":
+        from tests.embedding_server import MODEL_NAME
+
+        url = request.getfixturevalue("infinity_url")
+        e = OpenAIEmbedder("openai", url=url, model=MODEL_NAME)
     else:
         e = SentenceTransformersEmbedder("minilm", threads=1)
     await e.open()

@@ -73,6 +73,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sinks.NAME] kind = "qdrant"': c.QdrantSinkConfig,
     '[embedders.NAME] kind = "sentence-transformers"': c.SentenceTransformersEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
+    '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,
     "[[mappings]]": c.MappingConfig,
     "[[mappings.related]]": c.RelatedConfig,
 }
