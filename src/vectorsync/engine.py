@@ -49,6 +49,7 @@ from .events import (
     EventStream,
     Failed,
     Inconsistent,
+    ReindexProgress,
     RunFinished,
     RunStarted,
     SchemaEvolved,
@@ -565,6 +566,18 @@ class Engine:
                         source=report.source,
                         position=report.position,
                         counts=counts,
+                    )
+                )
+            if report.backfill is not None:  # one event per committed backfill page
+                bf = report.backfill
+                self.emit(
+                    ReindexProgress(
+                        mapping=bf["mapping"],
+                        version=bf["version"],
+                        done=bf["done"],
+                        total=bf["total"],
+                        rate=bf["rate"],
+                        eta=bf["eta"],
                     )
                 )
             for d in report.dead_letters:
@@ -1213,6 +1226,7 @@ class Engine:
             await self._open_sinks()
             if rollback:
                 version = await self.index.rollback(m)
+                self._runtimes = None  # searches read the version live now
                 return {"mapping": m.name, "live": version.version, "rolled_back": True}
             building = await self.index.start_build(m)
         finally:
