@@ -39,10 +39,11 @@ def config(
     sync: str = "",
     embedder: str | None = None,
     payload: str = '["author", "tags", "published"]',
+    batch_size: int = 1000,
 ) -> Path:
     """The test project's config: the helpers' one with its embedder, template, payload
     list and [sync] settings under the test's control."""
-    path = write_config(folder, text=text)
+    path = write_config(folder, text=text, batch_size=batch_size)
     body = path.read_text()
     body = body.replace(
         '[embedders.default]\nkind = "hash"',

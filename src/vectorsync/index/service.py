@@ -211,6 +211,7 @@ class IndexService:
                     after=version.backfill_after,
                     done=version.backfilled,
                     total=max(total, version.backfilled) or None,
+                    budget=e.config.sync.batch_size,
                 )
             else:
                 self._backfills[key].target = runtime

@@ -1,0 +1,149 @@
+"""Re-index through the CLI: ``vectorsync run`` killed with SIGKILL during a backfill
+resumes from its checkpoint; ``reindex --dry-run`` predicts and changes nothing;
+``sync.reindex = "manual"`` waits for ``vectorsync reindex``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import App, sync_once
+from tests.integration.test_reindex import bulk, config
+
+RECORDS = 5_000
+BATCH = 200  # sync.batch_size: a backfill's in-flight budget
+KILLS = 5
+DEADLINE = 120.0
+# `vectorsync` with every text the hash embedder is asked to embed counted in a file
+# (appended before the embedding, so a kill mid-call still counts it): the runs' total
+# survives their kill -9
+COUNTED = """
+import os, sys
+from vectorsync.embed.hash import HashEmbedder
+fd = os.open(os.environ["EMBED_COUNT_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+plain = HashEmbedder.embed
+async def embed(self, texts):
+    os.write(fd, f"{self.model_id} {len(texts)}\\n".encode())
+    return await plain(self, texts)
+HashEmbedder.embed = embed
+sys.argv = ["vectorsync", *sys.argv[1:]]
+from vectorsync._main import main
+main()
+"""
+
+
+def vectorsync(workdir: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "vectorsync", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+    return done
+
+
+def embedded(counts: Path, model: str) -> int:
+    if not counts.exists():
+        return 0
+    lines = [line.split() for line in counts.read_text().splitlines()]
+    return sum(int(n) for m, n in lines if m == model)
+
+
+def checkpoint(workdir: Path, version: int = 2) -> tuple[int, Any, int, str] | None:
+    """(records backfilled, last key, done, state) of a version, read from the state store
+    as any monitoring tool would."""
+    db = sqlite3.connect(workdir / ".vectorsync" / "state.db", timeout=30)
+    try:
+        row = db.execute(
+            "SELECT backfilled, backfill_after, backfill_done, state FROM index_versions "
+            "WHERE mapping = 'articles' AND version = ?",
+            (version,),
+        ).fetchone()
+    except sqlite3.OperationalError:  # the table is made by the first run
+        return None
+    finally:
+        db.close()
+    if row is None:
+        return None
+    return int(row[0]), None if row[1] is None else json.loads(row[1]), int(row[2]), row[3]
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_backfill_resumes_from_its_checkpoint(workdir: Path, app: App) -> None:
+    """Each run is killed once it has committed 1 to 3 pages of its own (the state store's
+    checkpoint moved), wherever its pipeline then is: the next one goes on after the
+    checkpoint, and what the kills threw away is at most a batch each."""
+    rng = random.Random(1313)
+    bulk(app, RECORDS)
+    asyncio.run(sync_once(config(workdir, dimension=384, batch_size=BATCH)))
+    config(workdir, dimension=256, batch_size=BATCH)
+    counts = workdir / "embedded.txt"
+    env = {**os.environ, "EMBED_COUNT_FILE": str(counts)}
+    seen: list[tuple[int, Any]] = []  # every checkpoint observed, in order, across runs
+    for kill in range(KILLS):
+        start = checkpoint(workdir)
+        pages, base = rng.randint(1, 3), 0 if start is None else start[0]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", COUNTED, "run"],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + DEADLINE
+            advanced: set[int] = set()
+            while len(advanced) < pages:  # until this run commits its pages: then kill it
+                now = checkpoint(workdir)
+                if now is not None and now[0] > base and now[0] not in advanced:
+                    advanced.add(now[0])
+                    seen.append((now[0], now[1]))
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "no backfill page committed"
+                time.sleep(0.005)  # polling the state store, not synchronisation
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            _, stderr = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, stderr
+        after = checkpoint(workdir)
+        assert after is not None and after[2] == 0 and after[3] == "building", (kill, after)
+        seen.append((after[0], after[1]))
+    done = subprocess.run(
+        [sys.executable, "-c", COUNTED, "run", "--once"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    final = checkpoint(workdir)
+    assert final is not None and final[2] == 1 and final[3] == "live"
+    # the checkpoint never went back, and every page was committed once: no restart from 0
+    assert seen == sorted(seen, key=lambda s: s[0]), seen
+    assert [k for _, k in seen] == sorted(k for _, k in seen), seen
+    assert final[0] == RECORDS
+    total = embedded(counts, "hash-v1/256")
+    print(f"embedded {total} for {RECORDS} records after {KILLS} kills; checkpoints {seen}")
+    assert RECORDS <= total <= RECORDS + KILLS * BATCH
+    checked = vectorsync(workdir, "check", "--json")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    listed = json.loads(vectorsync(workdir, "indexes", "--json").stdout)["indexes"]
+    assert [(v["version"], v["state"], v["dimension"], v["records"]) for v in listed] == [
+        (1, "previous", 384, RECORDS),
+        (2, "live", 256, RECORDS),
+    ]
