@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers import App, sync_once
 from tests.integration.test_reindex import bulk, config
+from vectorsync.model import content_hash
 
 RECORDS = 5_000
 BATCH = 200  # sync.batch_size: a backfill's in-flight budget
@@ -147,3 +148,111 @@ def test_kill_9_during_a_backfill_resumes_from_its_checkpoint(workdir: Path, app
         (1, "previous", 384, RECORDS),
         (2, "live", 256, RECORDS),
     ]
+
+
+def state_dump(workdir: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the state store."""
+    db = sqlite3.connect(workdir / ".vectorsync" / "state.db", timeout=30)
+    try:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: sorted(db.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
+    finally:
+        db.close()
+
+
+def sink_dump(workdir: Path) -> dict[str, Any]:
+    """Every collection of the qdrant-edge folder (and where the name points) with its
+    points, vectors and payloads."""
+    from vectorsync.sinks.base import CollectionSpec
+    from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
+
+    db = sqlite3.connect(workdir / ".vectorsync" / "state.db", timeout=30)
+    made = db.execute("SELECT collection, definition FROM index_versions").fetchall()
+    db.close()
+    dimensions = {c: json.loads(d)["dimension"] for c, d in made}
+
+    async def dump() -> dict[str, Any]:
+        sink = QdrantEdgeSink("vectors", workdir / ".vectorsync" / "qdrant")
+        await sink.open()
+        try:
+            found: dict[str, Any] = {"alias": await sink.alias_target("articles")}
+            for name in sorted(await sink.collections()):
+                await sink.ensure_collection(
+                    CollectionSpec(name=name, dimension=dimensions[name], distance="cosine")
+                )
+                scrolled = [r async for r in sink.scroll(name, with_vectors=True)]
+                found[name] = sorted(
+                    ((r.id, r.vector, sorted(r.payload.items())) for r in scrolled), key=repr
+                )
+            return found
+        finally:
+            await sink.close()
+
+    return asyncio.run(dump())
+
+
+def test_dry_run_predicts_the_embeddings_and_changes_nothing(workdir: Path, app: App) -> None:
+    """A template change that leaves most texts as they were: the dry run tells the texts
+    to embed apart from those the cache has (and repeated texts apart from records)."""
+    bulk(app, 3000)
+    with app.transaction():
+        app.execute("UPDATE articles SET title = 'shared', body = 'one text' WHERE id <= 300")
+    asyncio.run(sync_once(config(workdir)))
+    config(workdir, text="{{ title }}\\n{{ body }}{% if tags == 'b' %} (b){% endif %}")
+    state, sink = state_dump(workdir), sink_dump(workdir)
+    dry = vectorsync(workdir, "reindex", "articles", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert state_dump(workdir) == state, "the dry run wrote to the state store"
+    assert sink_dump(workdir) == sink, "the dry run wrote to the sink"
+    rows = app.rows()
+    changed = {k for k, r in rows.items() if r["tags"] == "b"}
+    assert plan["version_changes"] is True and plan["records"] == 3000
+    assert plan["texts"] == 3000 - 300 + 2  # the shared text once per tag (a, b)
+    assert 0 < plan["to_embed"] < plan["texts"] and plan["from_cache"] > 0
+    assert plan["to_embed"] == len({(rows[k]["title"], rows[k]["body"]) for k in changed})
+    assert plan["estimated_tokens"] > 0 and plan["embed_rate"] > 0
+    real = vectorsync(workdir, "reindex", "articles", "--json")
+    assert real.returncode == 0, real.stderr
+    run = json.loads(real.stdout)["run"]
+    db = sqlite3.connect(workdir / ".vectorsync" / "state.db")
+    [(embedded,)] = db.execute("SELECT records_embedded FROM sync_runs WHERE id = ?", (run,))
+    db.close()
+    assert abs(embedded - plan["to_embed"]) <= plan["to_embed"] / 100, (embedded, plan)
+
+
+def test_manual_reindex_reports_outdated_until_asked(workdir: Path, app: App) -> None:
+    bulk(app, 500)
+    manual = 'reindex = "manual"'
+    asyncio.run(sync_once(config(workdir, sync=manual)))
+    config(workdir, dimension=256, sync=manual)
+    assert vectorsync(workdir, "run", "--once").returncode == 0
+    app.update(1, body="written after the model changed")
+    assert vectorsync(workdir, "run", "--once").returncode == 0
+
+    def listed() -> list[tuple[int, str, int]]:
+        rows = json.loads(vectorsync(workdir, "indexes", "--json").stdout)["indexes"]
+        return [(v["version"], v["state"], v["dimension"]) for v in rows]
+
+    def outdated() -> int:
+        status = vectorsync(workdir, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        [m] = json.loads(status.stdout)["mappings"]
+        return int(m["outdated"])
+
+    assert listed() == [(1, "live", 384)]  # nothing built
+    assert outdated() == 500
+    # the live version keeps serving, and following changes, with its own model
+    found = vectorsync(workdir, "search", "articles", "written after the model", "--json")
+    assert found.returncode == 0, found.stderr
+    top = json.loads(found.stdout)["hits"][0]
+    assert top["key"] == 1 and top["text"] == "title 1\nwritten after the model changed"
+    points = sink_dump(workdir)["articles__v1"]
+    assert len(points) == 500 and {len(v) for _, v, _ in points} == {384}
+    [first] = [dict(p) for _, _, p in points if dict(p)["_vs_key"] == 1]
+    assert first["_vs_text_hash"] == content_hash("hash-v1/384", top["text"])
+    done = vectorsync(workdir, "reindex", "articles")
+    assert done.returncode == 0, done.stderr
+    assert listed() == [(1, "previous", 384), (2, "live", 256)]
+    assert outdated() == 0
+    assert {len(v) for _, v, _ in sink_dump(workdir)["articles__v2"]} == {256}
