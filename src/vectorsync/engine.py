@@ -636,6 +636,8 @@ class Engine:
                     lease=(_lease_name(name), self.instance_id, leases[name]),
                     backfills=partial(self.index.backfills, name),
                     on_backfilled=self.index.backfilled,
+                    expiring=partial(self.index.expiring, name),
+                    on_expired=partial(self.source_targets, name),
                 )
                 for name, source in self.sources.items()
             ]

@@ -201,6 +201,8 @@ class SourceWorker:
         backfills: Callable[[], Sequence[Backfill]] | None = None,
         on_backfilled: Callable[[Backfill], Awaitable[Sequence[MappingRuntime] | None]]
         | None = None,
+        expiring: Callable[[], bool] | None = None,
+        on_expired: Callable[[], Awaitable[Sequence[MappingRuntime]]] | None = None,
     ) -> None:
         self.source = source
         self.run_id = run_id
@@ -215,6 +217,11 @@ class SourceWorker:
         self._on_backfilled = on_backfilled
         self._backfilled: Backfill | None = None  # its last page planned: verify and swap
         self._page_committed = asyncio.Event()  # replaced (the old one set) at each page
+        # a target's time is up (a previous index version kept long enough): drain, then
+        # the engine drops it and hands back the targets to go on with
+        self._expiring = expiring or (lambda: False)
+        self._on_expired = on_expired
+        self._expire = False
         self._batch_size = batch_size
         self._max_in_flight = max_in_flight
         self._poll = poll_interval
@@ -270,6 +277,11 @@ class SourceWorker:
             if self._backfilled is not None and not stop.is_set():
                 await self._finish_backfill(self._backfilled)
                 continue
+            if self._expire and not stop.is_set():
+                self._expire = False
+                if self._on_expired is not None:
+                    self._use(await self._on_expired())
+                continue
             if not self._epoch_changed or stop.is_set():
                 return
             logger.warning(
@@ -324,6 +336,9 @@ class SourceWorker:
         self, cursor: int, target: int | None, stop: asyncio.Event, out: asyncio.Queue[Any]
     ) -> None:
         while not stop.is_set() and (target is None or cursor < target or self._backfills):
+            if self._on_expired is not None and self._expiring():
+                self._expire = True
+                break  # drain, then drop it (see run)
             changes: list[Change] = []
             if target is None or cursor < target:
                 changes = await self._retry(

@@ -23,7 +23,7 @@ from vectorsync.engine import Engine
 from vectorsync.events import Event, IndexSwapped, ReindexProgress, ReindexStarted
 from vectorsync.model import content_hash, point_id
 from vectorsync.render import Renderer
-from vectorsync.sinks.base import Sink, SinkRecord
+from vectorsync.sinks.base import CollectionSpec, SinkRecord
 
 RECORDS = 20_000
 DEADLINE = 300.0  # seconds a re-index may take on a loaded 2-core machine
@@ -73,7 +73,14 @@ def bulk(app: App, n: int, *, start: int = 1, rng: random.Random | None = None) 
         app.db.executemany("INSERT INTO articles VALUES (?, ?, ?, ?, ?, ?)", rows)
 
 
-async def points(sink: Sink, collection: str) -> dict[str, SinkRecord]:
+async def points(engine: Engine, collection: str) -> dict[str, SinkRecord]:
+    """Every point of one of the mapping's physical collections, with its vector."""
+    [made] = [v for v in await engine.indexes("articles") if v["collection"] == collection]
+    sink = engine.sinks["vectors"]
+    await engine._open_sinks()  # the engine opens its sinks lazily, once
+    await sink.ensure_collection(
+        CollectionSpec(name=collection, dimension=made["dimension"], distance="cosine")
+    )
     return {r.id: r async for r in sink.scroll(collection, with_vectors=True)}
 
 
@@ -86,7 +93,7 @@ async def assert_version_matches(
     renderer = Renderer(m.model_copy(update={"text": text.replace("\\n", "\n")}))
     embedder = HashEmbedder(dimension=dimension)
     rows = app.rows()
-    found = await points(engine.sinks[m.sink], collection)
+    found = await points(engine, collection)
     expected = {point_id(m.name, k): k for k in rows}
     missing, orphaned = set(expected) - set(found), set(found) - set(expected)
     assert not missing and not orphaned, f"{collection}: missing {missing}, orphaned {orphaned}"
@@ -123,6 +130,18 @@ async def until(condition: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g}s: {what}")
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def streaming(engine: Engine) -> AsyncIterator[asyncio.Task[Any]]:
+    """``engine.run()`` streaming in a task until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop=stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await task
 
 
 class Writer:
@@ -246,11 +265,11 @@ async def test_a_dimension_change_reindexes_without_downtime_and_rolls_back(
         assert listed[1]["records"] == listed[2]["records"] == live_rows
         # every live point is 256-d, and every write the writer made is in it (latest content)
         await assert_version_matches(engine, app, "articles__v2", dimension=256)
-        found_v2 = await points(engine.sinks["vectors"], "articles__v2")
+        found_v2 = await points(engine, "articles__v2")
         report = await engine.check("articles", mode="full")
         assert report.consistent, report.as_dict()
         # the previous version was maintained all along: a rollback is instant and current
-        before = await points(engine.sinks["vectors"], "articles__v1")
+        before = await points(engine, "articles__v1")
         v1_schema = next(iter(before.values())).payload["_vs_schema"]
         assert v1_schema != next(iter(found_v2.values())).payload["_vs_schema"]
         rolled = await engine.reindex("articles", rollback=True)
@@ -267,3 +286,124 @@ async def test_a_dimension_change_reindexes_without_downtime_and_rolls_back(
 
 async def _later(reader: Reader, calls: int) -> bool:
     return reader.calls >= calls
+
+
+async def test_the_previous_version_is_dropped_when_kept_long_enough(
+    workdir: Path, app: App
+) -> None:
+    """With keep_previous = "1s" a streaming run drops the previous version once its second
+    is up — without a restart — and goes on syncing the live one."""
+    bulk(app, 300)
+    keep = 'keep_previous = "1s"'
+    await sync_once(config(workdir, sync=keep))
+    async with Engine.open(load(config(workdir, dimension=256, sync=keep))) as engine:
+        events = engine.events()
+        sink = engine.sinks["vectors"]
+
+        async def dropped() -> bool:
+            return (await versions(engine))[1]["state"] == "dropped"
+
+        async with streaming(engine) as syncing:
+            swapped = await next_event(events, IndexSwapped, DEADLINE)
+            assert swapped.version == 2
+            await until(dropped, 60, "version 1 dropped while the run streams")
+            assert not syncing.done()
+            listed = await versions(engine)
+            assert listed[1]["dropped_at"] - listed[1]["retired_at"] >= 1.0
+            assert "articles__v1" not in await sink.collections()
+            assert listed[1]["records"] == 0 and listed[2]["state"] == "live"
+            # the run goes on with the live version alone
+            app.update(7, body="after the drop")
+            app.insert(301)
+            await engine.wait_for(await engine.head(), timeout=60)
+        await assert_version_matches(engine, app, "articles__v2", dimension=256)
+        assert (await engine.check("articles", mode="full")).consistent
+
+
+async def test_a_payload_list_change_is_written_in_place_without_embedding(
+    workdir: Path, app: App
+) -> None:
+    bulk(app, 400)
+    await sync_once(config(workdir))
+    async with Engine.open(load(config(workdir))) as engine:
+        before = await points(engine, "articles__v1")
+    embedder = HashEmbedder("default")
+    counts = await sync_once(config(workdir, payload='["author", "published"]'), embedder)
+    assert embedder.texts_embedded == 0 and counts.get("upserted", 0) == 0
+    assert counts["payload_only"] == 400
+    async with Engine.open(load(config(workdir, payload='["author", "published"]'))) as engine:
+        listed = await versions(engine)
+        assert [(v, r["state"]) for v, r in listed.items()] == [(1, "live")]
+        after = await points(engine, "articles__v1")
+        assert after.keys() == before.keys()
+        for pid, record in after.items():
+            assert record.vector == before[pid].vector
+            assert "tags" not in record.payload
+            assert record.payload["author"] == before[pid].payload["author"]
+        assert (await engine.check("articles", mode="full")).consistent
+
+
+MINILM = 'kind = "sentence-transformers"\nthreads = 1'
+
+
+@pytest.mark.slow
+@pytest.mark.embedding_model
+async def test_a_template_change_with_minilm_builds_verifies_and_swaps(
+    workdir: Path, app: App
+) -> None:
+    """The bundled MiniLM on 2,000 records: a new template is a new version, built beside
+    the live one, verified against fresh embeddings and swapped; then a payload-list
+    change goes to both versions in place, with no embedding and no new version."""
+    bulk(app, 2000)
+    await sync_once(config(workdir, embedder=MINILM))
+    new_text = "{{ body }} by {{ author }}"
+    async with Engine.open(load(config(workdir, embedder=MINILM, text=new_text))) as engine:
+        seen: list[Event] = []
+        stream = engine.events()
+
+        async def collect() -> None:
+            async for event in stream:
+                seen.append(event)
+
+        collecting = asyncio.create_task(collect())
+        result = await engine.run(once=True)
+        await until(lambda: _any(seen, IndexSwapped), 10, "the swap's event delivered")
+        collecting.cancel()
+        started = [e for e in seen if isinstance(e, ReindexStarted)]
+        swapped = [e for e in seen if isinstance(e, IndexSwapped)]
+        progress = [e for e in seen if isinstance(e, ReindexProgress)]
+        assert [(e.version, e.reason) for e in started] == [(2, "text")]
+        assert [(e.version, e.previous) for e in swapped] == [(2, 1)]
+        assert progress and progress[-1].done == 2000
+        rows = app.rows()
+        assert result.counts["embedded"] == len({(r["body"], r["author"]) for r in rows.values()})
+        listed = await versions(engine)
+        assert (listed[1]["state"], listed[2]["state"]) == ("previous", "live")
+        assert listed[1]["model"] == listed[2]["model"] == engine.embedders["default"].model_id
+        assert (await engine.check("articles", mode="full")).consistent
+        # the new version's vectors are MiniLM's embeddings of the new template's texts
+        found = await points(engine, "articles__v2")
+        keys = [1, 500, 1999]
+        fresh = await engine.embedders["default"].embed(
+            [f"{rows[k]['body']} by {rows[k]['author']}" for k in keys]
+        )
+        for key, vector in zip(keys, fresh, strict=True):
+            stored = found[point_id("articles", key)].vector
+            assert stored is not None
+            assert sum(a * b for a, b in zip(vector, stored, strict=True)) > 0.999
+    payload = '["author", "published"]'
+    cfg = config(workdir, embedder=MINILM, text=new_text, payload=payload)
+    async with Engine.open(load(cfg)) as engine:
+        result = await engine.run(once=True)
+        assert result.counts.get("embedded", 0) == 0
+        assert result.counts["payload_only"] >= 2000
+        assert sorted(await versions(engine)) == [1, 2]
+        for collection in ("articles__v1", "articles__v2"):
+            written = await points(engine, collection)
+            assert len(written) == 2000
+            assert not any("tags" in r.payload for r in written.values()), collection
+        assert (await engine.check("articles", mode="full")).consistent
+
+
+async def _any(seen: list[Event], kind: type[Event]) -> bool:
+    return any(isinstance(e, kind) for e in seen)

@@ -217,6 +217,18 @@ class IndexService:
                 self._backfills[key].target = runtime
         return runtime
 
+    def expiring(self, source: str) -> bool:
+        """Whether a previous version of ``source``'s mappings was kept for
+        ``sync.keep_previous`` already (a streaming run then drops it: see ``targets``)."""
+        now = time.time()
+        e = self.engine
+        return any(
+            (previous := mapped.versions.previous) is not None
+            and (previous.retired_at or now) + self.keep_previous <= now
+            and e.mapping(name).source == source
+            for name, mapped in self._mapped.items()
+        )
+
     def backfills(self, source: str) -> list[Backfill]:
         return [bf for bf in self._backfills.values() if bf.target.config.source == source]
 
@@ -419,6 +431,7 @@ class IndexService:
                     "dimension": v.dimension,
                     "created_at": v.created_at,
                     "live_at": v.live_at,
+                    "dropped_at": v.dropped_at,
                     "retired_at": v.retired_at,
                     "backfill": {"done": v.backfill_done, "records": v.backfilled},
                 }
