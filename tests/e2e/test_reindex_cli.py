@@ -22,7 +22,7 @@ from tests.helpers import App, sync_once
 from tests.integration.test_reindex import bulk, config
 from vectorsync.model import content_hash
 
-RECORDS = 5_000
+RECORDS = 8_000  # 80 pages: five runs killed after 1-3 pages each leave most to do
 BATCH = 200  # sync.batch_size: a backfill's in-flight budget
 KILLS = 5
 DEADLINE = 120.0
@@ -89,7 +89,7 @@ def test_kill_9_during_a_backfill_resumes_from_its_checkpoint(workdir: Path, app
     checkpoint, and what the kills threw away is at most a batch each."""
     rng = random.Random(1313)
     bulk(app, RECORDS)
-    asyncio.run(sync_once(config(workdir, dimension=384, batch_size=BATCH)))
+    asyncio.run(sync_once(config(workdir, dimension=384)))
     config(workdir, dimension=256, batch_size=BATCH)
     counts = workdir / "embedded.txt"
     env = {**os.environ, "EMBED_COUNT_FILE": str(counts)}

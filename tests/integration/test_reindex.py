@@ -11,7 +11,8 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import pytest
 from tests.helpers import App, load, sync_once, write_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
+from vectorsync.errors import PermanentError
 from vectorsync.events import Event, IndexSwapped, ReindexProgress, ReindexStarted
-from vectorsync.model import content_hash, point_id
+from vectorsync.model import Point, content_hash, point_id
 from vectorsync.render import Renderer
 from vectorsync.sinks.base import CollectionSpec, SinkRecord
 
@@ -407,3 +409,52 @@ async def test_a_template_change_with_minilm_builds_verifies_and_swaps(
 
 async def _any(seen: list[Event], kind: type[Event]) -> bool:
     return any(isinstance(e, kind) for e in seen)
+
+
+async def test_a_version_that_does_not_verify_is_repaired_before_it_goes_live(
+    workdir: Path, app: App
+) -> None:
+    """Points in the new collection that its build did not write (a foreign one, one of a
+    key the source does not have) fail its verification: they are removed and the build
+    verified again — it never goes live with them, and `run --once` does not loop."""
+    bulk(app, 200)
+    await sync_once(config(workdir))
+    async with Engine.open(load(config(workdir, dimension=256))) as engine:
+        await engine.prepare()  # version 2's collection is made beside the live one
+        vector = HashEmbedder(dimension=256).vector("stray")
+        stray = [
+            Point(id=str(uuid.uuid4()), vector=vector, payload={"note": "not ours"}),
+            Point(id=point_id("articles", 999), vector=vector, payload={"_vs_key": 999}),
+        ]
+        await engine.sinks["vectors"].upsert("articles__v2", stray)
+        await asyncio.wait_for(engine.run(once=True), DEADLINE)
+        listed = await versions(engine)
+        assert (listed[1]["state"], listed[2]["state"]) == ("previous", "live")
+        await assert_version_matches(engine, app, "articles__v2", dimension=256)
+        assert listed[2]["backfill"]["records"] == 200
+
+
+class Unsteady(HashEmbedder):
+    """Never the same vector twice for a text (a model that is not deterministic)."""
+
+    def __init__(self) -> None:
+        super().__init__("default", dimension=256)
+        self.rng = random.Random(0)
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        vectors = await super().embed(texts)
+        return [[x + self.rng.uniform(-0.2, 0.2) for x in v] for v in vectors]
+
+
+async def test_a_version_that_never_verifies_fails_the_run_and_stays_out(
+    workdir: Path, app: App
+) -> None:
+    bulk(app, 100)
+    await sync_once(config(workdir))
+    cfg = load(config(workdir, dimension=256))
+    async with Engine.open(cfg, embedders={"default": Unsteady()}) as engine:
+        with pytest.raises(PermanentError, match=r"index version 2 did not verify 3 times"):
+            await asyncio.wait_for(engine.run(once=True), DEADLINE)
+        listed = await versions(engine)
+        assert (listed[1]["state"], listed[2]["state"]) == ("live", "building")
+        await assert_version_matches(engine, app, "articles__v1", dimension=384)
