@@ -94,6 +94,7 @@ def test_kill_9_during_a_backfill_resumes_from_its_checkpoint(workdir: Path, app
     counts = workdir / "embedded.txt"
     env = {**os.environ, "EMBED_COUNT_FILE": str(counts)}
     seen: list[tuple[int, Any]] = []  # every checkpoint observed, in order, across runs
+    wasted: list[int] = []  # per killed run: texts embedded for pages it did not commit
     for kill in range(KILLS):
         start = checkpoint(workdir)
         pages, base = rng.randint(1, 3), 0 if start is None else start[0]
@@ -123,6 +124,9 @@ def test_kill_9_during_a_backfill_resumes_from_its_checkpoint(workdir: Path, app
         after = checkpoint(workdir)
         assert after is not None and after[2] == 0 and after[3] == "building", (kill, after)
         seen.append((after[0], after[1]))
+        # what this run embedded beyond the pages it committed: at most one batch
+        wasted.append(embedded(counts, "hash-v1/256") - after[0] - sum(wasted))
+        assert 0 <= wasted[-1] <= BATCH, (kill, wasted)
     done = subprocess.run(
         [sys.executable, "-c", COUNTED, "run", "--once"],
         cwd=workdir,
@@ -139,7 +143,7 @@ def test_kill_9_during_a_backfill_resumes_from_its_checkpoint(workdir: Path, app
     assert [k for _, k in seen] == sorted(k for _, k in seen), seen
     assert final[0] == RECORDS
     total = embedded(counts, "hash-v1/256")
-    print(f"embedded {total} for {RECORDS} records after {KILLS} kills; checkpoints {seen}")
+    print(f"embedded {total} for {RECORDS} records after {KILLS} kills; wasted {wasted}")
     assert RECORDS <= total <= RECORDS + KILLS * BATCH
     checked = vectorsync(workdir, "check", "--json")
     assert checked.returncode == 0, checked.stdout + checked.stderr
