@@ -51,6 +51,7 @@ from .events import (
     EventStream,
     Failed,
     Inconsistent,
+    ReindexProgress,
     RunFinished,
     RunStarted,
     SchemaEvolved,
@@ -599,6 +600,18 @@ class Engine:
                         counts=counts,
                     )
                 )
+            if report.backfill is not None:  # one event per committed backfill page
+                bf = report.backfill
+                self.emit(
+                    ReindexProgress(
+                        mapping=bf["mapping"],
+                        version=bf["version"],
+                        done=bf["done"],
+                        total=bf["total"],
+                        rate=bf["rate"],
+                        eta=bf["eta"],
+                    )
+                )
             for d in report.dead_letters:
                 self.emit(
                     DeadLettered(
@@ -655,6 +668,8 @@ class Engine:
                     lease=(_lease_name(name), self.instance_id, leases[name]),
                     backfills=partial(self.index.backfills, name),
                     on_backfilled=self.index.backfilled,
+                    expiring=partial(self.index.expiring, name),
+                    on_expired=partial(self.source_targets, name),
                 )
                 for name, source in self.sources.items()
             ]
@@ -1245,6 +1260,7 @@ class Engine:
             await self._open_sinks()
             if rollback:
                 version = await self.index.rollback(m)
+                self._runtimes = None  # searches read the version live now
                 return {"mapping": m.name, "live": version.version, "rolled_back": True}
             building = await self.index.start_build(m)
         finally:

@@ -201,6 +201,8 @@ class SourceWorker:
         backfills: Callable[[], Sequence[Backfill]] | None = None,
         on_backfilled: Callable[[Backfill], Awaitable[Sequence[MappingRuntime] | None]]
         | None = None,
+        expiring: Callable[[], bool] | None = None,
+        on_expired: Callable[[], Awaitable[Sequence[MappingRuntime]]] | None = None,
     ) -> None:
         self.source = source
         self.run_id = run_id
@@ -214,6 +216,12 @@ class SourceWorker:
         self._backfills = list(self._backfills_of())
         self._on_backfilled = on_backfilled
         self._backfilled: Backfill | None = None  # its last page planned: verify and swap
+        self._page_committed = asyncio.Event()  # replaced (the old one set) at each page
+        # a target's time is up (a previous index version kept long enough): drain, then
+        # the engine drops it and hands back the targets to go on with
+        self._expiring = expiring or (lambda: False)
+        self._on_expired = on_expired
+        self._expire = False
         self._batch_size = batch_size
         self._max_in_flight = max_in_flight
         self._poll = poll_interval
@@ -269,6 +277,11 @@ class SourceWorker:
             if self._backfilled is not None and not stop.is_set():
                 await self._finish_backfill(self._backfilled)
                 continue
+            if self._expire and not stop.is_set():
+                self._expire = False
+                if self._on_expired is not None:
+                    self._use(await self._on_expired())
+                continue
             if not self._epoch_changed or stop.is_set():
                 return
             logger.warning(
@@ -323,6 +336,9 @@ class SourceWorker:
         self, cursor: int, target: int | None, stop: asyncio.Event, out: asyncio.Queue[Any]
     ) -> None:
         while not stop.is_set() and (target is None or cursor < target or self._backfills):
+            if self._on_expired is not None and self._expiring():
+                self._expire = True
+                break  # drain, then drop it (see run)
             changes: list[Change] = []
             if target is None or cursor < target:
                 changes = await self._retry(
@@ -337,7 +353,12 @@ class SourceWorker:
                 cursor = changes[-1].position
                 await out.put(await self._prepare(changes))
             if self._backfills:  # a page after every batch of live changes, or when idle
-                page = await self._backfill_page(self._backfills[0], cursor)
+                bf = self._backfills[0]
+                if not bf.room():  # its budget is in flight: wait for a page's commit
+                    if not changes:
+                        await self._idle(stop, self._page_committed.wait())
+                    continue
+                page = await self._backfill_page(bf, cursor)
                 if page is not None:
                     await out.put(page)
                 if self._backfilled is not None:
@@ -365,6 +386,7 @@ class SourceWorker:
                 keys.append(row[m.config.key])
                 if len(keys) >= bf.page:
                     break
+        bf.planned(len(keys))
         if not keys:
             bf.finished = True
             self._backfilled = bf
@@ -387,11 +409,13 @@ class SourceWorker:
         bf.after = keys[-1]
         return batch
 
-    async def _idle(self, stop: asyncio.Event) -> None:
-        """Wait for the source to signal new changes, at most one poll interval."""
+    async def _idle(self, stop: asyncio.Event, *also: Awaitable[Any]) -> None:
+        """Wait for the source to signal new changes (or ``also``), at most one poll
+        interval."""
         waits = [
             asyncio.create_task(stop.wait()),
             asyncio.create_task(self.source.wait(self._poll)),
+            *(asyncio.ensure_future(a) for a in also),
         ]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -432,7 +456,10 @@ class SourceWorker:
             await self._retry("commit state", partial(self.state.commit, commit), stop)
             _failpoints.hit("after_state_commit")
             if batch.backfill is not None:
-                batch.backfill.adapt(time.monotonic() - batch.emitted)
+                paged = sum(c[3] for c in batch.checkpoints)
+                batch.backfill.committed(paged, time.monotonic() - batch.emitted)
+                woken, self._page_committed = self._page_committed, asyncio.Event()
+                woken.set()
                 batch.backfill.done += sum(w.processed for w in batch.work)
                 batch.backfill.embedded += sum(w.embedded for w in batch.work)
             self._settle(batch)

@@ -7,6 +7,11 @@ never race: whichever the pipeline plans later reads the newer row. Each page's 
 carries the checkpoint (the last key), so a crash resumes after it. The page size adapts
 (additive increase, multiplicative decrease) toward a target batch time, so a slow embedder
 gets small pages and a fast one large ones; memory stays bounded by the page.
+
+The records of a backfill planned but not committed yet stay within one budget (the sync's
+batch size): what a crash throws away — texts embedded for pages whose commit never came —
+is at most one batch per crash. Pages are at most half of it, so two are in flight (one
+embedding while the other is written).
 """
 
 from __future__ import annotations
@@ -37,10 +42,8 @@ class Backfill:
     started: float = field(default_factory=time.monotonic)
     embedded: int = 0
     done_at_start: int = -1
-
-    def __post_init__(self) -> None:
-        if self.done_at_start < 0:
-            self.done_at_start = self.done
+    budget: int = 2 * MAX_PAGE  # records planned and not committed, at most
+    inflight: int = 0  # records planned and not committed yet
 
     @property
     def mapping(self) -> str:
@@ -50,10 +53,28 @@ class Backfill:
     def version(self) -> int:
         return self.target.version
 
-    def adapt(self, seconds: float) -> None:
-        """One page took ``seconds`` from planning to commit: grow or shrink the next."""
+    def __post_init__(self) -> None:
+        if self.done_at_start < 0:
+            self.done_at_start = self.done
+        self.page = max(MIN_PAGE, min(self.page, self.max_page))
+
+    @property
+    def max_page(self) -> int:
+        return max(MIN_PAGE, min(MAX_PAGE, self.budget // 2))
+
+    def room(self) -> bool:
+        """Whether the next page may be planned now (within the in-flight budget)."""
+        return self.inflight == 0 or self.inflight + self.page <= self.budget
+
+    def planned(self, records: int) -> None:
+        self.inflight += records
+
+    def committed(self, records: int, seconds: float) -> None:
+        """A page of ``records`` took ``seconds`` from planning to commit: grow or
+        shrink the next."""
+        self.inflight = max(0, self.inflight - records)
         if seconds <= self.target_seconds:
-            self.page = min(MAX_PAGE, self.page + STEP)
+            self.page = min(self.max_page, self.page + STEP)
         else:
             self.page = max(MIN_PAGE, self.page // 2)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +23,9 @@ from ..backoff import retrying
 from ..check import Checker
 from ..config import EmbedderConfig, MappingConfig
 from ..embed.base import Embedder
-from ..errors import ConfigError, RecordError
+from ..errors import ConfigError, PermanentError, RecordError
 from ..events import IndexSwapped, ReindexStarted
-from ..model import content_hash, key_text
+from ..model import Key, content_hash, key_text, point_id
 from ..render import Renderer
 from ..sinks.base import CollectionSpec
 from .backfill import Backfill
@@ -51,6 +51,7 @@ __all__ = ["IndexService", "index_definition"]
 logger = logging.getLogger(__name__)
 _INT_TYPES = frozenset({"INTEGER", "INT", "BIGINT", "SMALLINT"})
 _EMBEDDER = TypeAdapter(EmbedderConfig)
+VERIFY_ATTEMPTS = 3  # verifications of one build in one run before the run gives up
 
 
 def _digest(value: Any) -> str:
@@ -74,6 +75,15 @@ def index_digest(definition: Mapping[str, Any]) -> str:
 
 
 @dataclass(slots=True)
+class _Verdict:
+    """A verification's findings, and what to repair before the backfill runs again."""
+
+    problems: list[str] = field(default_factory=list)
+    rewrite: list[Key] = field(default_factory=list)  # records to write anew
+    stray: list[str] = field(default_factory=list)  # point ids the build did not write
+
+
+@dataclass(slots=True)
 class _Mapped:
     versions: Versions
     runtimes: list[MappingRuntime]
@@ -86,6 +96,7 @@ class IndexService:
         self._mapped: dict[str, _Mapped] = {}
         self._backfills: dict[tuple[str, int], Backfill] = {}
         self._embedders: dict[str, Embedder] = {}  # built for versions of other models
+        self._failed: dict[tuple[str, int], int] = {}  # verifications failed, per build
 
     # -- targets ------------------------------------------------------------------------
     async def targets(
@@ -211,10 +222,23 @@ class IndexService:
                     after=version.backfill_after,
                     done=version.backfilled,
                     total=max(total, version.backfilled) or None,
+                    budget=e.config.sync.batch_size,
                 )
             else:
                 self._backfills[key].target = runtime
         return runtime
+
+    def expiring(self, source: str) -> bool:
+        """Whether a previous version of ``source``'s mappings was kept for
+        ``sync.keep_previous`` already (a streaming run then drops it: see ``targets``)."""
+        now = time.time()
+        e = self.engine
+        return any(
+            (previous := mapped.versions.previous) is not None
+            and (previous.retired_at or now) + self.keep_previous <= now
+            and e.mapping(name).source == source
+            for name, mapped in self._mapped.items()
+        )
 
     def backfills(self, source: str) -> list[Backfill]:
         return [bf for bf in self._backfills.values() if bf.target.config.source == source]
@@ -222,60 +246,110 @@ class IndexService:
     # -- verify and swap ------------------------------------------------------------------
     async def backfilled(self, bf: Backfill) -> list[MappingRuntime] | None:
         """Every page of ``bf`` is committed (and nothing is in flight): verify the new
-        version; if it holds, swap it live. The runtimes the source's worker goes on with."""
+        version; if it holds, swap it live. If not, what failed is repaired (points the
+        build did not write are removed, records that differ are written again by a new
+        backfill) — at most ``VERIFY_ATTEMPTS`` times, then the run fails with the reason
+        while the live version keeps serving. The runtimes the source's worker goes on
+        with."""
         e = self.engine
-        self._backfills.pop((bf.mapping, bf.version), None)
+        key = (bf.mapping, bf.version)
+        self._backfills.pop(key, None)
         m = e.mapping(bf.mapping)
         versions = self._mapped[m.name].versions
         building = versions.building
         if building is None or building.version != bf.version:
             return None
-        problems = await self.verify(m, building, bf.target)
-        if problems:
+        verdict = await self.verify(m, building, bf.target)
+        if verdict.problems:
+            attempts = self._failed.get(key, 0) + 1
+            self._failed[key] = attempts
+            reason = "; ".join(verdict.problems)
+            if attempts >= VERIFY_ATTEMPTS:
+                raise PermanentError(
+                    f"mapping {m.name!r}: index version {building.version} did not verify "
+                    f"{attempts} times ({reason}); version {versions.live.version} stays live. "
+                    f"`vectorsync check {m.name}` shows the live version's drift; a config "
+                    "change builds another version, `vectorsync reindex` tries this one again"
+                )
             logger.warning(
-                "mapping %s: index version %d did not verify (%s); its backfill runs again",
+                "mapping %s: index version %d did not verify (%s); repaired, its backfill "
+                "runs again",
                 m.name,
                 building.version,
-                "; ".join(problems),
+                reason,
                 extra={"action": "reindex_verify", "mapping": m.name},
             )
+            await self._repair(bf.target, verdict)
             await e.state.reset_backfill(m.name, building.version)
         else:
+            self._failed.pop(key, None)
             await self.swap(m, versions.live, building)
         return await e.source_targets(m.source)
 
+    async def _repair(self, target: MappingRuntime, verdict: _Verdict) -> None:
+        """Remove the points that failed and forget their record state: the backfill that
+        runs again writes each record that has a row anew."""
+        ids = [*verdict.stray, *(point_id(target.config.name, k) for k in verdict.rewrite)]
+        if ids:
+            await target.sink.delete(target.collection, ids)
+        if verdict.rewrite:
+            await self.engine.state.forget(target.name, [key_text(k) for k in verdict.rewrite])
+
     async def verify(
         self, m: MappingConfig, building: IndexVersion, target: MappingRuntime
-    ) -> list[str]:
+    ) -> _Verdict:
         """What keeps the new version from going live: a full check against the source
-        (drift the live version shares is a change still in flight, not the new version's),
-        and a sample of its vectors against fresh embeddings of their texts."""
+        (drift the live version shares is a change still in flight, not the new version's;
+        a point the build has no record of is its own), and a sample of its vectors against
+        fresh embeddings of their texts."""
         e = self.engine
         checker = self.checker(m, target)
         report = await checker.full()
-        problems = []
+        verdict = _Verdict()
         own = [d for d in report.drift if d.key is not None and d.category != "dead_lettered"]
         if own:
             keys = [key_text(d.key) for d in own if d.key is not None]
             live = await e.state.version_digests(m.name, keys)
             built = await e.state.version_digests(target.name, keys)
-            real = [k for k in keys if live.get(k) != built.get(k)]
+            real = [
+                d.key
+                for d in own
+                if d.key is not None
+                and (
+                    live.get(key_text(d.key)) != built.get(key_text(d.key))
+                    or (d.category == "orphaned" and key_text(d.key) not in built)
+                )
+            ]
             if real:
-                problems.append(f"{len(real)} records differ from the source (e.g. {real[0]!r})")
-        if any(d.key is None for d in report.drift):
-            problems.append("foreign points in the new collection")
+                verdict.rewrite.extend(real)
+                verdict.problems.append(
+                    f"{len(real)} records differ from the source (e.g. {real[0]!r})"
+                )
+        foreign = [d.point_id for d in report.drift if d.key is None]
+        if foreign:
+            verdict.stray.extend(foreign)
+            verdict.problems.append(f"{len(foreign)} foreign points in the new collection")
+        wrong = await self._sample_vectors(m, target)
+        if wrong:
+            verdict.rewrite.extend(wrong)
+            verdict.problems.append(f"{len(wrong)} sampled vectors differ from fresh embeddings")
+        return verdict
+
+    async def _sample_vectors(self, m: MappingConfig, target: MappingRuntime) -> list[Key]:
+        """Keys of a sample of the new version's points whose vector is not a fresh
+        embedding of their current text (those whose text changed meanwhile left out)."""
+        e = self.engine
         sample = [
-            r async for r in target.sink.scroll(target.collection, with_vectors=True, page=256)
+            r
+            async for r in target.sink.scroll(target.collection, with_vectors=True, page=256)
+            if "_vs_key" in r.payload
         ][:200]
-        stored = {r.payload["_vs_key"]: r.vector or [] for r in sample if "_vs_key" in r.payload}
+        stored = {r.payload["_vs_key"]: r.vector or [] for r in sample}
         texts = await e.texts(m.name, list(stored), text=target.config.text)
         fresh_hashes = {k: content_hash(target.embedder.model_id, t) for k, t in texts.items()}
         current = {r.payload["_vs_key"]: r.payload.get("_vs_text_hash") for r in sample}
         comparable = {k: t for k, t in texts.items() if current.get(k) == fresh_hashes[k]}
-        wrong = await verify_vectors(comparable, stored, target.embedder.embed)
-        if wrong:
-            problems.append(f"{len(wrong)} sampled vectors differ from fresh embeddings")
-        return problems
+        return await verify_vectors(comparable, stored, target.embedder.embed)
 
     def checker(self, m: MappingConfig, target: MappingRuntime) -> Checker:
         e = self.engine
@@ -418,6 +492,7 @@ class IndexService:
                     "dimension": v.dimension,
                     "created_at": v.created_at,
                     "live_at": v.live_at,
+                    "dropped_at": v.dropped_at,
                     "retired_at": v.retired_at,
                     "backfill": {"done": v.backfill_done, "records": v.backfilled},
                 }

@@ -169,6 +169,16 @@ def checkpoint(
     )
 
 
+def restart_backfill(conn: Connection, mapping: str, version: int) -> None:
+    """A version's backfill from the start again (after it did not verify)."""
+    t = s.index_versions
+    conn.execute(
+        update(t)
+        .where(t.c.mapping == mapping, t.c.version == version)
+        .values(backfill_after=None, backfilled=0, backfill_done=0)
+    )
+
+
 def rename_state(conn: Connection, old: str, new: str) -> None:
     """Move a version's record state, dependencies and dead letters to another name."""
     for table in _PER_VERSION:

@@ -638,7 +638,7 @@ class StateStore:
 
     async def reset_backfill(self, mapping: str, version: int) -> None:
         """Start a version's backfill over (after it did not verify)."""
-        await self._tx("restart a backfill", index_log.checkpoint, mapping, version, None, 0, False)
+        await self._tx("restart a backfill", index_log.restart_backfill, mapping, version)
 
     async def forget_index_state(self, name: str) -> None:
         await self._tx("drop an index version's state", index_log.forget_state, name)

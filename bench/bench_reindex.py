@@ -1,0 +1,180 @@
+"""Re-index benchmark: a backfill's throughput ÷ the raw embedder's on the same texts, in
+the same process; figures go to bench/results/reindex-<embedder>.json.
+
+python bench/bench_reindex.py                      # hash embedder, 20,000 records
+python bench/bench_reindex.py --records 100000
+python bench/bench_reindex.py --embedder minilm --records 2000
+
+A template change (title and body swapped) makes every text new, so the backfill embeds
+every record (no cache hit): the ratio is what the pipeline around the embedder costs
+(keyset scan, re-read, render, sink writes, state commits). The verification and swap
+after the backfill are timed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from vectorsync.config import load_config
+from vectorsync.embed.base import Embedder
+from vectorsync.embed.hash import HashEmbedder
+from vectorsync.engine import Engine
+from vectorsync.render import Renderer
+from vectorsync.worker import BatchReport
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+WORK = ROOT / "work"
+WORDS = ["alpha", "beta", "gamma", "delta", "vector", "graph", "sync", "chunk", "entity"]
+
+CONFIG = """\
+[state]
+url = "sqlite:///.vectorsync/state.db"
+[sync]
+batch_size = {batch}
+[sources.app]
+kind = "sqlite"
+path = "app.db"
+[sinks.vectors]
+kind = "qdrant-edge"
+path = ".vectorsync/qdrant"
+[embedders.default]
+{embedder}
+[[mappings]]
+name = "docs"
+source = "app"
+table = "docs"
+key = "id"
+text = "{text}"
+payload = ["author", "tags", "published"]
+sink = "vectors"
+"""
+BEFORE, AFTER = "{{ title }}\\n{{ body }}", "{{ body }}\\n{{ title }}"
+EMBEDDERS = {"hash": 'kind = "hash"', "minilm": 'kind = "sentence-transformers"\nthreads = 1'}
+
+
+def _project(name: str, records: int) -> Path:
+    folder = WORK / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rng = random.Random(records)
+    db = sqlite3.connect(folder / "app.db")
+    db.execute(
+        "CREATE TABLE docs (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
+        "tags TEXT, published INTEGER)"
+    )
+    db.executemany(
+        "INSERT INTO docs VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (i, f"title {i}", " ".join(rng.choices(WORDS, k=12)), "ann", "a", 2020)
+            for i in range(1, records + 1)
+        ],
+    )
+    db.commit()
+    db.close()
+    return folder
+
+
+def _configure(folder: Path, embedder: str, text: str, batch: int) -> Path:
+    path = folder / "vectorsync.toml"
+    path.write_text(CONFIG.format(embedder=EMBEDDERS[embedder], text=text, batch=batch))
+    return path
+
+
+def _texts(folder: Path, config_path: Path) -> list[str]:
+    renderer = Renderer(load_config(config_path).mappings[0])
+    db = sqlite3.connect(folder / "app.db")
+    cols = ("id", "title", "body", "author", "tags", "published")
+    rows = [dict(zip(cols, r, strict=True)) for r in db.execute("SELECT * FROM docs")]
+    db.close()
+    return [renderer.render(r).text for r in rows]
+
+
+async def _raw_rate(embedder: Embedder, texts: list[str]) -> float:
+    await embedder.embed(texts[:64])  # warm-up
+    started = time.perf_counter()
+    for i in range(0, len(texts), embedder.batch_size):
+        await embedder.embed(texts[i : i + embedder.batch_size])
+    return len(texts) / (time.perf_counter() - started)
+
+
+async def bench(embedder_kind: str, records: int, batch: int) -> dict[str, Any]:
+    folder = _project(f"reindex-{embedder_kind}", records)
+    cwd = Path.cwd()
+    os.chdir(folder)  # the config's relative paths
+    try:
+        first = _configure(folder, embedder_kind, BEFORE, batch)
+        async with Engine.open(load_config(first)) as engine:
+            await engine.run(once=True)
+        second = _configure(folder, embedder_kind, AFTER, batch)
+        texts = _texts(folder, second)
+        pages: list[tuple[float, int]] = []  # (commit time, records done)
+
+        def on_batch(report: BatchReport) -> None:
+            if report.backfill is not None:
+                pages.append((time.perf_counter(), report.backfill["done"]))
+
+        async with Engine.open(load_config(second)) as engine:
+            await engine.prepare()  # builds version 2's target; loads the model once
+            embedder = engine.embedders["default"]
+            raw = await _raw_rate(embedder, texts)
+            if isinstance(embedder, HashEmbedder):
+                embedder.texts_embedded = 0
+            started = time.perf_counter()
+            result = await engine.run(once=True, on_batch=on_batch)
+            finished = time.perf_counter()
+            listed = await engine.indexes("docs")
+    finally:
+        os.chdir(cwd)
+    assert [v["state"] for v in listed] == ["previous", "live"], listed
+    backfill_seconds = pages[-1][0] - started
+    rate = records / backfill_seconds
+    return {
+        "embedder": embedder_kind,
+        "records": records,
+        "batch_size": batch,
+        "pages": len(pages),
+        "raw_embed_texts_per_s": round(raw, 1),
+        "backfill_records_per_s": round(rate, 1),
+        "ratio": round(rate / raw, 3),
+        "backfill_seconds": round(backfill_seconds, 2),
+        "verify_and_swap_seconds": round(finished - pages[-1][0], 2),
+        "run_seconds": round(result.seconds, 2),
+        "embedded": result.counts.get("embedded", 0),
+    }
+
+
+def _write(name: str, figures: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "benchmark": name,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        **figures,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--embedder", choices=sorted(EMBEDDERS), default="hash")
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=1000, help="sync.batch_size")
+    args = parser.parse_args()
+    figures = asyncio.run(bench(args.embedder, args.records, args.batch))
+    _write(f"reindex-{args.embedder}", figures)
+
+
+if __name__ == "__main__":
+    main()
