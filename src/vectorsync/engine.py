@@ -34,6 +34,7 @@ from .config import (
     HashEmbedderConfig,
     MappingConfig,
     Neo4jSourceConfig,
+    PgvectorSinkConfig,
     PostgresSourceConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
@@ -148,6 +149,10 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
         from .sinks.qdrant_edge import QdrantEdgeSink
 
         return QdrantEdgeSink(name, config.resolve(cfg.path), min_free_space=cfg.min_free_space)
+    if isinstance(cfg, PgvectorSinkConfig):
+        from .sinks.pgvector import PgvectorSink
+
+        return PgvectorSink(name, cfg.url, schema=cfg.schema_name, hnsw=cfg.hnsw)
     assert isinstance(cfg, QdrantSinkConfig)
     from .sinks.qdrant import QdrantSink
 

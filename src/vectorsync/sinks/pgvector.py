@@ -1,0 +1,663 @@
+"""pgvector sink: one PostgreSQL table per collection, in a schema of the sink's own.
+
+A collection is a table ``<schema>.<collection>`` (``id uuid`` primary key, ``vector
+vector(n)``, ``payload jsonb``) with an HNSW index whose operator class matches the distance
+and, when the collection declares payload indexes, a GIN index on the payload (``@>``
+containment serves equality filters). Names longer than PostgreSQL's 63 bytes are bounded
+the way the PostgreSQL source bounds its own (``derived_name``). Each table carries a
+comment naming the collection, its dimension and distance: the catalog is PostgreSQL's own,
+so it cannot drift from the tables, and a table without that comment is never adopted.
+
+An alias is a view ``<schema>.<alias>`` (``SELECT * FROM`` the collection's table), swapped
+in one transaction, so SQL readers of the alias follow a swap at once; the sink resolves an
+alias to its table for every call (writes land in the live version). Scores mean what they
+mean in Qdrant: cosine similarity (``1 - (a <=> b)``, cosine vectors are stored normalised),
+the inner product for ``dot``, and the Euclidean distance for ``euclid`` (lower is nearer).
+
+Every call that has returned is committed (the connection runs in autocommit; statements
+that must go together run in one transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import set_json_loads
+
+from ..errors import ConfigError, PermanentError, SinkError
+from ..model import Condition, PayloadUpdate, Point, SinkRecord, dumps
+from ..redact import redact
+from ..sources.postgres import derived_name
+from ._aliases import check_drop, check_rename, check_set_alias
+from .base import CollectionSpec, Distance, Hit
+
+__all__ = ["PgvectorSink", "table_name"]
+
+logger = logging.getLogger(__name__)
+
+MIN_VERSION = (0, 7, 0)  # l2_normalize
+ITERATIVE_SCAN = (0, 8, 0)  # hnsw.iterative_scan: filtered searches still fill ``limit``
+HNSW_MAX_DIMENSION = 2000
+WRITE_BATCH = 1000  # rows per statement
+_OPCLASS = {"cosine": "vector_cosine_ops", "dot": "vector_ip_ops", "euclid": "vector_l2_ops"}
+_ORDER = {"cosine": "<=>", "dot": "<#>", "euclid": "<->"}
+_SCORE = {"cosine": "1 - ({d})", "dot": "-({d})", "euclid": "{d}"}
+_RANGE = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+# 08 connection, 40 rollback (serialization, deadlock), 53 resources (disk full, too many
+# connections), 57 operator intervention (shutdown, cancel), 58 system (I/O)
+_RETRYABLE = ("08", "40", "53", "57", "58", "55P03", "55006")
+_MARK = "vectorsync"  # the key of our table and view comments
+
+
+def table_name(collection: str) -> str:
+    """The table (or view) of a collection (or alias): its name when it fits in 63 bytes."""
+    return derived_name(collection)
+
+
+@contextlib.contextmanager
+def wrap_errors(sink: str, what: str) -> Iterator[None]:
+    """Connection loss, locks, a full disk and shutdowns are retryable; anything else the
+    server refused (a bad vector, a payload jsonb cannot hold) is permanent."""
+    try:
+        yield
+    except (PermanentError, SinkError):
+        raise
+    except psycopg.Error as exc:
+        state = exc.sqlstate
+        text = redact(f"sink {sink!r}: {what}: {exc}".strip())
+        if state is None or state.startswith(_RETRYABLE):
+            code = "ENOSPC" if state == "53100" else state
+            raise SinkError(text, code=code) from exc
+        raise PermanentError(text, code=state) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A collection table or an alias view, as its comment describes it."""
+
+    name: str
+    table: str
+    alias_of: str | None = None
+    dimension: int = 0
+    distance: Distance = "cosine"
+
+
+class PgvectorSink:
+    def __init__(self, name: str, url: str, *, schema: str = "vectors", hnsw: bool = True) -> None:
+        self.name = name
+        self.url = url
+        self.schema = schema
+        self.hnsw = hnsw
+        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self._lock = asyncio.Lock()
+        self._version: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"PgvectorSink({self.name!r}, {redact(self.url)!r}, schema={self.schema!r})"
+
+    # -- connection ---------------------------------------------------------------------
+    async def _connect(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, application_name=f"vectorsync-{self.name}"
+            )
+        except psycopg.Error as exc:
+            raise SinkError(
+                redact(f"sink {self.name!r}: cannot connect to {self.url}: {exc}".strip()),
+                code=exc.sqlstate,
+            ) from exc
+        set_json_loads(orjson.loads, conn)
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+        """The sink's connection, one user at a time; reconnected after it broke."""
+        async with self._lock:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = await self._connect()
+            yield self._conn
+
+    async def open(self) -> None:
+        async with self._session() as conn:
+            await self._ensure_extension(conn)
+            with wrap_errors(self.name, f"create schema {self.schema!r}"):
+                await conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
+                )
+
+    async def _ensure_extension(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        where = redact(self.url)
+        with wrap_errors(self.name, "read the vector extension"):
+            row = await (
+                await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            ).fetchone()
+        if row is None:
+            try:
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.errors.FeatureNotSupported as exc:  # no vector.control
+                raise ConfigError(
+                    f"sink {self.name!r}: the PostgreSQL server at {where} has no pgvector "
+                    f"extension ({str(exc).strip()}); install pgvector on that server (the "
+                    "postgresql-NN-pgvector package, or build it from source), or point "
+                    "sinks.<name>.url at a server that has it"
+                ) from exc
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise ConfigError(
+                    f"sink {self.name!r}: not allowed to create the vector extension in {where} "
+                    f"({str(exc).strip()}); have a superuser run CREATE EXTENSION vector in "
+                    "that database once"
+                ) from exc
+            except psycopg.Error as exc:
+                with wrap_errors(self.name, "create the vector extension"):
+                    raise exc
+            with wrap_errors(self.name, "read the vector extension"):
+                row = await (
+                    await conn.execute(
+                        "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+                    )
+                ).fetchone()
+        assert row is not None
+        self._version = _version(str(row[0]))
+        if self._version < MIN_VERSION:
+            raise ConfigError(
+                f"sink {self.name!r}: pgvector {row[0]} in {where} is too old (need "
+                f"{'.'.join(map(str, MIN_VERSION))} or newer); install a newer pgvector and run "
+                "ALTER EXTENSION vector UPDATE"
+            )
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def problems(self) -> list[str]:
+        try:  # a probe must not queue behind a long write: a busy connection is a live one
+            await asyncio.wait_for(self._lock.acquire(), timeout=0.2)
+        except TimeoutError:
+            return []
+        try:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = await self._connect()
+            row = await (
+                await self._conn.execute(
+                    "SELECT pg_is_in_recovery(), current_setting(%s)", ("transaction_read_only",)
+                )
+            ).fetchone()
+        except (psycopg.Error, SinkError) as exc:
+            return [redact(f"sink {self.name!r}: cannot reach {self.url}: {exc}".strip())]
+        finally:
+            self._lock.release()
+        if row is not None and (row[0] or row[1] == "on"):
+            return [
+                f"sink {self.name!r}: {redact(self.url)} is read-only (a standby, or "
+                "default_transaction_read_only); point the sink at the primary"
+            ]
+        return []
+
+    # -- the catalog: table and view comments -------------------------------------------
+    async def _catalog(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, _Entry]:
+        """Every collection and alias in the schema, by name."""
+        with wrap_errors(self.name, f"list the collections in schema {self.schema!r}"):
+            cur = await conn.execute(
+                "SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class') "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relkind IN ('r', 'v')",
+                (self.schema,),
+            )
+            rows = await cur.fetchall()
+        found: dict[str, _Entry] = {}
+        for table, kind, comment in rows:
+            info = _comment(comment)
+            if info is None or kind != ("v" if "alias_of" in info else "r"):
+                continue
+            found[str(info["name"])] = _Entry(
+                name=str(info["name"]),
+                table=str(table),
+                alias_of=info.get("alias_of"),
+                dimension=int(info.get("dimension", 0)),
+                distance=info.get("distance", "cosine"),
+            )
+        return found
+
+    async def _resolve(self, conn: psycopg.AsyncConnection[Any], name: str) -> _Entry:
+        """The collection ``name`` is, or the one the alias ``name`` names."""
+        catalog = await self._catalog(conn)
+        entry = catalog.get(name)
+        if entry is not None and entry.alias_of is not None:
+            target = catalog.get(entry.alias_of)
+            if target is None or target.alias_of is not None:
+                raise PermanentError(
+                    f"sink {self.name!r}: alias {name!r} names {entry.alias_of!r}, which is "
+                    "missing; point it at a collection with set_alias"
+                )
+            return target
+        if entry is None:
+            raise PermanentError(
+                f"sink {self.name!r}: no collection {name!r} in schema {self.schema!r}; "
+                "ensure_collection creates it"
+            )
+        return entry
+
+    async def _check_free(self, conn: psycopg.AsyncConnection[Any], table: str, what: str) -> None:
+        """PermanentError if a relation of someone else's holds the name ``table``."""
+        cur = await conn.execute("SELECT to_regclass(%s)", (self._ident(table).as_string(conn),))
+        row = await cur.fetchone()
+        if row is not None and row[0] is not None:
+            raise PermanentError(
+                f"sink {self.name!r}: cannot {what}: {self.schema}.{table} exists and is not "
+                f"vectorsync's; drop or rename it, or set sinks.{self.name}.schema_name to "
+                "another schema"
+            )
+
+    def _ident(self, table: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, table)
+
+    def _describe(self, entry: _Entry) -> sql.Composed:
+        info: dict[str, Any] = {_MARK: 1, "name": entry.name}
+        if entry.alias_of is not None:
+            info["alias_of"] = entry.alias_of
+        else:
+            info.update(dimension=entry.dimension, distance=entry.distance)
+        kind = sql.SQL("VIEW" if entry.alias_of is not None else "TABLE")
+        return sql.SQL("COMMENT ON {} {} IS {}").format(
+            kind, self._ident(entry.table), sql.Literal(json.dumps(info, sort_keys=True))
+        )
+
+    async def _lock_schema(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Serialise catalog changes (create, alias, rename, drop) across processes."""
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"vectorsync-pgvector:{self.schema}",),
+        )
+
+    # -- collections --------------------------------------------------------------------
+    async def ensure_collection(self, spec: CollectionSpec) -> None:
+        async with self._session() as conn:
+            with wrap_errors(self.name, f"create collection {spec.name!r}"):
+                async with conn.transaction():
+                    await self._lock_schema(conn)
+                    await self._ensure(conn, spec)
+
+    async def _ensure(self, conn: psycopg.AsyncConnection[Any], spec: CollectionSpec) -> None:
+        catalog = await self._catalog(conn)
+        entry = catalog.get(spec.name)
+        if entry is not None and entry.alias_of is not None:
+            entry = await self._resolve(conn, spec.name)
+        if entry is None:
+            entry = await self._create(conn, spec)
+        elif (entry.dimension, entry.distance) != (spec.dimension, spec.distance):
+            raise PermanentError(
+                f"sink {self.name!r}: collection {entry.name!r} has dimension "
+                f"{entry.dimension} and {entry.distance} distance, not {spec.dimension} and "
+                f"{spec.distance}; use another collection name"
+            )
+        if spec.indexes:
+            await conn.execute(
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {} ON {} USING gin (payload jsonb_path_ops)"
+                ).format(
+                    sql.Identifier(derived_name(entry.table, "payload")), self._ident(entry.table)
+                )
+            )
+
+    async def _create(self, conn: psycopg.AsyncConnection[Any], spec: CollectionSpec) -> _Entry:
+        table = table_name(spec.name)
+        if self.hnsw and spec.dimension > HNSW_MAX_DIMENSION:
+            raise PermanentError(
+                f"sink {self.name!r}: collection {spec.name!r}: an HNSW index takes at most "
+                f"{HNSW_MAX_DIMENSION} dimensions, not {spec.dimension}; use a smaller model or "
+                f"set sinks.{self.name}.hnsw = false (exact search)"
+            )
+        await self._check_free(conn, table, f"create collection {spec.name!r}")
+        entry = _Entry(
+            name=spec.name, table=table, dimension=spec.dimension, distance=spec.distance
+        )
+        await conn.execute(
+            sql.SQL(
+                "CREATE TABLE {t} (id uuid CONSTRAINT {pk} PRIMARY KEY, "
+                "vector vector({n}) NOT NULL, payload jsonb NOT NULL DEFAULT '{{}}')"
+            ).format(
+                t=self._ident(table),
+                pk=sql.Identifier(derived_name(table, "pkey")),
+                n=sql.Literal(spec.dimension),
+            )
+        )
+        if self.hnsw:
+            await conn.execute(
+                sql.SQL("CREATE INDEX {} ON {} USING hnsw (vector {})").format(
+                    sql.Identifier(derived_name(table, "hnsw")),
+                    self._ident(table),
+                    sql.SQL(_OPCLASS[spec.distance]),
+                )
+            )
+        await conn.execute(self._describe(entry))
+        logger.info(
+            "created collection %s as %s.%s",
+            spec.name,
+            self.schema,
+            table,
+            extra={"action": "sink_create", "sink": self.name, "collection": spec.name},
+        )
+        return entry
+
+    # -- writes -------------------------------------------------------------------------
+    async def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        latest = {p.id: p for p in points}  # one row may be written once per statement
+        rows = list(latest.values())
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            vector = sql.SQL(
+                "l2_normalize(u.v::vector)" if entry.distance == "cosine" else "u.v::vector"
+            )
+            query = sql.SQL(
+                "INSERT INTO {t} (id, vector, payload) SELECT u.id, {vector}, u.p "
+                "FROM unnest(%s::uuid[], %s::text[], %s::jsonb[]) AS u(id, v, p) "
+                "ON CONFLICT (id) DO UPDATE SET vector = EXCLUDED.vector, "
+                "payload = EXCLUDED.payload"
+            ).format(t=self._ident(entry.table), vector=vector)
+            with wrap_errors(self.name, f"upsert into {collection!r}"):
+                async with conn.transaction():
+                    for i in range(0, len(rows), WRITE_BATCH):
+                        chunk = rows[i : i + WRITE_BATCH]
+                        await conn.execute(
+                            query,
+                            (
+                                [p.id for p in chunk],
+                                [_vector_text(p.vector) for p in chunk],
+                                [dumps(p.payload).decode() for p in chunk],
+                            ),
+                        )
+
+    async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
+        latest = list({u.id: u for u in updates}.values())
+        found: set[str] = set()
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            query = sql.SQL(
+                "UPDATE {t} AS t SET payload = (t.payload - "
+                "ARRAY(SELECT jsonb_array_elements_text(u.unset))) || u.set "
+                "FROM unnest(%s::uuid[], %s::jsonb[], %s::jsonb[]) AS u(id, set, unset) "
+                "WHERE t.id = u.id RETURNING t.id"
+            ).format(t=self._ident(entry.table))
+            with wrap_errors(self.name, f"update payloads in {collection!r}"):
+                async with conn.transaction():
+                    for i in range(0, len(latest), WRITE_BATCH):
+                        chunk = latest[i : i + WRITE_BATCH]
+                        cur = await conn.execute(
+                            query,
+                            (
+                                [u.id for u in chunk],
+                                [dumps(u.set).decode() for u in chunk],
+                                [dumps(list(u.unset)).decode() for u in chunk],
+                            ),
+                        )
+                        found.update(str(r[0]) for r in await cur.fetchall())
+        return [u.id for u in updates if u.id not in found]
+
+    async def delete(self, collection: str, ids: Sequence[str]) -> None:
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            with wrap_errors(self.name, f"delete from {collection!r}"):
+                await conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE id = ANY(%s::uuid[])").format(
+                        self._ident(entry.table)
+                    ),
+                    (list(ids),),
+                )
+
+    # -- reads --------------------------------------------------------------------------
+    async def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[SinkRecord]:
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            with wrap_errors(self.name, f"retrieve from {collection!r}"):
+                cur = await conn.execute(
+                    sql.SQL("SELECT id, payload, {v} FROM {t} WHERE id = ANY(%s::uuid[])").format(
+                        v=sql.SQL("vector::text" if with_vectors else "NULL"),
+                        t=self._ident(entry.table),
+                    ),
+                    (list(ids),),
+                )
+                rows = await cur.fetchall()
+        by_id = {str(r[0]): _record(r) for r in rows}
+        return [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
+
+    async def scroll(
+        self,
+        collection: str,
+        *,
+        with_vectors: bool = False,
+        with_payload: bool = True,
+        page: int = 1000,
+    ) -> AsyncIterator[SinkRecord]:
+        after: str | None = None
+        while True:
+            rows = await self._scroll_page(collection, after, page, with_vectors, with_payload)
+            for r in rows:
+                yield _record(r)
+            if len(rows) < page:
+                return
+            after = str(rows[-1][0])
+
+    async def _scroll_page(
+        self,
+        collection: str,
+        after: str | None,
+        page: int,
+        with_vectors: bool,
+        with_payload: bool,
+    ) -> list[tuple[Any, ...]]:
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            query = sql.SQL("SELECT id, {p}, {v} FROM {t} {after} ORDER BY id LIMIT %s").format(
+                after=sql.SQL("" if after is None else "WHERE id > %s::uuid"),
+                p=sql.SQL("payload" if with_payload else "'{}'::jsonb"),
+                v=sql.SQL("vector::text" if with_vectors else "NULL"),
+                t=self._ident(entry.table),
+            )
+            with wrap_errors(self.name, f"scroll {collection!r}"):
+                cur = await conn.execute(query, (page,) if after is None else (after, page))
+                return await cur.fetchall()
+
+    async def count(self, collection: str) -> int:
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            with wrap_errors(self.name, f"count {collection!r}"):
+                cur = await conn.execute(
+                    sql.SQL("SELECT count(*) FROM {}").format(self._ident(entry.table))
+                )
+                row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def search(
+        self,
+        collection: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        filters, params = _where(where)
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            distance = sql.SQL("vector {} %(q)s::vector").format(sql.SQL(_ORDER[entry.distance]))
+            score = sql.SQL(_SCORE[entry.distance]).format(d=distance)
+            query = sql.SQL(
+                "SELECT id, payload, NULL, {score} FROM {t} {where} ORDER BY {d} LIMIT %(limit)s"
+            ).format(
+                score=score,
+                t=self._ident(entry.table),
+                where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(filters)
+                if filters
+                else sql.SQL(""),
+                d=distance,
+            )
+            params.update(q=_vector_text(vector), limit=limit)
+            with wrap_errors(self.name, f"search {collection!r}"):
+                async with conn.transaction():
+                    await self._tune_search(conn, limit)
+                    rows = await (await conn.execute(query, params)).fetchall()
+        return [Hit(float(r[3]), _record(r)) for r in rows]
+
+    async def _tune_search(self, conn: psycopg.AsyncConnection[Any], limit: int) -> None:
+        """An HNSW scan yields ``ef_search`` candidates before filters: ask for at least
+        ``limit``, and (pgvector 0.8+) let it scan on until filters leave ``limit`` rows."""
+        ef_search = str(min(max(40, limit), 1000))
+        if self._version >= ITERATIVE_SCAN:
+            await conn.execute(
+                "SELECT set_config('hnsw.ef_search', %s, true), "
+                "set_config('hnsw.iterative_scan', 'strict_order', true)",
+                (ef_search,),
+            )
+        else:
+            await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (ef_search,))
+
+    # -- aliases ------------------------------------------------------------------------
+    async def set_alias(self, alias: str, collection: str) -> None:
+        async with self._session() as conn:
+            with wrap_errors(self.name, f"point alias {alias!r} at {collection!r}"):
+                async with conn.transaction():
+                    await self._lock_schema(conn)
+                    catalog = await self._catalog(conn)
+                    physical, aliases = _split(catalog)
+                    check_set_alias(self.name, alias, collection, physical, aliases)
+                    if aliases.get(alias) == collection:
+                        return
+                    view = catalog[alias].table if alias in catalog else table_name(alias)
+                    if alias not in catalog:
+                        await self._check_free(conn, view, f"make {alias!r} an alias")
+                    # the new target may have another dimension: a view cannot change a
+                    # column's type in place, so drop and create it in this transaction
+                    await conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(self._ident(view)))
+                    await conn.execute(
+                        sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                            self._ident(view), self._ident(catalog[collection].table)
+                        )
+                    )
+                    await conn.execute(
+                        self._describe(_Entry(name=alias, table=view, alias_of=collection))
+                    )
+
+    async def alias_target(self, alias: str) -> str | None:
+        async with self._session() as conn:
+            entry = (await self._catalog(conn)).get(alias)
+        return entry.alias_of if entry is not None else None
+
+    async def is_alias(self, name: str) -> bool:
+        return await self.alias_target(name) is not None
+
+    async def rename_collection(self, old: str, new: str) -> None:
+        async with self._session() as conn:
+            with wrap_errors(self.name, f"rename {old!r} to {new!r}"):
+                async with conn.transaction():
+                    await self._lock_schema(conn)
+                    catalog = await self._catalog(conn)
+                    physical, aliases = _split(catalog)
+                    check_rename(self.name, old, new, physical, aliases)
+                    await self._rename(conn, catalog[old], new)
+
+    async def _rename(self, conn: psycopg.AsyncConnection[Any], entry: _Entry, new: str) -> None:
+        table = table_name(new)
+        await self._check_free(conn, table, f"rename {entry.name!r} to {new!r}")
+        await conn.execute(
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                self._ident(entry.table), sql.Identifier(table)
+            )
+        )
+        for part in ("pkey", "hnsw", "payload"):
+            await conn.execute(
+                sql.SQL("ALTER INDEX IF EXISTS {} RENAME TO {}").format(
+                    self._ident(derived_name(entry.table, part)),
+                    sql.Identifier(derived_name(table, part)),
+                )
+            )
+        await conn.execute(
+            self._describe(
+                _Entry(name=new, table=table, dimension=entry.dimension, distance=entry.distance)
+            )
+        )
+
+    async def drop_collection(self, name: str) -> None:
+        async with self._session() as conn:
+            with wrap_errors(self.name, f"drop collection {name!r}"):
+                async with conn.transaction():
+                    await self._lock_schema(conn)
+                    catalog = await self._catalog(conn)
+                    check_drop(self.name, name, _split(catalog)[1])
+                    if name in catalog:
+                        await conn.execute(
+                            sql.SQL("DROP TABLE {}").format(self._ident(catalog[name].table))
+                        )
+
+    async def collections(self) -> list[str]:
+        async with self._session() as conn:
+            return sorted(_split(await self._catalog(conn))[0])
+
+
+def _split(catalog: dict[str, _Entry]) -> tuple[set[str], dict[str, str]]:
+    """The physical collections, and the aliases with what they name."""
+    physical = {n for n, e in catalog.items() if e.alias_of is None}
+    aliases = {n: e.alias_of for n, e in catalog.items() if e.alias_of is not None}
+    return physical, aliases
+
+
+def _where(conditions: Sequence[Condition]) -> tuple[list[sql.Composable], dict[str, Any]]:
+    """Conditions as SQL with Qdrant's meaning: a list matches when one of its items does,
+    values of another type never match, a missing field matches only ``ne``. Field names
+    are quoted literals, values are parameters."""
+    filters: list[sql.Composable] = []
+    params: dict[str, Any] = {}
+    for i, c in enumerate(conditions):
+        if c.op in ("eq", "ne"):
+            # containment (served by the GIN index): the value itself, or a list holding it
+            params[f"c{i}"] = dumps({c.field: c.value}).decode()
+            params[f"l{i}"] = dumps({c.field: [c.value]}).decode()
+            match = sql.SQL("(payload @> %({})s::jsonb OR payload @> %({})s::jsonb)").format(
+                sql.SQL(f"c{i}"), sql.SQL(f"l{i}")
+            )
+            filters.append(match if c.op == "eq" else sql.SQL("NOT ") + match)
+        else:
+            params[f"c{i}"] = dumps({"v": c.value}).decode()
+            path = f"$[*] ? (@ {_RANGE[c.op]} $v)"  # lax: a scalar is a list of one
+            filters.append(
+                sql.SQL("jsonb_path_exists(payload -> {}, {}::jsonpath, %({})s::jsonb)").format(
+                    sql.Literal(c.field), sql.Literal(path), sql.SQL(f"c{i}")
+                )
+            )
+    return filters, params
+
+
+def _vector_text(vector: Sequence[float]) -> str:
+    return orjson.dumps(vector, default=float, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def _record(row: tuple[Any, ...]) -> SinkRecord:
+    vector = orjson.loads(row[2]) if row[2] is not None else None
+    return SinkRecord(id=str(row[0]), payload=dict(row[1] or {}), vector=vector)
+
+
+def _comment(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and info.get(_MARK) == 1 and "name" in info else None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
