@@ -1,0 +1,138 @@
+"""The pgvector sink against real servers: a SQLite source synced through the engine into
+PostgreSQL 18 + pgvector (read back with plain psycopg), and a PostgreSQL without pgvector
+(the machine's PostgreSQL 15) refused with the fix named."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.helpers import App, assert_converged, load, sync_once, write_config
+from tests.pgserver import PASSWORD
+from tests.pgvector_server import PgvectorServer
+from vectorsync.config import parse_config
+from vectorsync.embed.hash import HashEmbedder
+from vectorsync.errors import ConfigError
+from vectorsync.model import point_id
+from vectorsync.render import Renderer
+from vectorsync.sinks.pgvector import PgvectorSink
+
+
+def _sink_toml(server: PgvectorServer, schema: str) -> str:
+    return f'kind = "pgvector"\nurl = "{server.url}"\nschema_name = "{schema}"'
+
+
+def _table(server: PgvectorServer, schema: str, table: str) -> dict[str, dict[str, Any]]:
+    """The collection's rows as plain psycopg reads them: id -> payload and vector."""
+    with server.admin() as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT id::text, payload, vector::text FROM {}").format(
+                sql.Identifier(schema, table)
+            )
+        ).fetchall()
+    return {str(i): {"payload": p, "vector": orjson.loads(v)} for i, p, v in rows}
+
+
+def _assert_table_matches(server: PgvectorServer, schema: str, app: App, cfg: Path) -> None:
+    mapping = load(cfg).mappings[0]
+    renderer, embedder = Renderer(mapping), HashEmbedder()
+    rows = _table(server, schema, mapping.collection_name)
+    live = app.rows()
+    assert sorted(rows) == sorted(point_id(mapping.name, k) for k in live)
+    for key, row in live.items():
+        stored = rows[point_id(mapping.name, key)]
+        rendered = renderer.render(row)
+        assert {k: stored["payload"][k] for k in rendered.payload} == rendered.payload
+        assert stored["payload"]["_vs_key"] == key
+        want = embedder.vector(rendered.text)  # unit length: cosine vectors stored normalised
+        assert stored["vector"] == pytest.approx(want, abs=1e-6), key
+
+
+async def test_sqlite_changes_converge_in_pgvector(
+    workdir: Path, app: App, pgvector: PgvectorServer, pgvector_schema: str
+) -> None:
+    rng = random.Random(7)
+    for k in range(1, 41):
+        app.insert(k)
+    cfg = write_config(workdir, sink=_sink_toml(pgvector, pgvector_schema), batch_size=16)
+    embedder = HashEmbedder()
+    counts = await sync_once(cfg, embedder)
+    assert counts["upserted"] == 40
+    _assert_table_matches(pgvector, pgvector_schema, app, cfg)
+    before = _table(pgvector, pgvector_schema, "articles")
+
+    for k in (3, 4, 5):
+        app.update(k, author=f"author-{k}", published=1990 + k)  # payload only
+    app.update(6, tags=None)
+    app.update(8, title="a title of its own")  # content
+    app.update(9, body="a new body")
+    for k in (10, 11, 12):
+        app.delete(k)
+    app.insert(41)
+    app.random_ops(rng, 60, keys=50)
+    embedded = embedder.texts_embedded
+    await sync_once(cfg, embedder)
+    _assert_table_matches(pgvector, pgvector_schema, app, cfg)
+    after = _table(pgvector, pgvector_schema, "articles")
+    for k in (3, 4, 5):
+        pid = point_id("articles", k)
+        if k in app.rows() and after[pid]["payload"]["_vs_text_hash"] == (
+            before[pid]["payload"]["_vs_text_hash"]
+        ):
+            assert after[pid]["vector"] == before[pid]["vector"]
+    assert embedder.texts_embedded > embedded  # the content changes were embedded
+
+    # only metadata changes now: the embedder is not called, the vectors stay
+    app.update(13, author="zed")
+    app.update(14, published=1)
+    embedded = embedder.texts_embedded
+    counts = await sync_once(cfg, embedder)
+    assert counts["payload_only"] == 2 and counts["upserted"] == 0
+    assert embedder.texts_embedded == embedded
+    final = _table(pgvector, pgvector_schema, "articles")
+    for k in (13, 14):
+        pid = point_id("articles", k)
+        assert final[pid]["vector"] == after[pid]["vector"]
+    _assert_table_matches(pgvector, pgvector_schema, app, cfg)
+
+    sink = PgvectorSink("check", pgvector.url, schema=pgvector_schema)
+    await sink.open()
+    try:
+        await assert_converged(load(cfg), app, sink)  # and through the sink port
+    finally:
+        await sink.close()
+
+
+async def test_a_server_without_pgvector_is_refused_naming_the_fix(pg_url: str) -> None:
+    sink = PgvectorSink("vectors", pg_url)  # PostgreSQL 15 here has no pgvector
+    with pytest.raises(ConfigError) as caught:
+        await sink.open()
+    await sink.close()
+    message = str(caught.value)
+    assert "sink 'vectors'" in message and "no pgvector extension" in message
+    assert "install pgvector" in message
+    assert PASSWORD not in message and "***" in message  # the url is shown redacted
+    with psycopg.connect(pg_url) as conn:  # nothing was left behind
+        found = conn.execute("SELECT to_regnamespace('vectors')").fetchone()
+    assert found == (None,)
+
+
+def test_the_config_refuses_the_postgres_source_schema() -> None:
+    base: dict[str, Any] = {
+        "sources": {"app": {"kind": "sqlite", "path": "app.db"}},
+        "embedders": {"default": {"kind": "hash"}},
+        "mappings": [{"name": "a", "source": "app", "table": "a", "text": "x", "sink": "v"}],
+    }
+    sink = {"kind": "pgvector", "url": "postgresql://u@h/db", "schema_name": "vectorsync"}
+    with pytest.raises(ConfigError, match=r"belongs to the PostgreSQL source.*vectors"):
+        parse_config({**base, "sinks": {"v": sink}})
+    with pytest.raises(ConfigError, match="postgresql://"):
+        parse_config({**base, "sinks": {"v": {"kind": "pgvector", "url": "http://h"}}})
+    ok = parse_config({**base, "sinks": {"v": {**sink, "schema_name": "vectors"}}})
+    assert ok.sinks["v"].kind == "pgvector"
