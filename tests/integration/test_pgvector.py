@@ -82,8 +82,9 @@ async def test_sqlite_changes_converge_in_pgvector(
     after = _table(pgvector, pgvector_schema, "articles")
     for k in (3, 4, 5):
         pid = point_id("articles", k)
-        if k in app.rows() and after[pid]["payload"]["_vs_text_hash"] == (
-            before[pid]["payload"]["_vs_text_hash"]
+        if (
+            k in app.rows()
+            and after[pid]["payload"]["_vs_text_hash"] == (before[pid]["payload"]["_vs_text_hash"])
         ):
             assert after[pid]["vector"] == before[pid]["vector"]
     assert embedder.texts_embedded > embedded  # the content changes were embedded
