@@ -18,9 +18,10 @@ from tests.pgserver import PASSWORD
 from tests.pgvector_server import PgvectorServer
 from vectorsync.config import parse_config
 from vectorsync.embed.hash import HashEmbedder
-from vectorsync.errors import ConfigError
+from vectorsync.errors import ConfigError, SinkError
 from vectorsync.model import point_id
 from vectorsync.render import Renderer
+from vectorsync.sinks.base import CollectionSpec
 from vectorsync.sinks.pgvector import PgvectorSink
 
 
@@ -137,3 +138,34 @@ def test_the_config_refuses_the_postgres_source_schema() -> None:
         parse_config({**base, "sinks": {"v": {"kind": "pgvector", "url": "http://h"}}})
     ok = parse_config({**base, "sinks": {"v": {**sink, "schema_name": "vectors"}}})
     assert ok.sinks["v"].kind == "pgvector"
+
+
+async def test_a_lost_connection_is_retryable_and_the_next_call_reconnects(
+    pgvector: PgvectorServer, pgvector_schema: str
+) -> None:
+    sink = PgvectorSink("lossy", pgvector.url, schema=pgvector_schema)
+    await sink.open()
+    try:
+        await sink.ensure_collection(CollectionSpec(name="docs", dimension=4, distance="cosine"))
+        assert await sink.problems() == []
+        with pgvector.admin() as conn:  # what a server restart or a network cut does to it
+            killed = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'vectorsync-lossy'"
+            ).fetchall()
+        assert killed == [(True,)]
+        with pytest.raises(SinkError, match="sink 'lossy': .*terminating connection"):
+            await sink.count("docs")
+        assert await sink.count("docs") == 0  # reconnected
+    finally:
+        await sink.close()
+
+
+async def test_an_unreachable_server_is_a_problem_naming_it(tmp_path: Path) -> None:
+    url = f"postgresql://app:{PASSWORD}@/db?host={tmp_path}"  # no server on that socket
+    sink = PgvectorSink("gone", url)
+    [problem] = await sink.problems()
+    assert problem.startswith("sink 'gone': cannot reach postgresql://app:***@/db")
+    assert PASSWORD not in problem
+    with pytest.raises(SinkError, match="cannot connect"):
+        await sink.open()
