@@ -154,7 +154,7 @@ async def test_a_lost_connection_is_retryable_and_the_next_call_reconnects(
                 "WHERE application_name = 'vectorsync-lossy'"
             ).fetchall()
         assert killed == [(True,)]
-        with pytest.raises(SinkError, match="sink 'lossy': .*terminating connection"):
+        with pytest.raises(SinkError, match=r"sink 'lossy': .*terminating connection"):
             await sink.count("docs")
         assert await sink.count("docs") == 0  # reconnected
     finally:
