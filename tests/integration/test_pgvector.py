@@ -169,3 +169,33 @@ async def test_an_unreachable_server_is_a_problem_naming_it(tmp_path: Path) -> N
     assert PASSWORD not in problem
     with pytest.raises(SinkError, match="cannot connect"):
         await sink.open()
+
+
+async def test_a_template_change_reindexes_behind_a_view_sql_readers_follow(
+    workdir: Path, app: App, pgvector: PgvectorServer, pgvector_schema: str
+) -> None:
+    for k in range(1, 11):
+        app.insert(k, body=f"body {k}")
+    app.insert(11, body="")
+    sink = _sink_toml(pgvector, pgvector_schema)
+    cfg = write_config(workdir, sink=sink)
+    await sync_once(cfg)
+    cfg = write_config(workdir, sink=sink, text="{{ title }}\\n{{ body or 'untitled' }}")
+    counts = await sync_once(cfg)  # builds version 2 beside version 1, swaps the alias
+    assert counts["upserted"] == 11
+    with pgvector.admin() as conn:
+        kinds = dict(
+            conn.execute(
+                "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind IN ('r', 'v')",
+                (pgvector_schema,),
+            ).fetchall()
+        )
+        [(definition,)] = conn.execute(
+            "SELECT definition FROM pg_views WHERE schemaname = %s AND viewname = 'articles'",
+            (pgvector_schema,),
+        ).fetchall()
+    assert kinds.pop("articles") == "v" and set(kinds.values()) == {"r"} and len(kinds) == 2
+    [live] = [t for t in kinds if t in definition]  # the view reads the live version
+    _assert_table_matches(pgvector, pgvector_schema, app, cfg)  # through the view, by name
+    assert _table(pgvector, pgvector_schema, live) == _table(pgvector, pgvector_schema, "articles")
