@@ -194,6 +194,11 @@ class PgvectorSinkConfig(_Frozen):
         description="an HNSW index per collection (approximate search); false: exact search, "
         "faster bulk loads",
     )
+    payload_index: bool = Field(
+        default=True,
+        description="a GIN index on the payload for filters; false: payload-only updates "
+        "are HOT updates that touch no index (the HNSW graph included), many times faster",
+    )
 
     @model_validator(mode="after")
     def _pgvector_url(self) -> PgvectorSinkConfig:

@@ -152,7 +152,9 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
     if isinstance(cfg, PgvectorSinkConfig):
         from .sinks.pgvector import PgvectorSink
 
-        return PgvectorSink(name, cfg.url, schema=cfg.schema_name, hnsw=cfg.hnsw)
+        return PgvectorSink(
+            name, cfg.url, schema=cfg.schema_name, hnsw=cfg.hnsw, payload_index=cfg.payload_index
+        )
     assert isinstance(cfg, QdrantSinkConfig)
     from .sinks.qdrant import QdrantSink
 

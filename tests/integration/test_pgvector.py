@@ -13,13 +13,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.helpers import App, assert_converged, load, sync_once, write_config
+from tests.helpers import App, assert_converged, load, sync_once, wait_for, write_config
 from tests.pgserver import PASSWORD
 from tests.pgvector_server import PgvectorServer
 from vectorsync.config import parse_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.errors import ConfigError, SinkError
-from vectorsync.model import point_id
+from vectorsync.model import Condition, PayloadUpdate, Point, point_id
 from vectorsync.render import Renderer
 from vectorsync.sinks.base import CollectionSpec
 from vectorsync.sinks.pgvector import PgvectorSink
@@ -199,3 +199,51 @@ async def test_a_template_change_reindexes_behind_a_view_sql_readers_follow(
     [live] = [t for t in kinds if t in definition]  # the view reads the live version
     _assert_table_matches(pgvector, pgvector_schema, app, cfg)  # through the view, by name
     assert _table(pgvector, pgvector_schema, live) == _table(pgvector, pgvector_schema, "articles")
+
+
+@pytest.mark.parametrize("payload_index", [True, False])
+async def test_payload_updates_are_hot_updates_without_a_payload_index(
+    pgvector: PgvectorServer, pgvector_schema: str, payload_index: bool
+) -> None:
+    """A HOT update writes no index entry; with an index on the payload none can be HOT, so
+    each payload update also searches the HNSW graph to re-insert the row's vector."""
+    sink = PgvectorSink("pg", pgvector.url, schema=pgvector_schema, payload_index=payload_index)
+    await sink.open()
+    rng = random.Random(5)
+    spec = CollectionSpec(name="docs", dimension=64, distance="cosine", indexes={"n": "integer"})
+    points = [
+        Point(id=point_id("docs", k), vector=[rng.gauss(0, 1) for _ in range(64)], payload={"n": k})
+        for k in range(300)
+    ]
+    try:
+        await sink.ensure_collection(spec)
+        await sink.upsert("docs", points)
+        updates = [
+            PayloadUpdate(id=p.id, set={"m": 1}, payload={"n": p.payload["n"], "m": 1})
+            for p in points
+        ]
+        assert await sink.update_payloads("docs", updates) == []
+        [rec] = await sink.retrieve("docs", [points[7].id], with_vectors=True)
+        assert rec.payload == {"n": 7, "m": 1}
+        where = [Condition(field="m", op="eq", value=1)]
+        hits = await sink.search("docs", points[7].vector, limit=3, where=where)
+        assert hits[0].record.id == points[7].id
+    finally:
+        await sink.close()  # its backend ends and reports its statistics
+
+    def updated() -> tuple[int, int]:
+        with pgvector.admin() as conn:
+            row = conn.execute(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                "WHERE schemaname = %s AND relname = 'docs'",
+                (pgvector_schema,),
+            ).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    wait_for(lambda: updated()[0] >= len(points), deadline=30)
+    total, hot = updated()
+    assert total == len(points)
+    if payload_index:
+        assert hot == 0
+    else:  # the half-empty pages keep nearly every new version beside the old one
+        assert hot >= 0.9 * len(points)
