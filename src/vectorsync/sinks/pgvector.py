@@ -217,20 +217,26 @@ class PgvectorSink:
         return []
 
     # -- the catalog: table and view comments -------------------------------------------
-    async def _catalog(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, _Entry]:
-        """Every collection and alias in the schema, by name."""
+    async def _catalog(
+        self, conn: psycopg.AsyncConnection[Any], names: Sequence[str] | None = None
+    ) -> dict[str, _Entry]:
+        """The collections and aliases in the schema by name: all, or those of ``names``."""
+        query = (
+            "SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class') FROM pg_class c "
+            "WHERE c.relnamespace = to_regnamespace(%s) AND c.relkind IN ('r', 'v')"
+        )
+        params: tuple[Any, ...] = (sql.Identifier(self.schema).as_string(conn),)
+        if names is not None:  # one index lookup each instead of a scan of the schema
+            query += " AND c.relname = ANY(%s)"
+            params += ([table_name(n) for n in names],)
         with wrap_errors(self.name, f"list the collections in schema {self.schema!r}"):
-            cur = await conn.execute(
-                "SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class') "
-                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %s AND c.relkind IN ('r', 'v')",
-                (self.schema,),
-            )
-            rows = await cur.fetchall()
+            rows = await (await conn.execute(query, params)).fetchall()
         found: dict[str, _Entry] = {}
         for table, kind, comment in rows:
             info = _comment(comment)
             if info is None or kind != ("v" if "alias_of" in info else "r"):
+                continue
+            if names is not None and info["name"] not in names:
                 continue
             found[str(info["name"])] = _Entry(
                 name=str(info["name"]),
@@ -243,10 +249,9 @@ class PgvectorSink:
 
     async def _resolve(self, conn: psycopg.AsyncConnection[Any], name: str) -> _Entry:
         """The collection ``name`` is, or the one the alias ``name`` names."""
-        catalog = await self._catalog(conn)
-        entry = catalog.get(name)
+        entry = (await self._catalog(conn, [name])).get(name)
         if entry is not None and entry.alias_of is not None:
-            target = catalog.get(entry.alias_of)
+            target = (await self._catalog(conn, [entry.alias_of])).get(entry.alias_of)
             if target is None or target.alias_of is not None:
                 raise PermanentError(
                     f"sink {self.name!r}: alias {name!r} names {entry.alias_of!r}, which is "
@@ -567,7 +572,7 @@ class PgvectorSink:
 
     async def alias_target(self, alias: str) -> str | None:
         async with self._session() as conn:
-            entry = (await self._catalog(conn)).get(alias)
+            entry = (await self._catalog(conn, [alias])).get(alias)
         return entry.alias_of if entry is not None else None
 
     async def is_alias(self, name: str) -> bool:
