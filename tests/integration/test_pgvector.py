@@ -18,7 +18,7 @@ from tests.pgserver import PASSWORD
 from tests.pgvector_server import PgvectorServer
 from vectorsync.config import parse_config
 from vectorsync.embed.hash import HashEmbedder
-from vectorsync.errors import ConfigError, SinkError
+from vectorsync.errors import ConfigError, PermanentError, SinkError
 from vectorsync.model import Condition, PayloadUpdate, Point, point_id
 from vectorsync.render import Renderer
 from vectorsync.sinks.base import CollectionSpec
@@ -247,3 +247,40 @@ async def test_payload_updates_are_hot_updates_without_a_payload_index(
         assert hot == 0
     else:  # the half-empty pages keep nearly every new version beside the old one
         assert hot >= 0.9 * len(points)
+
+
+async def test_an_alias_swap_keeps_views_readers_built_on_the_alias(
+    pgvector: PgvectorServer, pgvector_schema: str
+) -> None:
+    sink = PgvectorSink("pg", pgvector.url, schema=pgvector_schema)
+    await sink.open()
+    try:
+        for version in (1, 2, 3):
+            dimension = 8 if version == 3 else 4
+            await sink.ensure_collection(
+                CollectionSpec(name=f"docs__v{version}", dimension=dimension, distance="cosine")
+            )
+            point = Point(id=point_id("docs", version), vector=[1.0] * dimension, payload={})
+            await sink.upsert(f"docs__v{version}", [point])
+        await sink.set_alias("docs", "docs__v1")
+        with pgvector.admin() as conn:  # an application's own view over the alias
+            conn.execute(
+                sql.SQL("CREATE VIEW {} AS SELECT id FROM {}").format(
+                    sql.Identifier(pgvector_schema, "app_ids"),
+                    sql.Identifier(pgvector_schema, "docs"),
+                )
+            )
+        await sink.set_alias("docs", "docs__v2")  # same dimension: replaced in place
+        with pgvector.admin() as conn:
+            ids = conn.execute(
+                sql.SQL("SELECT id::text FROM {}").format(
+                    sql.Identifier(pgvector_schema, "app_ids")
+                )
+            ).fetchall()
+        assert ids == [(point_id("docs", 2),)]
+        # another dimension cannot be swapped in under a view that depends on the alias
+        with pytest.raises(PermanentError, match=r"8 dimensions, not 4.*app_ids.*drop them"):
+            await sink.set_alias("docs", "docs__v3")
+        assert await sink.alias_target("docs") == "docs__v2"
+    finally:
+        await sink.close()

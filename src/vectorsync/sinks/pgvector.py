@@ -558,17 +558,34 @@ class PgvectorSink:
                     view = catalog[alias].table if alias in catalog else table_name(alias)
                     if alias not in catalog:
                         await self._check_free(conn, view, f"make {alias!r} an alias")
-                    # the new target may have another dimension: a view cannot change a
-                    # column's type in place, so drop and create it in this transaction
-                    await conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(self._ident(view)))
-                    await conn.execute(
-                        sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                    previous = catalog.get(aliases.get(alias, ""))
+                    if previous is not None and previous.dimension != catalog[collection].dimension:
+                        # a view cannot change a column's type (vector(384) to vector(768))
+                        # in place: drop it and create it anew, in this same transaction
+                        await self._drop_view(conn, view, alias, previous, catalog[collection])
+                    await conn.execute(  # in place: views of readers built on it stay
+                        sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT * FROM {}").format(
                             self._ident(view), self._ident(catalog[collection].table)
                         )
                     )
                     await conn.execute(
                         self._describe(_Entry(name=alias, table=view, alias_of=collection))
                     )
+
+    async def _drop_view(
+        self, conn: psycopg.AsyncConnection[Any], view: str, alias: str, old: _Entry, new: _Entry
+    ) -> None:
+        try:
+            async with conn.transaction():  # a savepoint: the error below is ours to word
+                await conn.execute(sql.SQL("DROP VIEW {}").format(self._ident(view)))
+        except psycopg.errors.DependentObjectsStillExist as exc:
+            detail = (exc.diag.message_detail or "").replace("\n", "; ")
+            raise PermanentError(
+                f"sink {self.name!r}: cannot point alias {alias!r} at {new.name!r}: its "
+                f"vectors have {new.dimension} dimensions, not {old.dimension}, and other views "
+                f"depend on the view {self.schema}.{view} ({detail}); drop them, swap, and "
+                "create them again"
+            ) from exc
 
     async def alias_target(self, alias: str) -> str | None:
         async with self._session() as conn:
