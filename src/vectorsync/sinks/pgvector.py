@@ -159,15 +159,15 @@ class PgvectorSink:
             except psycopg.errors.FeatureNotSupported as exc:  # no vector.control
                 raise ConfigError(
                     f"sink {self.name!r}: the PostgreSQL server at {where} has no pgvector "
-                    f"extension ({str(exc).strip()}); install pgvector on that server (the "
-                    "postgresql-NN-pgvector package, or build it from source), or point "
-                    "sinks.<name>.url at a server that has it"
+                    f"extension ({exc.diag.message_primary}); install pgvector on that server (the "
+                    f"postgresql-NN-pgvector package, or build it from source), or point "
+                    f"sinks.{self.name}.url at a server that has it"
                 ) from exc
             except psycopg.errors.InsufficientPrivilege as exc:
                 raise ConfigError(
                     f"sink {self.name!r}: not allowed to create the vector extension in {where} "
-                    f"({str(exc).strip()}); have a superuser run CREATE EXTENSION vector in "
-                    "that database once"
+                    f"({exc.diag.message_primary}); have a superuser run CREATE EXTENSION "
+                    "vector in that database once"
                 ) from exc
             except psycopg.Error as exc:
                 with wrap_errors(self.name, "create the vector extension"):
@@ -205,7 +205,9 @@ class PgvectorSink:
                     "SELECT pg_is_in_recovery(), current_setting(%s)", ("transaction_read_only",)
                 )
             ).fetchone()
-        except (psycopg.Error, SinkError) as exc:
+        except SinkError as exc:  # from connecting: it names the server already
+            return [str(exc)]
+        except psycopg.Error as exc:
             return [redact(f"sink {self.name!r}: cannot reach {self.url}: {exc}".strip())]
         finally:
             self._lock.release()
