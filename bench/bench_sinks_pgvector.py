@@ -204,7 +204,11 @@ def main() -> None:
     result = {
         "benchmark": "sink-pgvector",
         "measured_at": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # a shared box
+        },
         "postgres": version[0] if version else None,
         "pgvector": pgvector_version[0] if pgvector_version else None,
         "points": args.points,

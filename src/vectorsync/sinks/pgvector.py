@@ -28,8 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -42,56 +41,29 @@ from ..model import Condition, PayloadUpdate, Point, SinkRecord, dumps
 from ..redact import redact
 from ..sources.postgres import derived_name
 from ._aliases import check_drop, check_rename, check_set_alias
-from .base import CollectionSpec, Distance, Hit
+from ._pgvector_sql import (
+    HNSW_MAX_DIMENSION,
+    ITERATIVE_SCAN,
+    MARK,
+    MIN_VERSION,
+    OPCLASS,
+    ORDER,
+    SCORE,
+    Entry,
+    comment_info,
+    record,
+    split,
+    table_name,
+    vector_text,
+    version,
+    where_sql,
+    wrap_errors,
+)
+from .base import CollectionSpec, Hit
 
 __all__ = ["PgvectorSink", "table_name"]
 
 logger = logging.getLogger(__name__)
-
-MIN_VERSION = (0, 7, 0)  # l2_normalize
-ITERATIVE_SCAN = (0, 8, 0)  # hnsw.iterative_scan: filtered searches still fill ``limit``
-HNSW_MAX_DIMENSION = 2000
-_OPCLASS = {"cosine": "vector_cosine_ops", "dot": "vector_ip_ops", "euclid": "vector_l2_ops"}
-_ORDER = {"cosine": "<=>", "dot": "<#>", "euclid": "<->"}
-_SCORE = {"cosine": "1 - ({d})", "dot": "-({d})", "euclid": "{d}"}
-_RANGE = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-# 08 connection, 40 rollback (serialization, deadlock), 53 resources (disk full, too many
-# connections), 57 operator intervention (shutdown, cancel), 58 system (I/O)
-_RETRYABLE = ("08", "40", "53", "57", "58", "55P03", "55006")
-_MARK = "vectorsync"  # the key of our table and view comments
-
-
-def table_name(collection: str) -> str:
-    """The table (or view) of a collection (or alias): its name when it fits in 63 bytes."""
-    return derived_name(collection)
-
-
-@contextlib.contextmanager
-def wrap_errors(sink: str, what: str) -> Iterator[None]:
-    """Connection loss, locks, a full disk and shutdowns are retryable; anything else the
-    server refused (a bad vector, a payload jsonb cannot hold) is permanent."""
-    try:
-        yield
-    except (PermanentError, SinkError):
-        raise
-    except psycopg.Error as exc:
-        state = exc.sqlstate
-        text = redact(f"sink {sink!r}: {what}: {exc}".strip())
-        if state is None or state.startswith(_RETRYABLE):
-            code = "ENOSPC" if state == "53100" else state
-            raise SinkError(text, code=code) from exc
-        raise PermanentError(text, code=state) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """A collection table or an alias view, as its comment describes it."""
-
-    name: str
-    table: str
-    alias_of: str | None = None
-    dimension: int = 0
-    distance: Distance = "cosine"
 
 
 class PgvectorSink:
@@ -179,7 +151,7 @@ class PgvectorSink:
                     )
                 ).fetchone()
         assert row is not None
-        self._version = _version(str(row[0]))
+        self._version = version(str(row[0]))
         if self._version < MIN_VERSION:
             raise ConfigError(
                 f"sink {self.name!r}: pgvector {row[0]} in {where} is too old (need "
@@ -221,7 +193,7 @@ class PgvectorSink:
     # -- the catalog: table and view comments -------------------------------------------
     async def _catalog(
         self, conn: psycopg.AsyncConnection[Any], names: Sequence[str] | None = None
-    ) -> dict[str, _Entry]:
+    ) -> dict[str, Entry]:
         """The collections and aliases in the schema by name: all, or those of ``names``."""
         query = (
             "SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class') FROM pg_class c "
@@ -233,14 +205,14 @@ class PgvectorSink:
             params += ([table_name(n) for n in names],)
         with wrap_errors(self.name, f"list the collections in schema {self.schema!r}"):
             rows = await (await conn.execute(query, params)).fetchall()
-        found: dict[str, _Entry] = {}
+        found: dict[str, Entry] = {}
         for table, kind, comment in rows:
-            info = _comment(comment)
+            info = comment_info(comment)
             if info is None or kind != ("v" if "alias_of" in info else "r"):
                 continue
             if names is not None and info["name"] not in names:
                 continue
-            found[str(info["name"])] = _Entry(
+            found[str(info["name"])] = Entry(
                 name=str(info["name"]),
                 table=str(table),
                 alias_of=info.get("alias_of"),
@@ -249,7 +221,7 @@ class PgvectorSink:
             )
         return found
 
-    async def _resolve(self, conn: psycopg.AsyncConnection[Any], name: str) -> _Entry:
+    async def _resolve(self, conn: psycopg.AsyncConnection[Any], name: str) -> Entry:
         """The collection ``name`` is, or the one the alias ``name`` names."""
         entry = (await self._catalog(conn, [name])).get(name)
         if entry is not None and entry.alias_of is not None:
@@ -281,8 +253,8 @@ class PgvectorSink:
     def _ident(self, table: str) -> sql.Identifier:
         return sql.Identifier(self.schema, table)
 
-    def _describe(self, entry: _Entry) -> sql.Composed:
-        info: dict[str, Any] = {_MARK: 1, "name": entry.name}
+    def _describe(self, entry: Entry) -> sql.Composed:
+        info: dict[str, Any] = {MARK: 1, "name": entry.name}
         if entry.alias_of is not None:
             info["alias_of"] = entry.alias_of
         else:
@@ -329,7 +301,7 @@ class PgvectorSink:
                 )
             )
 
-    async def _create(self, conn: psycopg.AsyncConnection[Any], spec: CollectionSpec) -> _Entry:
+    async def _create(self, conn: psycopg.AsyncConnection[Any], spec: CollectionSpec) -> Entry:
         table = table_name(spec.name)
         if self.hnsw and spec.dimension > HNSW_MAX_DIMENSION:
             raise PermanentError(
@@ -338,9 +310,7 @@ class PgvectorSink:
                 f"set sinks.{self.name}.hnsw = false (exact search)"
             )
         await self._check_free(conn, table, f"create collection {spec.name!r}")
-        entry = _Entry(
-            name=spec.name, table=table, dimension=spec.dimension, distance=spec.distance
-        )
+        entry = Entry(name=spec.name, table=table, dimension=spec.dimension, distance=spec.distance)
         await conn.execute(
             sql.SQL(
                 "CREATE TABLE {t} (id uuid CONSTRAINT {pk} PRIMARY KEY, "
@@ -360,7 +330,7 @@ class PgvectorSink:
                 sql.SQL("CREATE INDEX {} ON {} USING hnsw (vector {})").format(
                     sql.Identifier(derived_name(table, "hnsw")),
                     self._ident(table),
-                    sql.SQL(_OPCLASS[spec.distance]),
+                    sql.SQL(OPCLASS[spec.distance]),
                 )
             )
         await conn.execute(self._describe(entry))
@@ -391,7 +361,7 @@ class PgvectorSink:
                     async with cur.copy("COPY pg_temp.vectorsync_points FROM STDIN") as copy:
                         for p in rows:
                             await copy.write_row(
-                                (p.id, _vector_text(p.vector), dumps(p.payload).decode())
+                                (p.id, vector_text(p.vector), dumps(p.payload).decode())
                             )
                     await conn.execute(merge)
 
@@ -454,7 +424,7 @@ class PgvectorSink:
                     (list(ids),),
                 )
                 rows = await cur.fetchall()
-        by_id = {str(r[0]): _record(r) for r in rows}
+        by_id = {str(r[0]): record(r) for r in rows}
         return [by_id[i] for i in dict.fromkeys(ids) if i in by_id]
 
     async def scroll(
@@ -469,7 +439,7 @@ class PgvectorSink:
         while True:
             rows = await self._scroll_page(collection, after, page, with_vectors, with_payload)
             for r in rows:
-                yield _record(r)
+                yield record(r)
             if len(rows) < page:
                 return
             after = str(rows[-1][0])
@@ -511,11 +481,11 @@ class PgvectorSink:
         limit: int = 5,
         where: Sequence[Condition] = (),
     ) -> list[Hit]:
-        filters, params = _where(where)
+        filters, params = where_sql(where)
         async with self._session() as conn:
             entry = await self._resolve(conn, collection)
-            distance = sql.SQL("vector {} %(q)s::vector").format(sql.SQL(_ORDER[entry.distance]))
-            score = sql.SQL(_SCORE[entry.distance]).format(d=distance)
+            distance = sql.SQL("vector {} %(q)s::vector").format(sql.SQL(ORDER[entry.distance]))
+            score = sql.SQL(SCORE[entry.distance]).format(d=distance)
             query = sql.SQL(
                 "SELECT id, payload, NULL, {score} FROM {t} {where} ORDER BY {d} LIMIT %(limit)s"
             ).format(
@@ -526,12 +496,12 @@ class PgvectorSink:
                 else sql.SQL(""),
                 d=distance,
             )
-            params.update(q=_vector_text(vector), limit=limit)
+            params.update(q=vector_text(vector), limit=limit)
             with wrap_errors(self.name, f"search {collection!r}"):
                 async with conn.transaction():
                     await self._tune_search(conn, limit)
                     rows = await (await conn.execute(query, params)).fetchall()
-        return [Hit(float(r[3]), _record(r)) for r in rows]
+        return [Hit(float(r[3]), record(r)) for r in rows]
 
     async def _tune_search(self, conn: psycopg.AsyncConnection[Any], limit: int) -> None:
         """An HNSW scan yields ``ef_search`` candidates before filters: ask for at least
@@ -553,7 +523,7 @@ class PgvectorSink:
                 async with conn.transaction():
                     await self._lock_schema(conn)
                     catalog = await self._catalog(conn)
-                    physical, aliases = _split(catalog)
+                    physical, aliases = split(catalog)
                     check_set_alias(self.name, alias, collection, physical, aliases)
                     if aliases.get(alias) == collection:
                         return
@@ -571,11 +541,11 @@ class PgvectorSink:
                         )
                     )
                     await conn.execute(
-                        self._describe(_Entry(name=alias, table=view, alias_of=collection))
+                        self._describe(Entry(name=alias, table=view, alias_of=collection))
                     )
 
     async def _drop_view(
-        self, conn: psycopg.AsyncConnection[Any], view: str, alias: str, old: _Entry, new: _Entry
+        self, conn: psycopg.AsyncConnection[Any], view: str, alias: str, old: Entry, new: Entry
     ) -> None:
         try:
             async with conn.transaction():  # a savepoint: the error below is ours to word
@@ -603,11 +573,11 @@ class PgvectorSink:
                 async with conn.transaction():
                     await self._lock_schema(conn)
                     catalog = await self._catalog(conn)
-                    physical, aliases = _split(catalog)
+                    physical, aliases = split(catalog)
                     check_rename(self.name, old, new, physical, aliases)
                     await self._rename(conn, catalog[old], new)
 
-    async def _rename(self, conn: psycopg.AsyncConnection[Any], entry: _Entry, new: str) -> None:
+    async def _rename(self, conn: psycopg.AsyncConnection[Any], entry: Entry, new: str) -> None:
         table = table_name(new)
         await self._check_free(conn, table, f"rename {entry.name!r} to {new!r}")
         await conn.execute(
@@ -624,7 +594,7 @@ class PgvectorSink:
             )
         await conn.execute(
             self._describe(
-                _Entry(name=new, table=table, dimension=entry.dimension, distance=entry.distance)
+                Entry(name=new, table=table, dimension=entry.dimension, distance=entry.distance)
             )
         )
 
@@ -634,7 +604,7 @@ class PgvectorSink:
                 async with conn.transaction():
                     await self._lock_schema(conn)
                     catalog = await self._catalog(conn)
-                    check_drop(self.name, name, _split(catalog)[1])
+                    check_drop(self.name, name, split(catalog)[1])
                     if name in catalog:
                         await conn.execute(
                             sql.SQL("DROP TABLE {}").format(self._ident(catalog[name].table))
@@ -642,64 +612,4 @@ class PgvectorSink:
 
     async def collections(self) -> list[str]:
         async with self._session() as conn:
-            return sorted(_split(await self._catalog(conn))[0])
-
-
-def _split(catalog: dict[str, _Entry]) -> tuple[set[str], dict[str, str]]:
-    """The physical collections, and the aliases with what they name."""
-    physical = {n for n, e in catalog.items() if e.alias_of is None}
-    aliases = {n: e.alias_of for n, e in catalog.items() if e.alias_of is not None}
-    return physical, aliases
-
-
-def _where(conditions: Sequence[Condition]) -> tuple[list[sql.Composable], dict[str, Any]]:
-    """Conditions as SQL with Qdrant's meaning: a list matches when one of its items does,
-    values of another type never match, a missing field matches only ``ne``. Field names
-    are quoted literals, values are parameters."""
-    filters: list[sql.Composable] = []
-    params: dict[str, Any] = {}
-    for i, c in enumerate(conditions):
-        if c.op in ("eq", "ne"):
-            # containment (served by the GIN index): the value itself, or a list holding it
-            params[f"c{i}"] = dumps({c.field: c.value}).decode()
-            params[f"l{i}"] = dumps({c.field: [c.value]}).decode()
-            match = sql.SQL("(payload @> %({})s::jsonb OR payload @> %({})s::jsonb)").format(
-                sql.SQL(f"c{i}"), sql.SQL(f"l{i}")
-            )
-            filters.append(match if c.op == "eq" else sql.SQL("NOT ") + match)
-        else:
-            params[f"c{i}"] = dumps({"v": c.value}).decode()
-            path = f"$[*] ? (@ {_RANGE[c.op]} $v)"  # lax: a scalar is a list of one
-            filters.append(
-                sql.SQL("jsonb_path_exists(payload -> {}, {}::jsonpath, %({})s::jsonb)").format(
-                    sql.Literal(c.field), sql.Literal(path), sql.SQL(f"c{i}")
-                )
-            )
-    return filters, params
-
-
-def _vector_text(vector: Sequence[float]) -> str:
-    return orjson.dumps(vector, default=float, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-
-
-def _record(row: tuple[Any, ...]) -> SinkRecord:
-    vector = orjson.loads(row[2]) if row[2] is not None else None
-    return SinkRecord(id=str(row[0]), payload=dict(row[1] or {}), vector=vector)
-
-
-def _comment(text: str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        info = json.loads(text)
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) and info.get(_MARK) == 1 and "name" in info else None
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for p in text.split("."):
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
+            return sorted(split(await self._catalog(conn))[0])
