@@ -288,3 +288,52 @@ async def test_an_alias_swap_keeps_views_readers_built_on_the_alias(
         assert await sink.alias_target("docs") == "docs__v2"
     finally:
         await sink.close()
+
+
+@pytest.mark.parametrize("payload_index", [True, False])
+async def test_a_selective_filter_still_fills_the_limit_with_the_nearest(
+    pgvector: PgvectorServer, pgvector_schema: str, payload_index: bool
+) -> None:
+    """An HNSW scan yields ef_search candidates before filters: with 1 point in 100 matching,
+    the sink must scan on (pgvector 0.8's iterative scan) or use the payload index."""
+    sink = PgvectorSink("pg", pgvector.url, schema=pgvector_schema, payload_index=payload_index)
+    await sink.open()
+    rng = random.Random(11)
+    spec = CollectionSpec(name="docs", dimension=16, distance="cosine", indexes={"t": "keyword"})
+    points = [
+        Point(
+            id=point_id("docs", k),
+            vector=[rng.gauss(0, 1) for _ in range(16)],
+            payload={"t": "rare" if k % 100 == 0 else "common", "k": k},
+        )
+        for k in range(2000)
+    ]
+    try:
+        await sink.ensure_collection(spec)
+        await sink.upsert("docs", points)
+        query = [rng.gauss(0, 1) for _ in range(16)]
+        rare = Condition(field="t", op="eq", value="rare")
+        hits = await sink.search("docs", query, limit=15, where=[rare])
+        # the exact answer, from every rare point
+        norm = sum(x * x for x in query) ** 0.5
+
+        def cosine(v: list[float]) -> float:
+            return sum(a * b for a, b in zip(query, v, strict=True)) / (
+                norm * sum(x * x for x in v) ** 0.5
+            )
+
+        exact = sorted(
+            (p for p in points if p.payload["t"] == "rare"), key=lambda p: -cosine(p.vector)
+        )
+        assert len(hits) == 15 and all(h.record.payload["t"] == "rare" for h in hits)
+        found = {h.record.payload["k"] for h in hits}
+        # HNSW is approximate (its graph is built with random levels): near, not exact
+        assert len(found & {p.payload["k"] for p in exact[:15]}) >= 13
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        by_k = {p.payload["k"]: p for p in points}
+        assert all(
+            h.score == pytest.approx(cosine(by_k[h.record.payload["k"]].vector), abs=1e-5)
+            for h in hits
+        )
+    finally:
+        await sink.close()
