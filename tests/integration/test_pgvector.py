@@ -152,15 +152,20 @@ async def test_a_lost_connection_is_retryable_and_the_next_call_reconnects(
     try:
         await sink.ensure_collection(CollectionSpec(name="docs", dimension=4, distance="cosine"))
         assert await sink.problems() == []
-        with pgvector.admin() as conn:  # what a server restart or a network cut does to it
+        assert await sink.count("docs") == 0  # reads have a connection of their own
+        with pgvector.admin() as conn:  # what a server restart or a network cut does to them
             killed = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE application_name = 'vectorsync-lossy'"
             ).fetchall()
-        assert killed == [(True,)]
+        assert killed == [(True,), (True,)]
+        point = Point(id=point_id("docs", 1), vector=[1, 0, 0, 0], payload={})
         with pytest.raises(SinkError, match=r"sink 'lossy': .*terminating connection"):
             await sink.count("docs")
-        assert await sink.count("docs") == 0  # reconnected
+        with pytest.raises(SinkError, match=r"sink 'lossy': .*terminating connection"):
+            await sink.upsert("docs", [point])
+        await sink.upsert("docs", [point])  # reconnected
+        assert await sink.count("docs") == 1
     finally:
         await sink.close()
 

@@ -85,6 +85,8 @@ class PgvectorSink:
         self._lock = asyncio.Lock()
         self._version: tuple[int, ...] = ()
         self._staged: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self._read: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self._read_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"PgvectorSink({self.name!r}, {redact(self.url)!r}, schema={self.schema!r})"
@@ -104,8 +106,18 @@ class PgvectorSink:
         return conn
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
-        """The sink's connection, one user at a time; reconnected after it broke."""
+    async def _session(
+        self, *, read: bool = False
+    ) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+        """The sink's connection, one user at a time; reconnected after it broke. Reads
+        (retrieve, scroll, count, search) have a connection of their own, so a search does
+        not wait behind a large write (a returned write is committed, so reads see it)."""
+        if read:
+            async with self._read_lock:
+                if self._read is None or self._read.closed or self._read.broken:
+                    self._read = await self._connect()
+                yield self._read
+            return
         async with self._lock:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = await self._connect()
@@ -160,9 +172,10 @@ class PgvectorSink:
             )
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._read):
+            if conn is not None:
+                await conn.close()
+        self._conn = self._read = None
 
     async def problems(self) -> list[str]:
         try:  # a probe must not queue behind a long write: a busy connection is a live one
@@ -413,7 +426,7 @@ class PgvectorSink:
     async def retrieve(
         self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
     ) -> list[SinkRecord]:
-        async with self._session() as conn:
+        async with self._session(read=True) as conn:
             entry = await self._resolve(conn, collection)
             with wrap_errors(self.name, f"retrieve from {collection!r}"):
                 cur = await conn.execute(
@@ -452,7 +465,7 @@ class PgvectorSink:
         with_vectors: bool,
         with_payload: bool,
     ) -> list[tuple[Any, ...]]:
-        async with self._session() as conn:
+        async with self._session(read=True) as conn:
             entry = await self._resolve(conn, collection)
             query = sql.SQL("SELECT id, {p}, {v} FROM {t} {after} ORDER BY id LIMIT %s").format(
                 after=sql.SQL("" if after is None else "WHERE id > %s::uuid"),
@@ -465,7 +478,7 @@ class PgvectorSink:
                 return await cur.fetchall()
 
     async def count(self, collection: str) -> int:
-        async with self._session() as conn:
+        async with self._session(read=True) as conn:
             entry = await self._resolve(conn, collection)
             with wrap_errors(self.name, f"count {collection!r}"):
                 cur = await conn.execute(
@@ -482,7 +495,7 @@ class PgvectorSink:
         where: Sequence[Condition] = (),
     ) -> list[Hit]:
         filters, params = where_sql(where)
-        async with self._session() as conn:
+        async with self._session(read=True) as conn:
             entry = await self._resolve(conn, collection)
             distance = sql.SQL("vector {} %(q)s::vector").format(sql.SQL(ORDER[entry.distance]))
             score = sql.SQL(SCORE[entry.distance]).format(d=distance)
