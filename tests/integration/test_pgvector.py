@@ -18,6 +18,7 @@ from tests.pgserver import PASSWORD
 from tests.pgvector_server import PgvectorServer
 from vectorsync.config import parse_config
 from vectorsync.embed.hash import HashEmbedder
+from vectorsync.engine import Engine
 from vectorsync.errors import ConfigError, PermanentError, SinkError
 from vectorsync.model import Condition, PayloadUpdate, Point, point_id
 from vectorsync.render import Renderer
@@ -344,3 +345,28 @@ async def test_a_selective_filter_still_fills_the_limit_with_the_nearest(
         )
     finally:
         await sink.close()
+
+
+async def test_a_payload_jsonb_cannot_hold_is_dead_lettered_alone(
+    workdir: Path, app: App, pgvector: PgvectorServer, pgvector_schema: str
+) -> None:
+    for k in range(1, 21):
+        app.insert(k)
+    app.update(7, author="nul\x00byte")  # text jsonb refuses (Qdrant stores it)
+    cfg = write_config(workdir, sink=_sink_toml(pgvector, pgvector_schema), batch_size=8)
+    counts = await sync_once(cfg)
+    assert counts["failed"] == 1 and counts["upserted"] == 19
+    async with Engine.open(load(cfg)) as engine:
+        [letter] = await engine.state.dead_letters()
+    assert letter.key == "7" and letter.error_type == "sink"
+    assert "unsupported Unicode escape sequence" in letter.message
+    assert point_id("articles", 7) not in _table(pgvector, pgvector_schema, "articles")
+
+    app.update(7, author="fixed")
+    app.update(8, author="nul\x00again")  # a payload-only update is refused alike
+    await sync_once(cfg)
+    async with Engine.open(load(cfg)) as engine:
+        assert [d.key for d in await engine.state.dead_letters()] == ["8"]
+    rows = _table(pgvector, pgvector_schema, "articles")
+    assert rows[point_id("articles", 7)]["payload"]["author"] == "fixed"
+    assert rows[point_id("articles", 8)]["payload"]["author"] == "ann"  # its last good payload
