@@ -370,3 +370,31 @@ async def test_a_payload_jsonb_cannot_hold_is_dead_lettered_alone(
     rows = _table(pgvector, pgvector_schema, "articles")
     assert rows[point_id("articles", 7)]["payload"]["author"] == "fixed"
     assert rows[point_id("articles", 8)]["payload"]["author"] == "ann"  # its last good payload
+
+
+async def test_drift_made_in_sql_is_found_and_repaired(
+    workdir: Path, app: App, pgvector: PgvectorServer, pgvector_schema: str
+) -> None:
+    for k in range(1, 31):
+        app.insert(k)
+    cfg = write_config(workdir, sink=_sink_toml(pgvector, pgvector_schema))
+    await sync_once(cfg)
+    table = sql.Identifier(pgvector_schema, "articles")
+    with pgvector.admin() as conn:  # an application editing the table behind vectorsync
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE id = ANY(%s::uuid[])").format(table),
+            ([point_id("articles", k) for k in (1, 2)],),
+        )
+        conn.execute(
+            sql.SQL(
+                'UPDATE {} SET payload = payload || \'{{"author": "mallory"}}\' WHERE id = %s'
+            ).format(table),
+            (point_id("articles", 5),),
+        )
+    async with Engine.open(load(cfg)) as engine:
+        report = await engine.check("articles")
+        assert set(report.keys("missing")) == {1, 2}
+        assert set(report.keys("payload_mismatch")) == {5}
+        await engine.repair(report)
+        assert (await engine.check("articles")).consistent
+    _assert_table_matches(pgvector, pgvector_schema, app, cfg)
