@@ -22,8 +22,9 @@ from vectorsync.engine import Engine
 from vectorsync.errors import ConfigError, PermanentError, SinkError
 from vectorsync.model import Condition, PayloadUpdate, Point, point_id
 from vectorsync.render import Renderer
-from vectorsync.sinks.base import CollectionSpec
+from vectorsync.sinks.base import CollectionSpec, Distance
 from vectorsync.sinks.pgvector import PgvectorSink
+from vectorsync.sinks.qdrant import QdrantSink
 
 
 def _sink_toml(server: PgvectorServer, schema: str) -> str:
@@ -398,3 +399,37 @@ async def test_drift_made_in_sql_is_found_and_repaired(
         await engine.repair(report)
         assert (await engine.check("articles")).consistent
     _assert_table_matches(pgvector, pgvector_schema, app, cfg)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "dot", "euclid"])
+async def test_scores_and_order_match_qdrant_for_every_distance(
+    pgvector: PgvectorServer, pgvector_schema: str, distance: Distance
+) -> None:
+    rng = random.Random(13)
+    points = [
+        Point(
+            id=point_id("docs", k),
+            vector=[rng.uniform(-2, 2) for _ in range(8)],
+            payload={"k": k, "even": k % 2 == 0},
+        )
+        for k in range(60)
+    ]
+    spec = CollectionSpec(name="docs", dimension=8, distance=distance)
+    query = [rng.uniform(-2, 2) for _ in range(8)]
+    results = []
+    for sink in (
+        PgvectorSink("pg", pgvector.url, schema=pgvector_schema),
+        QdrantSink("reference", path=":memory:"),
+    ):
+        await sink.open()
+        try:
+            await sink.ensure_collection(spec)
+            await sink.upsert("docs", points)
+            even = [Condition(field="even", op="eq", value=True)]
+            hits = await sink.search("docs", query, limit=8, where=even)
+            results.append([(h.record.payload["k"], h.score) for h in hits])
+        finally:
+            await sink.close()
+    ours, reference = results
+    assert [k for k, _ in ours] == [k for k, _ in reference]
+    assert [s for _, s in ours] == pytest.approx([s for _, s in reference], abs=1e-4)
