@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import App, GraphApp, PgApp
 from tests.pgserver import PgServer
+from tests.pgvector_server import PgvectorServer, pgvector_server
 from vectorsync.falkordb_server import FalkorDBServer, falkordb_server
 
 # Tests marked ``all_sources`` run once per source kind; the rest on SQLite only.
@@ -72,6 +73,23 @@ def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
     finally:
         drop_database(server, name)
+
+
+@pytest.fixture(scope="session")
+def pgvector() -> Iterator[PgvectorServer]:
+    """One throwaway PostgreSQL 18 + pgvector for the whole session (tests use own schemas)."""
+    with pgvector_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pgvector_schema(pgvector: PgvectorServer) -> Iterator[str]:
+    """A schema name of the test's own in the pgvector server, dropped afterwards."""
+    name = f"s{next(_databases)}_{os.getpid()}"
+    try:
+        yield name
+    finally:
+        pgvector.drop_schema(name)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ __all__ = [
     "HttpConfig",
     "MappingConfig",
     "Neo4jSourceConfig",
+    "PgvectorSinkConfig",
     "PostgresSourceConfig",
     "QdrantEdgeSinkConfig",
     "QdrantSinkConfig",
@@ -180,7 +181,40 @@ class QdrantSinkConfig(_Frozen):
         return self
 
 
-SinkConfig = Annotated[QdrantEdgeSinkConfig | QdrantSinkConfig, Field(discriminator="kind")]
+class PgvectorSinkConfig(_Frozen):
+    kind: Literal["pgvector"]
+    url: str = Field(description="postgresql://user:password@host:port/database with pgvector")
+    schema_name: str = Field(
+        default="vectors",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="the schema of the collection tables and alias views (created if missing)",
+    )
+    hnsw: bool = Field(
+        default=True,
+        description="an HNSW index per collection (approximate search); false: exact search, "
+        "faster bulk loads",
+    )
+    payload_index: bool = Field(
+        default=True,
+        description="a GIN index on the payload for filters; false: payload-only updates "
+        "are HOT updates that touch no index (the HNSW graph included), many times faster",
+    )
+
+    @model_validator(mode="after")
+    def _pgvector_url(self) -> PgvectorSinkConfig:
+        if not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url must start with postgresql:// (e.g. postgresql://user@host/db)")
+        if self.schema_name == "vectorsync":
+            raise ValueError(
+                'schema "vectorsync" belongs to the PostgreSQL source (its teardown drops it); '
+                'use another, e.g. schema_name = "vectors"'
+            )
+        return self
+
+
+SinkConfig = Annotated[
+    QdrantEdgeSinkConfig | QdrantSinkConfig | PgvectorSinkConfig, Field(discriminator="kind")
+]
 
 
 class SentenceTransformersEmbedderConfig(_Frozen):

@@ -36,6 +36,7 @@ from .config import (
     MappingConfig,
     Neo4jSourceConfig,
     OpenAIEmbedderConfig,
+    PgvectorSinkConfig,
     PostgresSourceConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
@@ -151,6 +152,12 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
         from .sinks.qdrant_edge import QdrantEdgeSink
 
         return QdrantEdgeSink(name, config.resolve(cfg.path), min_free_space=cfg.min_free_space)
+    if isinstance(cfg, PgvectorSinkConfig):
+        from .sinks.pgvector import PgvectorSink
+
+        return PgvectorSink(
+            name, cfg.url, schema=cfg.schema_name, hnsw=cfg.hnsw, payload_index=cfg.payload_index
+        )
     assert isinstance(cfg, QdrantSinkConfig)
     from .sinks.qdrant import QdrantSink
 

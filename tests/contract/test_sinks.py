@@ -1,4 +1,5 @@
-"""One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local."""
+"""One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local,
+pgvector (a real PostgreSQL 18 with pgvector)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from vectorsync.errors import PermanentError
 from vectorsync.model import Condition, PayloadUpdate, Point
 from vectorsync.sinks.base import CollectionSpec, Sink
 from vectorsync.sinks.memory import MemorySink
+from vectorsync.sinks.pgvector import PgvectorSink
 from vectorsync.sinks.qdrant import QdrantSink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 
@@ -26,13 +28,16 @@ def _id(n: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, str(n)))
 
 
-@pytest.fixture(params=["memory", "qdrant-edge", "qdrant-local"])
+@pytest.fixture(params=["memory", "qdrant-edge", "qdrant-local", "pgvector"])
 async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sink]:
     s: Sink
     if request.param == "memory":
         s = MemorySink()
     elif request.param == "qdrant-edge":
         s = QdrantEdgeSink("edge", tmp_path / "edge")
+    elif request.param == "pgvector":
+        server = request.getfixturevalue("pgvector")
+        s = PgvectorSink("pgvector", server.url, schema=request.getfixturevalue("pgvector_schema"))
     else:
         s = QdrantSink("qdrant", path=":memory:")
     await s.open()
