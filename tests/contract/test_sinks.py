@@ -1,4 +1,5 @@
-"""One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local."""
+"""One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local,
+Chroma embedded and a real Chroma server."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from vectorsync.chroma_server import ChromaServer
 from vectorsync.errors import PermanentError
 from vectorsync.model import Condition, PayloadUpdate, Point
 from vectorsync.sinks.base import CollectionSpec, Sink
+from vectorsync.sinks.chroma import ChromaSink
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.qdrant import QdrantSink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
@@ -26,19 +29,31 @@ def _id(n: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, str(n)))
 
 
-@pytest.fixture(params=["memory", "qdrant-edge", "qdrant-local"])
+@pytest.fixture(
+    params=["memory", "qdrant-edge", "qdrant-local", "chroma-embedded", "chroma-server"]
+)
 async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sink]:
     s: Sink
+    server: ChromaServer | None = None
     if request.param == "memory":
         s = MemorySink()
     elif request.param == "qdrant-edge":
         s = QdrantEdgeSink("edge", tmp_path / "edge")
+    elif request.param == "chroma-embedded":
+        s = ChromaSink("chroma", path=tmp_path / "chroma")
+    elif request.param == "chroma-server":
+        server = request.getfixturevalue("chroma")
+        s = ChromaSink("chroma", url=server.url)
     else:
         s = QdrantSink("qdrant", path=":memory:")
     await s.open()
-    await s.ensure_collection(SPEC)
-    yield s
-    await s.close()
+    try:
+        await s.ensure_collection(SPEC)
+        yield s
+    finally:
+        await s.close()
+        if server is not None:
+            server.clear()
 
 
 async def test_upsert_is_idempotent_and_normalises_cosine_vectors(sink: Sink) -> None:
