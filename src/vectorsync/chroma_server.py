@@ -9,6 +9,7 @@ folder is removed when the context ends::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .falkordb_server import free_port
@@ -77,16 +79,14 @@ class ChromaServer:
             return False
 
     def clear(self) -> None:
-        """Delete every collection (between tests sharing one server)."""
-        import json
-
+        """Delete every collection (between tests sharing one server). Each one's records
+        go first: Chroma 1.5 leaves list-valued metadata of a deleted collection behind
+        for the next records to inherit (chroma-core/chroma#7594)."""
         base = f"{self.url}/api/v2/tenants/default_tenant/databases/default_database/collections"
-        with urllib.request.urlopen(base, timeout=10) as r:
-            names = [c["name"] for c in json.loads(r.read())]
-        for name in names:
-            request = urllib.request.Request(f"{base}/{name}", method="DELETE")
-            with urllib.request.urlopen(request, timeout=10):
-                pass
+        for found in _call(base):
+            while ids := _call(f"{base}/{found['id']}/get", {"include": [], "limit": 1000})["ids"]:
+                _call(f"{base}/{found['id']}/delete", {"ids": ids})
+            _call(f"{base}/{found['name']}", method="DELETE")
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -100,6 +100,15 @@ class ChromaServer:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _call(url: str, body: Any = None, *, method: str | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read() or b"null")
 
 
 @contextlib.contextmanager

@@ -141,6 +141,19 @@ async def test_reopening_with_another_dimension_is_refused(sink: Sink) -> None:
         await sink.ensure_collection(CollectionSpec(name="docs", dimension=8, distance="cosine"))
 
 
+async def test_a_dropped_collection_leaves_nothing_behind(sink: Sink) -> None:
+    # Chroma 1.5's delete_collection keeps list-valued metadata for the next records
+    # written anywhere to inherit (chroma-core/chroma#7594); the sink deletes points first
+    await sink.ensure_collection(V1)
+    await sink.upsert(V1.name, [Point(id=_id(1), vector=[1, 0, 0, 0], payload={"tags": ["x"]})])
+    await sink.drop_collection(V1.name)
+    await sink.ensure_collection(V2)
+    await sink.upsert(V2.name, [Point(id=_id(2), vector=[1.0] * 8, payload={"v": 2})])
+    await sink.upsert("docs", [Point(id=_id(3), vector=[1, 0, 0, 0], payload={"v": 3})])
+    assert [r.payload for r in await sink.retrieve(V2.name, [_id(2)])] == [{"v": 2}]
+    assert [r.payload for r in await sink.retrieve("docs", [_id(3)])] == [{"v": 3}]
+
+
 async def test_edge_writes_survive_reopen(tmp_path: Path) -> None:
     first = QdrantEdgeSink("edge", tmp_path / "edge")
     await first.open()

@@ -491,8 +491,15 @@ class ChromaSink:
         check_drop(self.name, name, self._aliases_now())
         self._cols.pop(name, None)
         self._distances.pop(name, None)
+        client = self._connect()
         with wrap_errors(f"drop collection {name!r}"), contextlib.suppress(NotFoundError):
-            self._connect().delete_collection(name)
+            col = client.get_collection(name, embedding_function=None)
+            # chromadb 1.5's delete_collection leaves list-valued metadata behind, and the
+            # next records written anywhere inherit it (chroma-core/chroma#7594): delete
+            # the points first, which cleans them up
+            while ids := col.get(limit=self._batch, include=[])["ids"]:
+                col.delete(ids=ids)
+            client.delete_collection(name)
 
     async def collections(self) -> list[str]:
         return sorted(await self._lane.run(self._physical))
