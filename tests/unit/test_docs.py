@@ -71,6 +71,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sources.NAME] kind = "neo4j"': c.Neo4jSourceConfig,
     '[sinks.NAME] kind = "qdrant-edge"': c.QdrantEdgeSinkConfig,
     '[sinks.NAME] kind = "qdrant"': c.QdrantSinkConfig,
+    '[sinks.NAME] kind = "chroma"': c.ChromaSinkConfig,
     '[embedders.NAME] kind = "sentence-transformers"': c.SentenceTransformersEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
     "[[mappings]]": c.MappingConfig,

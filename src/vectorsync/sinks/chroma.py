@@ -14,7 +14,7 @@ is synchronous, so its calls run on one thread of their own, off the event loop.
   Between the two a reader misses those points; a crash between them loses them until the
   journaled batch is replayed (the worker journals each batch before it is sent).
   ``update`` merges metadata keys, so a payload update sets each removed field to None.
-* Aliases: Chroma has none. Ours are records of the collection ``vectorsync.aliases``
+* Aliases: Chroma has none. Ours are records of the collection ``vectorsync-aliases``
   (id = alias, metadata ``{"collection": <physical name>}``); one record write swaps an
   alias, so a reader sees the old target or the new. Every call of this sink resolves a
   name that is not a collection it opened through that record; a reader with Chroma's own
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ALIASES", "ChromaSink", "check_collection_name", "live_collection"]
 
-ALIASES = "vectorsync.aliases"  # the collection whose records are our aliases
+ALIASES = "vectorsync-aliases"  # the collection whose records are our aliases
 _SPACES: dict[Distance, str] = {"cosine": "cosine", "dot": "ip", "euclid": "l2"}
 _DIMENSION, _DISTANCE = "_vs_dimension", "_vs_distance"  # collection metadata we keep
 
