@@ -4,6 +4,7 @@ payload mapping, its aliases as a reader sees them, a server that is down)."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,6 +155,24 @@ async def test_sqlite_to_chroma_converges_read_with_chromas_own_client(
         assert live_collection(reader.client, "articles").name == "articles__v2"
         names = {c.name for c in reader.client.list_collections()}
     assert names == {"articles__v1", "articles__v2", ALIASES}
+
+
+async def test_random_changes_and_shuffled_redelivery_converge(
+    workdir: Path, app: App, target: Target
+) -> None:
+    rng = random.Random(5)
+    app.random_ops(rng, 150)
+    cfg = write_config(workdir, sink=target.toml, batch_size=37)
+    await sync_once(cfg)
+    app.random_ops(rng, 300)
+    await sync_once(cfg)
+    assert_in_chroma(target, app, workdir)
+    replay = [(k, op) for k in range(1, 201) for op in ("insert", "update", "delete")]
+    rng.shuffle(replay)
+    app.inject(replay)  # every change again, in random order: nothing to write
+    counts = await sync_once(cfg)
+    assert counts.get("upserted", 0) == 0 and counts.get("payload_only", 0) == 0
+    assert_in_chroma(target, app, workdir)
 
 
 SPEC = CollectionSpec(name="docs", dimension=2, distance="cosine")

@@ -105,6 +105,7 @@ class ChromaSink:
         self._lane = BlockingLane(f"chroma-{name}")
         self._client: ClientAPI | None = None
         self._cols: dict[str, Collection] = {}  # physical name -> collection
+        self._aliases: Collection | None = None
         self._distances: dict[str, Distance] = {}
         self._batch = 1000
 
@@ -167,6 +168,7 @@ class ChromaSink:
     def _close(self) -> None:
         client, self._client = self._client, None
         self._cols.clear()
+        self._aliases = None
         if client is None:
             return
         # an HTTP client's systems are its own (chromadb gives each a fresh identifier),
@@ -197,7 +199,7 @@ class ChromaSink:
         """The collection ``name`` names: one this sink opened, else through an alias."""
         if name in self._cols:
             return self._cols[name]
-        target = self._aliases_now().get(name, name)
+        target = self._alias_of(name) or name
         if target in self._cols:
             return self._cols[target]
         from chromadb.errors import NotFoundError
@@ -225,7 +227,7 @@ class ChromaSink:
     def _ensure(self, spec: CollectionSpec) -> None:
         from chromadb.errors import NotFoundError
 
-        target = self._aliases_now().get(spec.name, spec.name)
+        target = self._alias_of(spec.name) or spec.name
         if (why := check_collection_name(target)) is not None:
             raise PermanentError(
                 f"sink {self.name!r}: cannot make collection {target!r}: {why}; set the "
@@ -415,16 +417,31 @@ class ChromaSink:
 
     # -- aliases --------------------------------------------------------------------------
     def _alias_collection(self, *, create: bool) -> Collection | None:
+        """The collection of aliases (kept once found: vectorsync never drops it)."""
         from chromadb.errors import NotFoundError
 
+        if self._aliases is not None:
+            return self._aliases
         client = self._connect()
         with wrap_errors("open the aliases"):
-            if create:
-                return client.get_or_create_collection(ALIASES, embedding_function=None)
             try:
-                return client.get_collection(ALIASES, embedding_function=None)
+                self._aliases = client.get_collection(ALIASES, embedding_function=None)
             except NotFoundError:
-                return None
+                if create:
+                    self._aliases = client.get_or_create_collection(
+                        ALIASES, embedding_function=None
+                    )
+        return self._aliases
+
+    def _alias_of(self, name: str) -> str | None:
+        """The collection alias ``name`` names now, or None (one record read)."""
+        col = self._alias_collection(create=False)
+        if col is None:
+            return None
+        with wrap_errors(f"resolve {name!r}"):
+            got = col.get(ids=[name], include=["metadatas"])
+        metas = got["metadatas"] or []
+        return str(metas[0]["collection"]) if got["ids"] and metas and metas[0] else None
 
     def _aliases_now(self) -> dict[str, str]:
         col = self._alias_collection(create=False)
