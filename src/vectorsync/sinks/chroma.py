@@ -267,29 +267,31 @@ class ChromaSink:
         import numpy as np
 
         col = self._collection(collection)
-        cosine = self._distance(col) == "cosine"
-        dimension = _dimension_of(col)
-        latest = {p.id: p for p in points}  # add refuses an id twice in one call
-        rows = []
-        for p in latest.values():  # everything checked before anything is deleted
-            if dimension is not None and len(p.vector) != dimension:
+        latest = list({p.id: p for p in points}.values())  # add refuses an id twice
+        if not latest:
+            return
+        dimension = _dimension_of(col) or len(latest[0].vector)
+        for p in latest:  # everything is checked before anything is deleted
+            if len(p.vector) != dimension:
                 raise PermanentError(
                     f"sink {self.name!r}: point {p.id} has a vector of dimension "
                     f"{len(p.vector)}; collection {col.name!r} holds dimension {dimension}"
                 )
-            vector = _normalised(p.vector) if cosine else [float(x) for x in p.vector]
-            rows.append((p.id, vector, to_metadata(self.name, p.id, p.payload)))
-        for i in range(0, len(rows), self._batch):
-            chunk = rows[i : i + self._batch]
-            ids = [r[0] for r in chunk]
+        metas = [to_metadata(self.name, p.id, p.payload) for p in latest]
+        vectors = np.asarray([p.vector for p in latest], dtype=np.float32)
+        if self._distance(col) == "cosine":  # stored normalised, as Qdrant does
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors /= np.where(norms == 0, 1, norms)
+        for i in range(0, len(latest), self._batch):
+            ids = [p.id for p in latest[i : i + self._batch]]
             with wrap_errors(f"upsert into {collection!r}"):
                 existing = col.get(ids=ids, include=[])["ids"]
                 if existing:
                     col.delete(ids=existing)
                 col.add(
                     ids=ids,
-                    embeddings=np.asarray([r[1] for r in chunk], dtype=np.float32),
-                    metadatas=[r[2] for r in chunk],  # type: ignore[misc]
+                    embeddings=vectors[i : i + self._batch],
+                    metadatas=metas[i : i + self._batch],  # type: ignore[arg-type]
                 )
 
     async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
@@ -543,11 +545,6 @@ def _distance_of(col: Collection) -> Distance:
 def _dimension_of(col: Collection) -> int | None:
     stored = (col.metadata or {}).get(_DIMENSION)
     return int(stored) if isinstance(stored, int) else col.get_model().dimension
-
-
-def _normalised(v: Sequence[float]) -> list[float]:
-    norm = math.sqrt(sum(x * x for x in v)) or 1.0
-    return [x / norm for x in v]
 
 
 def _score(distance: Distance, d: float) -> float:
