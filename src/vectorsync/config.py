@@ -197,7 +197,7 @@ class ChromaSinkConfig(_Frozen):
             )
         if self.url is not None:
             parts = urlsplit(self.url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
                 raise ValueError(
                     f"url {self.url!r} is not a Chroma server address; use "
                     "http://host:port (or https://)"

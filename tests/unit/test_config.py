@@ -51,6 +51,10 @@ def test_env_overrides_values_by_path() -> None:
             "not a Chroma server address; use http://host:port",
         ),
         (
+            {"sinks": {"vectors": {"kind": "chroma", "url": "http://h:8000/api/v2"}}},
+            "not a Chroma server address",
+        ),
+        (
             {
                 "sinks": {"vectors": {"kind": "chroma", "path": "c"}},
                 "mappings": [{**BASE["mappings"][0], "collection": "_x"}],

@@ -148,13 +148,15 @@ class ChromaSink:
                 "start it (chroma run --path DIR --port P) or fix sinks."
                 f"{self.name}.url"
             ) from exc
-        with wrap_errors(f"connect to {self.url}"):
+        try:
             client = chromadb.HttpClient(
                 host=parts.hostname or "localhost",
                 port=parts.port or (443 if parts.scheme == "https" else 8000),
                 ssl=parts.scheme == "https",
                 settings=settings,
             )
+        except Exception as exc:  # it says ValueError when the server went away meanwhile
+            raise SinkError(f"sink {self.name!r}: cannot connect to {self.url}: {exc}") from exc
         for session in _sessions(client):  # chromadb's sessions wait forever; ours not
             session.timeout = httpx.Timeout(self.timeout)
         return client
