@@ -241,6 +241,9 @@ async def test_a_value_chroma_cannot_hold_is_refused_before_anything_is_written(
         wrong = Point(id=_id(1), vector=[1.0, 0.0, 0.0], payload={})
         with pytest.raises(PermanentError, match=r"dimension 3.*holds dimension 2"):
             await sink.upsert("docs", [wrong])
+        nan = Point(id=_id(1), vector=[float("nan"), 0.0], payload={})  # Chroma refuses it
+        with pytest.raises(PermanentError, match="NaN or infinity"):
+            await sink.upsert("docs", [nan])
         [rec] = await sink.retrieve("docs", [_id(1)], with_vectors=True)  # untouched
         assert rec.payload == {"v": 1} and rec.vector == pytest.approx([1.0, 0.0])
         with pytest.raises(PermanentError, match="compares numbers only"):

@@ -281,6 +281,12 @@ class ChromaSink:
                 )
         metas = [to_metadata(self.name, p.id, p.payload) for p in latest]
         vectors = np.asarray([p.vector for p in latest], dtype=np.float32)
+        if not (finite := np.isfinite(vectors).all(axis=1)).all():
+            bad = latest[int(np.argmin(finite))].id
+            raise PermanentError(
+                f"sink {self.name!r}: point {bad} has a vector with NaN or infinity, which "
+                "Chroma refuses"
+            )
         if self._distance(col) == "cosine":  # stored normalised, as Qdrant does
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors /= np.where(norms == 0, 1, norms)
