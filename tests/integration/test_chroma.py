@@ -220,6 +220,10 @@ async def test_payload_values_map_to_metadata_and_back(target: Target) -> None:
         with Reader(target) as reader:
             [(vector, meta)] = reader.points("docs").values()
         assert meta == smaller and vector == pytest.approx([1.0, 0.0])
+        # a field switching between a list, a text and another list type
+        for new in ({"tags": "x"}, {"tags": [1, 2], "n": [1.5]}, {"n": 2}, {"tags": ["z"]}):
+            await sink.update_payloads("docs", [PayloadUpdate(id=_id(1), set=new, payload=new)])
+            assert [r.payload for r in await sink.retrieve("docs", [_id(1)])] == [new]
     finally:
         await sink.close()
 
