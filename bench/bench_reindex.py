@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import os
-import platform
 import random
+import resource
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench_sync import _write
 from vectorsync.config import load_config
 from vectorsync.embed.base import Embedder
 from vectorsync.embed.hash import HashEmbedder
@@ -32,9 +35,7 @@ from vectorsync.engine import Engine
 from vectorsync.render import Renderer
 from vectorsync.worker import BatchReport
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
-WORK = ROOT / "work"
+WORK = Path(__file__).resolve().parent / "work"
 WORDS = ["alpha", "beta", "gamma", "delta", "vector", "graph", "sync", "chunk", "entity"]
 
 CONFIG = """\
@@ -113,9 +114,9 @@ async def bench(embedder_kind: str, records: int, batch: int) -> dict[str, Any]:
     cwd = Path.cwd()
     os.chdir(folder)  # the config's relative paths
     try:
-        first = _configure(folder, embedder_kind, BEFORE, batch)
-        async with Engine.open(load_config(first)) as engine:
-            await engine.run(once=True)
+        _configure(folder, embedder_kind, BEFORE, batch)
+        # the first sync in a process of its own: this one's peak RSS is the re-index's
+        subprocess.run([sys.executable, "-m", "vectorsync", "run", "--once"], check=True)
         second = _configure(folder, embedder_kind, AFTER, batch)
         texts = _texts(folder, second)
         pages: list[tuple[float, int]] = []  # (commit time, records done)
@@ -130,9 +131,15 @@ async def bench(embedder_kind: str, records: int, batch: int) -> dict[str, Any]:
             raw = await _raw_rate(embedder, texts)
             if isinstance(embedder, HashEmbedder):
                 embedder.texts_embedded = 0
+            idle = await _search_latencies(engine, 100)
+            rss_before = _peak_rss_mib()
             started = time.perf_counter()
+            searching = asyncio.Event()
+            reader = asyncio.create_task(_search_while(engine, searching))
             result = await engine.run(once=True, on_batch=on_batch)
             finished = time.perf_counter()
+            searching.set()
+            during = await reader
             listed = await engine.indexes("docs")
     finally:
         os.chdir(cwd)
@@ -151,19 +158,41 @@ async def bench(embedder_kind: str, records: int, batch: int) -> dict[str, Any]:
         "verify_and_swap_seconds": round(finished - pages[-1][0], 2),
         "run_seconds": round(result.seconds, 2),
         "embedded": result.counts.get("embedded", 0),
+        "search_ms_idle": _percentiles(idle),
+        "search_ms_during_reindex": _percentiles(during),
+        "peak_rss_mib_before_reindex": rss_before,
+        "peak_rss_mib_after_reindex": _peak_rss_mib(),
     }
 
 
-def _write(name: str, figures: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "benchmark": name,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-        **figures,
-    }
-    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
+async def _search_latencies(engine: Engine, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        started = time.perf_counter()
+        hits = await engine.search("docs", f"{WORDS[i % len(WORDS)]} sync", limit=5)
+        times.append((time.perf_counter() - started) * 1000)
+        assert hits, "a search found nothing"
+    return times
+
+
+async def _search_while(engine: Engine, done: asyncio.Event) -> list[float]:
+    """A reader searching every 50 ms until ``done``: its latencies (ms)."""
+    times: list[float] = []
+    while not done.is_set():
+        times += await _search_latencies(engine, 1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 0.05)
+    return times
+
+
+def _percentiles(ms: list[float]) -> dict[str, float]:
+    ordered = sorted(ms)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)  # noqa: E731
+    return {"searches": len(ordered), "p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
+
+
+def _peak_rss_mib() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import pytest
 from tests.helpers import App, GraphApp, PgApp
 from tests.pgserver import PgServer
 from tests.pgvector_server import PgvectorServer, pgvector_server
+from vectorsync.chroma_server import ChromaServer, chroma_server
 from vectorsync.falkordb_server import FalkorDBServer, falkordb_server
 
 # Tests marked ``all_sources`` run once per source kind; the rest on SQLite only.
@@ -96,6 +97,13 @@ def pgvector_schema(pgvector: PgvectorServer) -> Iterator[str]:
 def falkordb() -> Iterator[FalkorDBServer]:
     """One throwaway FalkorDB server for the whole session (each test uses its own graph)."""
     with falkordb_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def chroma() -> Iterator[ChromaServer]:
+    """One throwaway Chroma server for the whole session (tests clear it after use)."""
+    with chroma_server() as server:
         yield server
 
 

@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -23,6 +24,7 @@ from .errors import ConfigError
 
 __all__ = [
     "CONFIG_ENV",
+    "ChromaSinkConfig",
     "Config",
     "EmbedderConfig",
     "FalkorDBSourceConfig",
@@ -212,8 +214,32 @@ class PgvectorSinkConfig(_Frozen):
         return self
 
 
+class ChromaSinkConfig(_Frozen):
+    kind: Literal["chroma"]
+    path: Path | None = Field(default=None, description="a folder: Chroma embedded")
+    url: str | None = Field(default=None, description="a Chroma server, e.g. http://localhost:8000")
+    timeout: float = Field(default=30.0, gt=0, description="seconds per request to the server")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> ChromaSinkConfig:
+        if (self.url is None) == (self.path is None):
+            raise ValueError(
+                "set exactly one of path (a folder: Chroma embedded in this process) or url "
+                "(a Chroma server, e.g. http://localhost:8000)"
+            )
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                raise ValueError(
+                    f"url {self.url!r} is not a Chroma server address; use "
+                    "http://host:port (or https://)"
+                )
+        return self
+
+
 SinkConfig = Annotated[
-    QdrantEdgeSinkConfig | QdrantSinkConfig | PgvectorSinkConfig, Field(discriminator="kind")
+    QdrantEdgeSinkConfig | QdrantSinkConfig | ChromaSinkConfig | PgvectorSinkConfig,
+    Field(discriminator="kind"),
 ]
 
 
@@ -441,6 +467,7 @@ class Config(_Frozen):
                     f"written by mapping {other!r}; a collection holds one mapping's points "
                     "(checks and repairs own all of it): give each mapping its own collection"
                 )
+            _chroma_collection(where, m, self.sinks.get(m.sink))
             for field, table in (
                 ("source", self.sources),
                 ("sink", self.sinks),
@@ -465,6 +492,18 @@ class Config(_Frozen):
         if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
             return prefix + str(self.resolve(Path(url[len(prefix) :])))
         return url
+
+
+def _chroma_collection(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:
+    if not isinstance(sink, ChromaSinkConfig):
+        return
+    from .sinks.chroma import check_collection_name
+
+    if (why := check_collection_name(m.collection_name)) is not None:
+        raise ValueError(
+            f"{where}: collection {m.collection_name!r} cannot be a Chroma collection of sink "
+            f"{m.sink!r}: {why}; set collection to another name"
+        )
 
 
 def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -29,6 +29,7 @@ from .backoff import Backoff, retrying
 from .check import KNOWN, Checker, CheckReport
 from .config import (
     GRAPH_SOURCES,
+    ChromaSinkConfig,
     Config,
     EmbedderConfig,
     FalkorDBSourceConfig,
@@ -148,6 +149,11 @@ def build_source(name: str, cfg: SourceConfig, config: Config) -> Source:
 
 
 def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
+    if isinstance(cfg, ChromaSinkConfig):
+        from .sinks.chroma import ChromaSink
+
+        folder = None if cfg.path is None else config.resolve(cfg.path)
+        return ChromaSink(name, path=folder, url=cfg.url, timeout=cfg.timeout)
     if isinstance(cfg, QdrantEdgeSinkConfig):
         from .sinks.qdrant_edge import QdrantEdgeSink
 

@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .config import (
+    ChromaSinkConfig,
     Config,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
@@ -31,8 +32,9 @@ def preflight(config: Config, *, sinks: Collection[str], embedders: Collection[s
     state_url(config.state_url())
     for name in sorted(sinks):
         cfg = config.sinks[name]
-        if isinstance(cfg, QdrantEdgeSinkConfig):
-            _folder(f"sinks.{name}.path", config.resolve(cfg.path))
+        folder = cfg.path if isinstance(cfg, QdrantEdgeSinkConfig | ChromaSinkConfig) else None
+        if folder is not None:
+            _folder(f"sinks.{name}.path", config.resolve(folder))
         elif isinstance(cfg, QdrantSinkConfig) and cfg.path not in (None, ":memory:"):
             _folder(f"sinks.{name}.path", config.resolve(Path(cfg.path)))
     for name in sorted(embedders):

@@ -1,5 +1,5 @@
 """One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local,
-pgvector (a real PostgreSQL 18 with pgvector)."""
+Chroma embedded and a real Chroma server, pgvector (a real PostgreSQL 18 with pgvector)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from vectorsync.chroma_server import ChromaServer
 from vectorsync.errors import PermanentError
 from vectorsync.model import Condition, PayloadUpdate, Point
 from vectorsync.sinks.base import CollectionSpec, Sink
+from vectorsync.sinks.chroma import ChromaSink
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.pgvector import PgvectorSink
 from vectorsync.sinks.qdrant import QdrantSink
@@ -28,22 +30,41 @@ def _id(n: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, str(n)))
 
 
-@pytest.fixture(params=["memory", "qdrant-edge", "qdrant-local", "pgvector"])
+@pytest.fixture(
+    params=[
+        "memory",
+        "qdrant-edge",
+        "qdrant-local",
+        "chroma-embedded",
+        "chroma-server",
+        "pgvector",
+    ]
+)
 async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sink]:
     s: Sink
+    server: ChromaServer | None = None
     if request.param == "memory":
         s = MemorySink()
     elif request.param == "qdrant-edge":
         s = QdrantEdgeSink("edge", tmp_path / "edge")
     elif request.param == "pgvector":
-        server = request.getfixturevalue("pgvector")
-        s = PgvectorSink("pgvector", server.url, schema=request.getfixturevalue("pgvector_schema"))
+        pg = request.getfixturevalue("pgvector")
+        s = PgvectorSink("pgvector", pg.url, schema=request.getfixturevalue("pgvector_schema"))
+    elif request.param == "chroma-embedded":
+        s = ChromaSink("chroma", path=tmp_path / "chroma")
+    elif request.param == "chroma-server":
+        server = request.getfixturevalue("chroma")
+        s = ChromaSink("chroma", url=server.url)
     else:
         s = QdrantSink("qdrant", path=":memory:")
     await s.open()
-    await s.ensure_collection(SPEC)
-    yield s
-    await s.close()
+    try:
+        await s.ensure_collection(SPEC)
+        yield s
+    finally:
+        await s.close()
+        if server is not None:
+            server.clear()
 
 
 async def test_upsert_is_idempotent_and_normalises_cosine_vectors(sink: Sink) -> None:
@@ -129,6 +150,19 @@ async def test_reopening_with_another_dimension_is_refused(sink: Sink) -> None:
     await sink.upsert("docs", [Point(id=_id(1), vector=[1, 0, 0, 0], payload={})])
     with pytest.raises(PermanentError, match="docs"):
         await sink.ensure_collection(CollectionSpec(name="docs", dimension=8, distance="cosine"))
+
+
+async def test_a_dropped_collection_leaves_nothing_behind(sink: Sink) -> None:
+    # Chroma 1.5's delete_collection keeps list-valued metadata for the next records
+    # written anywhere to inherit (chroma-core/chroma#7594); the sink deletes points first
+    await sink.ensure_collection(V1)
+    await sink.upsert(V1.name, [Point(id=_id(1), vector=[1, 0, 0, 0], payload={"tags": ["x"]})])
+    await sink.drop_collection(V1.name)
+    await sink.ensure_collection(V2)
+    await sink.upsert(V2.name, [Point(id=_id(2), vector=[1.0] * 8, payload={"v": 2})])
+    await sink.upsert("docs", [Point(id=_id(3), vector=[1, 0, 0, 0], payload={"v": 3})])
+    assert [r.payload for r in await sink.retrieve(V2.name, [_id(2)])] == [{"v": 2}]
+    assert [r.payload for r in await sink.retrieve("docs", [_id(3)])] == [{"v": 3}]
 
 
 async def test_edge_writes_survive_reopen(tmp_path: Path) -> None:

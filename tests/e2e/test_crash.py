@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, assert_edge_converged, load, write_config
+from tests.helpers import App, assert_converged, assert_edge_converged, load, write_config
 from vectorsync._failpoints import POINTS
+from vectorsync.sinks.chroma import ChromaSink
 
 TRIALS = 16  # shared by the failpoints, two after two
 ONCE_PER_RUN = {"after_redo_inflight"}  # passed once at start: only its first pass exists
@@ -179,3 +180,43 @@ def test_a_write_the_crash_left_uncommitted_is_redone_even_if_the_row_reverted(
     )
     assert done.returncode == 0, done.stderr
     asyncio.run(assert_edge_converged(load(cfg), app, workdir))
+
+
+@pytest.mark.parametrize("edit", [{"body": "a new body"}, {"author": "bob"}])
+def test_kill_9_after_a_chroma_write_redoes_it_on_restart(
+    workdir: Path, app: App, edit: dict[str, str]
+) -> None:
+    """Chroma re-writes a point as delete + add: a run killed after that write (before its
+    state commit) is redone by the next run, and Chroma ends equal to the source."""
+    for k in range(1, 21):
+        app.insert(k, author="ann", body=f"body {k}")
+    cfg = write_config(workdir, sink='kind = "chroma"\npath = ".vectorsync/chroma"')
+    vectorsync = [*RUN, "--once"]
+    assert subprocess.run(vectorsync, cwd=workdir, env=_env(), timeout=120).returncode == 0
+    for k in (3, 4, 5):
+        app.update(k, **edit)
+    died = subprocess.run(
+        vectorsync,
+        cwd=workdir,
+        env=_env("after_sink_write:1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    app.update(4, author="ann", body="body 4")  # one row goes back to what was committed
+    done = subprocess.run(
+        vectorsync, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert REDONE in done.stderr
+
+    async def converged() -> None:
+        sink = ChromaSink("check", path=workdir / ".vectorsync" / "chroma")
+        await sink.open()
+        try:
+            await assert_converged(load(cfg), app, sink)
+        finally:
+            await sink.close()
+
+    asyncio.run(converged())

@@ -41,6 +41,31 @@ def test_env_overrides_values_by_path() -> None:
     [
         ({"sinks": {"vectors": {"kind": "pinecone"}}}, "sinks.vectors"),
         ({"sinks": {"vectors": {"kind": "qdrant"}}}, "set exactly one of url"),
+        ({"sinks": {"vectors": {"kind": "chroma"}}}, "set exactly one of path (a folder"),
+        (
+            {"sinks": {"vectors": {"kind": "chroma", "path": "c", "url": "http://h:8000"}}},
+            "set exactly one of path",
+        ),
+        (
+            {"sinks": {"vectors": {"kind": "chroma", "url": "localhost:8000"}}},
+            "not a Chroma server address; use http://host:port",
+        ),
+        (
+            {"sinks": {"vectors": {"kind": "chroma", "url": "http://h:8000/api/v2"}}},
+            "not a Chroma server address",
+        ),
+        (
+            {
+                "sinks": {"vectors": {"kind": "chroma", "path": "c"}},
+                "mappings": [{**BASE["mappings"][0], "collection": "_x"}],
+            },
+            "mappings[0] ('a'): collection '_x' cannot be a Chroma collection of sink 'vectors': "
+            "Chroma needs 3-512",
+        ),
+        (
+            {"sinks": {"vectors": {"kind": "chroma", "path": "c"}}},  # mapping 'a': too short
+            "collection 'a' cannot be a Chroma collection",
+        ),
         ({"embedders": {"default": {"kind": "hash", "dimension": 0}}}, "dimension"),
         ({"mappings": []}, "mappings"),
         (

@@ -72,6 +72,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sinks.NAME] kind = "qdrant-edge"': c.QdrantEdgeSinkConfig,
     '[sinks.NAME] kind = "qdrant"': c.QdrantSinkConfig,
     '[sinks.NAME] kind = "pgvector"': c.PgvectorSinkConfig,
+    '[sinks.NAME] kind = "chroma"': c.ChromaSinkConfig,
     '[embedders.NAME] kind = "sentence-transformers"': c.SentenceTransformersEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,
