@@ -1,6 +1,7 @@
 """The openai embedder's throughput through vectorsync ÷ the same server's throughput with
 the ``openai`` client called directly, same texts, same run, per concurrency; figures go to
-bench/results/openai-embedder.json.
+bench/results/openai-embedder.json. The direct client runs twice: texts in source order and
+sorted by length (as vectorsync sends them: less padding); the ratio is against the faster.
 
 The server is infinity-emb serving the bundled MiniLM (its venv built once by
 scripts/infinity-venv), started here on a free port and stopped at the end.
@@ -124,13 +125,17 @@ async def bench(n: int) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     with infinity(WORK / "infinity.log") as url:
         await raw(url, texts[:64], 1)  # warm-up
+        by_length = sorted(texts, key=len)  # what vectorsync sends: less padding per batch
         for concurrency in (1, 2, 4):
             direct = await raw(url, texts, concurrency)
+            sorted_direct = await raw(url, by_length, concurrency)
             ours = await through_vectorsync(url, texts, concurrency)
+            best_direct = max(direct, sorted_direct)
             figures["runs"][str(concurrency)] = {
                 "openai_client_texts_per_s": round(direct, 1),
+                "openai_client_sorted_by_length_texts_per_s": round(sorted_direct, 1),
                 "vectorsync_run_once_texts_per_s": round(ours, 1),
-                "ratio": round(ours / direct, 3),
+                "ratio": round(ours / best_direct, 3),
             }
             print(concurrency, figures["runs"][str(concurrency)], flush=True)
     best = max(figures["runs"].values(), key=lambda r: r["vectorsync_run_once_texts_per_s"])

@@ -121,9 +121,12 @@ async def bench(embedder_kind: str, records: int, batch: int) -> dict[str, Any]:
         texts = _texts(folder, second)
         pages: list[tuple[float, int]] = []  # (commit time, records done)
 
+        anon: list[int] = []  # RssAnon after each page: the process's own memory
+
         def on_batch(report: BatchReport) -> None:
             if report.backfill is not None:
                 pages.append((time.perf_counter(), report.backfill["done"]))
+                anon.append(_rss_anon_mib())
 
         async with Engine.open(load_config(second)) as engine:
             await engine.prepare()  # builds version 2's target; loads the model once
@@ -162,6 +165,13 @@ async def bench(embedder_kind: str, records: int, batch: int) -> dict[str, Any]:
         "search_ms_during_reindex": _percentiles(during),
         "peak_rss_mib_before_reindex": rss_before,
         "peak_rss_mib_after_reindex": _peak_rss_mib(),
+        # RSS counts the sink's memory-mapped segment files too (qdrant-edge writes through
+        # mmap): the anonymous part is what the backfill itself holds
+        "rss_anon_mib_during_backfill": {
+            "first_page": anon[0] if anon else None,
+            "max": max(anon, default=None),
+            "last_page": anon[-1] if anon else None,
+        },
     }
 
 
@@ -189,6 +199,13 @@ def _percentiles(ms: list[float]) -> dict[str, float]:
     ordered = sorted(ms)
     pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)  # noqa: E731
     return {"searches": len(ordered), "p50": pick(0.5), "p99": pick(0.99), "max": pick(1.0)}
+
+
+def _rss_anon_mib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return round(int(line.split()[1]) / 1024)
+    return 0
 
 
 def _peak_rss_mib() -> int:

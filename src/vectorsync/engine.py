@@ -1152,9 +1152,27 @@ class Engine:
         checks: dict[str, Any] = {}
         for c in await self.state.checks(limit=100):
             checks.setdefault(c["mapping"], c)
+        embedders = {
+            name: {
+                "texts": e.texts_embedded,
+                # what an API embedder counts (tokens sent, their cost, 429s waited out)
+                **{
+                    k: getattr(e, attr)
+                    for k, attr in (
+                        ("tokens", "tokens_used"),
+                        ("truncated", "texts_truncated"),
+                        ("rate_limited", "rate_limited"),
+                        ("cost", "cost"),
+                    )
+                    if getattr(e, attr, None) is not None
+                },
+            }
+            for name, e in self.embedders.items()
+        }
         return {
             "sources": sources,
             "mappings": mappings,
+            "embedders": embedders,
             "errors_by_type": figures["errors_by_type"],
             "dead_letters": figures["dead_letters_pending"],
             "checks": checks,

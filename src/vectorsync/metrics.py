@@ -109,6 +109,18 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
         writes.add_metric([mapping, "payload"], m.get("payload_only", 0))
         writes.add_metric([mapping, "delete"], m.get("deleted", 0))
     yield writes
+    for key, name, doc in (
+        ("texts", "vectorsync_embedder_texts", "Texts an embedder embedded in this process"),
+        ("tokens", "vectorsync_embedder_tokens", "Tokens sent to an API embedder"),
+        ("truncated", "vectorsync_embedder_truncated", "Texts cut to the model's window"),
+        ("rate_limited", "vectorsync_embedder_rate_limited", "429 answers waited out"),
+        ("cost", "vectorsync_embedder_cost", "Cost of the tokens sent, at the configured price"),
+    ):
+        family = counter(name, doc, labels=["embedder"])
+        for embedder, e in stats["embedders"].items():
+            if key in e:
+                family.add_metric([embedder], e[key])
+        yield family
     errors = counter("vectorsync_errors", "Errors logged, by type", labels=["type"])
     for kind, n in stats["errors_by_type"].items():
         errors.add_metric([kind], n)

@@ -76,6 +76,8 @@ async def test_every_metric_after_a_real_sync(workdir: Path, app: App) -> None:
     assert metric(text, "vectorsync_embeddings_total", mapping="articles", result="computed") == 20
     assert metric(text, "vectorsync_embeddings_total", mapping="articles", result="skipped") == 1
     assert metric(text, "vectorsync_sink_writes_total", mapping="articles", operation="delete") == 1
+    assert metric(text, "vectorsync_embedder_texts_total", embedder="default") == 20
+    assert "vectorsync_embedder_tokens_total{" not in text  # the hash embedder sends none
     assert metric(text, "vectorsync_errors_total", type="render") == 1
     assert metric(text, "vectorsync_dead_letters") == 1
     assert metric(text, "vectorsync_sync_latency_seconds_count", source="app") == 23

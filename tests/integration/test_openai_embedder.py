@@ -107,6 +107,8 @@ async def test_429_with_retry_after_costs_retries_only(
         embedder = engine.embedders["default"]
         assert isinstance(embedder, OpenAIEmbedder)
         assert embedder.rate_limited >= 5  # it waited the 429s out
+        counted = (await engine.stats())["embedders"]["default"]  # what /metrics exports
+        assert counted["rate_limited"] == embedder.rate_limited and counted["tokens"] > 0
         errors = await engine.state.errors()
     assert status.records == 300 and status.dead_letters == 0
     assert errors == []  # a rate limit is not an error
