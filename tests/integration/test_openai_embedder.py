@@ -212,3 +212,20 @@ def test_without_a_tokenizer_tokens_are_estimated_at_4_characters() -> None:
     assert counter.kind == "estimate"
     assert counter.count("x" * 9) == 3 and counter.count("") == 1
     assert os.environ.get("HF_HUB_OFFLINE") != "0"  # nothing was fetched to count
+
+
+async def test_a_dry_run_counts_tokens_with_the_tokenizer_and_prices_them(
+    workdir: Path, server: EmbeddingServer
+) -> None:
+    from tests.embedding_server import _model_folder
+
+    app = App(workdir / "app.db")
+    _insert(app, _texts(50))
+    toml = _embedder_toml(server, tokenizer=_model_folder(), price_per_million_tokens=20.0)
+    async with Engine.open(load(write_config(workdir, embedder=toml))) as engine:
+        plan = await engine.reindex("articles", dry_run=True)
+        texts = await engine.texts("articles", list(range(1, 51)))
+    counter = TokenCounter(MODEL_NAME, _model_folder())
+    tokens = sum(counter.count(t) for t in texts.values())
+    assert plan["to_embed"] == 50 and plan["estimated_tokens"] == tokens
+    assert plan["estimated_cost"] == round(tokens / 1e6 * 20.0, 4) > 0

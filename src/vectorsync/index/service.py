@@ -403,8 +403,9 @@ class IndexService:
 
     async def dry_run(self, m: MappingConfig) -> dict[str, Any]:
         """What building ``m``'s configured version would cost, changing nothing: records,
-        texts to embed, texts the embedding cache already has, estimated tokens (a text's
-        characters / 4), and time at the embedder's rate measured on a few of them."""
+        texts to embed, texts the embedding cache already has, estimated tokens (counted by
+        an API embedder's tokenizer, else a text's characters / 4), the cost at the
+        embedder's price, and time at its rate measured on a few of them."""
         e = self.engine
         embedder = e.embedders[m.embedder]
         await embedder.open()  # names the model; its weights load only to measure the rate
@@ -441,7 +442,11 @@ class IndexService:
         cached = await e.state.cached_hashes(embedder.model_id, list(texts))
         needed = [t for h, t in texts.items() if h not in cached]
         rate = await _rate(embedder, needed[:16]) if needed else None
-        tokens = sum(len(t) for t in needed) // 4
+        counter = getattr(embedder, "counter", None)  # an API embedder counts its tokens
+        if counter is not None:
+            tokens = sum(counter.count(t) for t in needed)
+        else:
+            tokens = sum(len(t) for t in needed) // 4
         price = getattr(embedder, "price_per_million_tokens", None)
         return {
             "mapping": m.name,
