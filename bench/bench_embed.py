@@ -149,8 +149,8 @@ def _vectorsync(env: dict[str, str], texts: int) -> dict[str, Any]:
     shutil.rmtree(WORK / ".vectorsync", ignore_errors=True)
     cmd = [sys.executable, "-m", "vectorsync", "run", "--once", "-v", "--log-format", "json"]
     run = _child([*cmd, "-c", str(WORK / "vectorsync.toml")], env)
-    if f"{texts} embedded" not in run["stdout"]:
-        sys.exit(f"vectorsync did not embed {texts} texts:\n{run['stdout']}")
+    if _embedded(run) != texts:
+        sys.exit(f"vectorsync did not embed {texts} texts:\n{run['stderr'][-2000:]}")
     loaded_at = None
     for line in run["stderr"].splitlines():
         if line.startswith("{") and '"embedder_open"' in line:
@@ -162,13 +162,19 @@ def _vectorsync(env: dict[str, str], texts: int) -> dict[str, Any]:
     return {**run, "after_load_s": run["ended_at"] - loaded_at}
 
 
+def _embedded(run: dict[str, Any]) -> int:
+    """Texts embedded, from the summary line ``run --once`` prints (on stderr)."""
+    found = re.findall(r"(\d+) embedded,", run["stdout"] + run["stderr"])
+    return int(found[-1]) if found else 0
+
+
 def _idle(env: dict[str, str]) -> dict[str, Any]:
     run = _child(
         [sys.executable, "-m", "vectorsync", "run", "--once", "-c", str(WORK / "vectorsync.toml")],
         env,
     )
-    if "0 embedded" not in run["stdout"] and "nothing" not in run["stdout"].lower():
-        sys.exit(f"the idle run embedded something:\n{run['stdout']}")
+    if _embedded(run):
+        sys.exit(f"the idle run embedded something:\n{run['stderr'][-2000:]}")
     return run
 
 

@@ -737,7 +737,8 @@ class SourceWorker:
         rejected: dict[str, RecordError] = {}
         # All at once: the embedder sorts them by length, so its batches pad least, and runs
         # its batches side by side (bench/bench_embed.py)
-        vectors.update(await self._embed_isolating(embedder, list(texts.items()), rejected))
+        if texts:
+            vectors.update(await self._embed_isolating(embedder, list(texts.items()), rejected))
         work.embedded = len(texts) - len(rejected)
         kept: list[_Upsert] = []
         for u in work.upserts:

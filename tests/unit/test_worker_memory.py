@@ -178,6 +178,19 @@ async def test_a_batch_s_texts_reach_the_embedder_in_one_call() -> None:
     assert picky.calls[0] == 120 and sorted(picky.calls[1:]) == [1] * 8 + [8] * 15
 
 
+async def test_texts_all_from_the_cache_call_no_embedder(tmp_path: Path) -> None:
+    """Nothing left to embed, no embed call: the model is not even loaded."""
+    source = make_source()
+    source.upsert("docs", {"id": 1, "body": "the same words", "tag": "x"})
+    url = f"sqlite:///{tmp_path}/state.db"
+    first = RecordingEmbedder("default", batch_size=8)
+    await sync(source, MemorySink(), first, state=StateStore(url))
+    source.upsert("docs", {"id": 2, "body": "the same words", "tag": "x"})
+    again = RecordingEmbedder("default", batch_size=8)
+    counts = await sync(source, MemorySink(), again, state=StateStore(url))
+    assert first.calls == [1] and again.calls == [] and counts["cache_hits"] == 1
+
+
 async def test_stop_event_ends_a_streaming_run() -> None:
     source = make_source()
     source.upsert("docs", {"id": 1, "body": "a", "tag": "x"})

@@ -174,6 +174,8 @@ class SentenceTransformersEmbedder:
         """Vectors of ``texts`` in order. Hand it many texts at once: they are sorted by
         length (longest first), cut into batches of ``batch_size`` that pad little, and the
         batches run ``concurrency`` at a time."""
+        if not texts:
+            return []
         async with self._loading:
             if self._model is None:
                 await asyncio.to_thread(self._load)
