@@ -11,6 +11,8 @@ Each repetition runs, as separate processes and in turn:
   with the same torch thread count vectorsync uses;
 * **vectorsync**: ``vectorsync run --once`` on a fresh state (SQLite source → qdrant-edge),
   which renders, hashes, embeds, upserts and commits every text;
+* with ``--one-thread``, the baseline once more on a single torch thread (on a busy machine
+  torch's threads wait for each other, and one thread is the library's fastest);
 * **idle**: ``vectorsync run --once`` again on that state, with nothing to embed.
 
 Both sides are whole processes, so both include the interpreter start, the imports and the
@@ -224,6 +226,9 @@ def main() -> None:
         "--baseline-threads", type=int, default=0, help="0: threads x concurrency (same cores)"
     )
     parser.add_argument("--baseline-batch-size", type=int, default=32, help="encode's default")
+    parser.add_argument(
+        "--one-thread", action="store_true", help="also the baseline on one torch thread"
+    )
     parser.add_argument("--name", default="embed-minilm")
     args = parser.parse_args()
     if args.which == "baseline-child":
@@ -233,6 +238,8 @@ def main() -> None:
 
 
 def compare(args: argparse.Namespace) -> None:
+    src = str(ROOT.parent / "src")
+    sys.path.insert(0, src)  # this checkout's vectorsync, here and in the processes it runs
     from vectorsync.config import SentenceTransformersEmbedderConfig, SyncConfig
     from vectorsync.embed.sentence_transformers import default_concurrency
 
@@ -252,33 +259,39 @@ def compare(args: argparse.Namespace) -> None:
     concurrency = args.concurrency or defaults.concurrency or default_concurrency()
     batch_size = args.batch_size or defaults.batch_size
     baseline_threads = args.baseline_threads or threads * concurrency
-    src = str(Path(__file__).resolve().parent.parent / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     reps: list[dict[str, Any]] = []
     for rep in range(args.reps):
-        order = ("baseline", "vectorsync") if rep % 2 == 0 else ("vectorsync", "baseline")
+        sides = ["baseline", "vectorsync", *(["baseline_1_thread"] if args.one_thread else [])]
+        shift = rep % len(sides)  # each side goes first in turn
         got: dict[str, dict[str, Any]] = {}
-        for side in order:
-            got[side] = (
-                _baseline(baseline_threads, args.baseline_batch_size, env)
-                if side == "baseline"
-                else _vectorsync(env, len(texts))
-            )
+        for side in sides[shift:] + sides[:shift]:
+            if side == "vectorsync":
+                got[side] = _vectorsync(env, len(texts))
+            else:
+                cores = baseline_threads if side == "baseline" else 1
+                got[side] = _baseline(cores, args.baseline_batch_size, env)
         idle = _idle(env)
-        b, v = got["baseline"], got["vectorsync"]
+        v = got["vectorsync"]
         figures = {
-            "baseline_wall_s": round(b["wall_s"], 2),
-            "baseline_cpu_s": round(b["cpu_s"], 2),
-            "baseline_load_s": round(b["load_s"], 2),
-            "baseline_encode_s": round(b["encode_s"], 2),
             "vectorsync_wall_s": round(v["wall_s"], 2),
             "vectorsync_cpu_s": round(v["cpu_s"], 2),
             "vectorsync_after_load_s": round(v["after_load_s"], 2),
-            "ratio_with_load": round(b["wall_s"] / v["wall_s"], 3),
-            "ratio_without_load": round(b["encode_s"] / v["after_load_s"], 3),
             "idle_run_cpu_s": round(idle["cpu_s"], 2),
             "idle_run_wall_s": round(idle["wall_s"], 2),
         }
+        for side in sides:
+            if side == "vectorsync":
+                continue
+            b, suffix = got[side], side.removeprefix("baseline")
+            figures |= {
+                f"baseline{suffix}_wall_s": round(b["wall_s"], 2),
+                f"baseline{suffix}_cpu_s": round(b["cpu_s"], 2),
+                f"baseline{suffix}_load_s": round(b["load_s"], 2),
+                f"baseline{suffix}_encode_s": round(b["encode_s"], 2),
+                f"ratio_with_load{suffix}": round(b["wall_s"] / v["wall_s"], 3),
+                f"ratio_without_load{suffix}": round(b["encode_s"] / v["after_load_s"], 3),
+            }
         reps.append(figures)
         print(f"rep {rep + 1}/{args.reps}: {json.dumps(figures)}", flush=True)
     lengths = sorted(len(t) for t in texts)
@@ -319,6 +332,17 @@ def compare(args: argparse.Namespace) -> None:
         "idle_run_once_wall_s": med("idle_run_wall_s"),
         "runs": reps,
     }
+    if args.one_thread:
+        result |= {
+            "baseline_1_thread_texts_per_s_with_load": round(
+                n / med("baseline_1_thread_wall_s"), 1
+            ),
+            "baseline_1_thread_texts_per_s_without_load": round(
+                n / med("baseline_1_thread_encode_s"), 1
+            ),
+            "ratio_with_load_1_thread": med("ratio_with_load_1_thread"),
+            "ratio_without_load_1_thread": med("ratio_without_load_1_thread"),
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
