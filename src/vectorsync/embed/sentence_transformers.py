@@ -96,6 +96,7 @@ class SentenceTransformersEmbedder:
         self._model_arg, self._normalize = model, normalize
         self._model: Any = None
         self._pool: ThreadPoolExecutor | None = None
+        self._settled = False  # the tokenizer's settings made by one call alone
         self._loading = asyncio.Lock()
         self.model_id = ""
         self.dimension = 0
@@ -143,9 +144,7 @@ class SentenceTransformersEmbedder:
 
         torch.set_num_threads(self.threads)  # per model call; calls run side by side
         self._model = SentenceTransformer(str(folder), device="cpu")
-        # The first call sets the tokenizer's padding and truncation; calls after it, with the
-        # same settings, leave the tokenizer as it is, so they may run in several threads.
-        self._encode(["warm-up"])
+        self._settled = False
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"embed-{self.name}")
         dimension = int(self._model.get_embedding_dimension())
         if self.dimension and dimension != self.dimension:
@@ -176,16 +175,22 @@ class SentenceTransformersEmbedder:
         batches run ``concurrency`` at a time."""
         if not texts:
             return []
+        loop = asyncio.get_running_loop()
         async with self._loading:
             if self._model is None:
                 await asyncio.to_thread(self._load)
-        assert self._pool is not None
+            assert self._pool is not None
+            if not self._settled:
+                # The first call sets the tokenizer's padding and truncation; calls after it,
+                # with the same settings, leave the tokenizer as it is: they may run side by side
+                await loop.run_in_executor(self._pool, self._encode, [min(texts, key=len)])
+                self._settled = True
+            pool = self._pool
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        loop = asyncio.get_running_loop()
         done = await asyncio.gather(
             *(
-                loop.run_in_executor(self._pool, self._encode, [texts[i] for i in batch])
+                loop.run_in_executor(pool, self._encode, [texts[i] for i in batch])
                 for batch in batches
             )
         )
