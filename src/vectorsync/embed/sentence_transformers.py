@@ -176,17 +176,21 @@ class SentenceTransformersEmbedder:
         if not texts:
             return []
         loop = asyncio.get_running_loop()
+        vectors: list[list[float]] = [[] for _ in texts]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         async with self._loading:
             if self._model is None:
                 await asyncio.to_thread(self._load)
             assert self._pool is not None
+            pool = self._pool
             if not self._settled:
                 # The first call sets the tokenizer's padding and truncation; calls after it,
                 # with the same settings, leave the tokenizer as it is: they may run side by side
-                await loop.run_in_executor(self._pool, self._encode, [min(texts, key=len)])
+                shortest = order.pop()
+                [vectors[shortest]] = await loop.run_in_executor(
+                    pool, self._encode, [texts[shortest]]
+                )
                 self._settled = True
-            pool = self._pool
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         done = await asyncio.gather(
             *(
@@ -194,7 +198,6 @@ class SentenceTransformersEmbedder:
                 for batch in batches
             )
         )
-        vectors: list[list[float]] = [[] for _ in texts]
         for batch, batch_vectors in zip(batches, done, strict=True):
             for i, vector in zip(batch, batch_vectors, strict=True):
                 vectors[i] = vector
