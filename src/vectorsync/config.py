@@ -188,7 +188,7 @@ class SentenceTransformersEmbedderConfig(_Frozen):
     model: str | None = Field(
         default=None, description="a local model folder; default: bundled MiniLM"
     )
-    batch_size: int = Field(default=32, gt=0, description="texts per model call")
+    batch_size: int = Field(default=8, gt=0, description="texts per model call")
     threads: int = Field(default=1, gt=0, description="torch threads per model call")
     concurrency: int | None = Field(
         default=None, gt=0, description="model calls at once; default: one per CPU core"

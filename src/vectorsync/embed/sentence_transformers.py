@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 # Measured on 600 Debian package descriptions (bench/bench_embed.py): model calls on one
 # torch thread each, as many at once as there are cores, beat one call on all cores (torch's
 # threads wait for each other at every operator, and longer still when another process holds
-# a core); batches of 32 texts sorted by length pad little and keep the activations in cache.
-DEFAULT_BATCH_SIZE = 32
+# a core); batches of 8 texts sorted by length pad least (CPU per text: 8 < 16 < 32 < 64).
+DEFAULT_BATCH_SIZE = 8
 DEFAULT_THREADS = 1
 
 
