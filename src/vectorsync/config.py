@@ -248,8 +248,11 @@ class SentenceTransformersEmbedderConfig(_Frozen):
     model: str | None = Field(
         default=None, description="a local model folder; default: bundled MiniLM"
     )
-    batch_size: int = Field(default=64, gt=0)
-    threads: int | None = Field(default=None, gt=0, description="torch threads; default: all cores")
+    batch_size: int = Field(default=8, gt=0, description="texts per model call")
+    threads: int = Field(default=1, gt=0, description="torch threads per model call")
+    concurrency: int | None = Field(
+        default=None, gt=0, description="model calls at once; default: one per CPU core"
+    )
     normalize: bool = True
 
 

@@ -221,6 +221,7 @@ def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
         model=None if cfg.model is None else str(config.resolve(Path(cfg.model))),
         batch_size=cfg.batch_size,
         threads=cfg.threads,
+        concurrency=cfg.concurrency,
         normalize=cfg.normalize,
     )
 

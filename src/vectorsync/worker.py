@@ -762,12 +762,10 @@ class SourceWorker:
             u.state.text_hash: u.text for u in work.upserts if u.state.text_hash not in vectors
         }
         rejected: dict[str, RecordError] = {}
-        # by length: each model batch pads to its longest text, so similar lengths together
-        # waste least (sentence-transformers' own encode sorts the same way)
-        items = sorted(texts.items(), key=lambda item: len(item[1]))
-        for i in range(0, len(items), embedder.batch_size):
-            chunk = items[i : i + embedder.batch_size]
-            vectors.update(await self._embed_isolating(embedder, chunk, rejected))
+        # All at once: the embedder sorts them by length, so its batches pad least, and runs
+        # its batches side by side (bench/bench_embed.py)
+        if texts:
+            vectors.update(await self._embed_isolating(embedder, list(texts.items()), rejected))
         work.embedded = len(texts) - len(rejected)
         kept: list[_Upsert] = []
         for u in work.upserts:
@@ -798,9 +796,12 @@ class SourceWorker:
             if len(chunk) == 1:
                 rejected[chunk[0][0]] = exc
                 return {}
+            # the embedder's own batches first, then one text at a time
+            size = embedder.batch_size if len(chunk) > embedder.batch_size else 1
             found: dict[str, list[float]] = {}
-            for item in chunk:
-                found.update(await self._embed_isolating(embedder, [item], rejected))
+            for i in range(0, len(chunk), size):
+                part = chunk[i : i + size]
+                found.update(await self._embed_isolating(embedder, part, rejected))
             return found
         if len(vectors) != len(chunk) or any(len(v) != embedder.dimension for v in vectors):
             raise PermanentError(

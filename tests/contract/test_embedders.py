@@ -89,3 +89,23 @@ def test_opening_minilm_loads_no_model_until_it_embeds() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.embedding_model
+async def test_minilm_batches_side_by_side_give_the_library_s_vectors_in_order() -> None:
+    """Texts of mixed length handed over at once: the embedder sorts them, cuts them into
+    batches and runs two at a time; each vector is the one ``encode`` gives for its text."""
+    from sentence_transformers import SentenceTransformer
+
+    from vectorsync.embed.sentence_transformers import bundled_model_path
+
+    texts = [f"text {i}: " + "word " * (i * 7 % 53) for i in range(40)]
+    e = SentenceTransformersEmbedder("minilm", batch_size=4, threads=1, concurrency=2)
+    await e.open()
+    vectors = await e.embed(texts)
+    await e.close()
+    model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+    expected = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert e.concurrency == 2 and e.texts_embedded == len(texts)
+    for got, want in zip(vectors, expected.tolist(), strict=True):
+        assert got == pytest.approx(want, abs=1e-5)

@@ -146,6 +146,51 @@ async def test_a_text_the_embedder_rejects_is_dead_lettered_alone() -> None:
     assert len(sink.points_in("docs")) == 19
 
 
+class RecordingEmbedder(PickyEmbedder):
+    """Remembers how many texts each call was handed."""
+
+    def __init__(self, name: str, batch_size: int) -> None:
+        super().__init__(name, batch_size=batch_size)
+        self.calls: list[int] = []
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.calls.append(len(texts))
+        return await super().embed(texts)
+
+
+async def test_a_batch_s_texts_reach_the_embedder_in_one_call() -> None:
+    """The embedder gets every text of a batch at once (it sorts them by length and runs
+    its model batches side by side); a rejected text is looked for in batches of the
+    embedder's batch_size first, then one text at a time."""
+    source = make_source()
+    for k in range(1, 101):
+        source.upsert("docs", {"id": k, "body": f"doc {k} " * (k % 9 + 1), "tag": "x"})
+    healthy = RecordingEmbedder("default", batch_size=8)
+    counts = await sync(source, MemorySink(), healthy)
+    assert counts["upserted"] == 100 and healthy.calls == [100]
+
+    source.upsert("docs", {"id": 50, "body": "poison", "tag": "x"})
+    for k in range(101, 121):
+        source.upsert("docs", {"id": k, "body": f"doc {k}", "tag": "x"})
+    picky = RecordingEmbedder("default", batch_size=8)
+    counts = await sync(source, MemorySink(), picky)
+    assert counts["failed"] == 1 and counts["upserted"] == 119
+    assert picky.calls[0] == 120 and sorted(picky.calls[1:]) == [1] * 8 + [8] * 15
+
+
+async def test_texts_all_from_the_cache_call_no_embedder(tmp_path: Path) -> None:
+    """Nothing left to embed, no embed call: the model is not even loaded."""
+    source = make_source()
+    source.upsert("docs", {"id": 1, "body": "the same words", "tag": "x"})
+    url = f"sqlite:///{tmp_path}/state.db"
+    first = RecordingEmbedder("default", batch_size=8)
+    await sync(source, MemorySink(), first, state=StateStore(url))
+    source.upsert("docs", {"id": 2, "body": "the same words", "tag": "x"})
+    again = RecordingEmbedder("default", batch_size=8)
+    counts = await sync(source, MemorySink(), again, state=StateStore(url))
+    assert first.calls == [1] and again.calls == [] and counts["cache_hits"] == 1
+
+
 async def test_stop_event_ends_a_streaming_run() -> None:
     source = make_source()
     source.upsert("docs", {"id": 1, "body": "a", "tag": "x"})
