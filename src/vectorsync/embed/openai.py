@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .._tasks import gather_or_fail
 from ..errors import ConfigError, EmbeddingError, RetryableError
 from ..sinks.base import Distance
 
@@ -245,10 +246,10 @@ class OpenAIEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         prepared = [self._fit(t) for t in texts]
-        groups = self._requests_for(prepared)
-        results = await asyncio.gather(*(self._request(group) for group in groups))
+        tasks = [asyncio.create_task(self._request(g)) for g in self._requests_for(prepared)]
+        await gather_or_fail(tasks)  # one failed request cancels the others: none runs on
         self.texts_embedded += len(texts)
-        return [vector for result in results for vector in result]
+        return [vector for task in tasks for vector in task.result()]
 
     def _fit(self, text: str) -> tuple[str, int]:
         """The text as sent, and its tokens: cut to the model's window or refused."""
