@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_embed import package_descriptions
 from bench_sync import WORK, _write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,20 +57,11 @@ sink = "vectors"
 """
 
 
-def package_descriptions(n: int) -> list[str]:
-    """Real texts of mixed length: the descriptions of the installed Debian packages."""
-    texts, current = [], []
-    for line in Path("/var/lib/dpkg/status").read_text(errors="replace").splitlines():
-        if line.startswith("Description:"):
-            current = [line.removeprefix("Description:").strip()]
-        elif current and line.startswith(" "):
-            current.append(line.strip())
-        elif current:
-            texts.append(" ".join(current))
-            current = []
-    texts = [t for t in dict.fromkeys(texts) if t]
-    while len(texts) < n:
-        texts += [f"{t} ({len(texts)})" for t in texts]
+def _texts(n: int) -> list[str]:
+    """``n`` real texts of mixed length: Debian package descriptions (bench_embed's)."""
+    texts = [f"{title}\n{body}" for _, title, body in package_descriptions()]
+    if len(texts) < n:
+        raise SystemExit(f"only {len(texts)} package descriptions here; ask for fewer")
     return texts[:n]
 
 
@@ -115,7 +107,7 @@ async def through_vectorsync(url: str, texts: list[str], concurrency: int) -> fl
 
 
 async def bench(n: int) -> None:
-    texts = package_descriptions(n)
+    texts = _texts(n)
     figures: dict[str, Any] = {
         "texts": n,
         "server": "infinity-emb 0.0.78, bundled all-MiniLM-L6-v2, CPU, batch 64",
