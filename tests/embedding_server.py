@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vectorsync._processes import stop_process
 from vectorsync.falkordb_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,12 +131,7 @@ def infinity(log: Path) -> Iterator[str]:
             time.sleep(0.5)  # polling a server's readiness, not synchronising the test
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=30)
 
 
 def proxy_app(upstream: str) -> Starlette:
@@ -221,8 +217,7 @@ def proxy(upstream: str) -> Iterator[EmbeddingServer]:
             time.sleep(0.1)  # polling a server's readiness
         yield EmbeddingServer(url=f"{base}/v1", upstream=upstream, faults=Faults(base))
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_process(process, timeout=30)
 
 
 if __name__ == "__main__":

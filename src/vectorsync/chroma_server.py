@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ._processes import stop_process
 from .errors import ConfigError
 from .falkordb_server import free_port
 
@@ -89,13 +90,7 @@ class ChromaServer:
             _call(f"{base}/{found['name']}", method="DELETE")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
 
     def destroy(self) -> None:
         self.stop()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._processes import stop_process
 from .errors import ConfigError
 
 __all__ = ["FalkorDBServer", "falkordb_server", "free_port"]
@@ -79,13 +80,7 @@ class FalkorDBServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
 
     def destroy(self) -> None:
         self.stop()
