@@ -18,6 +18,7 @@ dead-letters it and keeps its point.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -28,10 +29,12 @@ from typing import Any, Literal
 import rbloom
 import xxhash
 
+from .chunking import CHUNK_FIELDS, Chunker, chunk_point_id
 from .errors import RecordError
 from .model import (
     DIGEST_BUCKETS,
     Key,
+    SinkRecord,
     content_hash,
     key_bucket,
     key_text,
@@ -39,7 +42,7 @@ from .model import (
     point_id,
     row_digest,
 )
-from .render import Renderer
+from .render import Rendered, Renderer
 from .sinks.base import Sink
 from .sources.base import Source
 from .state.store import StateStore
@@ -69,6 +72,14 @@ class _Entry:
 def _digest(key: Key, text_hash: str | None, payload_hash: str, schema: str | None) -> int:
     """What a record is, in 64 bits: the same for a source row and its point when in sync."""
     return xxhash.xxh3_64_intdigest(f"{key}\x1f{text_hash}\x1f{payload_hash}\x1f{schema}".encode())
+
+
+def _chunk_digest(key: Key, entry: _Entry) -> int:
+    """What one chunk point of a record is; a chunked record's digest XORs its chunks'."""
+    return xxhash.xxh3_64_intdigest(
+        f"{key}\x1f{entry.point_id}\x1f{entry.text_hash}\x1f{entry.payload_hash}"
+        f"\x1f{entry.schema}".encode()
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,6 +186,7 @@ class Checker:
         digest_columns: tuple[str, ...],
         resolve: Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None = None,
         state_name: str | None = None,
+        chunker: Chunker | None = None,
     ) -> None:
         self.mapping, self.source, self.table, self.key = mapping, source, table, key
         self.state_name = state_name or mapping  # the index version's record state
@@ -183,6 +195,10 @@ class Checker:
         self.payload_fields = tuple(payload_fields)
         self.model_id, self.schema_version = model_id, schema_version
         self.state, self.digest_columns = state, digest_columns
+        self.chunker = chunker  # a chunked mapping: each record is the set of its chunk points
+        if chunker is not None:
+            stored = CHUNK_FIELDS if chunker.config.store_text else CHUNK_FIELDS[:-1]
+            self.payload_fields = (*self.payload_fields, *stored)
 
     # -- reading each side ----------------------------------------------------------------
     def _source_entry(self, row: Mapping[str, Any]) -> _Entry | None:
@@ -196,6 +212,44 @@ class Checker:
             schema=self.schema_version,
             point_id=point_id(self.mapping, row[self.key]),
         )
+
+    def _chunk_entries(
+        self, key: Key, rendered: Rendered
+    ) -> dict[str, tuple[_Entry, dict[str, Any]]]:
+        """A chunked record's points as the sync writes them: point id → (entry, the
+        payload fields compared)."""
+        assert self.chunker is not None
+        chunks = self.chunker.split(rendered.text)
+        entries = {}
+        for c in chunks:
+            fields = {
+                **rendered.payload,
+                "chunk_index": c.index,
+                "chunk_count": len(chunks),
+                "chunk_start": c.start,
+                "chunk_end": c.end,
+            }
+            if self.chunker.config.store_text:
+                fields["chunk_text"] = c.text
+            pid = chunk_point_id(self.mapping, key, c)
+            entry = _Entry(
+                text_hash=content_hash(self.model_id, c.text),
+                payload_hash=payload_hash(fields),
+                schema=self.schema_version,
+                point_id=pid,
+            )
+            entries[pid] = (entry, fields)
+        return entries
+
+    def _record_digest(self, key: Key, rendered: Rendered) -> int:
+        """A source record's digest: its point's, or the XOR of its chunk points'."""
+        text_hash = content_hash(self.model_id, rendered.text)
+        if self.chunker is None:
+            return _digest(key, text_hash, rendered.payload_hash, self.schema_version)
+        digest = 0
+        for entry, _ in self._chunk_entries(key, rendered).values():
+            digest ^= _chunk_digest(key, entry)
+        return digest
 
     def _sink_entry(self, payload: Mapping[str, Any], pid: str) -> _Entry:
         fields = {f: payload.get(f) for f in self.payload_fields}
@@ -253,28 +307,40 @@ class Checker:
                 continue
             try:
                 rendered = self.renderer.render(row)
+                digest = self._record_digest(key, rendered)
             except RecordError:  # cannot be synced as it is
                 unrenderable.add(key)
                 continue
-            text_hash = content_hash(self.model_id, rendered.text)
-            digest = _digest(key, text_hash, rendered.payload_hash, self.schema_version)
             src_buckets[_bucket(key)] ^= digest
             unmatched[key] = digest
         points, foreign, differ, pointed = 0, [], [], set()
+        folded: dict[Key, int] = {}  # chunked: each record's chunk digests, XORed
         async for record in self.sink.scroll(self.collection, page=2000):
             points += 1
             key = record.payload.get("_vs_key")
-            if key is None or record.id != point_id(self.mapping, key):
+            if key is None or (self.chunker is None and record.id != point_id(self.mapping, key)):
                 foreign.append(record.id)
             elif key in unrenderable:
                 pointed.add(key)
             elif key_text(key) not in known:
-                digest = self._sink_entry(record.payload, record.id).digest(key)
+                entry = self._sink_entry(record.payload, record.id)
+                if self.chunker is not None:
+                    digest = _chunk_digest(key, entry)
+                    snk_buckets[_bucket(key)] ^= digest
+                    folded[key] = folded.get(key, 0) ^ digest
+                    continue
+                digest = entry.digest(key)
                 snk_buckets[_bucket(key)] ^= digest
                 if unmatched.get(key) == digest:
                     del unmatched[key]
                 else:
                     differ.append(key)
+        for key, digest in folded.items():
+            if unmatched.get(key) == digest:
+                del unmatched[key]
+            else:
+                differ.append(key)
+        del folded
         drift = self._known_drift(present)
         for key in unrenderable:  # the sync would dead-letter it (and keep its point)
             category: Category = "stale" if key in pointed else "missing"
@@ -282,8 +348,9 @@ class Checker:
         drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
         suspects = list(dict.fromkeys([*differ, *unmatched]))
         del unmatched, differ
+        held = await self._points_of(suspects) if self.chunker is not None and suspects else None
         for start in range(0, len(suspects), _COMPARE_PAGE):
-            drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE])
+            drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE], held)
         differing = sum(1 for a, b in zip(src_buckets, snk_buckets, strict=True) if a != b)
         return self._report(
             "full",
@@ -339,7 +406,7 @@ class Checker:
             acc = sums[_bucket(key)]
             acc[0] += d >> 31
             acc[1] += d & _LOW31
-        synced, records = await self.state.bucket_sums(self.state_name)
+        synced, records, written = await self.state.bucket_sums(self.state_name)
         for key, d in (await self.state.record_digests(self.state_name, present)).items():
             b = _bucket(key)
             hi, lo = synced.get(b, (0, 0))
@@ -359,10 +426,11 @@ class Checker:
                 "buckets": BUCKETS,
                 "buckets_differing": len(differing),
                 "synced_records": records,
-                "sink_count_matches": points == records,
+                "synced_points": written,
+                "sink_count_matches": points == written,
             },
         )
-        report.consistent = report.consistent and points == records
+        report.consistent = report.consistent and points == written
         return report
 
     async def _drill(self, buckets: list[int], known: set[str]) -> list[Drift]:
@@ -416,12 +484,83 @@ class Checker:
             {"estimate": estimate},
         )
 
-    async def compare_keys(self, keys: Sequence[Key]) -> list[Drift]:
+    async def _points_of(self, keys: Sequence[Key]) -> dict[Key, list[SinkRecord]]:
+        """Every point the sink holds of ``keys`` (chunked records: a point of a record can
+        be found by its key only, so the collection is read once more)."""
+        wanted = set(keys)
+        held: dict[Key, list[SinkRecord]] = {k: [] for k in keys}
+        async for record in self.sink.scroll(self.collection, page=2000):
+            key = record.payload.get("_vs_key")
+            if key in wanted:
+                held[key].append(record)
+        return held
+
+    async def _chunked_compare(
+        self,
+        keys: Sequence[Key],
+        rows: Mapping[Key, Mapping[str, Any]],
+        held: Mapping[Key, list[SinkRecord]] | None,
+    ) -> list[Drift]:
+        """Chunked records, chunk by chunk: a chunk point missing, one that is not a chunk
+        of the record's current text (orphaned: it is deleted by a repair), or stale."""
+        if held is None:  # the points the record should have, and those it was written as
+            states = await self.state.record_states(self.state_name, [str(k) for k in keys])
+            expected: dict[str, Key] = {}
+            for key in keys:
+                state = states.get(str(key))
+                expected.update((pid, key) for pid in (state.point_ids if state else []))
+                row = rows.get(key)
+                if row is not None:
+                    with contextlib.suppress(RecordError):
+                        rendered = self.renderer.render(row)
+                        expected.update((pid, key) for pid in self._chunk_entries(key, rendered))
+            held = {k: [] for k in keys}
+            for rec in await self.sink.retrieve(self.collection, list(expected)):
+                held[expected[rec.id]].append(rec)
+        drift: list[Drift] = []
+        for key in keys:
+            points = {r.id: r for r in held.get(key, [])}
+            row = rows.get(key)
+            if row is None:
+                drift += [Drift(category="orphaned", key=key, point_id=p) for p in points]
+                continue
+            try:
+                rendered = self.renderer.render(row)
+                entries = self._chunk_entries(key, rendered)
+            except RecordError:  # unrenderable, not yet known
+                category: Category = "stale" if points else "missing"
+                pid = point_id(self.mapping, key)
+                drift.append(Drift(category=category, key=key, point_id=pid, unrenderable=True))
+                continue
+            for pid, (src, fields) in entries.items():
+                held_point = points.get(pid)
+                snk = None if held_point is None else self._sink_entry(held_point.payload, pid)
+                d = self._compare(key, src, snk)
+                if (
+                    d is not None
+                    and d.category == "payload_mismatch"
+                    and held_point is not None
+                    and _close(fields, {f: held_point.payload.get(f) for f in fields})
+                ):
+                    d = None  # float noise only
+                if d is not None:
+                    drift.append(d)
+            drift += [
+                Drift(category="orphaned", key=None, point_id=p) for p in points if p not in entries
+            ]
+        return drift
+
+    async def compare_keys(
+        self, keys: Sequence[Key], held: Mapping[Key, list[SinkRecord]] | None = None
+    ) -> list[Drift]:
         """Each of ``keys`` compared with its point now, record by record (what a sample
-        compares, and how drift found while a sync streams is confirmed)."""
+        compares, and how drift found while a sync streams is confirmed); ``held``: the
+        points of chunked records, when they were read already."""
         rows = await self.source.fetch(self.table, self.key, list(keys))
         if self.resolve is not None and rows:
             await self.resolve(rows)
+        if self.chunker is not None:
+            return await self._chunked_compare(keys, rows, held)
         ids = {point_id(self.mapping, k): k for k in keys}
         found = {r.id: r for r in await self.sink.retrieve(self.collection, list(ids))}
         drift: list[Drift] = []
@@ -473,6 +612,8 @@ class Checker:
             point_id(self.mapping, row[self.key]): row[self.key]
             async for row in self.source.scan(self.table, self.key)
         }
+        if self.chunker is not None:
+            return await self._quick_chunked(started, known, list(keys.values()))
         present = [k for k in keys.values() if key_text(k) in known]
         for key in present:
             keys.pop(point_id(self.mapping, key))
@@ -500,6 +641,55 @@ class Checker:
             started,
             drift,
             len(keys) + len(present),
+            len(sink_ids),
+            {"false_positive_rate": 1e-6},
+        )
+
+    async def _quick_chunked(self, started: float, known: set[str], keys: list[Key]) -> CheckReport:
+        """Existence of chunk points: those the record state lists for each source record
+        (a record without state is missing) against the sink's point ids."""
+        present = [k for k in keys if key_text(k) in known]
+        expected: dict[str, Key] = {}
+        missing: list[Key] = []
+        live = [k for k in keys if key_text(k) not in known]
+        kept: list[str] = []
+        for start in range(0, len(keys), _COMPARE_PAGE):
+            page = keys[start : start + _COMPARE_PAGE]
+            states = await self.state.record_states(self.state_name, [str(k) for k in page])
+            for key in page:
+                state = states.get(str(key))
+                if key_text(key) in known:
+                    kept.extend(state.point_ids if state else [])
+                elif state is None or not state.chunks:
+                    missing.append(key)
+                else:
+                    expected.update((pid, key) for pid in state.point_ids)
+        sink_ids = [
+            r.id async for r in self.sink.scroll(self.collection, with_payload=False, page=5000)
+        ]
+        in_sink = rbloom.Bloom(max(1, len(sink_ids)), 1e-6)
+        in_sink.update(sink_ids)
+        in_source = rbloom.Bloom(max(1, len(expected) + len(kept)), 1e-6)
+        in_source.update([*expected, *kept])
+        drift = self._known_drift(present)
+        drift += [
+            Drift(category="missing", key=k, point_id=point_id(self.mapping, k)) for k in missing
+        ]
+        drift += [
+            Drift(category="missing", key=k, point_id=pid)
+            for pid, k in expected.items()
+            if pid not in in_sink
+        ]
+        drift += [
+            Drift(category="orphaned", key=None, point_id=pid)
+            for pid in sink_ids
+            if pid not in in_source
+        ]
+        return self._report(
+            "quick",
+            started,
+            drift,
+            len(live) + len(present),
             len(sink_ids),
             {"false_positive_rate": 1e-6},
         )

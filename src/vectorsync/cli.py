@@ -509,11 +509,23 @@ def search(
         shown = text if len(text) <= 160 else text[:157] + "..."
         out.print(
             Text.assemble(
-                (f"{hit['rank']:>2}. ", "bold"), f"{hit['score']:.3f}  ", (str(hit["key"]), "cyan")
+                (f"{hit['rank']:>2}. ", "bold"),
+                f"{hit['score']:.3f}  ",
+                (str(hit["key"]), "cyan"),
+                _chunk_place(hit.get("chunk")),
             ),
             highlight=False,
         )
         out.print(Text(f"    {shown}"), highlight=False)
+
+
+def _chunk_place(chunk: dict[str, Any] | None) -> str:
+    """Where a chunk hit is in its record: "  chunk 3/12, characters 812-1630"."""
+    if chunk is None:
+        return ""
+    return (
+        f"  chunk {chunk['index'] + 1}/{chunk['count']}, characters {chunk['start']}-{chunk['end']}"
+    )
 
 
 def _running(path: Path | None) -> control.Control | None:

@@ -25,6 +25,7 @@ from .errors import ConfigError
 __all__ = [
     "CONFIG_ENV",
     "ChromaSinkConfig",
+    "ChunkingConfig",
     "Config",
     "EmbedderConfig",
     "FalkorDBSourceConfig",
@@ -51,6 +52,7 @@ CONFIG_ENV = "VECTORSYNC_CONFIG"
 ENV_PREFIX = "VECTORSYNC_"
 
 
+CHUNKED_TEXT_LIMIT = 10_000_000  # characters of a chunked mapping's text, by default
 _PAYLOAD_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _COLLECTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
@@ -350,6 +352,32 @@ class RelatedConfig(_Frozen):
         return self
 
 
+class ChunkingConfig(_Frozen):
+    """A record's text cut into chunks, each its own point (see docs/chunking.md)."""
+
+    splitter: Literal["recursive", "markdown", "sentences"] = Field(
+        default="recursive",
+        description="recursive: paragraphs, then sentences, then words; markdown: also "
+        "headings, lists and code blocks; sentences: whole sentences packed up to size",
+    )
+    size: int = Field(default=256, gt=0, description="the most a chunk holds, in unit")
+    overlap: int = Field(default=0, ge=0, description="how much of a chunk's end the next repeats")
+    unit: Literal["tokens", "chars"] = Field(
+        default="tokens",
+        description="tokens of the mapping's embedder (its tokenizer.json; 4 characters a "
+        "token when it has none) or characters",
+    )
+    store_text: bool = Field(default=False, description="store each chunk's text as chunk_text")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingConfig:
+        if self.overlap >= self.size:
+            raise ValueError(
+                f"chunking overlap ({self.overlap}) must be smaller than size ({self.size})"
+            )
+        return self
+
+
 class MappingConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$")
     source: str
@@ -377,6 +405,9 @@ class MappingConfig(_Frozen):
         "as truncated, logged once) or the record dead-lettered",
     )
     related: tuple[RelatedConfig, ...] = ()
+    chunking: ChunkingConfig | None = Field(
+        default=None, description="cut the text into chunks, one point each"
+    )
 
     @model_validator(mode="after")
     def _table_or_match(self) -> MappingConfig:
@@ -395,6 +426,15 @@ class MappingConfig(_Frozen):
                     f"payload field {field!r} cannot be a vector-store payload key: use letters, "
                     "digits, _ and - (not starting with _vs_, which is reserved); rename the "
                     "column, or select it under another name in a view"
+                )
+        if self.chunking is not None:
+            from .chunking import CHUNK_FIELDS
+
+            taken = sorted(set(self.payload) & set(CHUNK_FIELDS))
+            if taken:
+                raise ValueError(
+                    f"payload field(s) {', '.join(taken)} would be overwritten by each chunk's "
+                    "own: select the column under another name"
                 )
         if self.collection is not None and not _COLLECTION.match(self.collection):
             raise ValueError(
@@ -417,6 +457,14 @@ class MappingConfig(_Frozen):
     @property
     def collection_name(self) -> str:
         return self.collection or self.name
+
+    @property
+    def text_limit(self) -> int:
+        """The most characters of rendered text synced: ``max_text_length``; a chunked
+        mapping embeds chunks, not the whole text, so there its default is 10,000,000."""
+        if self.chunking is not None and "max_text_length" not in self.model_fields_set:
+            return CHUNKED_TEXT_LIMIT
+        return self.max_text_length
 
 
 class SyncConfig(_Frozen):

@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .check import KNOWN, Checker, CheckReport
+from .chunking import chunker_for
 from .config import (
     GRAPH_SOURCES,
     ChromaSinkConfig,
@@ -59,7 +60,7 @@ from .events import (
     SchemaEvolved,
     Synced,
 )
-from .index.service import IndexService
+from .index.service import IndexService, version_config
 from .mappings import check_keys, check_mapping
 from .metrics import SourceStats
 from .model import Change, Key
@@ -483,6 +484,8 @@ class Engine:
             part["column_types"] = {c: columns[c] for c in used}
         if self._relations[m.name]:  # absent otherwise: older versions stay valid
             part["related"] = [_relation_definition(r) for r in self._relations[m.name]]
+        if m.chunking is not None:  # likewise
+            part["chunking"] = m.chunking.model_dump(mode="json")
         return part
 
     def index_types(self, m: MappingConfig) -> dict[str, IndexType]:
@@ -903,9 +906,7 @@ class Engine:
                 "--once` before checking it"
             )
         made = dict(live.definition) if live is not None else history[-1]["definition"]
-        cfg = m
-        if made.get("text", m.text) != m.text:
-            cfg = m.model_copy(update={"text": made["text"]})
+        cfg = version_config(m, made)
         await self._open_sinks()
         sink = self.sinks[m.sink]
         collection = live.collection if live is not None else m.collection_name
@@ -927,6 +928,7 @@ class Engine:
             state=self.state,
             digest_columns=self.digest_columns(cfg),
             resolve=self.resolver(m),
+            chunker=chunker_for(made.get("chunking")),
         )
 
     async def check(

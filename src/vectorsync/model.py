@@ -14,6 +14,7 @@ import xxhash
 __all__ = [
     "NAMESPACE",
     "Change",
+    "ChunkRef",
     "Condition",
     "InvalidText",
     "Key",
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 Key = int | str
+# one chunk point of a record: (point id, content hash of its text — "" when unknown, so it
+# is rewritten —, start, end of its span in the record's text)
+ChunkRef = tuple[str, str, int, int]
 Row = Mapping[str, Any]
 Op = Literal["insert", "update", "delete", "snapshot", "replay", "truncate"]
 
@@ -152,6 +156,13 @@ class RecordState:
     row_digest: int = 0  # of the source row's used columns, as last synced (see row_digest)
     # relation name → the related keys the record was built from (None: no relations)
     deps: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False)
+    # a chunked record's points, in order (None: the record is one point, ``point_id``)
+    chunks: tuple[ChunkRef, ...] | None = field(default=None, compare=False)
+
+    @property
+    def point_ids(self) -> list[str]:
+        """Every point the record was written as."""
+        return [c[0] for c in self.chunks] if self.chunks is not None else [self.point_id]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

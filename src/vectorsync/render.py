@@ -103,9 +103,9 @@ class Renderer:
                     kind="invalid_utf8",
                 )
         text = self._text(row)
-        truncated = len(text) > self._mapping.max_text_length
+        truncated = len(text) > self._mapping.text_limit
         if truncated:
-            text = text[: self._mapping.max_text_length]
+            text = text[: self._mapping.text_limit]
         payload = {name: _payload_value(name, row.get(name)) for name in self._mapping.payload}
         for name, kind in self._index_types.items():
             value = payload.get(name)
@@ -132,10 +132,10 @@ class Renderer:
             nulls = _null_columns(row, template_columns(self._mapping.text))
             why = f" (NULL or blank: {', '.join(nulls)})" if nulls else ""
             raise RecordError(f"rendered text is empty{why}", kind="empty_text")
-        if len(text) > self._mapping.max_text_length and self._mapping.long_text != "truncate":
+        if len(text) > self._mapping.text_limit and self._mapping.long_text != "truncate":
             raise RecordError(
                 f"rendered text has {len(text)} characters, over max_text_length="
-                f"{self._mapping.max_text_length}; shorten the row, raise the limit or set "
+                f"{self._mapping.text_limit}; shorten the row, raise the limit or set "
                 'long_text = "truncate"',
                 kind="text_too_long",
             )

@@ -109,19 +109,30 @@ def results(hits: Sequence[Hit], texts: Mapping[Key, str]) -> list[dict[str, Any
     its payload without vectorsync's bookkeeping fields (``_vs_*``)."""
     found = []
     for rank, hit in enumerate(hits, 1):
-        key = hit_key(hit.record.payload)
-        found.append(
-            {
-                "rank": rank,
-                "score": round(hit.score, 6),
-                "key": key,
-                "text": texts.get(key) if key is not None else None,
-                "payload": {
-                    k: v for k, v in hit.record.payload.items() if not k.startswith("_vs_")
-                },
-                "id": hit.record.id,
+        payload = hit.record.payload
+        key = hit_key(payload)
+        text = texts.get(key) if key is not None else None
+        entry: dict[str, Any] = {
+            "rank": rank,
+            "score": round(hit.score, 6),
+            "key": key,
+            "text": text,
+            "payload": {k: v for k, v in payload.items() if not k.startswith("_vs_")},
+            "id": hit.record.id,
+        }
+        if "chunk_index" in payload:  # a chunk point: its own text, and where it is
+            start, end = payload.get("chunk_start"), payload.get("chunk_end")
+            entry["chunk"] = {
+                "index": payload["chunk_index"],
+                "count": payload.get("chunk_count"),
+                "start": start,
+                "end": end,
             }
-        )
+            if "chunk_text" in payload:
+                entry["text"] = payload["chunk_text"]
+            elif text is not None and isinstance(start, int) and isinstance(end, int):
+                entry["text"] = text[start:end]
+        found.append(entry)
     return found
 
 

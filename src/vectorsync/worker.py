@@ -22,13 +22,14 @@ import logging
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from . import _failpoints
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
+from .chunking import Chunker, chunk_point_id
 from .config import MappingConfig
 from .embed.base import Embedder
 from .errors import (
@@ -44,6 +45,7 @@ from .metrics import SourceStats
 from .model import (
     MAX_KEY_CHARS,
     Change,
+    ChunkRef,
     Key,
     PayloadUpdate,
     Point,
@@ -85,6 +87,7 @@ class MappingRuntime:
     state_name: str = ""  # see name
     collection_name: str = ""  # see collection
     version: int = 0  # the index version this target writes (0: not versioned)
+    chunker: Chunker | None = None  # each record's text cut into chunks, a point each
 
     @property
     def name(self) -> str:
@@ -127,11 +130,16 @@ class MappingRuntime:
 
 @dataclass(slots=True, kw_only=True)
 class _Upsert:
+    """One point to write in full: a record's, or one chunk of a chunked record."""
+
     key: Key
-    state: RecordState
+    state: RecordState  # the record's new state (shared by its chunks)
+    id: str
+    text_hash: str
     payload: dict[str, Any]
     text: str
     vector: list[float] | None = None
+    fresh: bool = True  # a point the record did not have (deleted if the record is refused)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -140,11 +148,14 @@ class _MappingWork:
     upserts: list[_Upsert] = field(default_factory=list)
     payload_only: list[tuple[RecordState, PayloadUpdate]] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (key, point id)
+    drops: list[tuple[str, str]] = field(default_factory=list)  # chunks gone: (key, point id)
     state_only: list[RecordState] = field(default_factory=list)  # no sink write needed
     failed: list[DeadLetter] = field(default_factory=list)
     done: list[str] = field(default_factory=list)  # keys now consistent (resolve their DLQ)
     processed: int = 0
     inserted: int = 0
+    text_changed: int = 0  # records written in full (new or with a new text)
+    chunks: int = 0  # chunks of those records (chunked mappings)
     skipped: int = 0
     embedded: int = 0
     cache_hits: int = 0
@@ -436,17 +447,26 @@ class SourceWorker:
         self, inp: asyncio.Queue[Any], target: int | None, stop: asyncio.Event
     ) -> None:
         while (batch := await inp.get()) is not _DONE:
-            written = [
-                (w.mapping.name, key)
-                for w in batch.work
-                for key in (
-                    *(u.state.key for u in w.upserts),
-                    *(st.key for st, _ in w.payload_only),
-                    *(key for key, _ in w.deletes),
+            written = list(
+                dict.fromkeys(
+                    (w.mapping.name, key)
+                    for w in batch.work
+                    for key in (
+                        *(u.state.key for u in w.upserts),
+                        *(st.key for st, _ in w.payload_only),
+                        *(key for key, _ in w.deletes),
+                        *(key for key, _ in w.drops),
+                    )
                 )
-            ]
+            )
             if written:  # durable before the first sink write (see StateStore.redo_inflight)
-                journal = partial(self.state.journal, self.source.name, batch.position, written)
+                journal = partial(
+                    self.state.journal,
+                    self.source.name,
+                    batch.position,
+                    written,
+                    _chunk_points(batch.work),
+                )
                 await self._retry("journal batch", journal, stop)
                 _failpoints.hit("after_journal")
             for work in batch.work:
@@ -655,6 +675,8 @@ class SourceWorker:
                 # Delete even without state: a crash after a sink write but before the state
                 # commit leaves a point that no state row knows of.
                 work.deletes.append((skey, point_id(m.config.name, key)))
+                if state is not None and state.chunks is not None:
+                    work.drops.extend((skey, pid) for pid in state.point_ids)
                 self._plan_state(batch, (m.name, skey), None)
                 work.done.append(skey)
                 continue
@@ -678,7 +700,9 @@ class SourceWorker:
             new = RecordState(
                 mapping=m.name,
                 key=skey,
-                point_id=state.point_id if state else point_id(m.config.name, key),
+                point_id=state.point_id
+                if state and state.point_id
+                else point_id(m.config.name, key),
                 text_hash=text_hash,
                 payload_hash=rendered.payload_hash,
                 source_version=version,
@@ -690,11 +714,29 @@ class SourceWorker:
                 if m.relations
                 else None,
             )
+            if m.chunker is not None:
+                try:
+                    chunked = self._plan_chunks(work, key, state, new, rendered.text)
+                except RecordError as exc:  # a record whose chunking fails goes whole
+                    work.failed.append(_dead_letter(m.name, key, change, exc, row))
+                    continue
+                work.done.append(skey)
+                if chunked is not None:
+                    self._plan_state(batch, (m.name, skey), chunked)
+                continue
             work.done.append(skey)
             if state is None or state.text_hash != text_hash:
                 work.inserted += state is None
+                work.text_changed += 1
                 work.upserts.append(
-                    _Upsert(key=key, state=new, payload=payload, text=rendered.text)
+                    _Upsert(
+                        key=key,
+                        state=new,
+                        id=new.point_id,
+                        text_hash=text_hash,
+                        payload=payload,
+                        text=rendered.text,
+                    )
                 )
             elif (state.payload_hash, state.schema_version) != (
                 new.payload_hash,
@@ -710,6 +752,95 @@ class SourceWorker:
                 work.state_only.append(new)  # same point; remember the row as it is now
             self._plan_state(batch, (m.name, skey), new)
 
+    def _plan_chunks(
+        self,
+        work: _MappingWork,
+        key: Key,
+        state: RecordState | None,
+        new: RecordState,
+        text: str,
+    ) -> RecordState | None:
+        """Plan a chunked record: the chunks whose text is new are embedded and written,
+        those that only moved get their position fields, those gone are deleted; an
+        unchanged text is not cut again (a payload change updates every chunk). Returns
+        the record's new state, None when nothing changed."""
+        m = work.mapping
+        assert m.chunker is not None
+        store_text = m.chunker.config.store_text
+        if state is not None and state.chunks is not None and state.text_hash == new.text_hash:
+            refs = state.chunks
+            st = replace(new, chunks=refs)
+            if (state.payload_hash, state.schema_version) == (new.payload_hash, new.schema_version):
+                work.skipped += 1
+                if state.row_digest == new.row_digest:
+                    return None
+            else:
+                for i, ref in enumerate(refs):
+                    before = _chunk_payload(state.payload, text, refs, i, store_text)
+                    after = _chunk_payload(new.payload, text, refs, i, store_text)
+                    work.payload_only.append((st, _payload_update(ref[0], before, after)))
+            work.state_only.append(st)
+            return st
+        chunks = m.chunker.split(text)
+        model = m.embedder.model_id
+        refs = tuple(
+            (chunk_point_id(m.config.name, key, c), content_hash(model, c.text), c.start, c.end)
+            for c in chunks
+        )
+        st = replace(new, chunks=refs)
+        old = list(state.chunks or ()) if state is not None else []
+        had = {ref[0]: (i, ref) for i, ref in enumerate(old)}
+        work.inserted += state is None
+        work.text_changed += 1
+        work.chunks += len(chunks)
+        for i, (chunk, ref) in enumerate(zip(chunks, refs, strict=True)):
+            after = _chunk_payload(new.payload, text, refs, i, store_text)
+            known = had.get(ref[0])
+            if known is None or known[1][1] != ref[1]:  # a new text (or unknown after a crash)
+                work.upserts.append(
+                    _Upsert(
+                        key=key,
+                        state=st,
+                        id=ref[0],
+                        text_hash=ref[1],
+                        payload=after,
+                        text=chunk.text,
+                        fresh=known is None,
+                    )
+                )
+                continue
+            assert state is not None
+            j, was = known
+            before = {
+                **state.payload,
+                "_vs_text_hash": was[1],
+                "chunk_index": j,
+                "chunk_count": len(old),
+                "chunk_start": was[2],
+                "chunk_end": was[3],
+            }
+            if store_text:
+                before["chunk_text"] = chunk.text  # the same id: the same text
+            update = _payload_update(ref[0], before, after)
+            if update.unset or set(update.set) - {"_vs_version"}:
+                work.payload_only.append((st, update))
+        ids = {ref[0] for ref in refs}
+        work.drops.extend((new.key, pid) for pid in had if pid not in ids)
+        work.state_only.append(st)
+        return st
+
+    def _withdraw(self, work: _MappingWork, skey: str) -> list[str]:
+        """Take a record out of the batch (it is dead-lettered: its state stays as it was);
+        returns the new points it had written already."""
+        written = [u.id for u in work.upserts if u.state.key == skey and u.fresh]
+        work.upserts = [u for u in work.upserts if u.state.key != skey]
+        work.payload_only = [p for p in work.payload_only if p[0].key != skey]
+        work.drops = [d for d in work.drops if d[0] != skey]
+        work.state_only = [st for st in work.state_only if st.key != skey]
+        if skey in work.done:
+            work.done.remove(skey)
+        return written
+
     def _truncated_text(self, work: _MappingWork, key: Key) -> None:
         work.truncated += 1
         m = work.mapping
@@ -722,7 +853,7 @@ class SourceWorker:
             'set long_text = "dead_letter" to refuse such records instead',
             m.name,
             key,
-            m.config.max_text_length,
+            m.config.text_limit,
             extra={"action": "text_truncated", "mapping": m.name},
         )
 
@@ -749,7 +880,7 @@ class SourceWorker:
             return
         embedder = work.mapping.embedder
         vectors: dict[str, list[float]] = {}
-        wanted = list(dict.fromkeys(u.state.text_hash for u in work.upserts))
+        wanted = list(dict.fromkeys(u.text_hash for u in work.upserts))
         for h in wanted:
             if h in self._inflight_vectors:
                 vectors[h] = self._inflight_vectors[h]
@@ -758,32 +889,30 @@ class SourceWorker:
             if missing:
                 vectors.update(await self.state.cached_vectors(embedder.model_id, missing))
         work.cache_hits = len(vectors)
-        texts = {
-            u.state.text_hash: u.text for u in work.upserts if u.state.text_hash not in vectors
-        }
+        texts = {u.text_hash: u.text for u in work.upserts if u.text_hash not in vectors}
         rejected: dict[str, RecordError] = {}
         # All at once: the embedder sorts them by length, so its batches pad least, and runs
         # its batches side by side (bench/bench_embed.py)
         if texts:
             vectors.update(await self._embed_isolating(embedder, list(texts.items()), rejected))
         work.embedded = len(texts) - len(rejected)
-        kept: list[_Upsert] = []
+        refused: dict[str, _Upsert] = {}
         for u in work.upserts:
-            error = rejected.get(u.state.text_hash)
-            if error is not None:
-                change = Change(
-                    table=work.mapping.config.table,
-                    key=u.key,
-                    op="update",
-                    position=u.state.source_version,
-                )
-                work.failed.append(_dead_letter(work.mapping.name, u.key, change, error, None))
-                work.done.remove(u.state.key)
-                continue
-            u.vector = vectors[u.state.text_hash]
-            self._inflight_vectors[u.state.text_hash] = u.vector
-            kept.append(u)
-        work.upserts = kept
+            if u.text_hash in rejected:
+                refused.setdefault(u.state.key, u)
+        for skey, u in refused.items():  # a chunk refused: its whole record is
+            change = Change(
+                table=work.mapping.config.table,
+                key=u.key,
+                op="update",
+                position=u.state.source_version,
+            )
+            error = rejected[u.text_hash]
+            work.failed.append(_dead_letter(work.mapping.name, u.key, change, error, None))
+            self._withdraw(work, skey)
+        for u in work.upserts:
+            u.vector = vectors[u.text_hash]
+            self._inflight_vectors[u.text_hash] = u.vector
 
     async def _embed_isolating(
         self, embedder: Embedder, chunk: list[tuple[str, str]], rejected: dict[str, RecordError]
@@ -814,10 +943,7 @@ class SourceWorker:
     async def _write(self, work: _MappingWork, stop: asyncio.Event) -> None:
         m = work.mapping
         sink, coll = m.sink, m.collection
-        points = [
-            Point(id=u.state.point_id, vector=u.vector or [], payload=u.payload)
-            for u in work.upserts
-        ]
+        points = [Point(id=u.id, vector=u.vector or [], payload=u.payload) for u in work.upserts]
         rejected: dict[str, PermanentError] = {}
         for i in range(0, len(points), _WRITE_CHUNK):
             chunk = points[i : i + _WRITE_CHUNK]
@@ -827,6 +953,9 @@ class SourceWorker:
                 )
             )
             _failpoints.hit("after_sink_call")
+        if rejected:  # before the payload updates: a refused record is written no further
+            self._dead_letter_rejected(work, rejected)
+            rejected = {}
         updates = [u for _, u in work.payload_only]
         missing: list[str] = []
         for i in range(0, len(updates), _WRITE_CHUNK):
@@ -849,12 +978,17 @@ class SourceWorker:
                 m.name,
                 extra={"action": "sink_missing", "mapping": m.name, "count": len(missing)},
             )
-            lost = [s for s, _ in work.payload_only if s.point_id in set(missing)]
-            work.payload_only = [(s, u) for s, u in work.payload_only if s not in lost]
-            work.deletes.extend((s.key, s.point_id) for s in lost)
+            gone = set(missing)
+            lost = {s.key: s for s, u in work.payload_only if u.id in gone}
+            work.payload_only = [(s, u) for s, u in work.payload_only if s.key not in lost]
+            work.state_only = [s for s in work.state_only if s.key not in lost]
+            for s in lost.values():
+                work.deletes.append((s.key, s.point_id))
+                if s.chunks is not None:  # the record's other chunks go too: written anew
+                    work.drops.extend((s.key, pid) for pid in s.point_ids)
         if rejected:
             self._dead_letter_rejected(work, rejected)
-        ids = [pid for _, pid in work.deletes]
+        ids = list(dict.fromkeys([*(pid for _, pid in work.deletes), *(p for _, p in work.drops)]))
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]
             await self._retry(f"delete from {coll}", partial(sink.delete, coll, part_ids), stop)
@@ -890,24 +1024,25 @@ class SourceWorker:
     def _dead_letter_rejected(
         self, work: _MappingWork, rejected: dict[str, PermanentError]
     ) -> None:
+        """Dead-letter the records whose points the sink refused, whole: a chunked record's
+        chunks written already are deleted again, its state stays as it was."""
+        refused: dict[str, tuple[Key, RecordState, PermanentError]] = {}
+        for u in work.upserts:
+            if u.id in rejected:
+                refused.setdefault(u.state.key, (u.key, u.state, rejected[u.id]))
+        for state, update in work.payload_only:
+            if update.id in rejected:
+                key = state.payload.get("_vs_key", state.key)
+                refused.setdefault(state.key, (key, state, rejected[update.id]))
         table = work.mapping.config.table
-        for u in [u for u in work.upserts if u.state.point_id in rejected]:
-            self._reject(work, u.key, u.state, rejected[u.state.point_id], table)
-        work.upserts = [u for u in work.upserts if u.state.point_id not in rejected]
-        for state, _ in [p for p in work.payload_only if p[0].point_id in rejected]:
-            key = state.payload.get("_vs_key", state.key)
-            self._reject(work, key, state, rejected[state.point_id], table)
-        work.payload_only = [p for p in work.payload_only if p[0].point_id not in rejected]
-
-    @staticmethod
-    def _reject(
-        work: _MappingWork, key: Key, state: RecordState, exc: PermanentError, table: str
-    ) -> None:
-        error = RecordError(f"the sink rejected the point: {exc}", kind="sink_rejected")
-        error.__cause__ = exc
-        change = Change(table=table, key=key, op="update", position=state.source_version)
-        work.failed.append(_dead_letter(work.mapping.name, key, change, error, None))
-        work.done.remove(state.key)
+        for skey, (key, state, exc) in refused.items():
+            error = RecordError(f"the sink rejected the point: {exc}", kind="sink_rejected")
+            error.__cause__ = exc
+            change = Change(table=table, key=key, op="update", position=state.source_version)
+            work.failed.append(_dead_letter(work.mapping.name, key, change, error, None))
+            written = self._withdraw(work, skey)
+            if state.chunks is not None:
+                work.drops.extend((skey, pid) for pid in written if pid not in rejected)
 
     def _commit_for(self, batch: _Batch) -> BatchCommit:
         commit = BatchCommit(
@@ -921,13 +1056,19 @@ class SourceWorker:
         for work in batch.work:
             name = work.mapping.name
             model = work.mapping.embedder.model_id
-            commit.upserts.extend(u.state for u in work.upserts)
-            commit.upserts.extend(s for s, _ in work.payload_only)
-            commit.upserts.extend(work.state_only)
-            commit.deletes.extend((name, key) for key, _ in work.deletes)
+            states = {
+                st.key: st
+                for st in (
+                    *(u.state for u in work.upserts),
+                    *(st for st, _ in work.payload_only),
+                    *work.state_only,
+                )
+            }  # one per record: a chunked record's chunks share it
+            commit.upserts.extend(states.values())
+            commit.deletes.extend(dict.fromkeys((name, key) for key, _ in work.deletes))
             if self._use_cache:
                 commit.vectors.update(
-                    (u.state.text_hash, (model, u.vector)) for u in work.upserts if u.vector
+                    (u.text_hash, (model, u.vector)) for u in work.upserts if u.vector
                 )
             commit.dead_letters.extend(work.failed)
             pending = self._pending_dlq.setdefault(name, set())
@@ -941,11 +1082,13 @@ class SourceWorker:
         return {
             "processed": work.processed,
             "inserted": work.inserted,
-            "updated": len(work.upserts) - work.inserted,
+            "updated": work.text_changed - work.inserted,
             "bytes": work.bytes,
             "upserted": len(work.upserts),
             "payload_only": len(work.payload_only),
             "deleted": len(work.deletes),
+            "chunks": work.chunks,
+            "chunks_deleted": len(work.drops),
             "skipped": work.skipped,
             "failed": len(work.failed),
             "embedded": work.embedded,
@@ -960,7 +1103,7 @@ class SourceWorker:
                 self._overlay.pop(key_pair, None)
         for work in batch.work:
             for u in work.upserts:
-                self._inflight_vectors.pop(u.state.text_hash, None)
+                self._inflight_vectors.pop(u.text_hash, None)
             pending = self._pending_dlq.setdefault(work.mapping.name, set())
             pending.difference_update(work.done)
             pending.update(d.key for d in work.failed)
@@ -1028,6 +1171,43 @@ def _progress(bf: Backfill | None) -> dict[str, Any] | None:
         "eta": bf.eta(),
         "finished": bf.finished or (bf.after is None and bf.done > 0),
     }
+
+
+def _chunk_payload(
+    payload: Mapping[str, Any], text: str, refs: Sequence[ChunkRef], i: int, store_text: bool
+) -> dict[str, Any]:
+    """A chunk point's payload: the record's, its own text hash and place among the
+    record's chunks (and its text, when the mapping stores it)."""
+    _, text_hash, start, end = refs[i]
+    out = {
+        **payload,
+        "_vs_text_hash": text_hash,
+        "chunk_index": i,
+        "chunk_count": len(refs),
+        "chunk_start": start,
+        "chunk_end": end,
+    }
+    if store_text:
+        out["chunk_text"] = text[start:end]
+    return out
+
+
+def _chunk_points(work: Sequence[_MappingWork]) -> dict[tuple[str, str], list[str]]:
+    """Per chunked record of a batch: the points it will have written (see journal)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for w in work:
+        if w.mapping.chunker is None:
+            continue
+        for key in (
+            *(u.state.key for u in w.upserts),
+            *(st.key for st, _ in w.payload_only),
+            *(k for k, _ in w.deletes),
+            *(k for k, _ in w.drops),
+        ):
+            out.setdefault((w.mapping.name, key), [])
+        for u in w.upserts:
+            out[(w.mapping.name, u.state.key)].append(u.id)
+    return out
 
 
 def _payload_update(pid: str, old: Mapping[str, Any], new: dict[str, Any]) -> PayloadUpdate:

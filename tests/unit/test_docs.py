@@ -78,6 +78,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,
     "[[mappings]]": c.MappingConfig,
     "[[mappings.related]]": c.RelatedConfig,
+    "[mappings.chunking]": c.ChunkingConfig,
 }
 SECTION_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
     "state": (c.StateConfig,),

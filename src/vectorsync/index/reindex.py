@@ -28,7 +28,7 @@ __all__ = ["INDEX_KEYS", "Versions", "reconcile", "verify_vectors"]
 logger = logging.getLogger(__name__)
 
 # what a mapping's vectors are made of: a change here is a new index version
-INDEX_KEYS = ("model", "dimension", "distance", "text")
+INDEX_KEYS = ("model", "dimension", "distance", "text", "chunking")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

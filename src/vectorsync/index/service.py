@@ -21,7 +21,8 @@ from pydantic import TypeAdapter
 
 from ..backoff import retrying
 from ..check import Checker
-from ..config import EmbedderConfig, MappingConfig
+from ..chunking import chunker_for, chunking_definition
+from ..config import ChunkingConfig, EmbedderConfig, MappingConfig
 from ..embed.base import Embedder
 from ..errors import ConfigError, PermanentError, RecordError
 from ..events import IndexSwapped, ReindexStarted
@@ -61,17 +62,42 @@ def _digest(value: Any) -> str:
 def index_definition(m: MappingConfig, embedder: Embedder, embedder_cfg: Any) -> dict[str, Any]:
     """What one index version's vectors are made of (its digest: ``INDEX_KEYS``), and the
     embedder settings that make them again."""
-    return {
+    definition = {
         "model": embedder.model_id,
         "dimension": embedder.dimension,
         "distance": embedder.distance,
         "text": m.text,
         "embedder": None if embedder_cfg is None else embedder_cfg.model_dump(mode="json"),
     }
+    chunking = chunking_definition(m.chunking, embedder_cfg)
+    if chunking is not None:  # absent otherwise: versions made before chunking stay valid
+        definition["chunking"] = chunking
+    return definition
+
+
+def version_config(m: MappingConfig, definition: Mapping[str, Any]) -> MappingConfig:
+    """``m`` as an index version was made: its text template and chunking."""
+    update: dict[str, Any] = {}
+    text = str(definition.get("text", m.text))
+    if text != m.text:
+        update["text"] = text
+    chunking = definition.get("chunking")
+    made = None
+    if chunking:
+        made = ChunkingConfig.model_validate(
+            {k: v for k, v in chunking.items() if k not in ("measure", "tokenizer")}
+        )
+    if made != m.chunking:
+        update["chunking"] = made
+    return m.model_copy(update=update) if update else m
 
 
 def index_digest(definition: Mapping[str, Any]) -> str:
-    return _digest({k: definition.get(k) for k in INDEX_KEYS})
+    made = {k: definition.get(k) for k in INDEX_KEYS if k != "chunking"}
+    chunking = definition.get("chunking")
+    if chunking:
+        made["chunking"] = {k: v for k, v in chunking.items() if k != "tokenizer"}
+    return _digest(made)
 
 
 @dataclass(slots=True)
@@ -182,8 +208,7 @@ class IndexService:
         embedder = await self.embedder_for(m, version)
         if embedder is None:
             return None
-        text = str(version.definition.get("text", m.text))
-        cfg = m if text == m.text else m.model_copy(update={"text": text})
+        cfg = version_config(m, version.definition)
         indexes = e.index_types(m)
         sink = e.sinks[m.sink]
         spec = CollectionSpec(
@@ -212,6 +237,7 @@ class IndexService:
             state_name=state_name(m.name, version),
             collection_name=version.collection,
             version=version.version,
+            chunker=chunker_for(version.definition.get("chunking")),
         )
         if version.state == "building" and not version.backfill_done:
             key = (m.name, version.version)
@@ -368,6 +394,7 @@ class IndexService:
             digest_columns=target.digest_columns,
             resolve=target.resolve,
             state_name=target.name,
+            chunker=target.chunker,
         )
 
     async def swap(self, m: MappingConfig, live: IndexVersion, new: IndexVersion) -> None:

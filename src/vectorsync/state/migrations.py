@@ -9,15 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, inspect, select
+from sqlalchemy import Connection, inspect, select, text
 
 from ..errors import PermanentError
 from . import schema as s
 
 __all__ = ["STEPS", "migrate"]
 
-# version -> the step that upgrades a store from it (none yet: version 1 is the baseline)
-STEPS: dict[int, Callable[[Connection], None]] = {}
+
+def _chunks(conn: Connection) -> None:
+    """2: record state keeps a chunked record's points (chunking)."""
+    conn.execute(text("ALTER TABLE record_state ADD COLUMN chunks TEXT"))
+    conn.execute(text("ALTER TABLE record_state ADD COLUMN points INTEGER NOT NULL DEFAULT 1"))
+
+
+# version -> the step that upgrades a store from it (version 1 is the baseline)
+STEPS: dict[int, Callable[[Connection], None]] = {1: _chunks}
 
 
 def stored_version(conn: Connection) -> int | None:

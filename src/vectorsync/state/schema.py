@@ -15,7 +15,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -105,6 +105,8 @@ record_state = Table(
     Column("bucket", Integer, nullable=False),  # model.key_bucket(key)
     Column("digest_hi", Integer, nullable=False),  # row_digest >> 31
     Column("digest_lo", Integer, nullable=False),  # row_digest & (2**31 - 1)
+    Column("chunks", Text, nullable=True),  # JSON of a chunked record's ChunkRefs
+    Column("points", Integer, nullable=False, server_default="1"),  # points it was written as
     # covering: per-bucket digest sums are an index-only scan (check --mode prove)
     Index("ix_record_state_bucket", "mapping", "bucket", "digest_hi", "digest_lo"),
 )

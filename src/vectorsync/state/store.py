@@ -365,6 +365,8 @@ class StateStore:
                 "bucket": key_bucket(r.key),
                 "digest_hi": r.row_digest >> 31,
                 "digest_lo": r.row_digest & _LOW31,
+                "chunks": None if r.chunks is None else orjson.dumps(r.chunks).decode(),
+                "points": len(r.point_ids),
             }
             for r in batch.upserts
         ]
@@ -685,22 +687,30 @@ class StateStore:
             keep_schema_versions=keep_schema_versions,
         )
 
-    async def bucket_sums(self, mapping: str) -> tuple[dict[int, tuple[int, int]], int]:
-        """Per digest bucket: the sums of the row-digest halves of every synced record, and
-        the number of records — aggregated inside the database."""
+    async def bucket_sums(self, mapping: str) -> tuple[dict[int, tuple[int, int]], int, int]:
+        """Per digest bucket: the sums of the row-digest halves of every synced record; the
+        number of records, and of the points they were written as — aggregated inside the
+        database."""
         t = s.record_state
 
-        def read(conn: Connection) -> tuple[dict[int, tuple[int, int]], int]:
+        def read(conn: Connection) -> tuple[dict[int, tuple[int, int]], int, int]:
             rows = conn.execute(
-                select(t.c.bucket, func.sum(t.c.digest_hi), func.sum(t.c.digest_lo), func.count())
+                select(
+                    t.c.bucket,
+                    func.sum(t.c.digest_hi),
+                    func.sum(t.c.digest_lo),
+                    func.count(),
+                    func.sum(t.c.points),
+                )
                 .where(t.c.mapping == mapping)
                 .group_by(t.c.bucket)
             )
-            sums, total = {}, 0
-            for bucket, hi, lo, n in rows:
+            sums, total, points = {}, 0, 0
+            for bucket, hi, lo, n, p in rows:
                 sums[int(bucket)] = (int(hi), int(lo))
                 total += int(n)
-            return sums, total
+                points += int(p)
+            return sums, total, points
 
         return await self._tx("sum digests", read)
 
@@ -746,13 +756,22 @@ class StateStore:
 
         return await self._tx("read keys", read)
 
-    async def journal(self, source: str, position: int, records: Sequence[tuple[str, str]]) -> None:
-        """Record the (mapping, key) pairs a batch is about to write to sinks; its commit
-        drops the entry (see :meth:`redo_inflight`)."""
+    async def journal(
+        self,
+        source: str,
+        position: int,
+        records: Sequence[tuple[str, str]],
+        chunks: Mapping[tuple[str, str], Sequence[str]] | None = None,
+    ) -> None:
+        """Record the (mapping, key) pairs a batch is about to write to sinks, and the new
+        chunk point ids of chunked records; its commit drops the entry (see
+        :meth:`redo_inflight`)."""
+        chunks = chunks or {}
+        entries = [[m, k, list(chunks[(m, k)])] if (m, k) in chunks else [m, k] for m, k in records]
         row = {
             "source": source,
             "position": position,
-            "records": orjson.dumps(list(records)).decode(),
+            "records": orjson.dumps(entries).decode(),
             "created_at": time.time(),
         }
 
@@ -765,17 +784,26 @@ class StateStore:
         """After a crash between sink writes and their state commit: forget the record
         state of every key those writes touched, so their replay writes them whatever the
         state said (a row reverted meanwhile would otherwise be skipped and the sink kept
-        the uncommitted write). Returns how many records are redone."""
+        the uncommitted write). A chunked record's state is kept instead, with every point
+        it may have in the sink now (those it had, and the new ones the batch was writing)
+        marked unknown: its replay rewrites the chunks it has and deletes the others.
+        Returns how many records are redone."""
         j, t = s.inflight, s.record_state
 
         def redo(conn: Connection) -> int:
             pairs: set[tuple[str, str]] = set()
+            written: dict[tuple[str, str], set[str]] = {}
             for (records,) in conn.execute(select(j.c.records).where(j.c.source == source)):
-                pairs.update((m, k) for m, k in orjson.loads(records))
-            for mapping, keys in _group(sorted(pairs)).items():
+                for entry in orjson.loads(records):
+                    pairs.add((entry[0], entry[1]))
+                    if len(entry) > 2:
+                        written.setdefault((entry[0], entry[1]), set()).update(entry[2])
+            for mapping, keys in _group(sorted(pairs - set(written))).items():
                 for i in range(0, len(keys), _CHUNK):
                     part = keys[i : i + _CHUNK]
                     conn.execute(delete(t).where(t.c.mapping == mapping, t.c.key.in_(part)))
+            for (mapping, key), pids in written.items():
+                _mark_unknown(conn, mapping, key, pids)
             conn.execute(delete(j).where(j.c.source == source))
             return len(pairs)
 
@@ -881,6 +909,41 @@ def _marker_query(source: str, table: str, kind: str, column: Any) -> Any:
     return select(column).where(p.c.source == source, p.c.stream == table, p.c.marker_type == kind)
 
 
+def _mark_unknown(conn: Connection, mapping: str, key: str, written: set[str]) -> None:
+    """A chunked record whose sink points are unknown after a crash: its state lists every
+    point it may have (hashes emptied), so the next sync rewrites or deletes each."""
+    t = s.record_state
+    row = conn.execute(_STATES, {"mapping": mapping, "keys": [key]}).first()
+    had = [] if row is None else [c[0] for c in orjson.loads(row.chunks or "[]")]
+    pids = list(dict.fromkeys([*had, *sorted(written)]))
+    refs = orjson.dumps([[pid, "", 0, 0] for pid in pids]).decode()
+    if row is not None:
+        conn.execute(
+            t.update()
+            .where(t.c.mapping == mapping, t.c.key == key)
+            .values(text_hash="", payload_hash="", chunks=refs, points=len(pids))
+        )
+        return
+    conn.execute(
+        t.insert().values(
+            mapping=mapping,
+            key=key,
+            point_id="",
+            text_hash="",
+            payload_hash="",
+            source_version=0,
+            schema_version="",
+            synced_at=time.time(),
+            payload="{}",
+            bucket=key_bucket(key),
+            digest_hi=0,
+            digest_lo=0,
+            chunks=refs,
+            points=len(pids),
+        )
+    )
+
+
 def _record_state(row: Any) -> RecordState:
     mapping, key, pid, text_hash, payload_hash, version, schema, synced_at, payload = row[:9]
     hi, lo = row[10], row[11]
@@ -895,6 +958,7 @@ def _record_state(row: Any) -> RecordState:
         synced_at=synced_at,
         payload=orjson.loads(payload),
         row_digest=(hi << 31) | lo,
+        chunks=None if row[12] is None else tuple(tuple(c) for c in orjson.loads(row[12])),
     )
 
 
