@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from vectorsync.chunking import chunk_point_id, chunker_for, chunking_definition
 from vectorsync.config import Config, load_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.model import content_hash, point_id
@@ -325,12 +326,16 @@ async def read_sink(sink: Sink, collection: str, dimension: int = 384) -> dict[s
 
 async def assert_converged(config: Config, app: App, sink: Sink) -> None:
     """The sink holds exactly one point per live row, with the vector of its current text
-    and its current payload — read from both stores directly."""
+    and its current payload — read from both stores directly (a chunked mapping: exactly
+    the chunk points of a chunking of each current row)."""
     mapping = config.mappings[0]
     renderer = Renderer(mapping)
     embedder = HashEmbedder()
     rows = app.rows()
     points = await read_sink(sink, mapping.collection_name)
+    if mapping.chunking is not None:
+        assert_chunks_match(config, rows, points)
+        return
     expected_ids = {point_id(mapping.name, k): k for k in rows}
     missing, orphaned = set(expected_ids) - set(points), set(points) - set(expected_ids)
     assert not missing and not orphaned, f"missing {len(missing)}, orphaned {len(orphaned)}"
@@ -343,6 +348,46 @@ async def assert_converged(config: Config, app: App, sink: Sink) -> None:
         assert record.payload["_vs_text_hash"] == content_hash(embedder.model_id, rendered.text)
         assert record.vector is not None
         want = embedder.vector(rendered.text)
+        assert max(abs(a - b) for a, b in zip(record.vector, want, strict=True)) < 1e-5, key
+
+
+def assert_chunks_match(
+    config: Config, rows: dict[Any, dict[str, Any]], points: dict[str, Any]
+) -> None:
+    """Every chunk point equals a chunking of its current row (id, payload, position
+    fields, vector of its own text), and there is no other point."""
+    mapping = config.mappings[0]
+    assert mapping.chunking is not None
+    renderer = Renderer(mapping)
+    embedder = HashEmbedder()
+    chunker = chunker_for(chunking_definition(mapping.chunking, config.embedders.get("default")))
+    assert chunker is not None
+    expected: dict[str, tuple[Any, Any, int, dict[str, Any], str]] = {}
+    for key, row in rows.items():
+        rendered = renderer.render(row)
+        chunks = chunker.split(rendered.text)
+        for c in chunks:
+            pid = chunk_point_id(mapping.name, key, c)
+            expected[pid] = (key, c, len(chunks), rendered.payload, rendered.text)
+    missing, orphaned = set(expected) - set(points), set(points) - set(expected)
+    assert not missing and not orphaned, f"missing {len(missing)}, orphaned {len(orphaned)}"
+    for pid, (key, chunk, count, payload, text) in expected.items():
+        record = points[pid]
+        for field, value in payload.items():
+            assert record.payload[field] == value, (key, field)
+        assert record.payload["_vs_key"] == key
+        assert record.payload["chunk_index"] == chunk.index, key
+        assert record.payload["chunk_count"] == count, key
+        assert (record.payload["chunk_start"], record.payload["chunk_end"]) == (
+            chunk.start,
+            chunk.end,
+        )
+        assert text[chunk.start : chunk.end] == chunk.text
+        assert record.payload["_vs_text_hash"] == content_hash(embedder.model_id, chunk.text)
+        if mapping.chunking.store_text:
+            assert record.payload["chunk_text"] == chunk.text
+        want = embedder.vector(chunk.text)
+        assert record.vector is not None
         assert max(abs(a - b) for a, b in zip(record.vector, want, strict=True)) < 1e-5, key
 
 

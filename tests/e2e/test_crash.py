@@ -82,6 +82,18 @@ def _restart_converges(workdir: Path, cfg: Path, app: App, rng: random.Random) -
     return done.stderr
 
 
+def _schedule(rng: random.Random, trials: int) -> list[tuple[str, int]]:
+    """Kills at each failpoint in turn, on the pass of the batch cycle each trial chooses:
+    alternately some batches in (catching up, or tailing the writer) and at the first pass
+    (that run dies while replaying what the previous one left)."""
+    per_point = max(1, trials // len(POINTS))
+    return [
+        (point, 1 if t % 2 or point in ONCE_PER_RUN else rng.randint(2, 6))
+        for t in range(trials)
+        for point in [POINTS[t // per_point % len(POINTS)]]
+    ]
+
+
 @pytest.mark.all_sources
 def test_kill_9_at_every_failpoint_of_the_batch_cycle_loses_nothing(
     workdir: Path, app: App
@@ -89,13 +101,25 @@ def test_kill_9_at_every_failpoint_of_the_batch_cycle_loses_nothing(
     rng = random.Random(20261123)
     app.random_ops(rng, 300)
     cfg = write_config(workdir, batch_size=20)
-    # At each point a kill some batches in (catching up, or tailing the writer), then one
-    # at the first pass: that run dies while replaying what the previous one left.
-    schedule = [
-        (point, 1 if t % 2 or point in ONCE_PER_RUN else rng.randint(2, 6))
-        for t in range(TRIALS)
-        for point in [POINTS[t // 2 % len(POINTS)]]
-    ]
+    _kill_and_converge(workdir, cfg, app, rng, _schedule(rng, TRIALS))
+
+
+@pytest.mark.all_sources
+def test_kill_9_at_every_failpoint_with_chunking_leaves_no_chunk_behind(
+    workdir: Path, app: App
+) -> None:
+    """The same trials on a chunked mapping (two to four chunks a row): after the kills,
+    every chunk point equals a chunking of its current row and no other point is left."""
+    rng = random.Random(20261201)
+    app.random_ops(rng, 200)
+    chunking = '[mappings.chunking]\nunit = "chars"\nsize = 24'
+    cfg = write_config(workdir, batch_size=20, extra_mapping=chunking)
+    _kill_and_converge(workdir, cfg, app, rng, _schedule(rng, len(POINTS)))
+
+
+def _kill_and_converge(
+    workdir: Path, cfg: Path, app: App, rng: random.Random, schedule: list[tuple[str, int]]
+) -> None:
     logs: list[str] = []
     for trial, (point, n) in enumerate(schedule):
         with _writing(app, seed=trial):

@@ -149,6 +149,25 @@ async def test_a_text_the_endpoint_rejects_is_dead_lettered_alone(
     assert letter.key == "42" and "rejected the text (HTTP 400)" in letter.message
 
 
+async def test_a_chunk_the_endpoint_rejects_dead_letters_its_record_whole(
+    workdir: Path, server: EmbeddingServer
+) -> None:
+    app = App(workdir / "app.db")
+    app.insert(1, body="fine words here. " * 8)
+    app.insert(2, body="good words first. " * 4 + f"then {REJECT} once. " + "good again. " * 4)
+    chunking = '[mappings.chunking]\nunit = "chars"\nsize = 60'
+    cfg = write_config(
+        workdir, text="{{ body }}", embedder=_embedder_toml(server), extra_mapping=chunking
+    )
+    async with Engine.open(load(cfg)) as engine:
+        await engine.run(once=True)
+        [letter] = await engine.state.dead_letters("articles")
+        sink = engine.sinks["vectors"]
+        keys = {r.payload["_vs_key"] async for r in sink.scroll("articles")}
+    assert letter.key == "2" and "rejected the text (HTTP 400)" in letter.message
+    assert keys == {1}  # none of record 2's chunks, not even those the endpoint accepted
+
+
 async def test_a_refused_key_stops_naming_its_field_and_the_key_is_shown_nowhere(
     workdir: Path,
     server: EmbeddingServer,
