@@ -107,8 +107,23 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
     for mapping, m in stats["mappings"].items():
         writes.add_metric([mapping, "upsert"], m.get("upserted", 0))
         writes.add_metric([mapping, "payload"], m.get("payload_only", 0))
-        writes.add_metric([mapping, "delete"], m.get("deleted", 0))
+        writes.add_metric([mapping, "delete"], m.get("deleted", 0) + m.get("chunks_deleted", 0))
     yield writes
+    chunks = counter(
+        "vectorsync_chunks", "Chunks cut from the records written in full", labels=["mapping"]
+    )
+    per_record = gauge(
+        "vectorsync_chunks_per_record",
+        "Mean chunks of the records written in full (chunked mappings)",
+        labels=["mapping"],
+    )
+    for mapping, m in stats["mappings"].items():
+        if m.get("chunks"):
+            written = m.get("inserted", 0) + m.get("updated", 0)
+            chunks.add_metric([mapping], m["chunks"])
+            per_record.add_metric([mapping], m["chunks"] / max(written, 1))
+    yield chunks
+    yield per_record
     for key, name, doc in (
         ("texts", "vectorsync_embedder_texts", "Texts an embedder embedded in this process"),
         ("tokens", "vectorsync_embedder_tokens", "Tokens sent to an API embedder"),

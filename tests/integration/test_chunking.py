@@ -248,3 +248,27 @@ async def test_a_chunking_change_builds_a_new_index_version(workdir: Path, app: 
         hits = await engine.search("articles", "word3x4", limit=3)
         assert hits and "chunk_index" in hits[0].record.payload
     await check(cfg, app)
+
+
+async def test_metrics_show_chunks_per_record_and_search_names_the_chunk(
+    workdir: Path, app: App
+) -> None:
+    from tests.integration.test_http import metric
+    from vectorsync.metrics import prometheus_text
+    from vectorsync.search import find
+
+    app.insert(1, body=" ".join(f"alpha{j}" for j in range(12)))
+    app.insert(2, body=" ".join(f"beta{j}" for j in range(12)))
+    cfg = write_config(workdir, text="{{ body }}", extra_mapping=SMALL)
+    async with Engine.open(load(cfg)) as engine:
+        counts = (await engine.run(once=True)).counts
+        text = (await prometheus_text(engine)).decode()
+        hits = await find(engine, "articles", "beta3 beta4", 1, None)
+    assert metric(text, "vectorsync_chunks_total", mapping="articles") == counts["chunks"]
+    per_record = metric(text, "vectorsync_chunks_per_record", mapping="articles")
+    assert per_record == counts["chunks"] / 2 > 2
+    [hit] = hits
+    assert hit["key"] == 2 and hit["chunk"]["count"] == counts["chunks"] // 2
+    start, end = hit["chunk"]["start"], hit["chunk"]["end"]
+    body = " ".join(f"beta{j}" for j in range(12))
+    assert hit["text"] == body[start:end] and "beta" in hit["text"]

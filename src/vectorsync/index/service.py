@@ -370,12 +370,20 @@ class IndexService:
             async for r in target.sink.scroll(target.collection, with_vectors=True, page=256)
             if "_vs_key" in r.payload
         ][:200]
-        stored = {r.payload["_vs_key"]: r.vector or [] for r in sample}
-        texts = await e.texts(m.name, list(stored), text=target.config.text)
-        fresh_hashes = {k: content_hash(target.embedder.model_id, t) for k, t in texts.items()}
-        current = {r.payload["_vs_key"]: r.payload.get("_vs_text_hash") for r in sample}
-        comparable = {k: t for k, t in texts.items() if current.get(k) == fresh_hashes[k]}
-        return await verify_vectors(comparable, stored, target.embedder.embed)
+        keys = {r.id: r.payload["_vs_key"] for r in sample}
+        texts = await e.texts(m.name, list(dict.fromkeys(keys.values())), text=target.config.text)
+        own: dict[Key, str] = {}  # point id → the text its vector embeds (a chunk's: its span)
+        for r in sample:
+            text = texts.get(keys[r.id])
+            if text is not None and "chunk_start" in r.payload:
+                text = text[r.payload["chunk_start"] : r.payload["chunk_end"]]
+            if text is not None and content_hash(target.embedder.model_id, text) == r.payload.get(
+                "_vs_text_hash"
+            ):
+                own[r.id] = text
+        stored: dict[Key, list[float]] = {r.id: r.vector or [] for r in sample}
+        wrong = await verify_vectors(own, stored, target.embedder.embed)
+        return list(dict.fromkeys(keys[str(pid)] for pid in wrong))
 
     def checker(self, m: MappingConfig, target: MappingRuntime) -> Checker:
         e = self.engine
@@ -440,6 +448,7 @@ class IndexService:
         definition = index_definition(m, embedder, e.config.embedders.get(m.embedder))
         live = next((v for v in await e.state.index_versions(m.name) if v.state == "live"), None)
         renderer = Renderer(m, e.index_types(m))
+        chunker = chunker_for(definition.get("chunking"))
         resolve = e.resolver(m)
         records = unrenderable = 0
         texts: dict[str, str] = {}
@@ -453,10 +462,12 @@ class IndexService:
             for row in rows.values():
                 try:
                     text = renderer.render(row).text
+                    pieces = [c.text for c in chunker.split(text)] if chunker else [text]
                 except RecordError:
                     bad += 1
                     continue
-                texts.setdefault(content_hash(embedder.model_id, text), text)
+                for piece in pieces:  # a chunked mapping embeds each chunk
+                    texts.setdefault(content_hash(embedder.model_id, piece), piece)
             return bad
 
         async for row in source.scan(m.table, m.key, page=2000):
