@@ -36,20 +36,22 @@ def _document(paragraphs: list[str]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _sink(workdir: Path) -> AsyncIterator[QdrantEdgeSink]:
+async def _sink(workdir: Path, collection: str = "articles") -> AsyncIterator[QdrantEdgeSink]:
     """The project's qdrant-edge folder opened directly (vectorsync is not running)."""
     sink = QdrantEdgeSink("direct", workdir / ".vectorsync" / "qdrant")
     await sink.open()
     try:
-        await read_sink(sink, "articles")  # opens the collection
+        await read_sink(sink, collection)  # opens the collection
         yield sink
     finally:
         await sink.close()
 
 
-async def _points(workdir: Path, key: int | None = None) -> dict[str, Any]:
-    async with _sink(workdir) as sink:
-        points = await read_sink(sink, "articles")
+async def _points(
+    workdir: Path, key: int | None = None, collection: str = "articles"
+) -> dict[str, Any]:
+    async with _sink(workdir, collection) as sink:
+        points = await read_sink(sink, collection)
     return {pid: r for pid, r in points.items() if key is None or r.payload["_vs_key"] == key}
 
 
@@ -272,3 +274,62 @@ async def test_metrics_show_chunks_per_record_and_search_names_the_chunk(
     start, end = hit["chunk"]["start"], hit["chunk"]["end"]
     body = " ".join(f"beta{j}" for j in range(12))
     assert hit["text"] == body[start:end] and "beta" in hit["text"]
+
+
+async def test_a_related_record_change_fans_out_to_every_chunk_of_its_records(
+    workdir: Path,
+) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(workdir / "app.db", isolation_level=None)
+    db.execute("CREATE TABLE authors (id INTEGER PRIMARY KEY, name TEXT)")
+    db.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, author_id INTEGER, body TEXT)")
+    db.execute("INSERT INTO authors VALUES (1, 'ann'), (2, 'bob')")
+    for d in range(1, 7):
+        body = " ".join(f"doc{d}w{j}" for j in range(20))
+        db.execute("INSERT INTO docs VALUES (?, ?, ?)", (d, 1 + d % 2, body))
+    (workdir / "vectorsync.toml").write_text(
+        """
+[state]
+url = "sqlite:///.vectorsync/state.db"
+[sources.app]
+kind = "sqlite"
+path = "app.db"
+[sinks.vectors]
+kind = "qdrant-edge"
+path = ".vectorsync/qdrant"
+[embedders.default]
+kind = "hash"
+[[mappings]]
+name = "docs"
+source = "app"
+table = "docs"
+text = "{{ body }}"
+payload = ["author"]
+sink = "vectors"
+[mappings.chunking]
+unit = "chars"
+size = 40
+[[mappings.related]]
+name = "writer"
+table = "authors"
+on = { id = "author_id" }
+fields = { author = "name" }
+"""
+    )
+    embedder = HashEmbedder("default")
+    counts = await sync_once(workdir / "vectorsync.toml", embedder)
+    sink_points = await _points(workdir, collection="docs")
+    bob = [r for r in sink_points.values() if r.payload["author"] == "bob"]
+    assert counts["chunks"] == len(sink_points) and len(bob) > 3 * 2
+    db.execute("UPDATE authors SET name = 'robert' WHERE id = 2")
+    before = embedder.texts_embedded
+    counts = await sync_once(workdir / "vectorsync.toml", embedder)
+    assert embedder.texts_embedded == before  # the author is payload, not text
+    assert counts["payload_only"] == len(bob)  # every chunk of bob's three documents
+    after = await _points(workdir, collection="docs")
+    assert set(after) == set(sink_points)
+    assert sorted(r.payload["author"] for r in after.values()) == sorted(
+        ["ann"] * (len(after) - len(bob)) + ["robert"] * len(bob)
+    )
+    db.close()
