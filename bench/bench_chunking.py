@@ -363,8 +363,10 @@ class VectorsyncSide:
     async def check(self, corpus: Corpus) -> dict[str, int]:
         texts = [
             c.text
-            for k, (p, _) in corpus.docs.items()
-            for c in self.chunker.split(self.renderer.render({"id": k, "body": _joined(p)}).text)
+            for k, (p, author) in corpus.docs.items()
+            for c in self.chunker.split(
+                self.renderer.render({"id": k, "body": _joined(p), "author": author}).text
+            )
         ]
         want = len(texts)
         sink = QdrantEdgeSink("check", self.folder / ".vectorsync" / "qdrant")
@@ -455,6 +457,10 @@ async def bench_langchain(n: int, group: int, deletes: int) -> dict[str, Any]:
     finally:
         os.chdir(cwd)
         shutil.rmtree(folder, ignore_errors=True)
+    return _langchain_figures(n, rows)
+
+
+def _langchain_figures(n: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     edits = rows[1:]
     return {
         "documents": n,
