@@ -17,6 +17,7 @@ from vectorsync.falkordb_server import FalkorDBServer, falkordb_server
 # VECTORSYNC_TEST_SOURCES narrows the list (e.g. "sqlite" for a quick local run).
 ALL_SOURCES = ["sqlite", "pg-logical", "pg-outbox", "falkordb"]
 SOURCES = [s for s in os.environ.get("VECTORSYNC_TEST_SOURCES", ",".join(ALL_SOURCES)).split(",")]
+SINKS = ["qdrant-edge", "chroma", "pgvector"]
 _databases = itertools.count(1)
 
 
@@ -25,13 +26,23 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "all_sources: runs against every source kind (SQLite, PostgreSQL x2, FalkorDB)",
     )
+    config.addinivalue_line(
+        "markers",
+        "all_sinks: also runs on SQLite against every other sink kind (Chroma, pgvector)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``source_kind`` by ``sink_kind``: every source kind with qdrant-edge (all_sources),
+    and SQLite with every other sink kind (all_sinks)."""
     if "source_kind" in metafunc.fixturenames:
         marked = metafunc.definition.get_closest_marker("all_sources") is not None
         kinds = [k for k in SOURCES if marked or k == "sqlite"] or ["sqlite"]
-        metafunc.parametrize("source_kind", kinds)
+        pairs = [(k, "qdrant-edge") for k in kinds]
+        if metafunc.definition.get_closest_marker("all_sinks") is not None:
+            pairs += [("sqlite", sink) for sink in SINKS if sink != "qdrant-edge"]
+        ids = [k if sink == "qdrant-edge" else f"{k}-{sink}" for k, sink in pairs]
+        metafunc.parametrize(("source_kind", "sink_kind"), pairs, ids=ids)
 
 
 @pytest.fixture(scope="session")
@@ -124,14 +135,25 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def app(workdir: Path, source_kind: str, request: pytest.FixtureRequest) -> Iterator[App]:
-    """The application database of the kind under test; ``write_config`` picks it up."""
+def app(
+    workdir: Path, source_kind: str, sink_kind: str, request: pytest.FixtureRequest
+) -> Iterator[App]:
+    """The application database of the kind under test, and the sink kind under test:
+    ``write_config`` picks both up."""
+    if sink_kind == "chroma":
+        (workdir / "sink.toml").write_text('kind = "chroma"\npath = ".vectorsync/chroma"')
+    elif sink_kind == "pgvector":
+        server: PgvectorServer = request.getfixturevalue("pgvector")
+        schema = request.getfixturevalue("pgvector_schema")
+        (workdir / "sink.toml").write_text(
+            f'kind = "pgvector"\nurl = "{server.url}"\nschema_name = "{schema}"'
+        )
     application: App
     if source_kind == "sqlite":
         application = App(workdir / "app.db")
     elif source_kind == "falkordb":
-        server: FalkorDBServer = request.getfixturevalue("falkordb")
-        application = GraphApp(server.url, request.getfixturevalue("graph_name"))
+        graph: FalkorDBServer = request.getfixturevalue("falkordb")
+        application = GraphApp(graph.url, request.getfixturevalue("graph_name"))
     else:
         url = request.getfixturevalue("pg_url")
         application = PgApp(url, source_kind.removeprefix("pg-"))

@@ -4,6 +4,7 @@ that reads both stores directly."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sqlite3
 import time
@@ -275,16 +276,22 @@ class GraphApp(App):
         return {r[0]["id"]: {c: r[0].get(c) for c in COLUMNS} for r in found}
 
 
+EDGE_SINK = 'kind = "qdrant-edge"\npath = ".vectorsync/qdrant"'
+
+
 def write_config(
     folder: Path,
     *,
-    sink: str = 'kind = "qdrant-edge"\npath = ".vectorsync/qdrant"',
+    sink: str | None = None,
     text: str = "{{ title }}\\n{{ body }}",
     extra_mapping: str = "",
     batch_size: int = 1000,
     embedder: str = 'kind = "hash"',
 ) -> Path:
     path = folder / "vectorsync.toml"
+    if sink is None:  # the `app` fixture leaves the sink under test here (else qdrant-edge)
+        given = folder / "sink.toml"
+        sink = given.read_text() if given.exists() else EDGE_SINK
     # the `app` fixture leaves the source section of the database under test here
     source = folder / "source.toml"
     source_toml = (
@@ -417,8 +424,22 @@ async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> 
 
 
 async def check(config_path: Path, app: App) -> None:
-    """The project's qdrant-edge folder matches the app's rows."""
-    await assert_edge_converged(load(config_path), app, config_path.parent)
+    """The project's sink (opened directly from its config) matches the app's rows."""
+    from vectorsync.engine import build_sink
+
+    config = load(config_path)
+    name = config.mappings[0].sink
+    cwd = Path.cwd()
+    os.chdir(config_path.parent)  # a sink's relative path is the project's
+    try:
+        sink = build_sink(name, config.sinks[name], config)
+        await sink.open()
+        try:
+            await assert_converged(config, app, sink)
+        finally:
+            await sink.close()
+    finally:
+        os.chdir(cwd)
 
 
 def wait_for(condition: Callable[[], bool], deadline: float) -> None:

@@ -460,7 +460,8 @@ class Engine:
                 return
             for sink in self.sinks.values():
                 await sink.open()
-                self._opened.append(sink)
+                if sink not in self._opened:  # a status probe may have listed it already
+                    self._opened.append(sink)
             self._sinks_open = True
 
     def sync_part(
@@ -557,6 +558,14 @@ class Engine:
             kept = [r for r in self._runtimes if r.config.source != source]
             self._runtimes = [*kept, *fresh]
         return fresh
+
+    async def _problems(self, name: str) -> list[str]:
+        """A sink's problems, probed whether or not it was opened (a probe may connect: the
+        sink is then closed with the engine)."""
+        sink = self.sinks[name]
+        if sink not in self._opened:
+            self._opened.append(sink)
+        return await sink.problems()
 
     def keep_open(self, part: Any) -> None:
         """Close ``part`` with the engine (an embedder built for an older index version)."""
@@ -1126,8 +1135,8 @@ class Engine:
                 await self.sinks[m.sink].count(m.collection_name)
             except VectorsyncError as exc:
                 problems.append(f"sink {m.sink!r}: {exc}")
-        for sink in self.sinks.values():
-            problems.extend(await sink.problems())
+        for name in self.sinks:
+            problems.extend(await self._problems(name))
         return problems
 
     async def stats(self) -> dict[str, Any]:
@@ -1212,7 +1221,7 @@ class Engine:
                     outdated=counts.outdated,
                     dead_letters=counts.dead_letters,
                     counters=counts.counters,
-                    sink_problems=await self.sinks[m.sink].problems(),
+                    sink_problems=await self._problems(m.sink),
                 )
             )
         return result

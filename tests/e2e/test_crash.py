@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, assert_converged, assert_edge_converged, load, write_config
+from tests.helpers import App, assert_converged, assert_edge_converged, check, load, write_config
 from vectorsync._failpoints import POINTS
 from vectorsync.sinks.chroma import ChromaSink
 
@@ -78,7 +78,7 @@ def _restart_converges(workdir: Path, cfg: Path, app: App, rng: random.Random) -
         [*RUN, "--once"], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    asyncio.run(assert_edge_converged(load(cfg), app, workdir))
+    asyncio.run(check(cfg, app))
     return done.stderr
 
 
@@ -95,6 +95,7 @@ def _schedule(rng: random.Random, trials: int) -> list[tuple[str, int]]:
 
 
 @pytest.mark.all_sources
+@pytest.mark.all_sinks
 def test_kill_9_at_every_failpoint_of_the_batch_cycle_loses_nothing(
     workdir: Path, app: App
 ) -> None:

@@ -1,6 +1,7 @@
 """Chunking: a document row becomes many chunk points, an edit re-embeds only the chunks it
 touched, and every guarantee holds chunk by chunk — against the real engines (SQLite,
-PostgreSQL logical and outbox, FalkorDB for the suites marked all_sources; qdrant-edge)."""
+PostgreSQL logical and outbox, FalkorDB for the suites marked all_sources; qdrant-edge, and
+Chroma and pgvector for those marked all_sinks)."""
 
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def test_chunks_are_sized_in_the_embedders_own_tokens() -> None:
 
 
 @pytest.mark.all_sources
+@pytest.mark.all_sinks
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_random_changes_converge_chunk_by_chunk(workdir: Path, app: App, seed: int) -> None:
     rng = random.Random(seed)
@@ -141,6 +143,7 @@ async def test_random_changes_converge_chunk_by_chunk(workdir: Path, app: App, s
 
 
 @pytest.mark.all_sources
+@pytest.mark.all_sinks
 async def test_duplicated_and_shuffled_changes_converge_chunk_by_chunk(
     workdir: Path, app: App
 ) -> None:

@@ -1,4 +1,5 @@
-"""The skeleton's guarantees, every source kind → qdrant-edge, in-process against the real
+"""The skeleton's guarantees, every source kind → qdrant-edge and SQLite → Chroma and pgvector,
+in-process against the real
 engines (SQLite, PostgreSQL with logical replication, PostgreSQL with a trigger outbox)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from tests.helpers import App, check, load, sync_once, write_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
 
-pytestmark = pytest.mark.all_sources
+pytestmark = [pytest.mark.all_sources, pytest.mark.all_sinks]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
