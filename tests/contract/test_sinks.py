@@ -1,5 +1,6 @@
 """One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local,
-Chroma embedded and a real Chroma server, pgvector (a real PostgreSQL 18 with pgvector)."""
+Chroma embedded and a real Chroma server, pgvector (a real PostgreSQL 18 with pgvector),
+FalkorDB (a real server, a graph per test)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vectorsync.errors import PermanentError
 from vectorsync.model import Condition, PayloadUpdate, Point
 from vectorsync.sinks.base import CollectionSpec, Sink
 from vectorsync.sinks.chroma import ChromaSink
+from vectorsync.sinks.falkordb import FalkorDBSink
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.pgvector import PgvectorSink
 from vectorsync.sinks.qdrant import QdrantSink
@@ -38,6 +40,7 @@ def _id(n: int) -> str:
         "chroma-embedded",
         "chroma-server",
         "pgvector",
+        "falkordb",
     ]
 )
 async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sink]:
@@ -50,6 +53,9 @@ async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     elif request.param == "pgvector":
         pg = request.getfixturevalue("pgvector")
         s = PgvectorSink("pgvector", pg.url, schema=request.getfixturevalue("pgvector_schema"))
+    elif request.param == "falkordb":
+        url = request.getfixturevalue("falkordb").url
+        s = FalkorDBSink("falkordb", url, graph=request.getfixturevalue("graph_name"))
     elif request.param == "chroma-embedded":
         s = ChromaSink("chroma", path=tmp_path / "chroma")
     elif request.param == "chroma-server":
