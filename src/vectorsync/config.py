@@ -27,6 +27,7 @@ __all__ = [
     "ChromaSinkConfig",
     "Config",
     "EmbedderConfig",
+    "FalkorDBSinkConfig",
     "FalkorDBSourceConfig",
     "HashEmbedderConfig",
     "HttpConfig",
@@ -237,8 +238,31 @@ class ChromaSinkConfig(_Frozen):
         return self
 
 
+class FalkorDBSinkConfig(_Frozen):
+    kind: Literal["falkordb"]
+    url: str = Field(
+        default="redis://127.0.0.1:6379", description="redis://[:password@]host:port of FalkorDB"
+    )
+    graph: str = Field(
+        default="vectorsync",
+        min_length=1,
+        description="the graph the collections' nodes go into (a label per collection); "
+        "give the sink a graph of its own, not a source's",
+    )
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> FalkorDBSinkConfig:
+        if not self.url.startswith(("redis://", "rediss://", "falkor://", "unix://")):
+            raise ValueError("url must start with redis:// (e.g. redis://127.0.0.1:6379)")
+        return self
+
+
 SinkConfig = Annotated[
-    QdrantEdgeSinkConfig | QdrantSinkConfig | ChromaSinkConfig | PgvectorSinkConfig,
+    QdrantEdgeSinkConfig
+    | QdrantSinkConfig
+    | ChromaSinkConfig
+    | PgvectorSinkConfig
+    | FalkorDBSinkConfig,
     Field(discriminator="kind"),
 ]
 
@@ -471,6 +495,7 @@ class Config(_Frozen):
                     "(checks and repairs own all of it): give each mapping its own collection"
                 )
             _chroma_collection(where, m, self.sinks.get(m.sink))
+            _graph_collection(where, m, self.sinks.get(m.sink))
             for field, table in (
                 ("source", self.sources),
                 ("sink", self.sinks),
@@ -505,6 +530,18 @@ def _chroma_collection(where: str, m: MappingConfig, sink: SinkConfig | None) ->
     if (why := check_collection_name(m.collection_name)) is not None:
         raise ValueError(
             f"{where}: collection {m.collection_name!r} cannot be a Chroma collection of sink "
+            f"{m.sink!r}: {why}; set collection to another name"
+        )
+
+
+def _graph_collection(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:
+    if not isinstance(sink, FalkorDBSinkConfig):
+        return
+    from .sinks._graph_sink import check_label
+
+    if (why := check_label(m.collection_name)) is not None:
+        raise ValueError(
+            f"{where}: collection {m.collection_name!r} cannot be a node label of sink "
             f"{m.sink!r}: {why}; set collection to another name"
         )
 

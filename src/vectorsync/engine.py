@@ -32,6 +32,7 @@ from .config import (
     ChromaSinkConfig,
     Config,
     EmbedderConfig,
+    FalkorDBSinkConfig,
     FalkorDBSourceConfig,
     HashEmbedderConfig,
     MappingConfig,
@@ -158,6 +159,10 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
         from .sinks.qdrant_edge import QdrantEdgeSink
 
         return QdrantEdgeSink(name, config.resolve(cfg.path), min_free_space=cfg.min_free_space)
+    if isinstance(cfg, FalkorDBSinkConfig):
+        from .sinks.falkordb import FalkorDBSink
+
+        return FalkorDBSink(name, cfg.url, graph=cfg.graph)
     if isinstance(cfg, PgvectorSinkConfig):
         from .sinks.pgvector import PgvectorSink
 

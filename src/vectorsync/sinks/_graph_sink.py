@@ -30,7 +30,7 @@ from ._aliases import check_drop, check_rename, check_set_alias
 from ._graph_values import ID, JSON_KEY, VECTOR, from_properties, to_properties, where
 from .base import CollectionSpec, Distance, Hit
 
-__all__ = ["COLLECTION_LABEL", "Entry", "GraphSink", "RESERVED_LABELS", "check_label"]
+__all__ = ["COLLECTION_LABEL", "RESERVED_LABELS", "Entry", "GraphSink", "check_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ class GraphSink:
                 f"{spec.distance}; use another collection name"
             )
         for field in sorted(spec.indexes):
-            await self.ddl(f"index {field!r} of {entry.name!r}", self.range_index(entry.name, field))
+            await self.ddl(
+                f"index {field!r} of {entry.name!r}", self.range_index(entry.name, field)
+            )
 
     async def _create(self, spec: CollectionSpec) -> Entry:
         if (why := check_label(spec.name)) is not None:

@@ -29,15 +29,18 @@ _INT64 = 2**63
 _RANGE = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
 
-def to_properties(sink: str, pid: str, payload: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def to_properties(
+    sink: str, pid: str, payload: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
     """The node properties of a payload, and the keys stored as JSON text."""
     props: dict[str, Any] = {}
     encoded: list[str] = []
     for key, value in payload.items():
-        if not isinstance(key, str) or key in RESERVED:
+        if not isinstance(key, str) or key in RESERVED or not key or "`" in key:
             raise PermanentError(
                 f"sink {sink!r}: point {pid}: payload field {key!r} cannot be a node property "
-                f"({', '.join(RESERVED)} are vectorsync's); rename the field"
+                f"({', '.join(RESERVED)} are vectorsync's; FalkorDB takes no empty name and "
+                "no backtick in one); rename the field"
             )
         _check_numbers(sink, pid, key, value)
         if _native(value):

@@ -68,9 +68,7 @@ class FalkorDBSink(GraphSink):
             with self._errors("ping"):
                 await self._db.connection.ping()
         except SinkError as exc:
-            return [
-                f"{redact(str(exc))}; start the FalkorDB server or fix sinks.{self.name}.url"
-            ]
+            return [f"{redact(str(exc))}; start the FalkorDB server or fix sinks.{self.name}.url"]
         return []
 
     # -- queries --------------------------------------------------------------------------
