@@ -73,6 +73,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sinks.NAME] kind = "qdrant"': c.QdrantSinkConfig,
     '[sinks.NAME] kind = "pgvector"': c.PgvectorSinkConfig,
     '[sinks.NAME] kind = "chroma"': c.ChromaSinkConfig,
+    '[sinks.NAME] kind = "falkordb"': c.FalkorDBSinkConfig,
     '[embedders.NAME] kind = "sentence-transformers"': c.SentenceTransformersEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,

@@ -132,7 +132,8 @@ class GraphSink:
             {"name": name},
             write=False,
         )
-        via, target, dimension, distance = rows[0] if rows else (False, name, None, None)
+        fallback: list[Any] = [False, name, None, None]
+        via, target, dimension, distance = rows[0] if rows else fallback
         if dimension is None:
             if via:
                 raise PermanentError(
