@@ -3,18 +3,25 @@ the same work in the same run; figures go to bench/results/sink-<kind>.json.
 
 python bench/bench_sinks.py chroma             # embedded and a `chroma run` server, 10k points
 python bench/bench_sinks.py chroma --points 2000 --modes embedded
+python bench/bench_sinks.py falkordb           # a throwaway FalkorDB server, 10k points
 
 Per mode: new points (upserts/s), re-written vectors of existing points (the content-change
 path: the raw side is Chroma's own ``upsert`` and its delete + add), payload-only updates
 (the raw side is one ``update`` that already knows which ids exist), and a filtered query's
 median latency (the raw side with a plain ``$eq``, and with the sink's own filter, whose
 ``eq`` also matches inside a list). Writes go in calls of 512 points, the worker's chunk.
+
+FalkorDB: the raw side is FalkorDB's own async client with the same indexes, writing
+``UNWIND ... MERGE ... SET n += r.p, n.vector = vecf32(r.v)`` (new points) and ``UNWIND ...
+MATCH ... SET n += r.m`` with nulls for the removed field (payload updates); the filtered
+query is ``db.idx.vector.queryNodes`` with a plain ``WHERE`` (and the sink's search).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import statistics
@@ -243,13 +250,145 @@ async def bench_chroma(n: int, dim: int, modes: list[str]) -> None:
     _write("sink-chroma", figures)
 
 
+def _updates(points: list[Point]) -> list[PayloadUpdate]:
+    changed = {"author": "zed", "_vs_version": 3}
+    return [
+        PayloadUpdate(
+            id=p.id,
+            set=changed,
+            unset=("tags",),
+            payload={k: v for k, v in {**p.payload, **changed}.items() if k != "tags"},
+        )
+        for p in points
+    ]
+
+
+async def _falkordb_raw(url: str, points: list[Point], dim: int) -> dict[str, Any]:
+    """What a user of FalkorDB's own client writes for the same work."""
+    from falkordb.asyncio import FalkorDB
+
+    db = FalkorDB.from_url(url)
+    g = db.select_graph("raw")
+    await g.query("CREATE INDEX FOR (n:Doc) ON (n.id)")
+    await g.query(
+        "CREATE VECTOR INDEX FOR (n:Doc) ON (n.vector) "
+        f"OPTIONS {{dimension: {dim}, similarityFunction: 'cosine'}}"
+    )
+    for field in ("author", "published"):
+        await g.query(f"CREATE INDEX FOR (n:Doc) ON (n.{field})")
+    upsert = "UNWIND $rows AS r MERGE (n:Doc {id: r.id}) SET n += r.p, n.vector = vecf32(r.v)"
+    update = "UNWIND $rows AS r MATCH (n:Doc {id: r.id}) SET n += r.m"
+
+    async def writes() -> None:
+        for chunk in _chunks(points):
+            rows = [{"id": p.id, "p": p.payload, "v": p.vector} for p in chunk]
+            await g.query(upsert, {"rows": rows})
+
+    async def updates() -> None:
+        for chunk in _chunks(_updates(points)):
+            rows = [{"id": u.id, "m": {**u.set, **dict.fromkeys(u.unset)}} for u in chunk]
+            await g.query(update, {"rows": rows})
+
+    query = (
+        "CALL db.idx.vector.queryNodes('Doc', 'vector', 100, vecf32($q)) YIELD node, score "
+        "WHERE node.author = 'zed' AND node.published >= 2020 "
+        "RETURN node.id, score ORDER BY score LIMIT 10"
+    )
+    try:
+        new_s, update_s = await _timed(writes), await _timed(updates)
+        latencies = [
+            await _timed(lambda v=p.vector: g.ro_query(query, {"q": v})) for p in points[:100]
+        ]
+    finally:
+        await db.aclose()
+        await db.connection.connection_pool.disconnect()
+    return {"new_s": new_s, "update_s": update_s, "query_s": latencies}
+
+
+async def _falkordb_sink(url: str, points: list[Point], dim: int) -> dict[str, Any]:
+    from vectorsync.sinks.falkordb import FalkorDBSink
+
+    sink = FalkorDBSink("bench", url, graph="sink")
+    await sink.open()
+    spec = CollectionSpec(
+        name="docs",
+        dimension=dim,
+        distance="cosine",
+        indexes={"author": "keyword", "published": "integer"},
+    )
+    where = [
+        Condition(field="author", op="eq", value="zed"),
+        Condition(field="published", op="gte", value=2020),
+    ]
+    try:
+        await sink.ensure_collection(spec)
+
+        async def writes() -> None:
+            for chunk in _chunks(points):
+                await sink.upsert("docs", chunk)
+
+        async def updates() -> None:
+            for chunk in _chunks(_updates(points)):
+                assert not await sink.update_payloads("docs", chunk)
+
+        new_s, update_s = await _timed(writes), await _timed(updates)
+        latencies = []
+        for p in points[:100]:
+            start = time.perf_counter()
+            hits = await sink.search("docs", p.vector, limit=10, where=where)
+            latencies.append(time.perf_counter() - start)
+            assert len(hits) == 10
+        assert await sink.count("docs") == len(points)
+    finally:
+        await sink.close()
+    return {"new_s": new_s, "update_s": update_s, "query_s": latencies}
+
+
+async def bench_falkordb(n: int, dim: int) -> None:
+    from vectorsync.falkordb_server import falkordb_server
+
+    points = _points(n, dim, random.Random(1), 1)
+    with falkordb_server() as server:
+        raw = await _falkordb_raw(server.url, points, dim)
+        sink = await _falkordb_sink(server.url, points, dim)
+    figures: dict[str, Any] = {
+        "points": n,
+        "dimension": dim,
+        "chunk": CHUNK,
+        "goal_ratio": 0.8,
+        "raw": "FalkorDB's async client: UNWIND ... MERGE ... SET n += r.p, n.vector = "
+        "vecf32(r.v); UNWIND ... MATCH ... SET n += r.m (nulls remove)",
+        "filter": "author = 'zed' AND published >= 2020 (20% of points), limit 10",
+        "upserts_per_s": {"sink": _rate(n, sink["new_s"]), "raw": _rate(n, raw["new_s"])},
+        "upserts_ratio": round(raw["new_s"] / sink["new_s"], 3),
+        "payload_updates_per_s": {
+            "sink": _rate(n, sink["update_s"]),
+            "raw": _rate(n, raw["update_s"]),
+        },
+        "payload_updates_ratio": round(raw["update_s"] / sink["update_s"], 3),
+        "filtered_query_ms_median": {
+            "sink": round(statistics.median(sink["query_s"]) * 1000, 2),
+            "raw": round(statistics.median(raw["query_s"]) * 1000, 2),
+        },
+        "filtered_query_ms_p95": {
+            "sink": round(sorted(sink["query_s"])[94] * 1000, 2),
+            "raw": round(sorted(raw["query_s"])[94] * 1000, 2),
+        },
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # a shared box
+    }
+    _write("sink-falkordb", figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=["chroma"])
+    parser.add_argument("kind", choices=["chroma", "falkordb"])
     parser.add_argument("--points", type=int, default=10_000)
     parser.add_argument("--dimension", type=int, default=384)
     parser.add_argument("--modes", default="embedded,server")
     args = parser.parse_args()
+    if args.kind == "falkordb":
+        asyncio.run(bench_falkordb(args.points, args.dimension))
+        return
     asyncio.run(bench_chroma(args.points, args.dimension, args.modes.split(",")))
 
 

@@ -78,6 +78,10 @@ class GraphSink:
         """A Cypher expression storing the list ``expr`` as a vector."""
         raise NotImplementedError
 
+    def vector_param(self, vector: list[float]) -> Any:
+        """A vector as the store's client takes it as a query parameter."""
+        return vector
+
     def vector_index(self, label: str, dimension: int, distance: Distance) -> str:
         raise NotImplementedError
 
@@ -232,20 +236,20 @@ class GraphSink:
                 f"sink {self.name!r}: point {p.id} has a vector of dimension {len(p.vector)}; "
                 f"collection {entry.name!r} holds dimension {entry.dimension}"
             )
-        vector = [float(x) for x in p.vector]
-        if not all(math.isfinite(x) for x in vector):
+        norm = math.hypot(*p.vector)  # NaN or infinity if any component is one
+        if not math.isfinite(norm):
             raise PermanentError(
                 f"sink {self.name!r}: point {p.id} has a vector with NaN or infinity, which "
                 f"{self.store} refuses"
             )
-        if entry.distance == "cosine":  # stored normalised, as Qdrant does
-            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        vector = p.vector
+        if entry.distance == "cosine" and norm > 0:  # stored normalised, as Qdrant does
             vector = [x / norm for x in vector]
         props, encoded = to_properties(self.name, p.id, p.payload)
         props[ID] = p.id
         if encoded:
             props[JSON_KEY] = encoded
-        return {"id": p.id, "p": props, "v": vector}
+        return {"id": p.id, "p": props, "v": self.vector_param(vector)}
 
     async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
         entry = await self._resolve(collection)
@@ -345,19 +349,21 @@ class GraphSink:
                 f"{entry.name!r}, which holds dimension {entry.dimension}"
             )
         filters, params = _where_of(self.is_list, where)
-        params.update(q=[float(x) for x in vector], limit=limit, k=max(limit, 1), label=entry.name)
-        if filters:  # filters apply to the index's candidates: ask for more of them
-            params["k"] = max(limit * _CANDIDATES, 100)
-        rows = await self.run(
-            f"search {collection!r}",
+        query = self.vector_param([float(x) for x in vector])
+        params.update(q=query, limit=limit, label=entry.name)
+        knn = (
             f"CALL {self.nearest(entry.name)} YIELD node, score WITH node AS n, score "
             f"{f'WHERE {filters} ' if filters else ''}"
             f"RETURN {self._returned('n')}, score ORDER BY score {self.nearest_first} "
-            "LIMIT $limit",
-            params,
-            write=False,
+            "LIMIT $limit"
         )
-        if filters and len(rows) < limit:  # too few candidates passed: read every match
+        # filters apply to the index's candidates: ask for more of them, then more
+        tries = [max(limit * _CANDIDATES, 100), max(limit * _CANDIDATES, 100) * 8]
+        for k in tries if filters else [max(limit, 1)]:
+            rows = await self.run(f"search {collection!r}", knn, {**params, "k": k}, write=False)
+            if len(rows) >= limit:
+                break
+        if filters and len(rows) < limit:  # still too few passed: read every match
             rows = await self.run(
                 f"search {collection!r}",
                 f"MATCH (n:{ident(entry.name)}) WHERE {filters} "
