@@ -45,6 +45,7 @@ from vectorsync.sinks.base import CollectionSpec
 from vectorsync.sinks.chroma import ChromaSink, _sessions
 
 CHUNK = 512  # the worker's _WRITE_CHUNK
+ROUNDS = 2  # FalkorDB: raw and sink alternate this many times; the best round of each counts
 AUTHORS = ["ann", "bob", "cy", "dee", "eve"]
 
 
@@ -344,17 +345,31 @@ async def _falkordb_sink(url: str, points: list[Point], dim: int) -> dict[str, A
     return {"new_s": new_s, "update_s": update_s, "query_s": latencies}
 
 
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's best round (the least disturbed by other work on the box)."""
+    return {
+        "new_s": min(r["new_s"] for r in runs),
+        "update_s": min(r["update_s"] for r in runs),
+        "query_s": min((r["query_s"] for r in runs), key=statistics.median),
+    }
+
+
 async def bench_falkordb(n: int, dim: int) -> None:
     from vectorsync.falkordb_server import falkordb_server
 
     points = _points(n, dim, random.Random(1), 1)
-    with falkordb_server() as server:
-        raw = await _falkordb_raw(server.url, points, dim)
-        sink = await _falkordb_sink(server.url, points, dim)
+    raws, sinks = [], []
+    for _ in range(ROUNDS):  # alternating, each on a fresh server: the box is shared
+        with falkordb_server() as server:
+            raws.append(await _falkordb_raw(server.url, points, dim))
+        with falkordb_server() as server:
+            sinks.append(await _falkordb_sink(server.url, points, dim))
+    raw, sink = _best(raws), _best(sinks)
     figures: dict[str, Any] = {
         "points": n,
         "dimension": dim,
         "chunk": CHUNK,
+        "rounds": ROUNDS,
         "goal_ratio": 0.8,
         "raw": "FalkorDB's async client: UNWIND ... MERGE ... SET n += r.p, n.vector = "
         "vecf32(r.v); UNWIND ... MATCH ... SET n += r.m (nulls remove)",

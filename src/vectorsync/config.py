@@ -32,6 +32,7 @@ __all__ = [
     "HashEmbedderConfig",
     "HttpConfig",
     "MappingConfig",
+    "Neo4jSinkConfig",
     "Neo4jSourceConfig",
     "PgvectorSinkConfig",
     "PostgresSourceConfig",
@@ -257,12 +258,23 @@ class FalkorDBSinkConfig(_Frozen):
         return self
 
 
+class Neo4jSinkConfig(_Frozen):
+    kind: Literal["neo4j"]
+    url: str = Field(description="bolt://host:7687 or neo4j://host:7687")
+    user: str = "neo4j"
+    password: SecretStr | None = None
+    database: str | None = Field(default=None, description="default: the server's default")
+
+
+GRAPH_SINKS = (FalkorDBSinkConfig, Neo4jSinkConfig)
+
 SinkConfig = Annotated[
     QdrantEdgeSinkConfig
     | QdrantSinkConfig
     | ChromaSinkConfig
     | PgvectorSinkConfig
-    | FalkorDBSinkConfig,
+    | FalkorDBSinkConfig
+    | Neo4jSinkConfig,
     Field(discriminator="kind"),
 ]
 
@@ -535,7 +547,7 @@ def _chroma_collection(where: str, m: MappingConfig, sink: SinkConfig | None) ->
 
 
 def _graph_collection(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:
-    if not isinstance(sink, FalkorDBSinkConfig):
+    if not isinstance(sink, GRAPH_SINKS):
         return
     from .sinks._graph_sink import check_label
 

@@ -36,6 +36,7 @@ from .config import (
     FalkorDBSourceConfig,
     HashEmbedderConfig,
     MappingConfig,
+    Neo4jSinkConfig,
     Neo4jSourceConfig,
     OpenAIEmbedderConfig,
     PgvectorSinkConfig,
@@ -163,6 +164,16 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
         from .sinks.falkordb import FalkorDBSink
 
         return FalkorDBSink(name, cfg.url, graph=cfg.graph)
+    if isinstance(cfg, Neo4jSinkConfig):
+        from .sinks.neo4j import Neo4jSink
+
+        return Neo4jSink(
+            name,
+            cfg.url,
+            user=cfg.user,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            database=cfg.database,
+        )
     if isinstance(cfg, PgvectorSinkConfig):
         from .sinks.pgvector import PgvectorSink
 

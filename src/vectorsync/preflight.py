@@ -13,9 +13,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .config import (
+    GRAPH_SINKS,
     ChromaSinkConfig,
     Config,
-    FalkorDBSinkConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
     SentenceTransformersEmbedderConfig,
@@ -39,10 +39,10 @@ def preflight(config: Config, *, sinks: Collection[str], embedders: Collection[s
             _folder(f"sinks.{name}.path", config.resolve(folder))
         elif isinstance(cfg, QdrantSinkConfig) and cfg.path not in (None, ":memory:"):
             _folder(f"sinks.{name}.path", config.resolve(Path(cfg.path)))
-        elif isinstance(cfg, FalkorDBSinkConfig) and importlib.util.find_spec("falkordb") is None:
-            raise ConfigError(
-                f"sinks.{name}: kind 'falkordb' needs the falkordb extra: "
-                "pip install 'vectorsync[falkordb]'"
+        elif isinstance(cfg, GRAPH_SINKS) and importlib.util.find_spec(cfg.kind) is None:
+            raise ConfigError(  # the driver of each graph sink is named as its kind
+                f"sinks.{name}: kind {cfg.kind!r} needs the {cfg.kind} extra: "
+                f"pip install 'vectorsync[{cfg.kind}]'"
             )
     for name in sorted(embedders):
         cfg_e = config.embedders[name]

@@ -74,6 +74,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sinks.NAME] kind = "pgvector"': c.PgvectorSinkConfig,
     '[sinks.NAME] kind = "chroma"': c.ChromaSinkConfig,
     '[sinks.NAME] kind = "falkordb"': c.FalkorDBSinkConfig,
+    '[sinks.NAME] kind = "neo4j"': c.Neo4jSinkConfig,
     '[embedders.NAME] kind = "sentence-transformers"': c.SentenceTransformersEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,

@@ -96,8 +96,12 @@ class GraphSink:
 
     def nearest(self, label: str) -> str:
         """A call yielding ``node, score``: the ``$k`` nodes nearest ``$q`` by the index
-        (``$label`` holds the label as a value)."""
+        (``$label`` holds the label as a value, ``$index`` the index's name)."""
         raise NotImplementedError
+
+    def index_name(self, label: str, prop: str) -> str:
+        """The name of the index on ``prop`` of ``label`` (for stores that name them)."""
+        return f"vectorsync_{label}_{prop}"
 
     def distance_to(self, distance: Distance, expr: str) -> str:
         """The exact distance (or similarity) of vector ``expr`` to ``$q``, as ``nearest``
@@ -350,7 +354,9 @@ class GraphSink:
             )
         filters, params = _where_of(self.is_list, where)
         query = self.vector_param([float(x) for x in vector])
-        params.update(q=query, limit=limit, label=entry.name)
+        params.update(
+            q=query, limit=limit, label=entry.name, index=self.index_name(entry.name, VECTOR)
+        )
         knn = (
             f"CALL {self.nearest(entry.name)} YIELD node, score WITH node AS n, score "
             f"{f'WHERE {filters} ' if filters else ''}"
