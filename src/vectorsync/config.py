@@ -250,6 +250,9 @@ class FalkorDBSinkConfig(_Frozen):
         description="the graph the collections' nodes go into (a label per collection); "
         "give the sink a graph of its own, not a source's",
     )
+    timeout: float = Field(
+        default=60.0, gt=0, description="seconds a query may take before it is retried"
+    )
 
     @model_validator(mode="after")
     def _redis_url(self) -> FalkorDBSinkConfig:

@@ -163,7 +163,7 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
     if isinstance(cfg, FalkorDBSinkConfig):
         from .sinks.falkordb import FalkorDBSink
 
-        return FalkorDBSink(name, cfg.url, graph=cfg.graph)
+        return FalkorDBSink(name, cfg.url, graph=cfg.graph, timeout=cfg.timeout)
     if isinstance(cfg, Neo4jSinkConfig):
         from .sinks.neo4j import Neo4jSink
 

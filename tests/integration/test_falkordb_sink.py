@@ -265,3 +265,40 @@ async def test_an_unreachable_server_is_retryable_and_a_problem_naming_it() -> N
     assert "s3cret-pw" not in problem and "fix sinks.gone.url" in problem
     with pytest.raises(SinkError, match="cannot reach FalkorDB"):
         await sink.open()
+
+
+async def test_search_fills_the_limit_after_nodes_were_rewritten(
+    falkordb: FalkorDBServer, graph_name: str
+) -> None:
+    """FalkorDB's vector index keeps the entry a rewritten node replaced (until the index is
+    rebuilt), and yields fewer than k nodes for it: the sink asks for more."""
+    import random
+
+    rng = random.Random(8)
+    spec = CollectionSpec(name="docs", dimension=16, distance="cosine")
+    sink = await _open(falkordb, graph_name, spec)
+    points = [
+        Point(id=point_id("docs", k), vector=[rng.gauss(0, 1) for _ in range(16)], payload={"k": k})
+        for k in range(300)
+    ]
+    try:
+        for _ in range(3):
+            await sink.upsert("docs", points)  # each a rewrite of every node
+        updates = [
+            PayloadUpdate(id=p.id, set={"m": 1}, payload={**p.payload, "m": 1}) for p in points
+        ]
+        assert await sink.update_payloads("docs", updates) == []
+        client = FalkorDB.from_url(falkordb.url)
+        raw = client.select_graph(graph_name).ro_query(
+            "CALL db.idx.vector.queryNodes('docs', '_vs_vector', 10, vecf32($q)) YIELD node "
+            "RETURN count(node)",
+            {"q": points[0].vector},
+        )
+        client.close()
+        assert raw.result_set[0][0] < 10  # what the index gives for k = 10 now
+        hits = await sink.search("docs", points[0].vector, limit=10)
+        assert len(hits) == 10 and hits[0].record.id == points[0].id
+        assert hits[0].record.payload == {"k": 0, "m": 1}
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    finally:
+        await sink.close()

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 COLLECTION_LABEL, ALIAS_LABEL = "VectorsyncCollection", "VectorsyncAlias"
 RESERVED_LABELS = (COLLECTION_LABEL, ALIAS_LABEL, "VectorsyncCapture")
 CHUNK = 500  # points per UNWIND query
+PAGE = 10_000  # nodes per query that relabels or deletes a whole collection
 _CANDIDATES = 10  # a filtered search asks the vector index for this many per hit wanted
 
 
@@ -258,7 +259,7 @@ class GraphSink:
     async def update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
         entry = await self._resolve(collection)
         latest = list({u.id: u for u in updates}.values())
-        rows = []
+        rows: list[dict[str, Any]] = []
         for u in latest:
             props, encoded = to_properties(self.name, u.id, u.set)
             # a property set to null is removed: that is how removed fields go
@@ -268,15 +269,25 @@ class GraphSink:
             f"UNWIND $rows AS r MATCH (n:{ident(entry.name)} {{{ID}: r.id}}) "
             f"WITH n, r, [k IN coalesce(n.{JSON_KEY}, []) WHERE NOT k IN r.touched] + r.json AS j "
             f"SET n += r.m, n.{JSON_KEY} = CASE WHEN size(j) = 0 THEN null ELSE j END "
-            "RETURN r.id"
+            "RETURN count(n)"
         )
-        found: set[str] = set()
+        missing: set[str] = set()
         for i in range(0, len(rows), CHUNK):
-            done = await self.run(
-                f"update payloads in {collection!r}", query, {"rows": rows[i : i + CHUNK]}
-            )
-            found.update(str(r[0]) for r in done)
-        return [u.id for u in updates if u.id not in found]
+            chunk = rows[i : i + CHUNK]
+            done = await self.run(f"update payloads in {collection!r}", query, {"rows": chunk})
+            if int(done[0][0]) < len(chunk):  # rare: ask which (the ids alone cost a parse)
+                missing.update(await self._missing(entry, [r["id"] for r in chunk]))
+        return [u.id for u in updates if u.id in missing]
+
+    async def _missing(self, entry: Entry, ids: list[str]) -> list[str]:
+        rows = await self.run(
+            f"look for points of {entry.name!r}",
+            f"UNWIND $ids AS id OPTIONAL MATCH (n:{ident(entry.name)} {{{ID}: id}}) "
+            "WITH id, n WHERE n IS NULL RETURN id",
+            {"ids": ids},
+            write=False,
+        )
+        return [str(r[0]) for r in rows]
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None:
         entry = await self._resolve(collection)
@@ -333,9 +344,11 @@ class GraphSink:
             after = str(rows[-1][0])
 
     async def count(self, collection: str) -> int:
-        entry = await self._resolve(collection)
+        return await self._count(await self._resolve(collection))
+
+    async def _count(self, entry: Entry) -> int:
         rows = await self.run(
-            f"count {collection!r}", f"MATCH (n:{ident(entry.name)}) RETURN count(n)", write=False
+            f"count {entry.name!r}", f"MATCH (n:{ident(entry.name)}) RETURN count(n)", write=False
         )
         return int(rows[0][0]) if rows else 0
 
@@ -363,16 +376,18 @@ class GraphSink:
             f"RETURN {self._returned('n')}, score ORDER BY score {self.nearest_first} "
             "LIMIT $limit"
         )
-        # filters apply to the index's candidates: ask for more of them, then more
-        tries = [max(limit * _CANDIDATES, 100), max(limit * _CANDIDATES, 100) * 8]
-        for k in tries if filters else [max(limit, 1)]:
+        # The index yields fewer than k nodes once nodes were rewritten (FalkorDB keeps the
+        # replaced entries until the index is rebuilt), and filters drop candidates: ask
+        # for more than the limit, then many more, then read every (matching) node.
+        first = max(limit * (_CANDIDATES if filters else 4), 100 if filters else 20)
+        for k in (first, first * 8):
             rows = await self.run(f"search {collection!r}", knn, {**params, "k": k}, write=False)
-            if len(rows) >= limit:
+            if len(rows) >= limit or len(rows) == await self._count(entry):
                 break
-        if filters and len(rows) < limit:  # still too few passed: read every match
+        else:
             rows = await self.run(
                 f"search {collection!r}",
-                f"MATCH (n:{ident(entry.name)}) WHERE {filters} "
+                f"MATCH (n:{ident(entry.name)}) {f'WHERE {filters} ' if filters else ''}"
                 f"WITH n, {self.distance_to(entry.distance, f'n.{VECTOR}')} AS score "
                 f"RETURN {self._returned('n')}, score ORDER BY score {self.nearest_first} "
                 "LIMIT $limit",
@@ -414,9 +429,10 @@ class GraphSink:
             f"index the vectors of {new!r}",
             self.vector_index(new, entry.dimension, entry.distance),
         )
-        await self.run(
+        await self._in_pages(
             f"rename {old!r} to {new!r}",
-            f"MATCH (n:{ident(old)}) SET n:{ident(new)} REMOVE n:{ident(old)}",
+            f"MATCH (n:{ident(old)}) WITH n LIMIT {PAGE} SET n:{ident(new)} REMOVE n:{ident(old)} "
+            "RETURN count(n)",
         )
         await self.run(
             f"rename {old!r} to {new!r}",
@@ -430,13 +446,22 @@ class GraphSink:
         check_drop(self.name, name, _split(catalog)[1])
         if name not in catalog:
             return
-        await self.run(f"drop collection {name!r}", f"MATCH (n:{ident(name)}) DETACH DELETE n")
+        await self._in_pages(
+            f"drop collection {name!r}",
+            f"MATCH (n:{ident(name)}) WITH n LIMIT {PAGE} DETACH DELETE n RETURN count(n)",
+        )
         await self.run(
             f"drop collection {name!r}",
             f"MATCH (c:{COLLECTION_LABEL} {{name: $name}}) DELETE c",
             {"name": name},
         )
         await self._drop_indexes(name)
+
+    async def _in_pages(self, what: str, query: str) -> None:
+        """Run a query over ``PAGE`` nodes at a time until it finds none (each a short
+        query: a graph store runs one write at a time, the others wait behind it)."""
+        while (rows := await self.run(what, query)) and int(rows[0][0]) > 0:
+            pass
 
     async def _drop_indexes(self, label: str) -> None:
         await self.ddl(f"drop the vector index of {label!r}", self.drop_vector_index(label))

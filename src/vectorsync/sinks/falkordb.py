@@ -37,10 +37,13 @@ _SIMILARITY: dict[Distance, str] = {"cosine": "cosine", "euclid": "euclidean"}
 class FalkorDBSink(GraphSink):
     store = "FalkorDB"
 
-    def __init__(self, name: str, url: str, *, graph: str = "vectorsync") -> None:
+    def __init__(
+        self, name: str, url: str, *, graph: str = "vectorsync", timeout: float = 60.0
+    ) -> None:
         self.name = name
         self.url = url
         self.graph_name = graph
+        self.timeout = timeout
         self._db: Any = None
         self._graph: Any = None
 
@@ -56,7 +59,9 @@ class FalkorDBSink(GraphSink):
     # -- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
         if self._db is None:
-            self._db = await connect(self.url, f"sink {self.name!r}", SinkError)
+            self._db = await connect(
+                self.url, f"sink {self.name!r}", SinkError, timeout=self.timeout
+            )
             self._graph = self._db.select_graph(self.graph_name)
 
     async def close(self) -> None:

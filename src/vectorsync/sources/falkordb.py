@@ -95,14 +95,22 @@ def wrap_errors(
         raise PermanentError(f"{who}: {what}: {exc}") from exc
 
 
-async def connect(url: str, who: str, retryable: type[RetryableError] = SourceError) -> Any:
+async def connect(
+    url: str,
+    who: str,
+    retryable: type[RetryableError] = SourceError,
+    *,
+    timeout: float | None = None,
+) -> Any:
     """An async FalkorDB client of ``url``, checked to reach a server with the graph module
-    (the FalkorDB source and sink both open theirs here)."""
+    (the FalkorDB source and sink both open theirs here). ``timeout``: seconds a reply may
+    take (redis-py's default is 5)."""
     from falkordb.asyncio import FalkorDB
 
     db: Any = None
     try:
-        db = FalkorDB.from_url(url)  # may already talk to the server
+        options = {} if timeout is None else {"socket_timeout": timeout}
+        db = FalkorDB.from_url(url, **options)  # may already talk to the server
         await db.connection.ping()
         modules = await db.connection.execute_command("MODULE", "LIST")
     except Exception as exc:
