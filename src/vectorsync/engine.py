@@ -70,7 +70,7 @@ from .redact import redact, redact_value, register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
 from .search import Where, conditions
-from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
+from .sinks.base import CollectionSpec, Hit, IndexType, Maintained, Sink, Sized, index_type_for
 from .sources.base import Source, TableSpec
 from .state.leases import LeaseLost
 from .state.runs import ErrorEntry, RunCounts
@@ -260,6 +260,10 @@ def _used(config: Config, attr: str) -> set[str]:
 
 def _digest(value: Any) -> str:
     return xxhash.xxh3_64_hexdigest(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+
+
+async def _size(sink: Sink, collection: str) -> int | None:
+    return await sink.collection_size(collection) if isinstance(sink, Sized) else None
 
 
 def _secrets(value: Any) -> list[str]:
@@ -1243,6 +1247,54 @@ class Engine:
         embedder, sink, collection = await self._reader(m)
         [vector] = await embedder.embed([text])
         return await sink.search(collection, vector, limit, filters)
+
+    async def maintain(self, mapping: str | None = None) -> list[dict[str, Any]]:
+        """Each mapping's (or ``mapping``'s) sink housekeeping on its live collection:
+        what the sink did (``actions``; None where its kind has no housekeeping) and the
+        collection's size before and after, where the sink can tell it."""
+        names = [self.mapping(mapping).name] if mapping else [m.name for m in self.config.mappings]
+        report = []
+        for name in names:
+            m = self.mapping(name)
+            _, sink, collection = await self._reader(m)
+            before = await _size(sink, collection)
+            actions = await sink.maintain(collection) if isinstance(sink, Maintained) else None
+            logger.info(
+                "maintained %s: %s",
+                collection,
+                "; ".join(actions or ()) or "nothing to do",
+                extra={"action": "maintain", "mapping": name, "sink": m.sink},
+            )
+            report.append(
+                {
+                    "mapping": name,
+                    "sink": m.sink,
+                    "kind": self.config.sinks[m.sink].kind,
+                    "collection": collection,
+                    "actions": actions,
+                    "size_before": before,
+                    "size_after": await _size(sink, collection),
+                }
+            )
+        return report
+
+    async def collection_sizes(self) -> dict[str, int]:
+        """Bytes each mapping's live collection takes in its sink, where the sink can tell
+        (what /metrics exports as vectorsync_collection_size_bytes)."""
+        sizes = {}
+        for m in self.config.mappings:
+            sink = self.sinks[m.sink]
+            if not isinstance(sink, Sized):
+                continue
+            try:
+                _, _, collection = await self._reader(m)
+                size = await sink.collection_size(collection)
+            except VectorsyncError as exc:  # a scrape must not fail for one sink
+                logger.warning("no size for %s: %s", m.name, exc, extra={"action": "size"})
+                continue
+            if size is not None:
+                sizes[m.name] = size
+        return sizes
 
     async def _reader(self, m: MappingConfig) -> tuple[Embedder, Sink, str]:
         """What a search of ``m`` needs: the live index version's embedder (its own model,

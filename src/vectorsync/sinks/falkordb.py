@@ -13,6 +13,7 @@ returned write is applied: FalkorDB runs one query at a time, each one whole."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = ["FalkorDBSink"]
 logger = logging.getLogger(__name__)
 
 _SIMILARITY: dict[Distance, str] = {"cosine": "cosine", "euclid": "euclidean"}
+_PROBE = 50  # nodes a maintenance probe asks the vector index for
 
 
 class FalkorDBSink(GraphSink):
@@ -103,6 +105,69 @@ class FalkorDBSink(GraphSink):
             text = str(exc)
             if "already indexed" not in text and "no such index" not in text:
                 raise
+
+    # -- housekeeping -------------------------------------------------------------------
+    async def maintain(self, collection: str) -> list[str]:
+        """Rebuild the vector index when rewritten nodes' stale entries make it yield fewer
+        nodes than asked (FalkorDB keeps them until the index is built again). Searches
+        read every node while it builds."""
+        entry = await self._resolve(collection)
+        asked = min(await self._count(entry), _PROBE)
+        if asked == 0:
+            return []
+        label = ident(entry.name)
+        got = await self.run(
+            f"probe the vector index of {collection!r}",
+            f"MATCH (p:{label}) WITH p LIMIT 1 "
+            f"CALL db.idx.vector.queryNodes($label, '{VECTOR}', $k, p.{VECTOR}) YIELD node "
+            "RETURN count(node)",
+            {"label": entry.name, "k": asked},
+            write=False,
+        )
+        yielded = int(got[0][0]) if got else 0
+        if yielded >= asked:
+            return []
+        await self.run(
+            f"rebuild the vector index of {collection!r}", self.drop_vector_index(entry.name)
+        )
+        await self.run(
+            f"rebuild the vector index of {collection!r}",
+            self.vector_index(entry.name, entry.dimension, entry.distance),
+        )
+        state = await self._built(entry.name)
+        return [
+            f"rebuilt the vector index of {entry.name!r} (it yielded {yielded} of {asked} "
+            f"nodes asked: entries of rewritten nodes){'' if state else '; still building'}"
+        ]
+
+    async def _built(self, label: str) -> bool:
+        """Wait (up to ten replies' timeouts) for the label's indexes to be operational."""
+        end = asyncio.get_running_loop().time() + self.timeout * 10
+        while True:
+            rows = await self.run(
+                "read the index states",
+                "CALL db.indexes() YIELD label, status WHERE label = $label RETURN status",
+                {"label": label},
+                write=False,
+            )
+            if all(r[0] == "OPERATIONAL" for r in rows):
+                return True
+            if asyncio.get_running_loop().time() > end:
+                return False
+            await asyncio.sleep(0.2)
+
+    async def collection_size(self, collection: str) -> int | None:
+        """The memory the label's nodes take (FalkorDB keeps the graph in memory), in
+        whole MiB as ``GRAPH.MEMORY USAGE`` reports it."""
+        entry = await self._resolve(collection)
+        await self.open()
+        with self._errors(f"size of {collection!r}"):
+            usage = await self._db.connection.execute_command(
+                "GRAPH.MEMORY", "USAGE", self.graph_name
+            )
+        by_label = dict(usage).get("amortized_node_attributes_by_label_sz_mb") or {}
+        mib = by_label.get(entry.name)
+        return None if mib is None else int(mib) * 2**20
 
     # -- the dialect ----------------------------------------------------------------------
     def vector(self, expr: str) -> str:
