@@ -27,7 +27,7 @@ from ..errors import PermanentError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from ..sources.cypher import ident
 from ._aliases import check_drop, check_rename, check_set_alias
-from ._graph_values import ID, JSON_KEY, VECTOR, from_properties, to_properties, where
+from ._graph_values import ID, JSON_KEY, VECTOR, cypher_where, from_properties, to_properties
 from .base import CollectionSpec, Distance, Hit
 
 __all__ = ["COLLECTION_LABEL", "RESERVED_LABELS", "Entry", "GraphSink", "check_label"]
@@ -365,7 +365,7 @@ class GraphSink:
                 f"sink {self.name!r}: a query vector of dimension {len(vector)} for collection "
                 f"{entry.name!r}, which holds dimension {entry.dimension}"
             )
-        filters, params = _where_of(self.is_list, where)
+        filters, params = cypher_where("n", where, self.is_list)
         query = self.vector_param([float(x) for x in vector])
         params.update(
             q=query, limit=limit, label=entry.name, index=self.index_name(entry.name, VECTOR)
@@ -475,10 +475,6 @@ def _split(catalog: dict[str, Entry]) -> tuple[set[str], dict[str, str]]:
     physical = {n for n, e in catalog.items() if e.alias_of is None}
     aliases = {n: e.alias_of for n, e in catalog.items() if e.alias_of is not None}
     return physical, aliases
-
-
-def _where_of(is_list: str, conditions: Sequence[Condition]) -> tuple[str, dict[str, Any]]:
-    return where("n", conditions, is_list)
 
 
 def _record(row: Sequence[Any]) -> SinkRecord:

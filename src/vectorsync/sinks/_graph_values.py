@@ -21,7 +21,15 @@ from typing import Any
 from ..errors import PermanentError
 from ..model import Condition
 
-__all__ = ["ID", "JSON_KEY", "RESERVED", "VECTOR", "from_properties", "to_properties", "where"]
+__all__ = [
+    "ID",
+    "JSON_KEY",
+    "RESERVED",
+    "VECTOR",
+    "cypher_where",
+    "from_properties",
+    "to_properties",
+]
 
 ID, VECTOR, JSON_KEY = "_vs_id", "_vs_vector", "_vs_json"
 RESERVED = (ID, VECTOR, JSON_KEY)
@@ -105,7 +113,7 @@ def _shown(value: Any) -> str:
     return f"a {type(value).__name__} ({text[:60]}{'…' if len(text) > 60 else ''})"
 
 
-def where(
+def cypher_where(
     var: str, conditions: Sequence[Condition], is_list: str = "typeOf({}) = 'List'"
 ) -> tuple[str, dict[str, Any]]:
     """Conditions on node ``var`` as one Cypher predicate ("" for none) and its parameters,
