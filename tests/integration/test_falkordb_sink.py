@@ -302,3 +302,28 @@ async def test_search_fills_the_limit_after_nodes_were_rewritten(
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     finally:
         await sink.close()
+
+
+async def test_a_server_that_goes_away_is_an_outage_and_the_sink_reconnects() -> None:
+    server = FalkorDBServer()
+    server.start()
+    sink = FalkorDBSink("lossy", server.url, graph="g", timeout=5)
+    spec = CollectionSpec(name="docs", dimension=4, distance="cosine")
+    point = Point(id=point_id("docs", 1), vector=[1, 0, 0, 0], payload={})
+    try:
+        await sink.open()
+        await sink.ensure_collection(spec)
+        await sink.upsert("docs", [point])
+        server.stop()  # a crash or a network cut, as the sink sees it
+        with pytest.raises(SinkError, match="sink 'lossy': "):
+            await sink.upsert("docs", [point])
+        [problem] = await sink.problems()
+        assert problem.startswith("sink 'lossy': ") and "fix sinks.lossy.url" in problem
+        server.start()  # back, empty (it keeps nothing on disk)
+        assert await sink.problems() == []
+        await sink.ensure_collection(spec)
+        await sink.upsert("docs", [point])  # the same client, reconnected
+        assert await sink.count("docs") == 1
+    finally:
+        await sink.close()
+        server.destroy()
