@@ -48,6 +48,7 @@ class FalkorDBSink(GraphSink):
         self.timeout = timeout
         self._db: Any = None
         self._graph: Any = None
+        self._graph_exists = False
 
     def __repr__(self) -> str:
         return f"FalkorDBSink({self.name!r}, {redact(self.url)!r}, graph={self.graph_name!r})"
@@ -77,6 +78,7 @@ class FalkorDBSink(GraphSink):
             with self._errors("ping"):
                 await self._db.connection.ping()
         except SinkError as exc:
+            self._graph_exists = False
             return [f"{redact(str(exc))}; start the FalkorDB server or fix sinks.{self.name}.url"]
         return []
 
@@ -86,17 +88,23 @@ class FalkorDBSink(GraphSink):
     ) -> list[list[Any]]:
         if self._graph is None:
             await self.open()
-        with self._errors(what):
-            if write:
-                result = await self._graph.query(query, params)
-            elif not await self._exists():
-                return []  # nothing written yet: reading would fail on the missing key
-            else:
-                result = await self._graph.ro_query(query, params)
+        try:
+            with self._errors(what):
+                if write:
+                    result = await self._graph.query(query, params)
+                elif not await self._exists():
+                    return []  # nothing written yet: reading would fail on the missing key
+                else:
+                    result = await self._graph.ro_query(query, params)
+        except SinkError:
+            self._graph_exists = False  # a server that comes back may come back empty
+            raise
         return list(result.result_set)
 
     async def _exists(self) -> bool:
-        return bool(await self._db.connection.exists(self.graph_name))
+        if not self._graph_exists:  # once there, a graph stays (vectorsync never drops it)
+            self._graph_exists = bool(await self._db.connection.exists(self.graph_name))
+        return self._graph_exists
 
     async def ddl(self, what: str, query: str) -> None:
         try:
