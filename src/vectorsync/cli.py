@@ -830,6 +830,36 @@ def indexes(
     out.print(table)
 
 
+@app.command()
+def maintain(
+    mapping: Annotated[str | None, typer.Option(help="only this mapping's sink")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Each sink's housekeeping on its mappings' live collections: qdrant-edge optimize()
+    (HNSW indexing, segment merges), pgvector VACUUM (ANALYZE), FalkorDB a rebuild of a
+    vector index that rewritten nodes wore down; Chroma and Qdrant servers keep house by
+    themselves. While `vectorsync run` streams on this config, it runs there."""
+    running = _running(config)
+    if running is not None:
+        params = {"mapping": mapping} if mapping else {}
+        rows = _through(running, "POST", "/api/maintain", params)["maintained"]
+    else:
+        rows = _with_engine(config, verbose, lambda e: e.maintain(mapping))
+    if as_json:
+        _print_json({"maintained": rows})
+        return
+    table = Table("mapping", "sink", "collection", "done", "size before", "size after")
+    for r in rows:
+        done = "; ".join(r["actions"]) if r["actions"] else "nothing to do"
+        if r["actions"] is None:
+            done = f"nothing: {r['kind']} keeps house by itself"
+        sizes = [_bytes(n) if n is not None else "-" for n in (r["size_before"], r["size_after"])]
+        table.add_row(r["mapping"], f"{r['sink']} ({r['kind']})", r["collection"], done, *sizes)
+    out.print(table)
+
+
 @contextlib.contextmanager
 def _progress(description: str) -> Iterator[tuple[Progress, Any]]:
     """A progress bar with rate and ETA on a terminal (nothing in a log)."""

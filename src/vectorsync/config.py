@@ -28,10 +28,12 @@ __all__ = [
     "ChunkingConfig",
     "Config",
     "EmbedderConfig",
+    "FalkorDBSinkConfig",
     "FalkorDBSourceConfig",
     "HashEmbedderConfig",
     "HttpConfig",
     "MappingConfig",
+    "Neo4jSinkConfig",
     "Neo4jSourceConfig",
     "PgvectorSinkConfig",
     "PostgresSourceConfig",
@@ -239,8 +241,45 @@ class ChromaSinkConfig(_Frozen):
         return self
 
 
+class FalkorDBSinkConfig(_Frozen):
+    kind: Literal["falkordb"]
+    url: str = Field(
+        default="redis://127.0.0.1:6379", description="redis://[:password@]host:port of FalkorDB"
+    )
+    graph: str = Field(
+        default="vectorsync",
+        min_length=1,
+        description="the graph the collections' nodes go into (a label per collection); "
+        "give the sink a graph of its own, not a source's",
+    )
+    timeout: float = Field(
+        default=60.0, gt=0, description="seconds a query may take before it is retried"
+    )
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> FalkorDBSinkConfig:
+        if not self.url.startswith(("redis://", "rediss://", "falkor://", "unix://")):
+            raise ValueError("url must start with redis:// (e.g. redis://127.0.0.1:6379)")
+        return self
+
+
+class Neo4jSinkConfig(_Frozen):
+    kind: Literal["neo4j"]
+    url: str = Field(description="bolt://host:7687 or neo4j://host:7687")
+    user: str = "neo4j"
+    password: SecretStr | None = None
+    database: str | None = Field(default=None, description="default: the server's default")
+
+
+GRAPH_SINKS = (FalkorDBSinkConfig, Neo4jSinkConfig)
+
 SinkConfig = Annotated[
-    QdrantEdgeSinkConfig | QdrantSinkConfig | ChromaSinkConfig | PgvectorSinkConfig,
+    QdrantEdgeSinkConfig
+    | QdrantSinkConfig
+    | ChromaSinkConfig
+    | PgvectorSinkConfig
+    | FalkorDBSinkConfig
+    | Neo4jSinkConfig,
     Field(discriminator="kind"),
 ]
 
@@ -519,6 +558,7 @@ class Config(_Frozen):
                     "(checks and repairs own all of it): give each mapping its own collection"
                 )
             _chroma_collection(where, m, self.sinks.get(m.sink))
+            _graph_collection(where, m, self.sinks.get(m.sink))
             for field, table in (
                 ("source", self.sources),
                 ("sink", self.sinks),
@@ -553,6 +593,18 @@ def _chroma_collection(where: str, m: MappingConfig, sink: SinkConfig | None) ->
     if (why := check_collection_name(m.collection_name)) is not None:
         raise ValueError(
             f"{where}: collection {m.collection_name!r} cannot be a Chroma collection of sink "
+            f"{m.sink!r}: {why}; set collection to another name"
+        )
+
+
+def _graph_collection(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:
+    if not isinstance(sink, GRAPH_SINKS):
+        return
+    from .sinks._graph_sink import check_label
+
+    if (why := check_label(m.collection_name)) is not None:
+        raise ValueError(
+            f"{where}: collection {m.collection_name!r} cannot be a node label of sink "
             f"{m.sink!r}: {why}; set collection to another name"
         )
 

@@ -33,9 +33,11 @@ from .config import (
     ChromaSinkConfig,
     Config,
     EmbedderConfig,
+    FalkorDBSinkConfig,
     FalkorDBSourceConfig,
     HashEmbedderConfig,
     MappingConfig,
+    Neo4jSinkConfig,
     Neo4jSourceConfig,
     OpenAIEmbedderConfig,
     PgvectorSinkConfig,
@@ -69,7 +71,7 @@ from .redact import redact, redact_value, register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
 from .search import Where, conditions
-from .sinks.base import CollectionSpec, Hit, IndexType, Sink, index_type_for
+from .sinks.base import CollectionSpec, Hit, IndexType, Maintained, Sink, Sized, index_type_for
 from .sources.base import Source, TableSpec
 from .state.leases import LeaseLost
 from .state.runs import ErrorEntry, RunCounts
@@ -159,6 +161,20 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
         from .sinks.qdrant_edge import QdrantEdgeSink
 
         return QdrantEdgeSink(name, config.resolve(cfg.path), min_free_space=cfg.min_free_space)
+    if isinstance(cfg, FalkorDBSinkConfig):
+        from .sinks.falkordb import FalkorDBSink
+
+        return FalkorDBSink(name, cfg.url, graph=cfg.graph, timeout=cfg.timeout)
+    if isinstance(cfg, Neo4jSinkConfig):
+        from .sinks.neo4j import Neo4jSink
+
+        return Neo4jSink(
+            name,
+            cfg.url,
+            user=cfg.user,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            database=cfg.database,
+        )
     if isinstance(cfg, PgvectorSinkConfig):
         from .sinks.pgvector import PgvectorSink
 
@@ -245,6 +261,10 @@ def _used(config: Config, attr: str) -> set[str]:
 
 def _digest(value: Any) -> str:
     return xxhash.xxh3_64_hexdigest(orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+
+
+async def _size(sink: Sink, collection: str) -> int | None:
+    return await sink.collection_size(collection) if isinstance(sink, Sized) else None
 
 
 def _secrets(value: Any) -> list[str]:
@@ -1238,6 +1258,54 @@ class Engine:
         embedder, sink, collection = await self._reader(m)
         [vector] = await embedder.embed([text])
         return await sink.search(collection, vector, limit, filters)
+
+    async def maintain(self, mapping: str | None = None) -> list[dict[str, Any]]:
+        """Each mapping's (or ``mapping``'s) sink housekeeping on its live collection:
+        what the sink did (``actions``; None where its kind has no housekeeping) and the
+        collection's size before and after, where the sink can tell it."""
+        names = [self.mapping(mapping).name] if mapping else [m.name for m in self.config.mappings]
+        report = []
+        for name in names:
+            m = self.mapping(name)
+            _, sink, collection = await self._reader(m)
+            before = await _size(sink, collection)
+            actions = await sink.maintain(collection) if isinstance(sink, Maintained) else None
+            logger.info(
+                "maintained %s: %s",
+                collection,
+                "; ".join(actions or ()) or "nothing to do",
+                extra={"action": "maintain", "mapping": name, "sink": m.sink},
+            )
+            report.append(
+                {
+                    "mapping": name,
+                    "sink": m.sink,
+                    "kind": self.config.sinks[m.sink].kind,
+                    "collection": collection,
+                    "actions": actions,
+                    "size_before": before,
+                    "size_after": await _size(sink, collection),
+                }
+            )
+        return report
+
+    async def collection_sizes(self) -> dict[str, int]:
+        """Bytes each mapping's live collection takes in its sink, where the sink can tell
+        (what /metrics exports as vectorsync_collection_size_bytes)."""
+        sizes = {}
+        for m in self.config.mappings:
+            sink = self.sinks[m.sink]
+            if not isinstance(sink, Sized):
+                continue
+            try:
+                _, _, collection = await self._reader(m)
+                size = await sink.collection_size(collection)
+            except VectorsyncError as exc:  # a scrape must not fail for one sink
+                logger.warning("no size for %s: %s", m.name, exc, extra={"action": "size"})
+                continue
+            if size is not None:
+                sizes[m.name] = size
+        return sizes
 
     async def _reader(self, m: MappingConfig) -> tuple[Embedder, Sink, str]:
         """What a search of ``m`` needs: the live index version's embedder (its own model,

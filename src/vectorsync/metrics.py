@@ -62,7 +62,7 @@ async def prometheus_text(engine: Engine) -> bytes:
     )
     from prometheus_client.registry import Collector
 
-    stats = await engine.stats()
+    stats = {**await engine.stats(), "collection_sizes": await engine.collection_sizes()}
 
     class _Snapshot(Collector):
         def collect(self) -> Iterator[Any]:
@@ -141,6 +141,14 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
         errors.add_metric([kind], n)
     yield errors
     yield gauge("vectorsync_dead_letters", "Dead letters pending", value=stats["dead_letters"])
+    sizes = gauge(
+        "vectorsync_collection_size_bytes",
+        "Bytes a mapping's live collection takes in its sink (on disk; FalkorDB: in memory)",
+        labels=["mapping"],
+    )
+    for mapping, size in stats["collection_sizes"].items():
+        sizes.add_metric([mapping], size)
+    yield sizes
     for name, doc in (
         ("lag_seconds", "Age of the oldest unapplied change"),
         ("lag_changes", "Changes committed but not applied"),

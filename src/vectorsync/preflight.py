@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .config import (
+    GRAPH_SINKS,
     ChromaSinkConfig,
     Config,
     QdrantEdgeSinkConfig,
@@ -28,7 +29,8 @@ _STATE_BACKENDS = ("sqlite", "postgresql")
 
 def preflight(config: Config, *, sinks: Collection[str], embedders: Collection[str]) -> None:
     """ConfigError for the first setting that cannot work: the state URL, the folders of
-    the embedded sinks and the model folders of the ``sinks`` and ``embedders`` to build."""
+    the embedded sinks, the drivers of the graph sinks and the model folders of the
+    ``sinks`` and ``embedders`` to build."""
     state_url(config.state_url())
     for name in sorted(sinks):
         cfg = config.sinks[name]
@@ -37,6 +39,11 @@ def preflight(config: Config, *, sinks: Collection[str], embedders: Collection[s
             _folder(f"sinks.{name}.path", config.resolve(folder))
         elif isinstance(cfg, QdrantSinkConfig) and cfg.path not in (None, ":memory:"):
             _folder(f"sinks.{name}.path", config.resolve(Path(cfg.path)))
+        elif isinstance(cfg, GRAPH_SINKS) and importlib.util.find_spec(cfg.kind) is None:
+            raise ConfigError(  # the driver of each graph sink is named as its kind
+                f"sinks.{name}: kind {cfg.kind!r} needs the {cfg.kind} extra: "
+                f"pip install 'vectorsync[{cfg.kind}]'"
+            )
     for name in sorted(embedders):
         cfg_e = config.embedders[name]
         if isinstance(cfg_e, SentenceTransformersEmbedderConfig):

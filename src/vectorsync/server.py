@@ -279,6 +279,22 @@ def create_app(
         mapping = _choice(request, "mapping", "", known) if asked else None
         return _json({"indexes": await engine.indexes(mapping)})
 
+    async def run_maintain(request: Request) -> Response:
+        """Each sink's housekeeping (``?mapping=M`` for one mapping), inside this process:
+        a qdrant-edge sink has one writer. One at a time, as checks."""
+        known = tuple(m.name for m in engine.config.mappings)
+        asked = "mapping" in request.query_params
+        mapping = _choice(request, "mapping", "", known) if asked else None
+        if one_check.locked():
+            return _error(
+                "a check or maintenance is already running in this server: retry when it "
+                "has finished",
+                429,
+                headers={"Retry-After": str(CHECK_RETRY_AFTER_SECONDS)},
+            )
+        async with one_check:
+            return _json({"maintained": await engine.maintain(mapping)})
+
     async def checks(request: Request) -> Response:
         limit = _int_param(request, "limit", 20, MAX_LIMIT)
         return _json({"checks": await engine.state.checks(limit=limit)})
@@ -307,6 +323,7 @@ def create_app(
             Route("/api/dlq/{id}/replay", replay, methods=["POST"]),
             Route("/api/checks", checks),
             Route("/api/check", run_check, methods=["POST"]),
+            Route("/api/maintain", run_maintain, methods=["POST"]),
             Route("/api/stats", stats),
             Route("/api/search", search),
             Route("/api/indexes", indexes),

@@ -1,5 +1,6 @@
 """One contract, every sink: in-memory, qdrant-edge (real engine), qdrant-client local,
-Chroma embedded and a real Chroma server, pgvector (a real PostgreSQL 18 with pgvector)."""
+Chroma embedded and a real Chroma server, pgvector (a real PostgreSQL 18 with pgvector),
+FalkorDB (a real server, a graph per test); Neo4j only where NEO4J_URI names a server."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from vectorsync.errors import PermanentError
 from vectorsync.model import Condition, PayloadUpdate, Point
 from vectorsync.sinks.base import CollectionSpec, Sink
 from vectorsync.sinks.chroma import ChromaSink
+from vectorsync.sinks.falkordb import FalkorDBSink
 from vectorsync.sinks.memory import MemorySink
+from vectorsync.sinks.neo4j import Neo4jSink
 from vectorsync.sinks.pgvector import PgvectorSink
 from vectorsync.sinks.qdrant import QdrantSink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
@@ -38,6 +41,15 @@ def _id(n: int) -> str:
         "chroma-embedded",
         "chroma-server",
         "pgvector",
+        "falkordb",
+        pytest.param(
+            "neo4j",
+            marks=pytest.mark.skipif(
+                not os.environ.get("NEO4J_URI"),
+                reason="no Neo4j server can run on this machine; set NEO4J_URI (and "
+                "NEO4J_USER, NEO4J_PASSWORD) to run against one",
+            ),
+        ),
     ]
 )
 async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sink]:
@@ -50,6 +62,16 @@ async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     elif request.param == "pgvector":
         pg = request.getfixturevalue("pgvector")
         s = PgvectorSink("pgvector", pg.url, schema=request.getfixturevalue("pgvector_schema"))
+    elif request.param == "falkordb":
+        url = request.getfixturevalue("falkordb").url
+        s = FalkorDBSink("falkordb", url, graph=request.getfixturevalue("graph_name"))
+    elif request.param == "neo4j":
+        s = Neo4jSink(
+            "neo4j",
+            os.environ["NEO4J_URI"],
+            user=os.environ.get("NEO4J_USER", "neo4j"),
+            password=os.environ.get("NEO4J_PASSWORD"),
+        )
     elif request.param == "chroma-embedded":
         s = ChromaSink("chroma", path=tmp_path / "chroma")
     elif request.param == "chroma-server":
@@ -62,9 +84,17 @@ async def sink(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         await s.ensure_collection(SPEC)
         yield s
     finally:
+        if isinstance(s, Neo4jSink):  # one database for every test: leave it empty
+            await _clear_graph_sink(s)
         await s.close()
         if server is not None:
             server.clear()
+
+
+async def _clear_graph_sink(sink: Neo4jSink) -> None:
+    await sink.run("drop the aliases", "MATCH (a:VectorsyncAlias) DELETE a")
+    for name in await sink.collections():
+        await sink.drop_collection(name)
 
 
 async def test_upsert_is_idempotent_and_normalises_cosine_vectors(sink: Sink) -> None:

@@ -137,3 +137,18 @@ def test_version_plurals_and_every_dead_letter_status(workdir: Path, app: App) -
     assert bad.returncode == 2 and "use pending, processing" in bad.stderr
     helped = cli("run", "--help", cwd=workdir)
     assert "([http] host/port)" in helped.stdout  # help is plain text, never markup
+
+
+def test_maintain_goes_through_the_running_sync(streaming: list[str], workdir: Path) -> None:
+    """The qdrant-edge folder has one writer: maintain runs inside the streaming process."""
+    wait_for(
+        lambda: (
+            json.loads(cli("status", "--json", cwd=workdir).stdout)["mappings"][0]["records"] == 3
+        ),
+        120,
+    )
+    done = cli("maintain", "--json", cwd=workdir)  # opening the folder itself would fail
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)["maintained"]
+    assert row["kind"] == "qdrant-edge" and row["mapping"] == "articles"
+    assert isinstance(row["actions"], list) and row["size_after"] > 0

@@ -181,3 +181,32 @@ def _http_responses_carry_no_secret(cfg: Path) -> None:
             assert not _leaks(body), body[:2000]
 
     asyncio.run(probe())
+
+
+def test_a_graph_sink_password_stays_secret(workdir: Path, app: App) -> None:
+    """The FalkorDB sink's URL password: in every command's output, its logs, the state
+    store and the project's files, with the right password, a wrong one and no server."""
+    with falkordb_server(password=GRAPH_PASSWORD) as server:
+        sink = f'kind = "falkordb"\nurl = "{server.url}"\ngraph = "vectors"'
+        cfg = write_config(workdir, sink=sink)
+        cfg.write_text(cfg.read_text() + f'\n[http]\ntoken = "{TOKEN}"\n')
+        app.insert(1)
+        app.insert(2, title=None, body=None)  # a dead letter
+        outputs = [_cli(workdir, *args) for args in COMMANDS]
+        assert "-> 0" in outputs[0], outputs[0]
+        outputs.append(_cli(workdir, "search", "articles", "title 1", "-v"))
+        wrong = server.url.replace(GRAPH_PASSWORD, "wrong-one")
+        gone = server.url.replace(f":{server.port}", ":9")
+        for url in (wrong, gone):
+            override = {"VECTORSYNC_SINKS__VECTORS__URL": url}
+            outputs.append(_cli(workdir, "status", "--json", "-v", env=override))
+            outputs.append(_cli(workdir, "run", "--once", "--log-format", "json", env=override))
+        assert any("cannot reach FalkorDB at redis://:***@" in o for o in outputs[-4:])
+        for text in outputs:
+            assert not _leaks(text), text
+        assert not _leaks(_state_dump(workdir, None))
+        for path in (workdir / ".vectorsync").rglob("*"):
+            if path.is_file():
+                raw = path.read_bytes()
+                assert not [s for s in SECRETS if s.encode() in raw], path
+        _http_responses_carry_no_secret(cfg)

@@ -66,6 +66,18 @@ def test_env_overrides_values_by_path() -> None:
             {"sinks": {"vectors": {"kind": "chroma", "path": "c"}}},  # mapping 'a': too short
             "collection 'a' cannot be a Chroma collection",
         ),
+        (
+            {"sinks": {"vectors": {"kind": "falkordb", "url": "http://h:6379"}}},
+            "sinks.vectors.falkordb: url must start with redis://",
+        ),
+        (
+            {
+                "sinks": {"vectors": {"kind": "falkordb"}},
+                "mappings": [{**BASE["mappings"][0], "collection": "VectorsyncAlias"}],
+            },
+            "collection 'VectorsyncAlias' cannot be a node label of sink 'vectors': the label "
+            "'VectorsyncAlias' is vectorsync's own",
+        ),
         ({"embedders": {"default": {"kind": "hash", "dimension": 0}}}, "dimension"),
         ({"mappings": []}, "mappings"),
         (

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 
-__all__ = ["CollectionSpec", "Distance", "Hit", "IndexType", "Sink", "index_type_for"]
+__all__ = [
+    "CollectionSpec",
+    "Distance",
+    "Hit",
+    "IndexType",
+    "Maintained",
+    "Sink",
+    "Sized",
+    "index_type_for",
+]
 
 Distance = Literal["cosine", "dot", "euclid"]
 IndexType = Literal["keyword", "integer", "float", "bool", "datetime", "text"]
@@ -127,4 +136,27 @@ class Sink(Protocol):
 
     async def collections(self) -> list[str]:
         """The physical collections, sorted (aliases are not listed)."""
+        ...
+
+
+# Optional faces of a sink: the engine uses them where a sink has them.
+
+
+@runtime_checkable
+class Maintained(Protocol):
+    """A sink with housekeeping of its own (``vectorsync maintain``)."""
+
+    async def maintain(self, collection: str) -> list[str]:
+        """Do the store's housekeeping on a (physical) collection; what was done, one line
+        each, naming the operation ([] when nothing needed doing)."""
+        ...
+
+
+@runtime_checkable
+class Sized(Protocol):
+    """A sink that can tell how much room a collection takes (``/metrics``)."""
+
+    async def collection_size(self, collection: str) -> int | None:
+        """Bytes the collection takes in the store (on disk; in memory for an in-memory
+        store such as FalkorDB), or None where the store cannot say."""
         ...

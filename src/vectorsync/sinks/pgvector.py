@@ -529,6 +529,29 @@ class PgvectorSink:
         else:
             await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (ef_search,))
 
+    # -- housekeeping -------------------------------------------------------------------
+    async def maintain(self, collection: str) -> list[str]:
+        """``VACUUM (ANALYZE)``: reclaims the row versions updates and deletes left (an
+        HNSW index included) and refreshes the planner's statistics. No REINDEX: pgvector's
+        HNSW graph keeps its quality under updates, and a rebuild takes the index away."""
+        async with self._session() as conn:
+            entry = await self._resolve(conn, collection)
+            table = self._ident(entry.table)
+            with wrap_errors(self.name, f"vacuum {collection!r}"):
+                await conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table))
+        return [f"VACUUM (ANALYZE) {self.schema}.{entry.table}"]
+
+    async def collection_size(self, collection: str) -> int | None:
+        async with self._session(read=True) as conn:
+            entry = await self._resolve(conn, collection)
+            with wrap_errors(self.name, f"size of {collection!r}"):
+                cur = await conn.execute(
+                    "SELECT pg_total_relation_size(%s::regclass)",
+                    (self._ident(entry.table).as_string(conn),),
+                )
+                row = await cur.fetchone()
+        return int(row[0]) if row else None
+
     # -- aliases ------------------------------------------------------------------------
     async def set_alias(self, alias: str, collection: str) -> None:
         async with self._session() as conn:

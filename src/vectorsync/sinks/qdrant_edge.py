@@ -155,6 +155,26 @@ class QdrantEdgeSink:
                 f"sink {self.name!r}: collection {collection!r} was not opened"
             ) from None
 
+    # -- housekeeping -------------------------------------------------------------------
+    async def maintain(self, collection: str) -> list[str]:
+        """``optimize()``: nothing is HNSW-indexed before it (searches are exact), and it
+        merges the segments that writes left behind. Blocks the sink while it runs."""
+        return await self._lane.run(self._optimize, collection)
+
+    def _optimize(self, collection: str) -> list[str]:
+        shard = self._shard(collection)
+        with wrap_errors(f"optimize {collection!r}"):
+            changed = shard.optimize()
+            shard.flush()
+        return [f"optimize(): segments of {collection!r} merged and indexed"] if changed else []
+
+    async def collection_size(self, collection: str) -> int | None:
+        return await self._lane.run(self._size, collection)
+
+    def _size(self, collection: str) -> int:
+        folder = self.path / (folders.link_target(self.path, collection) or collection)
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
     async def ensure_collection(self, spec: CollectionSpec) -> None:
         await self._lane.run(self._ensure, spec)
 

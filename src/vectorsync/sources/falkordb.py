@@ -24,14 +24,22 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from ..errors import ConfigError, PermanentError, SourceError
+from ..errors import ConfigError, PermanentError, RetryableError, SourceError
 from ..model import Change, Key
 from ..redact import redact
 from . import cypher
 from .base import Backlog, TableSpec
 from .cypher import PAGE, GraphSource
 
-__all__ = ["FalkorDBSource", "decode_entry", "encode_entry", "outbox_key", "stream_position"]
+__all__ = [
+    "FalkorDBSource",
+    "connect",
+    "decode_entry",
+    "disconnect",
+    "encode_entry",
+    "outbox_key",
+    "stream_position",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +81,56 @@ def decode_entry(entry_id: str, fields: dict[str, str]) -> Change:
 
 
 @contextlib.contextmanager
-def wrap_errors(what: str, who: str = "falkordb source") -> Iterator[None]:
+def wrap_errors(
+    what: str, who: str = "falkordb source", retryable: type[RetryableError] = SourceError
+) -> Iterator[None]:
     """Connection trouble is retryable; a refused command or query is permanent."""
     import redis.exceptions as rex
 
     try:
         yield
     except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-        raise SourceError(f"{who}: {what}: {exc}", code="ECONNREFUSED") from exc
+        raise retryable(f"{who}: {what}: {exc}", code="ECONNREFUSED") from exc
     except rex.RedisError as exc:
         raise PermanentError(f"{who}: {what}: {exc}") from exc
+
+
+async def connect(
+    url: str,
+    who: str,
+    retryable: type[RetryableError] = SourceError,
+    *,
+    timeout: float | None = None,
+) -> Any:
+    """An async FalkorDB client of ``url``, checked to reach a server with the graph module
+    (the FalkorDB source and sink both open theirs here). ``timeout``: seconds a reply may
+    take (redis-py's default is 5)."""
+    from falkordb.asyncio import FalkorDB
+
+    db: Any = None
+    try:
+        options = {} if timeout is None else {"socket_timeout": timeout}
+        db = FalkorDB.from_url(url, **options)  # may already talk to the server
+        await db.connection.ping()
+        modules = await db.connection.execute_command("MODULE", "LIST")
+    except Exception as exc:
+        if db is not None:
+            await disconnect(db)
+        raise retryable(
+            f"{who}: cannot reach FalkorDB at {redact(url)}: {exc}", code="ECONNREFUSED"
+        ) from exc
+    if not any("graph" in str(m).lower() for m in modules):
+        await disconnect(db)
+        raise ConfigError(
+            f"{who}: {redact(url)} is a Redis server without the FalkorDB module; start it "
+            "with --loadmodule <falkordb.so> or use another url"
+        )
+    return db
+
+
+async def disconnect(db: Any) -> None:
+    await db.aclose()
+    await db.connection.connection_pool.disconnect()  # a pool given is not closed
 
 
 class FalkorDBSource(GraphSource):
@@ -119,25 +167,7 @@ class FalkorDBSource(GraphSource):
 
     # -- connection -----------------------------------------------------------------------
     async def open(self) -> None:
-        from falkordb.asyncio import FalkorDB
-
-        with wrap_errors("connect"):
-            try:
-                self._db = FalkorDB.from_url(self.url)  # may already talk to the server
-                await self._db.connection.ping()
-            except Exception as exc:
-                await self.close()
-                raise SourceError(
-                    f"source {self.name!r}: cannot reach FalkorDB at {redact(self.url)}: {exc}",
-                    code="ECONNREFUSED",
-                ) from exc
-            modules = await self._db.connection.execute_command("MODULE", "LIST")
-        if not any("graph" in str(m).lower() for m in modules):
-            await self.close()
-            raise ConfigError(
-                f"source {self.name!r}: {redact(self.url)} is a Redis server without the FalkorDB "
-                "module; start it with --loadmodule <falkordb.so> or use another url"
-            )
+        self._db = await connect(self.url, f"source {self.name!r}")
         self._tables = await self._call(
             "read capture registry", self._redis.hgetall, self._registry
         )
@@ -146,8 +176,7 @@ class FalkorDBSource(GraphSource):
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
-            await db.aclose()
-            await db.connection.connection_pool.disconnect()  # a pool given is not closed
+            await disconnect(db)
 
     @property
     def _redis(self) -> Any:

@@ -14,27 +14,29 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from ..errors import ConfigError, PermanentError, SourceError
+from ..errors import ConfigError, PermanentError, RetryableError, SourceError
 from ..model import Change, Key
 from ..redact import redact
 from .base import Backlog, TableSpec
 from .cypher import GraphSource
 
-__all__ = ["Neo4jSource"]
+__all__ = ["Neo4jSource", "wrap_errors"]
 
 
 @contextlib.contextmanager
-def wrap_errors(what: str) -> Iterator[None]:
+def wrap_errors(
+    what: str, who: str = "neo4j source", retryable: type[RetryableError] = SourceError
+) -> Iterator[None]:
     from neo4j import exceptions as nex
 
     try:
         yield
     except (nex.ServiceUnavailable, nex.SessionExpired, OSError) as exc:
-        raise SourceError(f"neo4j source: {what}: {exc}", code="ECONNREFUSED") from exc
+        raise retryable(f"{who}: {what}: {exc}", code="ECONNREFUSED") from exc
     except nex.Neo4jError as exc:
-        raise PermanentError(f"neo4j source: {what}: {exc}", code=exc.code) from exc
+        raise PermanentError(f"{who}: {what}: {exc}", code=exc.code) from exc
     except nex.DriverError as exc:
-        raise SourceError(f"neo4j source: {what}: {exc}") from exc
+        raise retryable(f"{who}: {what}: {exc}") from exc
 
 
 class Neo4jSource(GraphSource):
