@@ -35,6 +35,7 @@ from .config import (
     FalkorDBSourceConfig,
     HashEmbedderConfig,
     MappingConfig,
+    Model2VecEmbedderConfig,
     Neo4jSourceConfig,
     OpenAIEmbedderConfig,
     PgvectorSinkConfig,
@@ -184,6 +185,12 @@ def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
         from .embed.hash import HashEmbedder
 
         return HashEmbedder(name, dimension=cfg.dimension, batch_size=cfg.batch_size)
+    if isinstance(cfg, Model2VecEmbedderConfig):
+        from .embed.model2vec import Model2VecEmbedder
+
+        return Model2VecEmbedder(
+            name, path=str(config.resolve(cfg.path)), batch_size=cfg.batch_size
+        )
     if isinstance(cfg, OpenAIEmbedderConfig):
         from .embed.openai import OpenAIEmbedder
 
@@ -223,6 +230,7 @@ def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
         threads=cfg.threads,
         concurrency=cfg.concurrency,
         normalize=cfg.normalize,
+        device=cfg.device,
     )
 
 

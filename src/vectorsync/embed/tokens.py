@@ -4,7 +4,7 @@ batches by tokens, truncation counted rather than silent."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -65,6 +65,18 @@ class TokenCounter:
 
     def count(self, text: str) -> int:
         return self._count(text)
+
+    def window(self, texts: Sequence[str], limit: int | None) -> tuple[int, int]:
+        """(tokens a model with a window of ``limit`` tokens embeds, texts it cuts) of
+        ``texts``: what a local model truncates silently, counted."""
+        tokens = truncated = 0
+        for text in texts:
+            n = self._count(text)
+            if limit is not None and n > limit:
+                truncated += 1
+                n = limit
+            tokens += n
+        return tokens, truncated
 
     def cut(self, text: str, limit: int) -> str:
         """The longest start of ``text`` of at most ``limit`` tokens."""
