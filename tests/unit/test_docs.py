@@ -74,6 +74,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sinks.NAME] kind = "pgvector"': c.PgvectorSinkConfig,
     '[sinks.NAME] kind = "chroma"': c.ChromaSinkConfig,
     '[embedders.NAME] kind = "sentence-transformers"': c.SentenceTransformersEmbedderConfig,
+    '[embedders.NAME] kind = "model2vec"': c.Model2VecEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,
     "[[mappings]]": c.MappingConfig,
