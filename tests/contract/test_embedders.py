@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,23 @@ async def test_minilm_counts_tokens_and_the_texts_its_window_cuts() -> None:
     assert e.max_input_tokens == 256 and e.texts_truncated == 1
     assert 256 < e.tokens_used < 256 + 20  # the window, plus the short texts' few tokens
     await e.close()
+
+
+@pytest.mark.embedding_model
+async def test_a_text_minilm_cuts_is_counted_in_stats_and_metrics(tmp_path: Path) -> None:
+    """One over-long record synced end to end: the cut shows in ``stats`` and ``/metrics``."""
+    from tests.helpers import App, load, write_config
+    from vectorsync.engine import Engine
+    from vectorsync.metrics import prometheus_text
+
+    app = App(tmp_path / "app.db")
+    app.insert(1, body=" ".join(f"word{i}" for i in range(600)))
+    app.insert(2)
+    config = write_config(tmp_path, embedder='kind = "sentence-transformers"\nconcurrency = 1')
+    async with Engine.open(load(config)) as engine:
+        await engine.run(once=True)
+        counted = (await engine.stats())["embedders"]["default"]
+        text = (await prometheus_text(engine)).decode()
+    app.close()
+    assert counted["texts"] == 2 and counted["truncated"] == 1 and counted["tokens"] > 256
+    assert 'vectorsync_embedder_truncated_total{embedder="default"} 1.0' in text
