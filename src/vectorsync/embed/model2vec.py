@@ -1,8 +1,9 @@
 """model2vec embedder: a static model (one vector per token, averaged), made offline from a
 sentence-transformers model by :func:`distill` (``vectorsync models distill``).
 
-No torch at run time and no window to speak of: a text's vector is the mean of its tokens'
-vectors, so it embeds thousands of texts a second on one core. It ranks worse than the model
+No torch at run time and no network to run: a text's vector is the mean of its tokens'
+vectors (of its first 512 tokens, counted when there are more), so it embeds thousands of
+texts a second on one core. It ranks worse than the model
 it was distilled from (bench/results/embed-model2vec.json measures how much worse).
 """
 
@@ -71,7 +72,6 @@ class Model2VecEmbedder:
         self.model_id = ""
         self.dimension = 0
         self.texts_embedded = 0
-        self.tokens_used = 0
         self.texts_truncated = 0
 
     async def open(self) -> None:
@@ -108,17 +108,17 @@ class Model2VecEmbedder:
         if not texts:
             return []
         async with self._lock:
-            vectors, tokens, truncated = await asyncio.to_thread(self._encode, list(texts))
+            vectors, truncated = await asyncio.to_thread(self._encode, list(texts))
         self.texts_embedded += len(texts)
-        self.tokens_used += tokens
         self.texts_truncated += truncated
         return vectors
 
-    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int, int]:
+    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
         import numpy as np
 
         assert self.counter is not None
-        tokens, truncated = self.counter.window(texts, self.max_input_tokens)
+        limit = self.max_input_tokens
+        truncated = 0 if limit is None else self.counter.over(texts, limit)
         try:
             array = self._model.encode(
                 texts, batch_size=self.batch_size, show_progress_bar=False, normalize=False
@@ -130,7 +130,7 @@ class Model2VecEmbedder:
         norms = np.linalg.norm(array, axis=1, keepdims=True)
         array /= np.where(norms > 0, norms, 1.0)  # a text of no known token stays zero
         result: list[list[float]] = array.tolist()
-        return result, tokens, truncated
+        return result, truncated
 
 
 def distill(

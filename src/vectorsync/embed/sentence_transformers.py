@@ -80,7 +80,6 @@ class SentenceTransformersEmbedder:
         # model's window (max_seq_length) is cut by the library, silently unless counted here
         self.counter: TokenCounter | None = None
         self.max_input_tokens: int | None = None
-        self.tokens_used = 0
         self.texts_truncated = 0
 
     async def open(self) -> None:
@@ -208,19 +207,18 @@ class SentenceTransformersEmbedder:
         self.texts_embedded += len(texts)
         return vectors
 
-    def _counted(self, encoded: tuple[list[list[float]], int, int]) -> list[list[float]]:
-        """The vectors of one model call; its token counts added here, in the event loop
+    def _counted(self, encoded: tuple[list[list[float]], int]) -> list[list[float]]:
+        """The vectors of one model call; the texts it cut counted here, in the event loop
         (model calls run in threads, side by side)."""
-        vectors, tokens, truncated = encoded
-        self.tokens_used += tokens
+        vectors, truncated = encoded
         self.texts_truncated += truncated
         return vectors
 
-    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int, int]:
-        """Vectors, tokens embedded and texts cut to the window, of one model call."""
-        tokens = truncated = 0
-        if self.counter is not None:
-            tokens, truncated = self.counter.window(texts, self.max_input_tokens)
+    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors, and texts cut to the window, of one model call."""
+        truncated = 0
+        if self.counter is not None and self.max_input_tokens is not None:
+            truncated = self.counter.over(texts, self.max_input_tokens)
         try:
             array = self._model.encode(
                 texts,
@@ -232,7 +230,7 @@ class SentenceTransformersEmbedder:
         except (ValueError, TypeError, RuntimeError) as exc:
             raise EmbeddingError(f"model {self.model_id} rejected the text: {exc}") from exc
         result: list[list[float]] = array.tolist()
-        return result, tokens, truncated
+        return result, truncated
 
 
 def _require_cuda(name: str) -> None:

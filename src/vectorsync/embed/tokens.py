@@ -12,6 +12,7 @@ from ..errors import ConfigError
 __all__ = ["TokenCounter"]
 
 _CHARS_PER_TOKEN = 4  # the documented estimate when no tokenizer is known
+_SPECIAL_TOKENS_MARGIN = 8  # [CLS], [SEP], <s>, </s> and the like: never more than a few
 
 
 class TokenCounter:
@@ -66,17 +67,16 @@ class TokenCounter:
     def count(self, text: str) -> int:
         return self._count(text)
 
-    def window(self, texts: Sequence[str], limit: int | None) -> tuple[int, int]:
-        """(tokens a model with a window of ``limit`` tokens embeds, texts it cuts) of
-        ``texts``: what a local model truncates silently, counted."""
-        tokens = truncated = 0
-        for text in texts:
-            n = self._count(text)
-            if limit is not None and n > limit:
-                truncated += 1
-                n = limit
-            tokens += n
-        return tokens, truncated
+    def over(self, texts: Sequence[str], limit: int) -> int:
+        """How many of ``texts`` have more than ``limit`` tokens: what a local model cuts to
+        its window without a word. Only texts that can be that long are tokenized (a token
+        covers at least one byte of UTF-8; the margin is for the special tokens a
+        tokenizer.json adds), so counting costs little beside a fast static model."""
+        return sum(
+            1
+            for text in texts
+            if len(text.encode()) + _SPECIAL_TOKENS_MARGIN > limit and self._count(text) > limit
+        )
 
     def cut(self, text: str, limit: int) -> str:
         """The longest start of ``text`` of at most ``limit`` tokens."""
