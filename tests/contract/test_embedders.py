@@ -15,7 +15,7 @@ from vectorsync.embed.hash import HashEmbedder
 from vectorsync.embed.model2vec import Model2VecEmbedder
 from vectorsync.embed.openai import OpenAIEmbedder
 from vectorsync.embed.sentence_transformers import Device, SentenceTransformersEmbedder
-from vectorsync.errors import ConfigError
+from vectorsync.errors import ConfigError, EmbeddingError
 
 
 @pytest.fixture(
@@ -177,3 +177,19 @@ async def test_a_text_minilm_cuts_is_counted_in_stats_and_metrics(tmp_path: Path
     app.close()
     assert counted["texts"] == 2 and counted["truncated"] == 1
     assert 'vectorsync_embedder_truncated_total{embedder="default"} 1.0' in text
+
+
+@pytest.mark.embedding_model
+@pytest.mark.slow
+async def test_model2vec_counts_the_texts_it_cuts_and_names_a_text_it_has_no_vector_for(
+    model2vec_folder: Path,
+) -> None:
+    e = Model2VecEmbedder("m2v", path=str(model2vec_folder))
+    await e.open()
+    assert e.dimension == 256 and e.max_input_tokens == 512
+    assert e.model_id.startswith(f"m2v:{model2vec_folder.name}@")
+    [short, long] = await e.embed(["read a JSON file", " ".join(["word"] * 600)])
+    assert e.texts_truncated == 1 and len(short) == len(long) == 256
+    with pytest.raises(EmbeddingError, match=r"no vector for the text '😀'"):
+        await e.embed(["a text", "😀"])
+    await e.close()

@@ -58,13 +58,10 @@ def check_model2vec_folder(field: str, folder: Path) -> None:
 class Model2VecEmbedder:
     distance: Distance = "cosine"
 
-    def __init__(
-        self, name: str, *, path: str, batch_size: int = 1024, field: str | None = None
-    ) -> None:
+    def __init__(self, name: str, *, path: str, batch_size: int = 1024) -> None:
         self.name = name
         self.path = Path(path)
         self.batch_size = batch_size
-        self._field = field or f"embedders.{name}.path"
         self._model: Any = None
         self._lock = asyncio.Lock()  # model2vec re-arms its tokenizer's truncation per call
         self.counter: TokenCounter | None = None
@@ -79,7 +76,7 @@ class Model2VecEmbedder:
         await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
-        check_model2vec_folder(self._field, self.path)
+        check_model2vec_folder(f"embedders.{self.name}.path", self.path)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             from model2vec import StaticModel
@@ -128,7 +125,13 @@ class Model2VecEmbedder:
         # float16 weights: normalise in float32, or unit vectors are off by ~1e-3
         array = np.asarray(array, dtype=np.float32)
         norms = np.linalg.norm(array, axis=1, keepdims=True)
-        array /= np.where(norms > 0, norms, 1.0)  # a text of no known token stays zero
+        if not norms.all():  # no token of the text is in the vocabulary (or it is empty)
+            [i, *_] = np.flatnonzero(norms == 0)
+            raise EmbeddingError(
+                f"model {self.model_id} has no vector for the text {texts[i][:80]!r}: none of "
+                "its tokens is in the model's vocabulary"
+            )
+        array /= norms
         result: list[list[float]] = array.tolist()
         return result, truncated
 
