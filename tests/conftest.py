@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,3 +174,26 @@ def infinity_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with infinity(tmp_path_factory.mktemp("infinity") / "infinity.log") as base:
         yield base
+
+
+@pytest.fixture(scope="session")
+def model2vec_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model2vec model distilled from the bundled MiniLM by ``vectorsync models distill``
+    (a minute or two of CPU), once per session. Its --out folder exists beforehand, with a
+    stale file: --force replaces it whole."""
+    from vectorsync.embed.sentence_transformers import bundled_model_path
+
+    out = tmp_path_factory.mktemp("model2vec") / "minilm-m2v"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older model")
+    command = ["models", "distill", "--from", str(bundled_model_path()), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "vectorsync", *command, "--force"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"saved {out}" in done.stderr and not (out / "stale.txt").exists()
+    return out

@@ -1019,6 +1019,12 @@ def demo(
     _execute(lambda _: run_demo(folder, records=records, embedder=embedder, console=out))
 
 
+# Below every name it imports from here: the command group lives in its own module.
+from .cli_models import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
+
 def main() -> None:
     stopping.install()  # first: a signal from here on is a stop request, never lost
     code: object = 0

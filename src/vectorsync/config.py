@@ -33,6 +33,7 @@ __all__ = [
     "HashEmbedderConfig",
     "HttpConfig",
     "MappingConfig",
+    "Model2VecEmbedderConfig",
     "Neo4jSinkConfig",
     "Neo4jSourceConfig",
     "PgvectorSinkConfig",
@@ -295,6 +296,18 @@ class SentenceTransformersEmbedderConfig(_Frozen):
         default=None, gt=0, description="model calls at once; default: one per CPU core"
     )
     normalize: bool = True
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu",
+        description='where the model runs; "auto": a CUDA GPU when torch sees one, else cpu',
+    )
+
+
+class Model2VecEmbedderConfig(_Frozen):
+    """A static model2vec model: a folder made by ``vectorsync models distill``."""
+
+    kind: Literal["model2vec"]
+    path: Path = Field(description="a model2vec model folder (relative to the config's folder)")
+    batch_size: int = Field(default=1024, gt=0, description="texts per model call")
 
 
 class HashEmbedderConfig(_Frozen):
@@ -350,7 +363,10 @@ class OpenAIEmbedderConfig(_Frozen):
 
 
 EmbedderConfig = Annotated[
-    SentenceTransformersEmbedderConfig | HashEmbedderConfig | OpenAIEmbedderConfig,
+    SentenceTransformersEmbedderConfig
+    | Model2VecEmbedderConfig
+    | HashEmbedderConfig
+    | OpenAIEmbedderConfig,
     Field(discriminator="kind"),
 ]
 

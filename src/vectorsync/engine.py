@@ -37,6 +37,7 @@ from .config import (
     FalkorDBSourceConfig,
     HashEmbedderConfig,
     MappingConfig,
+    Model2VecEmbedderConfig,
     Neo4jSinkConfig,
     Neo4jSourceConfig,
     OpenAIEmbedderConfig,
@@ -201,6 +202,12 @@ def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
         from .embed.hash import HashEmbedder
 
         return HashEmbedder(name, dimension=cfg.dimension, batch_size=cfg.batch_size)
+    if isinstance(cfg, Model2VecEmbedderConfig):
+        from .embed.model2vec import Model2VecEmbedder
+
+        return Model2VecEmbedder(
+            name, path=str(config.resolve(cfg.path)), batch_size=cfg.batch_size
+        )
     if isinstance(cfg, OpenAIEmbedderConfig):
         from .embed.openai import OpenAIEmbedder
 
@@ -240,6 +247,7 @@ def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
         threads=cfg.threads,
         concurrency=cfg.concurrency,
         normalize=cfg.normalize,
+        device=cfg.device,
     )
 
 

@@ -16,6 +16,7 @@ from .config import (
     GRAPH_SINKS,
     ChromaSinkConfig,
     Config,
+    Model2VecEmbedderConfig,
     QdrantEdgeSinkConfig,
     QdrantSinkConfig,
     SentenceTransformersEmbedderConfig,
@@ -48,6 +49,8 @@ def preflight(config: Config, *, sinks: Collection[str], embedders: Collection[s
         cfg_e = config.embedders[name]
         if isinstance(cfg_e, SentenceTransformersEmbedderConfig):
             _model(f"embedders.{name}", cfg_e.model, config)
+        elif isinstance(cfg_e, Model2VecEmbedderConfig):
+            _model2vec(f"embedders.{name}", config.resolve(cfg_e.path))
 
 
 def state_url(url: str) -> None:
@@ -104,4 +107,15 @@ def _model(field: str, model: str | None, config: Config) -> None:
         raise ConfigError(
             f"{field}.model: {str(folder)!r} {what}; give a local sentence-transformers model "
             "folder (models load offline only), or leave model unset for the bundled MiniLM"
+        )
+
+
+def _model2vec(field: str, folder: Path) -> None:
+    from .embed.model2vec import check_model2vec_folder
+
+    check_model2vec_folder(f"{field}.path", folder)
+    if importlib.util.find_spec("model2vec") is None:
+        raise ConfigError(
+            f"{field}: kind 'model2vec' needs the model2vec package: "
+            "pip install 'vectorsync[model2vec]' (or just pip install model2vec to embed)"
         )

@@ -76,6 +76,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sinks.NAME] kind = "falkordb"': c.FalkorDBSinkConfig,
     '[sinks.NAME] kind = "neo4j"': c.Neo4jSinkConfig,
     '[embedders.NAME] kind = "sentence-transformers"': c.SentenceTransformersEmbedderConfig,
+    '[embedders.NAME] kind = "model2vec"': c.Model2VecEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,
     "[[mappings]]": c.MappingConfig,

