@@ -128,6 +128,8 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
         ("texts", "vectorsync_embedder_texts", "Texts an embedder embedded in this process"),
         ("tokens", "vectorsync_embedder_tokens", "Tokens sent to an API embedder"),
         ("truncated", "vectorsync_embedder_truncated", "Texts cut to the model's window"),
+        # the same count under the name the embedders issue gave it
+        ("truncated", "vectorsync_embeddings_truncated", "Texts cut to the model's window"),
         ("rate_limited", "vectorsync_embedder_rate_limited", "429 answers waited out"),
         ("cost", "vectorsync_embedder_cost", "Cost of the tokens sent, at the configured price"),
     ):

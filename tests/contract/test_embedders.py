@@ -177,6 +177,7 @@ async def test_a_text_minilm_cuts_is_counted_in_stats_and_metrics(tmp_path: Path
     app.close()
     assert counted["texts"] == 2 and counted["truncated"] == 1
     assert 'vectorsync_embedder_truncated_total{embedder="default"} 1.0' in text
+    assert 'vectorsync_embeddings_truncated_total{embedder="default"} 1.0' in text
 
 
 @pytest.mark.embedding_model
