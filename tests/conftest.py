@@ -19,7 +19,7 @@ from vectorsync.falkordb_server import FalkorDBServer, falkordb_server
 # VECTORSYNC_TEST_SOURCES narrows the list (e.g. "sqlite" for a quick local run).
 ALL_SOURCES = ["sqlite", "pg-logical", "pg-outbox", "falkordb"]
 SOURCES = [s for s in os.environ.get("VECTORSYNC_TEST_SOURCES", ",".join(ALL_SOURCES)).split(",")]
-SINKS = ["qdrant-edge", "chroma", "pgvector"]
+SINKS = ["qdrant-edge", "chroma", "pgvector", "falkordb"]
 _databases = itertools.count(1)
 
 
@@ -30,7 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "all_sinks: also runs on SQLite against every other sink kind (Chroma, pgvector)",
+        "all_sinks: also runs on SQLite against every other sink kind (Chroma, pgvector, FalkorDB)",
     )
 
 
@@ -144,6 +144,12 @@ def app(
     ``write_config`` picks both up."""
     if sink_kind == "chroma":
         (workdir / "sink.toml").write_text('kind = "chroma"\npath = ".vectorsync/chroma"')
+    elif sink_kind == "falkordb":
+        nodes: FalkorDBServer = request.getfixturevalue("falkordb")
+        graph = "sink_" + request.getfixturevalue("graph_name")
+        (workdir / "sink.toml").write_text(
+            f'kind = "falkordb"\nurl = "{nodes.url}"\ngraph = "{graph}"'
+        )
     elif sink_kind == "pgvector":
         server: PgvectorServer = request.getfixturevalue("pgvector")
         schema = request.getfixturevalue("pgvector_schema")
