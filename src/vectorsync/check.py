@@ -608,62 +608,14 @@ class Checker:
         """Existence only: Bloom filters of each side's point ids against the other's."""
         started = time.monotonic()
         known = await self._known()
-        keys = {
-            point_id(self.mapping, row[self.key]): row[self.key]
-            async for row in self.source.scan(self.table, self.key)
-        }
-        if self.chunker is not None:
-            return await self._quick_chunked(started, known, list(keys.values()))
-        present = [k for k in keys.values() if key_text(k) in known]
-        for key in present:
-            keys.pop(point_id(self.mapping, key))
-        kept = {point_id(self.mapping, k) for k in present}
-        sink_ids = [
-            r.id async for r in self.sink.scroll(self.collection, with_payload=False, page=5000)
-        ]
-        in_sink = rbloom.Bloom(max(1, len(sink_ids)), 1e-6)
-        in_sink.update(sink_ids)
-        in_source = rbloom.Bloom(max(1, len(keys) + len(kept)), 1e-6)
-        in_source.update([*keys, *kept])
-        drift = self._known_drift(present)
-        drift += [
-            Drift(category="missing", key=k, point_id=pid)
-            for pid, k in keys.items()
-            if pid not in in_sink
-        ]
-        drift += [
-            Drift(category="orphaned", key=None, point_id=pid)
-            for pid in sink_ids
-            if pid not in in_source
-        ]
-        return self._report(
-            "quick",
-            started,
-            drift,
-            len(keys) + len(present),
-            len(sink_ids),
-            {"false_positive_rate": 1e-6},
-        )
-
-    async def _quick_chunked(self, started: float, known: set[str], keys: list[Key]) -> CheckReport:
-        """Existence of chunk points: those the record state lists for each source record
-        (a record without state is missing) against the sink's point ids."""
+        keys = [row[self.key] async for row in self.source.scan(self.table, self.key)]
         present = [k for k in keys if key_text(k) in known]
-        expected: dict[str, Key] = {}
-        missing: list[Key] = []
-        live = [k for k in keys if key_text(k) not in known]
-        kept: list[str] = []
-        for start in range(0, len(keys), _COMPARE_PAGE):
-            page = keys[start : start + _COMPARE_PAGE]
-            states = await self.state.record_states(self.state_name, [str(k) for k in page])
-            for key in page:
-                state = states.get(str(key))
-                if key_text(key) in known:
-                    kept.extend(state.point_ids if state else [])
-                elif state is None or not state.chunks:
-                    missing.append(key)
-                else:
-                    expected.update((pid, key) for pid in state.point_ids)
+        unsynced: list[Key] = []  # chunked records the record state has no chunks of
+        if self.chunker is None:
+            expected = {point_id(self.mapping, k): k for k in keys if key_text(k) not in known}
+            kept = [point_id(self.mapping, k) for k in present]
+        else:
+            expected, kept, unsynced = await self._listed_chunks(keys, known)
         sink_ids = [
             r.id async for r in self.sink.scroll(self.collection, with_payload=False, page=5000)
         ]
@@ -673,7 +625,7 @@ class Checker:
         in_source.update([*expected, *kept])
         drift = self._known_drift(present)
         drift += [
-            Drift(category="missing", key=k, point_id=point_id(self.mapping, k)) for k in missing
+            Drift(category="missing", key=k, point_id=point_id(self.mapping, k)) for k in unsynced
         ]
         drift += [
             Drift(category="missing", key=k, point_id=pid)
@@ -686,13 +638,30 @@ class Checker:
             if pid not in in_source
         ]
         return self._report(
-            "quick",
-            started,
-            drift,
-            len(live) + len(present),
-            len(sink_ids),
-            {"false_positive_rate": 1e-6},
+            "quick", started, drift, len(keys), len(sink_ids), {"false_positive_rate": 1e-6}
         )
+
+    async def _listed_chunks(
+        self, keys: list[Key], known: set[str]
+    ) -> tuple[dict[str, Key], list[str], list[Key]]:
+        """A chunked mapping's points as the record state lists them: point id → key for
+        the records compared, the point ids of dead-lettered records (kept), and the
+        records without state (missing)."""
+        expected: dict[str, Key] = {}
+        kept: list[str] = []
+        unsynced: list[Key] = []
+        for start in range(0, len(keys), _COMPARE_PAGE):
+            page = keys[start : start + _COMPARE_PAGE]
+            states = await self.state.record_states(self.state_name, [str(k) for k in page])
+            for key in page:
+                state = states.get(str(key))
+                if key_text(key) in known:
+                    kept.extend(state.point_ids if state else [])
+                elif state is None or not state.chunks:
+                    unsynced.append(key)
+                else:
+                    expected.update((pid, key) for pid in state.point_ids)
+        return expected, kept, unsynced
 
     def _report(
         self,
