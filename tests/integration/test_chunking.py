@@ -6,7 +6,6 @@ Chroma and pgvector for those marked all_sinks)."""
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,10 @@ from typing import Any
 import pytest
 
 from tests.helpers import App, check, load, read_sink, sync_once, write_config
+from tests.integration.test_guarantees import (
+    duplicated_and_shuffled_converge,
+    random_changes_converge,
+)
 from vectorsync.chunking import Chunker
 from vectorsync.config import ChunkingConfig
 from vectorsync.embed.hash import HashEmbedder
@@ -132,14 +135,7 @@ def test_chunks_are_sized_in_the_embedders_own_tokens() -> None:
 @pytest.mark.all_sinks
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_random_changes_converge_chunk_by_chunk(workdir: Path, app: App, seed: int) -> None:
-    rng = random.Random(seed)
-    app.random_ops(rng, 150)
-    cfg = write_config(workdir, batch_size=37, extra_mapping=SMALL)
-    await sync_once(cfg)
-    await check(cfg, app)
-    app.random_ops(rng, 400)
-    await sync_once(cfg)
-    await check(cfg, app)
+    await random_changes_converge(workdir, app, seed, extra_mapping=SMALL)
 
 
 @pytest.mark.all_sources
@@ -147,20 +143,7 @@ async def test_random_changes_converge_chunk_by_chunk(workdir: Path, app: App, s
 async def test_duplicated_and_shuffled_changes_converge_chunk_by_chunk(
     workdir: Path, app: App
 ) -> None:
-    rng = random.Random(7)
-    app.random_ops(rng, 200)
-    cfg = write_config(workdir, batch_size=25, extra_mapping=SMALL)
-    await sync_once(cfg)
-    app.random_ops(rng, 300)
-    await sync_once(cfg)
-    await check(cfg, app)
-    replay = [(k, op) for k in range(1, 201) for op in ("insert", "update", "delete")] * 2
-    rng.shuffle(replay)
-    app.inject(replay)
-    counts = await sync_once(cfg)
-    assert counts["changes"] == len(replay)
-    assert counts.get("upserted", 0) == 0 and counts.get("payload_only", 0) == 0
-    await check(cfg, app)
+    await duplicated_and_shuffled_converge(workdir, app, extra_mapping=SMALL)
 
 
 @pytest.mark.parametrize("mode", ["full", "sample", "quick"])

@@ -18,9 +18,16 @@ pytestmark = [pytest.mark.all_sources, pytest.mark.all_sinks]
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_random_changes_converge(workdir: Path, app: App, seed: int) -> None:
+    await random_changes_converge(workdir, app, seed)
+
+
+async def random_changes_converge(
+    workdir: Path, app: App, seed: int, extra_mapping: str = ""
+) -> None:
+    """Random inserts, updates and deletes, snapshotted then streamed: sink = source."""
     rng = random.Random(seed)
     app.random_ops(rng, 150)
-    cfg = write_config(workdir, batch_size=37)
+    cfg = write_config(workdir, batch_size=37, extra_mapping=extra_mapping)
     await sync_once(cfg)  # snapshot of the existing rows
     await check(cfg, app)
     app.random_ops(rng, 400)
@@ -114,9 +121,17 @@ async def test_template_change_builds_a_new_version_embedding_only_changed_texts
 async def test_duplicated_and_shuffled_changes_converge_to_the_same_state(
     workdir: Path, app: App
 ) -> None:
+    await duplicated_and_shuffled_converge(workdir, app)
+
+
+async def duplicated_and_shuffled_converge(
+    workdir: Path, app: App, extra_mapping: str = ""
+) -> None:
+    """Every change of a history delivered again, twice each in random order: the same
+    state, nothing new written (the chunking tests run it on a chunked mapping)."""
     rng = random.Random(7)
     app.random_ops(rng, 200)
-    cfg = write_config(workdir, batch_size=25)
+    cfg = write_config(workdir, batch_size=25, extra_mapping=extra_mapping)
     await sync_once(cfg)
     app.random_ops(rng, 300)
     await sync_once(cfg)
