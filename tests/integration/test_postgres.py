@@ -26,6 +26,7 @@ from vectorsync.sources.base import TableSpec
 from vectorsync.sources.pg_logical import LogicalCapture
 from vectorsync.sources.pg_outbox import OutboxCapture
 from vectorsync.sources.pgoutput import Decoder, Transaction
+from vectorsync.state.schema import SCHEMA_VERSION
 
 
 @pytest.fixture(params=["logical", "outbox"])
@@ -347,7 +348,7 @@ async def test_postgres_as_the_state_store(workdir: Path, pg: PgServer) -> None:
         with psycopg.connect(state_url, autocommit=True) as db:
             assert db.execute(
                 "SELECT value FROM vs_meta WHERE name = 'schema_version'"
-            ).fetchone() == ("1",)
+            ).fetchone() == (str(SCHEMA_VERSION),)
             db.execute("UPDATE vs_meta SET value = '999' WHERE name = 'schema_version'")
         with pytest.raises(PermanentError, match="newer than this vectorsync"):
             async with Engine.open(load(cfg)):
