@@ -19,7 +19,7 @@ import xxhash
 
 from .config import ChunkingConfig, EmbedderConfig
 from .errors import ConfigError, RecordError
-from .model import NAMESPACE, Key
+from .model import NAMESPACE, Key, uuid5_text
 
 __all__ = [
     "CHUNK_FIELDS",
@@ -54,11 +54,7 @@ class Chunk:
 def chunk_point_id(mapping: str, key: Key, chunk: Chunk) -> str:
     """Deterministic id of a chunk point: (mapping, record key, chunk text, occurrence)."""
     raw = f"{mapping}\x1f{key}\x1f{chunk.identity}\x1f{chunk.occurrence}".encode()
-    digest = bytearray(hashlib.sha1(_CHUNK_NS + raw).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return uuid5_text(_CHUNK_NS, raw)
 
 
 def tokenizer_file(embedder: EmbedderConfig | None) -> Path | None:

@@ -57,7 +57,12 @@ def point_id(mapping: str, key: Key) -> str:
     """Deterministic point id: ``uuid5(NAMESPACE, mapping + "\\x1f" + key)`` (the unit
     separator cannot occur in a mapping name). Computed directly: ``uuid.uuid5`` builds
     two UUID objects per call, a hot spot at tens of thousands of keys per second."""
-    digest = bytearray(hashlib.sha1(_NS_BYTES + f"{mapping}\x1f{key}".encode()).digest()[:16])
+    return uuid5_text(_NS_BYTES, f"{mapping}\x1f{key}".encode())
+
+
+def uuid5_text(namespace: bytes, name: bytes) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))`` without building UUID objects."""
+    digest = bytearray(hashlib.sha1(namespace + name).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50
     digest[8] = (digest[8] & 0x3F) | 0x80
     h = digest.hex()
