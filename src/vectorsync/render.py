@@ -95,13 +95,13 @@ class Renderer:
             ) from exc
 
     def render(self, row: Row) -> Rendered:
-        for name, value in row.items():
-            if isinstance(value, InvalidText):
-                raise RecordError(
-                    f"column {name!r} is not valid UTF-8 ({bytes(value)[:40]!r}); "
-                    "fix the row's encoding",
-                    kind="invalid_utf8",
-                )
+        if any(type(value) is InvalidText for value in row.values()):
+            name, bad = next((n, v) for n, v in row.items() if type(v) is InvalidText)
+            raise RecordError(
+                f"column {name!r} is not valid UTF-8 ({bytes(bad)[:40]!r}); "
+                "fix the row's encoding",
+                kind="invalid_utf8",
+            )
         text = self._text(row)
         truncated = len(text) > self._mapping.text_limit
         if truncated:
@@ -173,6 +173,11 @@ _INT64 = 2**63
 
 def _payload_value(name: str, value: Any) -> Any:
     """The value as every sink can store it (JSON: finite numbers, 64-bit integers)."""
+    kind = type(value)
+    if kind is str or value is None or kind is bool:  # the common cases first
+        return value
+    if kind is int and -_INT64 <= value < _INT64:
+        return value
     if isinstance(value, float) and not math.isfinite(value):
         raise RecordError(
             f"payload field {name!r} holds {value}, which no vector store payload can hold "

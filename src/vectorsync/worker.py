@@ -106,6 +106,11 @@ class MappingRuntime:
     def key_problem(self, key: Any) -> str | None:
         """Why ``key`` cannot identify a record (None when it can): keys are integers
         (64-bit) or text, the type the key column declares, and never NULL."""
+        if type(key) is int:  # the common case first: checked twice per record
+            if -(2**63) <= key < 2**63:
+                return None
+        elif type(key) is str and not self.int_key and len(key) <= MAX_KEY_CHARS:
+            return None
         column = self.config.key
         if key is None:
             return f"the row's key {column!r} is NULL; give every row a key"
