@@ -133,7 +133,8 @@ async def bench_content(n: int) -> None:
 
 
 async def bench_metadata(n: int) -> None:
-    """Metadata-only updates (distinct value per row) SQLite → qdrant-edge."""
+    """Metadata-only updates SQLite → qdrant-edge: a distinct value per row, then one value
+    for every row (updates that set the same values share a sink call)."""
     folder = _fresh("metadata", "hash")
     _insert(
         folder,
@@ -147,7 +148,13 @@ async def bench_metadata(n: int) -> None:
         db.commit()
         db.close()
         result = await engine.run(once=True)
+        db = sqlite3.connect(folder / "app.db")  # one value for every row: a status flip
+        db.execute("UPDATE docs SET tags = 'archived'")
+        db.commit()
+        db.close()
+        same = await engine.run(once=True)
     assert result.counts.get("payload_only") == n and not result.counts.get("embedded")
+    assert same.counts.get("payload_only") == n and not same.counts.get("embedded")
     _write(
         "metadata",
         {
@@ -155,6 +162,7 @@ async def bench_metadata(n: int) -> None:
             "initial_sync_per_s": round(initial.changes / initial.seconds, 1),
             "metadata_changes": result.changes,
             "metadata_changes_per_s": round(result.changes / result.seconds, 1),
+            "same_value_changes_per_s": round(same.changes / same.seconds, 1),
             "goal_per_s": 25000,
             "embedded": result.counts.get("embedded", 0),
         },

@@ -8,12 +8,12 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vectorsync.chunking import chunk_point_id, chunker_for, chunking_definition
-from vectorsync.config import Config, load_config
+from vectorsync.config import Config, MappingConfig, load_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.model import content_hash, point_id
 from vectorsync.render import Renderer
@@ -287,7 +287,11 @@ def write_config(
     extra_mapping: str = "",
     batch_size: int = 1000,
     embedder: str = 'kind = "hash"',
+    also: Mapping[str, str] | None = None,
+    sync: str = "",
 ) -> Path:
+    """The test project's config. ``also``: more sinks by name (their TOML), written by
+    the mapping besides ``vectors`` (``sinks = [...]``); ``sync``: more [sync] settings."""
     path = folder / "vectorsync.toml"
     if sink is None:  # the `app` fixture leaves the sink under test here (else qdrant-edge)
         given = folder / "sink.toml"
@@ -304,10 +308,12 @@ def write_config(
         'url = "sqlite:///.vectorsync/state.db"',
         "[sync]",
         f"batch_size = {batch_size}",
+        sync,
         "[sources.app]",
         source_toml,
         "[sinks.vectors]",
         sink,
+        *(line for name, toml in (also or {}).items() for line in (f"[sinks.{name}]", toml)),
         "[embedders.default]",
         embedder,
         "[[mappings]]",
@@ -317,7 +323,7 @@ def write_config(
         'key = "id"',
         f'text = "{text}"',
         'payload = ["author", "tags", "published"]',
-        'sink = "vectors"',
+        f"sinks = {['vectors', *also]!r}".replace("'", '"') if also else 'sink = "vectors"',
         extra_mapping,
     ]
     path.write_text("\n".join(lines) + "\n")
@@ -331,19 +337,21 @@ async def read_sink(sink: Sink, collection: str, dimension: int = 384) -> dict[s
     return {r.id: r async for r in sink.scroll(collection, with_vectors=True)}
 
 
-async def assert_converged(config: Config, app: App, sink: Sink) -> None:
+async def assert_converged(
+    config: Config, app: App, sink: Sink, mapping: MappingConfig | None = None
+) -> None:
     """The sink holds exactly one point per live row, with the vector of its current text
     and its current payload — read from both stores directly (a chunked mapping: exactly
     the chunk points of a chunking of each current row)."""
-    mapping = config.mappings[0]
+    mapping = mapping or config.mappings[0]
     renderer = Renderer(mapping)
     embedder = HashEmbedder()
     rows = app.rows()
     points = await read_sink(sink, mapping.collection_name)
     if mapping.chunking is not None:
-        assert_chunks_match(config, rows, points)
+        assert_chunks_match(config, rows, points, mapping)
         return
-    expected_ids = {point_id(mapping.name, k): k for k in rows}
+    expected_ids = {point_id(mapping.family, k): k for k in rows}
     missing, orphaned = set(expected_ids) - set(points), set(points) - set(expected_ids)
     assert not missing and not orphaned, f"missing {len(missing)}, orphaned {len(orphaned)}"
     for pid, key in expected_ids.items():
@@ -359,11 +367,14 @@ async def assert_converged(config: Config, app: App, sink: Sink) -> None:
 
 
 def assert_chunks_match(
-    config: Config, rows: dict[Any, dict[str, Any]], points: dict[str, Any]
+    config: Config,
+    rows: dict[Any, dict[str, Any]],
+    points: dict[str, Any],
+    mapping: MappingConfig | None = None,
 ) -> None:
     """Every chunk point equals a chunking of its current row (id, payload, position
     fields, vector of its own text), and there is no other point."""
-    mapping = config.mappings[0]
+    mapping = mapping or config.mappings[0]
     assert mapping.chunking is not None
     renderer = Renderer(mapping)
     embedder = HashEmbedder()
@@ -374,7 +385,7 @@ def assert_chunks_match(
         rendered = renderer.render(row)
         chunks = chunker.split(rendered.text)
         for c in chunks:
-            pid = chunk_point_id(mapping.name, key, c)
+            pid = chunk_point_id(mapping.family, key, c)
             expected[pid] = (key, c, len(chunks), rendered.payload, rendered.text)
     missing, orphaned = set(expected) - set(points), set(points) - set(expected)
     assert not missing and not orphaned, f"missing {len(missing)}, orphaned {len(orphaned)}"
@@ -424,20 +435,22 @@ async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> 
 
 
 async def check(config_path: Path, app: App) -> None:
-    """The project's sink (opened directly from its config) matches the app's rows."""
+    """The project's sink (opened directly from its config) matches the app's rows; each
+    of them, for a mapping with several sinks."""
     from vectorsync.engine import build_sink
 
     config = load(config_path)
-    name = config.mappings[0].sink
+    first = config.mappings[0]
     cwd = Path.cwd()
     os.chdir(config_path.parent)  # a sink's relative path is the project's
     try:
-        sink = build_sink(name, config.sinks[name], config)
-        await sink.open()
-        try:
-            await assert_converged(config, app, sink)
-        finally:
-            await sink.close()
+        for m in (m for m in config.mappings if m.family == first.family):
+            sink = build_sink(m.sink, config.sinks[m.sink], config)
+            await sink.open()
+            try:
+                await assert_converged(config, app, sink, m)
+            finally:
+                await sink.close()
     finally:
         os.chdir(cwd)
 

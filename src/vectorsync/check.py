@@ -187,8 +187,10 @@ class Checker:
         resolve: Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None = None,
         state_name: str | None = None,
         chunker: Chunker | None = None,
+        family: str | None = None,
     ) -> None:
         self.mapping, self.source, self.table, self.key = mapping, source, table, key
+        self.family = family or mapping  # the name point ids derive from (MappingConfig.family)
         self.state_name = state_name or mapping  # the index version's record state
         self.resolve = resolve  # completes rows as the sync does (related fields)
         self.renderer, self.sink, self.collection = renderer, sink, collection
@@ -210,7 +212,7 @@ class Checker:
             text_hash=content_hash(self.model_id, rendered.text),
             payload_hash=rendered.payload_hash,
             schema=self.schema_version,
-            point_id=point_id(self.mapping, row[self.key]),
+            point_id=point_id(self.family, row[self.key]),
         )
 
     def _chunk_entries(
@@ -231,7 +233,7 @@ class Checker:
             }
             if self.chunker.config.store_text:
                 fields["chunk_text"] = c.text
-            pid = chunk_point_id(self.mapping, key, c)
+            pid = chunk_point_id(self.family, key, c)
             entry = _Entry(
                 text_hash=content_hash(self.model_id, c.text),
                 payload_hash=payload_hash(fields),
@@ -266,7 +268,7 @@ class Checker:
         return {d.key for d in letters if d.status in ("pending", "processing")}
 
     def _known_drift(self, keys: Iterable[Key]) -> list[Drift]:
-        return [Drift(category=KNOWN, key=k, point_id=point_id(self.mapping, k)) for k in keys]
+        return [Drift(category=KNOWN, key=k, point_id=point_id(self.family, k)) for k in keys]
 
     async def _rows(self, page: int = 2000) -> AsyncIterator[dict[str, Any]]:
         """Every current source row, completed the way the sync completes it."""
@@ -318,7 +320,7 @@ class Checker:
         async for record in self.sink.scroll(self.collection, page=2000):
             points += 1
             key = record.payload.get("_vs_key")
-            if key is None or (self.chunker is None and record.id != point_id(self.mapping, key)):
+            if key is None or (self.chunker is None and record.id != point_id(self.family, key)):
                 foreign.append(record.id)
             elif key in unrenderable:
                 pointed.add(key)
@@ -344,7 +346,7 @@ class Checker:
         drift = self._known_drift(present)
         for key in unrenderable:  # the sync would dead-letter it (and keep its point)
             category: Category = "stale" if key in pointed else "missing"
-            drift.append(Drift(category=category, key=key, point_id=point_id(self.mapping, key)))
+            drift.append(Drift(category=category, key=key, point_id=point_id(self.family, key)))
         drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
         suspects = list(dict.fromkeys([*differ, *unmatched]))
         del unmatched, differ
@@ -443,7 +445,7 @@ class Checker:
                 current[str(key)] = (key, row_digest(row, self.digest_columns))
         drift = []
         for skey in sorted(k for k in set(synced) | set(current) if key_text(k) not in known):
-            pid = point_id(self.mapping, skey)
+            pid = point_id(self.family, skey)
             if skey not in synced:
                 drift.append(Drift(category="missing", key=current[skey][0], point_id=pid))
             elif skey not in current:
@@ -529,7 +531,7 @@ class Checker:
                 entries = self._chunk_entries(key, rendered)
             except RecordError:  # unrenderable, not yet known
                 category: Category = "stale" if points else "missing"
-                pid = point_id(self.mapping, key)
+                pid = point_id(self.family, key)
                 drift.append(Drift(category=category, key=key, point_id=pid, unrenderable=True))
                 continue
             for pid, (src, fields) in entries.items():
@@ -561,7 +563,7 @@ class Checker:
             await self.resolve(rows)
         if self.chunker is not None:
             return await self._chunked_compare(keys, rows, held)
-        ids = {point_id(self.mapping, k): k for k in keys}
+        ids = {point_id(self.family, k): k for k in keys}
         found = {r.id: r for r in await self.sink.retrieve(self.collection, list(ids))}
         drift: list[Drift] = []
         for pid, key in ids.items():
@@ -612,8 +614,8 @@ class Checker:
         present = [k for k in keys if key_text(k) in known]
         unsynced: list[Key] = []  # chunked records the record state has no chunks of
         if self.chunker is None:
-            expected = {point_id(self.mapping, k): k for k in keys if key_text(k) not in known}
-            kept = [point_id(self.mapping, k) for k in present]
+            expected = {point_id(self.family, k): k for k in keys if key_text(k) not in known}
+            kept = [point_id(self.family, k) for k in present]
         else:
             expected, kept, unsynced = await self._listed_chunks(keys, known)
         sink_ids = [
@@ -625,7 +627,7 @@ class Checker:
         in_source.update([*expected, *kept])
         drift = self._known_drift(present)
         drift += [
-            Drift(category="missing", key=k, point_id=point_id(self.mapping, k)) for k in unsynced
+            Drift(category="missing", key=k, point_id=point_id(self.family, k)) for k in unsynced
         ]
         drift += [
             Drift(category="missing", key=k, point_id=pid)

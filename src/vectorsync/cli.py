@@ -465,6 +465,13 @@ def status(
     out.print(table)
     for problem in sorted({p for r in rows for p in r["sink_problems"]}):
         _problem("sink problem", problem)
+    for r in rows:
+        if r["backlog"]:
+            _problem(
+                "sink behind",
+                f"{r['mapping']}: {r['backlog']} records not yet written to sink {r['sink']!r} "
+                "(it was down); they are caught up from the source while it is reachable",
+            )
     truncated = {r["mapping"]: r["counters"].get("truncated", 0) for r in rows}
     for name, n in truncated.items():
         if n:

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -443,7 +451,12 @@ class MappingConfig(_Frozen):
     key: str = "id"
     text: str = Field(min_length=1, description="Jinja2 template over the row")
     payload: tuple[str, ...] = ()
-    sink: str
+    sink: str = Field(default="", description="the sink it writes (or sinks, for several)")
+    sinks: tuple[str, ...] = Field(
+        default=(),
+        description="several sinks, each kept in step on its own: the mapping runs as one "
+        "copy per sink, named <mapping>.<sink> after the first (see docs/sinks.md)",
+    )
     collection: str | None = Field(
         default=None, description="default: the mapping's name (letters, digits, _ . -)"
     )
@@ -464,8 +477,17 @@ class MappingConfig(_Frozen):
         default=None, description="cut the text into chunks, one point each"
     )
 
+    _family: str | None = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _table_or_match(self) -> MappingConfig:
+        if bool(self.sink) == bool(self.sinks):
+            raise ValueError(
+                'name the sink it writes: sink = "vectors", or sinks = ["vectors", "graph"] '
+                "for several (not both)"
+            )
+        if len(set(self.sinks)) != len(self.sinks):
+            raise ValueError(f"sinks {list(self.sinks)} names a sink twice")
         if self.match is not None:
             from .related import node_pattern
 
@@ -514,6 +536,35 @@ class MappingConfig(_Frozen):
         return self.collection or self.name
 
     @property
+    def family(self) -> str:
+        """The mapping as configured: a mapping with several sinks runs as one copy per
+        sink, and every copy derives its point ids from this name (the same record has the
+        same id in every sink)."""
+        return self._family or self.name
+
+    def per_sink(self) -> list[MappingConfig]:
+        """The mapping as it runs: itself for one sink; for ``sinks = [a, b, …]``, a copy
+        per sink — the first keeps the mapping's name (its state and collection stay valid
+        when sinks are added), the others are named ``<mapping>.<sink>``, each with its own
+        record state, index versions, checks and backlog."""
+        if not self.sinks:
+            return [self]
+        out = []
+        for i, sink in enumerate(self.sinks):
+            name = self.name if i == 0 else f"{self.name}.{sink}"
+            copy = self.model_copy(
+                update={
+                    "name": name,
+                    "sink": sink,
+                    "sinks": (),
+                    "collection": self.collection_name,
+                }
+            )
+            copy._family = self.name
+            out.append(copy)
+        return out
+
+    @property
     def text_limit(self) -> int:
         """The most characters of rendered text synced: ``max_text_length``; a chunked
         mapping embeds chunks, not the whole text, so there its default is 10,000,000."""
@@ -538,6 +589,13 @@ class SyncConfig(_Frozen):
         description="how long the previous index version is kept (and maintained) after a "
         "swap, for `vectorsync reindex --rollback`: 24h, 30m, 90s, 2d",
     )
+    sink_outage_after: float = Field(
+        default=5.0,
+        gt=0,
+        description="a mapping with several sinks: seconds a sink's writes may fail before its "
+        "records are left in its backlog (caught up from the source when it is back) so the "
+        "other sinks go on",
+    )
 
 
 class HttpConfig(_Frozen):
@@ -559,6 +617,8 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
+        # a mapping with several sinks runs as one mapping per sink (MappingConfig.per_sink)
+        object.__setattr__(self, "mappings", tuple(c for m in self.mappings for c in m.per_sink()))
         seen: set[str] = set()
         collections: dict[tuple[str, str], str] = {}
         for i, m in enumerate(self.mappings):

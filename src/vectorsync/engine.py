@@ -102,6 +102,7 @@ class MappingStatus:
     dead_letters: int
     counters: dict[str, int]
     sink_problems: list[str] = field(default_factory=list)  # what stops the sink taking writes
+    backlog: int = 0  # records its sink was not written while down (several-sink mappings)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -724,6 +725,7 @@ class Engine:
                     on_backfilled=self.index.backfilled,
                     expiring=partial(self.index.expiring, name),
                     on_expired=partial(self.source_targets, name),
+                    outage_after=self.config.sync.sink_outage_after,
                 )
                 for name, source in self.sources.items()
             ]
@@ -966,6 +968,7 @@ class Engine:
             digest_columns=self.digest_columns(cfg),
             resolve=self.resolver(m),
             chunker=chunker_for(made.get("chunking")),
+            family=m.family,
         )
 
     async def check(
@@ -1228,6 +1231,7 @@ class Engine:
     async def status(self) -> list[MappingStatus]:
         result = []
         now = time.time()
+        behind = await self.state.backlog_counts()
         for m in self.config.mappings:
             source = self.sources[m.source]
             position = await self._applied(m.source)
@@ -1250,6 +1254,7 @@ class Engine:
                     dead_letters=counts.dead_letters,
                     counters=counts.counters,
                     sink_problems=await self._problems(m.sink),
+                    backlog=behind.get(m.name, 0),
                 )
             )
         return result

@@ -62,7 +62,11 @@ async def prometheus_text(engine: Engine) -> bytes:
     )
     from prometheus_client.registry import Collector
 
-    stats = {**await engine.stats(), "collection_sizes": await engine.collection_sizes()}
+    stats = {
+        **await engine.stats(),
+        "collection_sizes": await engine.collection_sizes(),
+        "sink_backlog": await engine.state.backlog_counts(),
+    }
 
     class _Snapshot(Collector):
         def collect(self) -> Iterator[Any]:
@@ -151,6 +155,14 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
     for mapping, size in stats["collection_sizes"].items():
         sizes.add_metric([mapping], size)
     yield sizes
+    behind = gauge(
+        "vectorsync_sink_backlog",
+        "Records a sink of a several-sink mapping was not written while it was down",
+        labels=["mapping"],
+    )
+    for mapping, n in stats["sink_backlog"].items():
+        behind.add_metric([mapping], n)
+    yield behind
     for name, doc in (
         ("lag_seconds", "Age of the oldest unapplied change"),
         ("lag_changes", "Changes committed but not applied"),

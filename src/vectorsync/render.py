@@ -98,8 +98,7 @@ class Renderer:
         if any(type(value) is InvalidText for value in row.values()):
             name, bad = next((n, v) for n, v in row.items() if type(v) is InvalidText)
             raise RecordError(
-                f"column {name!r} is not valid UTF-8 ({bytes(bad)[:40]!r}); "
-                "fix the row's encoding",
+                f"column {name!r} is not valid UTF-8 ({bytes(bad)[:40]!r}); fix the row's encoding",
                 kind="invalid_utf8",
             )
         text = self._text(row)

@@ -55,6 +55,7 @@ from .model import (
     point_id,
     row_digest,
 )
+from .outages import Outages
 from .related import Relation
 from .render import Renderer
 from .sinks.base import Sink
@@ -157,6 +158,8 @@ class _MappingWork:
     state_only: list[RecordState] = field(default_factory=list)  # no sink write needed
     failed: list[DeadLetter] = field(default_factory=list)
     done: list[str] = field(default_factory=list)  # keys now consistent (resolve their DLQ)
+    keys: list[str] = field(default_factory=list)  # every key planned (a deferral's backlog)
+    deferred: bool = False  # its sink is down: not written, its keys go to the backlog
     processed: int = 0
     inserted: int = 0
     text_changed: int = 0  # records written in full (new or with a new text)
@@ -178,6 +181,8 @@ class _Batch:
     backfill: Backfill | None = None  # a page of a backfill (no change of the feed)
     checkpoints: list[tuple[str, int, Key | None, int, bool]] = field(default_factory=list)
     emitted: float = 0.0  # monotonic time the batch was planned
+    probe: str | None = None  # a page of this target's backlog (see outages)
+    caught: list[str] = field(default_factory=list)  # the backlog keys a probe re-reads
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,8 +224,10 @@ class SourceWorker:
         | None = None,
         expiring: Callable[[], bool] | None = None,
         on_expired: Callable[[], Awaitable[Sequence[MappingRuntime]]] | None = None,
+        outage_after: float = 5.0,
     ) -> None:
         self.source = source
+        self._outages = Outages(outage_after)
         self.run_id = run_id
         self.lease = lease  # (name, holder, token): fences every batch commit
         self.state = state
@@ -257,14 +264,19 @@ class SourceWorker:
         self._epoch = ""
         self._epoch_changed = False
         self._truncation_logged: set[str] = set()
+        self._once = False
 
     def _use(self, mappings: Sequence[MappingRuntime]) -> None:
         self._by_table.clear()
         self._watch.clear()
+        families: dict[str, set[str]] = {}
         for m in mappings:
             self._by_table.setdefault(m.config.table, []).append(m)
             for rel in m.relations:
                 self._watch.setdefault(rel.table, []).append((m, rel))
+            families.setdefault(m.config.family, set()).add(m.config.name)
+        # the targets of a mapping with several sinks: one sink down holds no other back
+        self._outages.isolated = {m.name for m in mappings if len(families[m.config.family]) > 1}
 
     # -- the pipeline -------------------------------------------------------------------
     async def run(self, *, once: bool, stop: asyncio.Event) -> None:
@@ -277,6 +289,9 @@ class SourceWorker:
                 letters = await self.state.dead_letters(m.name, status="pending")
                 self._pending_dlq[m.name] = {d.key for d in letters}
         self._stop = stop
+        self._once = once
+        backlog = await self.state.backlog_counts()
+        self._outages.behind = {t for t in self._outages.isolated if backlog.get(t)}
         redone = await self.state.redo_inflight(self.source.name)
         _failpoints.hit("after_redo_inflight")
         if redone:
@@ -351,7 +366,10 @@ class SourceWorker:
     async def _prepare_stage(
         self, cursor: int, target: int | None, stop: asyncio.Event, out: asyncio.Queue[Any]
     ) -> None:
-        while not stop.is_set() and (target is None or cursor < target or self._backfills):
+        outages = self._outages
+        while not stop.is_set() and (
+            target is None or cursor < target or self._backfills or outages.pending(once=True)
+        ):
             if self._on_expired is not None and self._expiring():
                 self._expire = True
                 break  # drain, then drop it (see run)
@@ -368,6 +386,7 @@ class SourceWorker:
                 _failpoints.hit("after_read_changes")
                 cursor = changes[-1].position
                 await out.put(await self._prepare(changes))
+            probed = await self._probe(cursor, out)
             if self._backfills:  # a page after every batch of live changes, or when idle
                 bf = self._backfills[0]
                 if not bf.room():  # its budget is in flight: wait for a page's commit
@@ -380,10 +399,10 @@ class SourceWorker:
                 if self._backfilled is not None:
                     break  # drain, then verify and swap (see run)
                 continue
-            if changes:
+            if changes or probed:
                 continue
-            if target is not None:  # nothing left up to the target: finish there
-                await out.put(_Batch(position=target, changes=0, work=[]))
+            if target is not None and cursor >= target and not outages.pending(once=True):
+                await out.put(_Batch(position=target, changes=0, work=[]))  # finish there
                 break
             await self._idle(stop)
             if await self._current_epoch() != self._epoch:
@@ -425,6 +444,37 @@ class SourceWorker:
         bf.after = keys[-1]
         return batch
 
+    async def _probe(self, cursor: int, out: asyncio.Queue[Any]) -> bool:
+        """Plan a page of backlog for each target whose turn it is (see outages): its keys
+        re-read as snapshot changes, for that target alone. True if one was planned."""
+        planned = False
+        for targets in list(self._by_table.values()):
+            for m in targets:
+                if m.name not in self._outages.isolated:
+                    continue
+                if not self._outages.probe_due(m.name, once=self._once):
+                    continue
+                keys = await self._retry(
+                    "read the sink backlog",
+                    partial(self.state.backlog, m.name, self._batch_size),
+                    self._stop,
+                )
+                if not keys:
+                    self._outages.behind.discard(m.name)
+                    continue
+                table = m.config.table
+                changes = [
+                    Change(table=table, key=m.native_key(k), op="snapshot", position=cursor)
+                    for k in keys
+                ]
+                batch = await self._prepare(changes, only=m)
+                batch.changes = 0  # no change of the feed was read
+                batch.probe, batch.caught = m.name, keys
+                self._outages.probing.add(m.name)
+                await out.put(batch)
+                planned = True
+        return planned
+
     async def _idle(self, stop: asyncio.Event, *also: Awaitable[Any]) -> None:
         """Wait for the source to signal new changes (or ``also``), at most one poll
         interval."""
@@ -443,6 +493,10 @@ class SourceWorker:
     async def _embed_stage(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
         while (batch := await inp.get()) is not _DONE:
             for work in batch.work:
+                name = work.mapping.name
+                if self._outages.is_down(name) and batch.probe != name:
+                    work.deferred = True  # to the backlog, embedded when it is caught up
+                    continue
                 await self._embed(work)
             _failpoints.hit("after_embed")
             await out.put(batch)
@@ -475,7 +529,10 @@ class SourceWorker:
                 await self._retry("journal batch", journal, stop)
                 _failpoints.hit("after_journal")
             for work in batch.work:
-                await self._write(work, stop)
+                if work.mapping.name in self._outages.isolated:
+                    await self._write_isolated(batch, work, stop)
+                else:
+                    await self._write(work, stop)
             _failpoints.hit("after_sink_write")
             commit = self._commit_for(batch)
             await self._retry("commit state", partial(self.state.commit, commit), stop)
@@ -496,7 +553,11 @@ class SourceWorker:
             self._report(batch, target)
 
     async def _retry(
-        self, what: str, call: Callable[[], Awaitable[Any]], stop: asyncio.Event
+        self,
+        what: str,
+        call: Callable[[], Awaitable[Any]],
+        stop: asyncio.Event,
+        backoff: Backoff | None = None,
     ) -> Any:
         """Retry transient failures; each incident is one error-log entry whose retry count
         follows the attempts and which is resolved when the call succeeds."""
@@ -545,7 +606,7 @@ class SourceWorker:
         return await retrying(
             f"{self.source.name}: {what}",
             call,
-            self._backoff,
+            backoff or self._backoff,
             stop,
             on_retry=on_retry,
             on_recovered=on_recovered,
@@ -603,6 +664,8 @@ class SourceWorker:
                     work.failed.append(_dead_letter(m.name, change.key, change, error, None))
                 await self._plan(work, keyed, own, batch)
                 batch.work.append(work)
+                flying = self._outages.in_flight
+                flying[m.name] = flying.get(m.name, 0) + 1
         return batch
 
     async def _fan_out(self, by_table: dict[str, dict[Key, Change]]) -> None:
@@ -663,7 +726,8 @@ class SourceWorker:
         batch: _Batch,
     ) -> None:
         m = work.mapping
-        states = await self._states(m.name, [str(k) for k in keyed])
+        work.keys = [str(k) for k in keyed]
+        states = await self._states(m.name, work.keys)
         now = time.time()
         work.processed += len(keyed)
         for key, change in keyed.items():
@@ -679,7 +743,7 @@ class SourceWorker:
             if row is None:
                 # Delete even without state: a crash after a sink write but before the state
                 # commit leaves a point that no state row knows of.
-                work.deletes.append((skey, point_id(m.config.name, key)))
+                work.deletes.append((skey, point_id(m.config.family, key)))
                 if state is not None and state.chunks is not None:
                     work.drops.extend((skey, pid) for pid in state.point_ids)
                 self._plan_state(batch, (m.name, skey), None)
@@ -694,7 +758,10 @@ class SourceWorker:
                 self._truncated_text(work, key)
             work.bytes += len(rendered.text.encode())
             text_hash = content_hash(m.embedder.model_id, rendered.text)
-            version = max(change.position, state.source_version if state else 0)
+            # the row as re-read now is at least as new as the batch's last position: one
+            # version for the whole batch lets payload updates that set the same values
+            # go to the sink as one call (sinks.base.same_updates)
+            version = max(batch.position, state.source_version if state else 0)
             payload = {
                 **rendered.payload,
                 "_vs_key": key,
@@ -707,7 +774,7 @@ class SourceWorker:
                 key=skey,
                 point_id=state.point_id
                 if state and state.point_id
-                else point_id(m.config.name, key),
+                else point_id(m.config.family, key),
                 text_hash=text_hash,
                 payload_hash=rendered.payload_hash,
                 source_version=version,
@@ -789,7 +856,7 @@ class SourceWorker:
         chunks = m.chunker.split(text)
         model = m.embedder.model_id
         refs = tuple(
-            (chunk_point_id(m.config.name, key, c), content_hash(model, c.text), c.start, c.end)
+            (chunk_point_id(m.config.family, key, c), content_hash(model, c.text), c.start, c.end)
             for c in chunks
         )
         st = replace(new, chunks=refs)
@@ -945,7 +1012,47 @@ class SourceWorker:
         return {h: v for (h, _), v in zip(chunk, vectors, strict=True)}
 
     # -- write --------------------------------------------------------------------------
-    async def _write(self, work: _MappingWork, stop: asyncio.Event) -> None:
+    async def _write_isolated(self, batch: _Batch, work: _MappingWork, stop: asyncio.Event) -> None:
+        """Write a target of a several-sink mapping, or leave its share in the backlog:
+        when its sink is down already, or when its writes fail for ``outage_after``."""
+        name, outages = work.mapping.name, self._outages
+        probe = batch.probe == name
+        if work.deferred or (outages.is_down(name) and not probe):
+            work.deferred = True
+            return
+        budget = outages.outage_after
+        backoff = replace(self._backoff, deadline=budget, max_attempts=None, maximum=budget / 4)
+        try:  # a call that hangs counts as failing once twice the budget has passed
+            await asyncio.wait_for(self._write(work, stop, backoff), timeout=2 * budget)
+        except (RetryableError, TimeoutError) as exc:
+            work.deferred = True
+            was_down = outages.is_down(name)
+            outages.failed(name)
+            if probe and self._once:
+                outages.given_up.add(name)
+            if not was_down:
+                logger.error(
+                    "sink %s of mapping %s is down (%s): its records are kept in its backlog "
+                    "and caught up from the source when it is back; the mapping's other sinks "
+                    "go on",
+                    work.mapping.config.sink,
+                    name,
+                    describe(exc) if isinstance(exc, RetryableError) else "writes hang",
+                    extra={"action": "sink_down", "mapping": name},
+                )
+            return
+        if outages.is_down(name):
+            outages.recovered(name)
+            logger.warning(
+                "sink %s of mapping %s is back: catching up its backlog",
+                work.mapping.config.sink,
+                name,
+                extra={"action": "sink_back", "mapping": name},
+            )
+
+    async def _write(
+        self, work: _MappingWork, stop: asyncio.Event, backoff: Backoff | None = None
+    ) -> None:
         m = work.mapping
         sink, coll = m.sink, m.collection
         points = [Point(id=u.id, vector=u.vector or [], payload=u.payload) for u in work.upserts]
@@ -954,7 +1061,7 @@ class SourceWorker:
             chunk = points[i : i + _WRITE_CHUNK]
             rejected.update(
                 await self._isolating(
-                    f"upsert into {coll}", chunk, partial(sink.upsert, coll), stop
+                    f"upsert into {coll}", chunk, partial(sink.upsert, coll), stop, backoff
                 )
             )
             _failpoints.hit("after_sink_call")
@@ -971,6 +1078,7 @@ class SourceWorker:
                     part,
                     partial(self._update_payloads, sink, coll, missing),
                     stop,
+                    backoff,
                 )
             )
             _failpoints.hit("after_sink_call")
@@ -996,7 +1104,8 @@ class SourceWorker:
         ids = list(dict.fromkeys([*(pid for _, pid in work.deletes), *(p for _, p in work.drops)]))
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]
-            await self._retry(f"delete from {coll}", partial(sink.delete, coll, part_ids), stop)
+            delete = partial(sink.delete, coll, part_ids)
+            await self._retry(f"delete from {coll}", delete, stop, backoff)
             _failpoints.hit("after_sink_call")
 
     @staticmethod
@@ -1011,19 +1120,20 @@ class SourceWorker:
         items: Sequence[Point] | Sequence[PayloadUpdate],
         call: Callable[[Any], Awaitable[Any]],
         stop: asyncio.Event,
+        backoff: Backoff | None = None,
     ) -> dict[str, PermanentError]:
         """Write ``items``; if the sink rejects the batch permanently, bisect it to find the
         points it rejects (returned by id) and write the rest."""
         try:
-            await self._retry(what, partial(call, items), stop)
+            await self._retry(what, partial(call, items), stop, backoff)
             return {}
         except PermanentError as exc:
             if len(items) == 1:
                 return {items[0].id: exc}
             mid = len(items) // 2
             return {
-                **await self._isolating(what, items[:mid], call, stop),
-                **await self._isolating(what, items[mid:], call, stop),
+                **await self._isolating(what, items[:mid], call, stop, backoff),
+                **await self._isolating(what, items[mid:], call, stop, backoff),
             }
 
     def _dead_letter_rejected(
@@ -1061,6 +1171,15 @@ class SourceWorker:
         for work in batch.work:
             name = work.mapping.name
             model = work.mapping.embedder.model_id
+            if work.deferred:  # its sink is down: nothing written, its keys kept to catch up
+                refused = {d.key for d in work.failed}
+                commit.backlog.extend((name, k) for k in work.keys if k not in refused)
+                commit.dead_letters.extend(work.failed)
+                for name_, n in self._counts(work).items():
+                    commit.count(name, name_, n)
+                continue
+            if batch.probe == name:
+                commit.caught_up.extend((name, k) for k in batch.caught)
             states = {
                 st.key: st
                 for st in (
@@ -1084,6 +1203,14 @@ class SourceWorker:
 
     @staticmethod
     def _counts(work: _MappingWork) -> dict[str, int]:
+        if work.deferred:
+            return {
+                "processed": work.processed,
+                "deferred": len(work.keys) - len(work.failed),
+                "failed": len(work.failed),
+                "embedded": work.embedded,
+                "cache_hits": work.cache_hits,
+            }
         return {
             "processed": work.processed,
             "inserted": work.inserted,
@@ -1106,11 +1233,18 @@ class SourceWorker:
         for key_pair, planned in batch.planned:
             if self._overlay.get(key_pair, planned) is planned:
                 self._overlay.pop(key_pair, None)
+        if batch.probe is not None:
+            self._outages.probing.discard(batch.probe)
         for work in batch.work:
+            flying = self._outages.in_flight
+            flying[work.mapping.name] = flying.get(work.mapping.name, 1) - 1
             for u in work.upserts:
                 self._inflight_vectors.pop(u.text_hash, None)
+            if work.deferred:
+                self._outages.behind.add(work.mapping.name)
             pending = self._pending_dlq.setdefault(work.mapping.name, set())
-            pending.difference_update(work.done)
+            if not work.deferred:
+                pending.difference_update(work.done)
             pending.update(d.key for d in work.failed)
             for d in work.failed:
                 logger.warning(

@@ -128,6 +128,37 @@ async def test_payload_updates_set_and_unset_fields_and_keep_the_vector(sink: Si
     assert rec.payload == nulled  # null is stored, not dropped
 
 
+async def test_payload_updates_that_share_a_change_land_on_each_point(sink: Sink) -> None:
+    """Updates setting the same values go as one call where the sink groups them: each
+    point still gets exactly its own change, next to points changed differently."""
+    base = {"status": "new", "n": 0, "tag": "x"}
+    points = [Point(id=_id(i), vector=[1, 0, 0, float(i)], payload=base) for i in range(1, 9)]
+    await sink.upsert("docs", points)
+    archived = {**base, "status": "archived"}
+    updates = [
+        *(
+            PayloadUpdate(id=_id(i), set={"status": "archived"}, payload=archived)
+            for i in (1, 2, 3)
+        ),
+        PayloadUpdate(id=_id(4), set={"status": "archived", "n": 4}, payload={**archived, "n": 4}),
+        *(
+            PayloadUpdate(id=_id(i), set={}, unset=("tag",), payload={"status": "new", "n": 0})
+            for i in (5, 6)
+        ),
+        PayloadUpdate(id=_id(7), set={"status": None}, payload={**base, "status": None}),
+        PayloadUpdate(id=_id(99), set={"status": "archived"}, payload=archived),  # absent
+    ]
+    assert await sink.update_payloads("docs", updates) == [_id(99)]
+    got = {r.id: r.payload for r in await sink.retrieve("docs", [_id(i) for i in range(1, 9)])}
+    assert got == {
+        **{_id(i): archived for i in (1, 2, 3)},
+        _id(4): {**archived, "n": 4},
+        **{_id(i): {"status": "new", "n": 0} for i in (5, 6)},
+        _id(7): {**base, "status": None},
+        _id(8): base,
+    }
+
+
 async def test_delete_scroll_and_search(sink: Sink) -> None:
     points = [Point(id=_id(i), vector=[1.0, float(i), 0, 0], payload={"n": i}) for i in range(25)]
     await sink.upsert("docs", points)

@@ -315,7 +315,7 @@ class IndexService:
     async def _repair(self, target: MappingRuntime, verdict: _Verdict) -> None:
         """Remove the points that failed and forget their record state: the backfill that
         runs again writes each record that has a row anew."""
-        ids = [*verdict.stray, *(point_id(target.config.name, k) for k in verdict.rewrite)]
+        ids = [*verdict.stray, *(point_id(target.config.family, k) for k in verdict.rewrite)]
         if ids:
             await target.sink.delete(target.collection, ids)
         if verdict.rewrite:
@@ -403,6 +403,7 @@ class IndexService:
             resolve=target.resolve,
             state_name=target.name,
             chunker=target.chunker,
+            family=m.family,
         )
 
     async def swap(self, m: MappingConfig, live: IndexVersion, new: IndexVersion) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import orjson
 
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 
@@ -35,6 +37,24 @@ class CollectionSpec:
 class Hit:
     score: float
     record: SinkRecord
+
+
+def same_updates(
+    updates: Sequence[PayloadUpdate],
+) -> list[tuple[list[str], dict[str, Any], tuple[str, ...]]]:
+    """Payload updates that set the same values and drop the same fields, as one
+    ``(ids, set, unset)`` group each, in first-seen order: a bulk change of one column
+    (a status flipped on many rows) becomes one sink call instead of one per point."""
+    groups: dict[bytes, tuple[list[str], dict[str, Any], tuple[str, ...]]] = {}
+    for u in updates:
+        unset = tuple(sorted(u.unset))
+        same = orjson.dumps([u.set, unset], option=orjson.OPT_SORT_KEYS, default=repr)
+        group = groups.get(same)
+        if group is None:
+            groups[same] = ([u.id], u.set, unset)
+        else:
+            group[0].append(u.id)
+    return list(groups.values())
 
 
 def index_type_for(declared: str) -> IndexType | None:

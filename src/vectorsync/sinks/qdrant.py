@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PermanentError, SinkError, VectorsyncError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from ._aliases import check_drop, check_set_alias, rename_unsupported
-from .base import CollectionSpec, Hit
+from .base import CollectionSpec, Hit, same_updates
 
 if TYPE_CHECKING:
     from qdrant_client import AsyncQdrantClient
@@ -119,26 +119,28 @@ class QdrantSink:
 
         found = {r.id for r in await self.retrieve(collection, [u.id for u in updates])}
         ops: list[models.UpdateOperation] = []
-        for u in updates:
-            if u.id not in found:
-                continue
+        present = [u for u in updates if u.id in found]
+        rest = []
+        for u in present:
             if any(v is None for v in u.set.values()):  # set_payload drops nulls
                 ops.append(
                     models.OverwritePayloadOperation(
                         overwrite_payload=models.SetPayload(payload=u.payload, points=[u.id])
                     )
                 )
-                continue
-            if u.set:
+            else:
+                rest.append(u)
+        for group, changed, unset in same_updates(rest):  # one operation per distinct change
+            if changed:
                 ops.append(
                     models.SetPayloadOperation(
-                        set_payload=models.SetPayload(payload=u.set, points=[u.id])
+                        set_payload=models.SetPayload(payload=changed, points=list(group))
                     )
                 )
-            if u.unset:
+            if unset:
                 ops.append(
                     models.DeletePayloadOperation(
-                        delete_payload=models.DeletePayload(keys=list(u.unset), points=[u.id])
+                        delete_payload=models.DeletePayload(keys=list(unset), points=list(group))
                     )
                 )
         if ops:

@@ -39,7 +39,7 @@ from ..errors import PermanentError, SinkError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from . import _edge_folders as folders
 from ._aliases import check_drop, check_rename, check_set_alias
-from .base import CollectionSpec, Hit
+from .base import CollectionSpec, Hit, same_updates
 
 __all__ = ["QdrantEdgeSink"]
 
@@ -259,10 +259,11 @@ class QdrantEdgeSink:
         return await self._lane.run(self._update_payloads, collection, updates)
 
     def _update_payloads(self, collection: str, updates: Sequence[PayloadUpdate]) -> list[str]:
-        # qdrant-edge has no batched payload update: one call per point. Sending only the
-        # changed fields halves its cost (~15 µs vs ~32 µs for a whole payload with indexes).
-        # Each call releases and re-takes the GIL, so it slows while other Python threads
-        # are busy; reading vectors back for one batched upsert measured slower still.
+        # qdrant-edge has no batched per-point payload update: one call per distinct change
+        # (updates that set the same values share one call, see same_updates). Sending only
+        # the changed fields halves a call's cost (~15 µs vs ~32 µs for a whole payload with
+        # indexes). Each call releases and re-takes the GIL, so it slows while other Python
+        # threads are busy; reading vectors back for one batched upsert measured slower still.
         import qdrant_edge as qe
 
         shard = self._shard(collection)
@@ -271,17 +272,17 @@ class QdrantEdgeSink:
         with wrap_errors(f"update payloads in {collection!r}"):
             ids: list[Any] = [u.id for u in updates]
             found = {str(r.id) for r in shard.retrieve(ids, with_payload=False, with_vector=False)}
-            for u in updates:
-                if u.id not in found:
-                    continue
-                if any(v is None for v in u.set.values()):
-                    # set_payload drops null values instead of storing them
-                    shard.update(op.overwrite_payload([u.id], u.payload))
-                    continue
-                if u.set:
-                    shard.update(op.set_payload([u.id], u.set))
-                if u.unset:
-                    shard.update(op.delete_payload([u.id], list(u.unset)))
+            present = [u for u in updates if u.id in found]
+            nulls = [u for u in present if any(v is None for v in u.set.values())]
+            for u in nulls:  # set_payload drops null values instead of storing them
+                shard.update(op.overwrite_payload([u.id], u.payload))
+            rest = [u for u in present if not any(v is None for v in u.set.values())]
+            for group, changed, unset in same_updates(rest):
+                points: list[Any] = list(group)
+                if changed:
+                    shard.update(op.set_payload(points, changed))
+                if unset:
+                    shard.update(op.delete_payload(points, list(unset)))
         return [u.id for u in updates if u.id not in found]
 
     async def delete(self, collection: str, ids: Sequence[str]) -> None:

@@ -136,6 +136,16 @@ inflight = Table(
     Column("created_at", Float, nullable=False),
 )
 
+# records of a mapping with several sinks that one sink has not been written (it was down):
+# caught up from the source when the sink is back, while the other sinks go on streaming
+sink_backlog = Table(
+    "sink_backlog",
+    metadata,
+    Column("mapping", String(200), primary_key=True),  # the per-sink mapping (its state name)
+    Column("key", String(1000), primary_key=True),
+    Column("added_at", Float, nullable=False),
+)
+
 embedding_cache = Table(
     "embedding_cache",
     metadata,

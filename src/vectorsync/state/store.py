@@ -112,6 +112,8 @@ class BatchCommit:
     upserts: list[RecordState] = field(default_factory=list)
     deletes: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key)
     vectors: dict[str, tuple[str, list[float]]] = field(default_factory=dict)  # hash → (model, v)
+    backlog: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key) left behind
+    caught_up: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key) written now
     dead_letters: list[DeadLetter] = field(default_factory=list)
     resolved: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key) now synced
     counters: dict[tuple[str, str], int] = field(default_factory=dict)  # (mapping, name) → +n
@@ -353,6 +355,7 @@ class StateStore:
                 ("model", "text_hash"),
                 [(m, h, encode_vector(v), now) for h, (m, v) in batch.vectors.items()],
             )
+            self._apply_backlog(conn, batch, now)
             self._apply_dead_letters(conn, batch, now)
             self._apply_counters(conn, batch.counters)
             for checkpoint in batch.checkpoints:
@@ -396,6 +399,41 @@ class StateStore:
                     delete(t).where(t.c.mapping == mapping, t.c.key.in_(keys[i : i + _CHUNK]))
                 )
         self._apply_deps(conn, batch)
+
+    def _apply_backlog(self, conn: Connection, batch: BatchCommit, now: float) -> None:
+        b = s.sink_backlog
+        for mapping, keys in _group(batch.caught_up).items():
+            for i in range(0, len(keys), _CHUNK):
+                conn.execute(
+                    delete(b).where(b.c.mapping == mapping, b.c.key.in_(keys[i : i + _CHUNK]))
+                )
+        _upsert_rows(
+            conn,
+            b,
+            ("mapping", "key", "added_at"),
+            ("mapping", "key"),
+            [(m, k, now) for m, k in dict.fromkeys(batch.backlog)],
+        )
+
+    async def backlog(self, mapping: str, limit: int) -> list[str]:
+        """The first ``limit`` keys (in key order) a sink of ``mapping`` was not written."""
+        b = s.sink_backlog
+        query = select(b.c.key).where(b.c.mapping == mapping).order_by(b.c.key).limit(limit)
+
+        def read(conn: Connection) -> list[str]:
+            return [k for (k,) in conn.execute(query)]
+
+        return await self._tx("read the sink backlog", read)
+
+    async def backlog_counts(self) -> dict[str, int]:
+        """Per mapping: how many records one of its sinks is behind by."""
+        b = s.sink_backlog
+        query = select(b.c.mapping, func.count()).group_by(b.c.mapping)
+
+        def read(conn: Connection) -> dict[str, int]:
+            return {m: int(n) for m, n in conn.execute(query)}
+
+        return await self._tx("count the sink backlog", read)
 
     def _apply_deps(self, conn: Connection, batch: BatchCommit) -> None:
         """Replace the related keys of every record written (or drop them if deleted)."""

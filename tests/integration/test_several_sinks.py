@@ -1,0 +1,165 @@
+"""One mapping written to several sinks (qdrant-edge, Chroma, FalkorDB): each converges,
+one that is down holds the others back not and catches up when it is back, and a sink
+added later is backfilled from the embedding cache."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tests.helpers import (
+    App,
+    assert_converged,
+    check,
+    load,
+    sync_once,
+    write_config,
+)
+from tests.tcp_proxy import TcpProxy, tcp_proxy
+from vectorsync.embed.hash import HashEmbedder
+from vectorsync.engine import Engine
+from vectorsync.falkordb_server import FalkorDBServer
+
+CHROMA = 'kind = "chroma"\npath = ".vectorsync/chroma"'
+
+
+def _graph(url: str, graph: str) -> str:
+    return f'kind = "falkordb"\nurl = "{url}"\ngraph = "sink_{graph}"'
+
+
+def _proxied(server: FalkorDBServer, proxy: TcpProxy) -> str:
+    return server.url.replace(f":{urlparse(server.url).port}", f":{proxy.port}")
+
+
+async def test_one_mapping_converges_in_three_sinks(
+    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+) -> None:
+    also = {"docs": CHROMA, "graph": _graph(falkordb.url, graph_name)}
+    cfg = write_config(workdir, batch_size=37, also=also)
+    assert [m.name for m in load(cfg).mappings] == ["articles", "articles.docs", "articles.graph"]
+    rng = random.Random(11)
+    app.random_ops(rng, 150)
+    await sync_once(cfg)
+    await check(cfg, app)  # each sink read directly, with the same point ids in each
+    app.random_ops(rng, 300)
+    await sync_once(cfg)
+    await check(cfg, app)
+    async with Engine.open(load(cfg)) as engine:
+        for name in ("articles", "articles.docs", "articles.graph"):
+            report = await engine.check(name)
+            assert report.consistent, (name, report.counts)
+
+
+async def test_run_once_with_a_sink_down_keeps_its_backlog_and_catches_up(
+    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+) -> None:
+    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
+        graph = _graph(_proxied(falkordb, proxy), graph_name)
+        cfg = write_config(workdir, also={"graph": graph}, sync="sink_outage_after = 0.5")
+        for k in range(1, 21):
+            app.insert(k)
+        embedder = HashEmbedder("default")
+        async with Engine.open(load(cfg), embedders={"default": embedder}) as engine:
+            await engine.run(once=True)
+            proxy.cut()  # the graph goes down while the engine is up
+            for k in range(21, 31):
+                app.insert(k)
+            app.update(3, body="changed while the graph is down")
+            app.delete(4)
+            app.update(5, author="zed")  # metadata only
+            embedded = embedder.texts_embedded
+            result = await engine.run(once=True)  # ends: the backlog stays for later
+            assert result.counts["deferred"] == 13
+            assert await engine.state.backlog_counts() == {"articles.graph": 13}
+            status = {s.mapping: s for s in await engine.status()}
+            assert status["articles.graph"].backlog == 13 and status["articles"].backlog == 0
+            assert embedder.texts_embedded - embedded == 11  # the live sink's own texts
+            assert await _all_in(engine, app, ("vectors",))
+            proxy.restore()
+            embedded = embedder.texts_embedded
+            await engine.run(once=True)
+            assert await engine.state.backlog_counts() == {}
+            assert embedder.texts_embedded == embedded, "caught-up texts come from the cache"
+        await check(cfg, app)
+
+
+async def test_a_sink_down_under_load_holds_the_others_back_not(
+    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+) -> None:
+    """Streaming: while FalkorDB is unreachable, the other two sinks take every change
+    (each waited for with a deadline, never a sleep); when it is back, it catches up and
+    every sink equals the source, nothing lost."""
+    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
+        graph = _graph(_proxied(falkordb, proxy), graph_name)
+        also = {"docs": CHROMA, "graph": graph}
+        cfg = write_config(workdir, batch_size=50, also=also, sync="sink_outage_after = 0.5")
+        for k in range(1, 101):
+            app.insert(k)
+        async with Engine.open(load(cfg)) as engine:
+            await engine.prepare()  # collections and aliases made before they are read
+            stop = asyncio.Event()
+            run = asyncio.create_task(engine.run(once=False, stop=stop))
+            try:
+                await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
+                proxy.cut()
+                rng = random.Random(3)
+                for _ in range(3):  # rounds of changes while the graph is down
+                    app.random_ops(rng, 60)
+                    await _until(lambda: _all_in(engine, app, ("vectors", "docs")))
+                backlog = await engine.state.backlog_counts()
+                assert backlog.get("articles.graph", 0) > 0
+                proxy.restore()
+                await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
+                await _until(_empty_backlog(engine))
+            finally:
+                stop.set()
+                await run
+        await check(cfg, app)
+
+
+async def test_a_sink_added_later_is_backfilled_from_the_embedding_cache(
+    workdir: Path, app: App
+) -> None:
+    for k in range(1, 41):
+        app.insert(k)
+    embedder = HashEmbedder("default")
+    cfg = write_config(workdir)
+    await sync_once(cfg, embedder)
+    cfg = write_config(workdir, also={"docs": CHROMA})  # a second sink for the mapping
+    app.update(2, body="a live change beside the backfill")
+    embedded = embedder.texts_embedded
+    counts = await sync_once(cfg, embedder)
+    assert embedder.texts_embedded - embedded == 1, counts  # only the changed text
+    await check(cfg, app)
+
+
+async def _all_in(engine: Engine, app: App, sinks: tuple[str, ...]) -> bool:
+    """Each of ``sinks`` equals the app's rows (ids, payloads, vectors), read through the
+    running engine's own sink connections."""
+    config = engine.config
+    for m in config.mappings:
+        if m.sink in sinks:
+            try:
+                await assert_converged(config, app, engine.sinks[m.sink], m)
+            except AssertionError:
+                return False
+    return True
+
+
+def _empty_backlog(engine: Engine) -> Callable[[], Awaitable[bool]]:
+    async def empty() -> bool:
+        return not await engine.state.backlog_counts()
+
+    return empty
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], deadline: float = 120.0) -> None:
+    end = time.monotonic() + deadline
+    while not await condition():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met before the deadline")
+        await asyncio.sleep(0.05)
