@@ -49,7 +49,7 @@ from .config import (
     SourceConfig,
 )
 from .embed.base import Embedder
-from .errors import ConfigError, VectorsyncError, classify
+from .errors import ConfigError, RetryableError, VectorsyncError, classify, describe
 from .events import (
     Captured,
     DeadLettered,
@@ -361,6 +361,7 @@ class Engine:
         self._runtimes: list[MappingRuntime] | None = None
         self._opened: list[Any] = []
         self._sinks_open = False
+        self._unreachable: set[str] = set()  # sinks down at start, written by copies only
         self._committed = asyncio.Event()  # replaced (and the old one set) at every commit
         self._workers: list[SourceWorker] = []
         self._subscribers: set[asyncio.Queue[Event]] = set()
@@ -473,8 +474,48 @@ class Engine:
         runtimes = []
         for m in self.config.mappings:
             legacy = await self._register(m, snapshotted=(m.source, m.table) in snapshotted)
-            runtimes.extend(await self.index.targets(m, legacy))
+            runtimes.extend(await self._targets(m, legacy))
         return runtimes
+
+    async def _targets(
+        self, m: MappingConfig, legacy: Mapping[str, Any] | None
+    ) -> list[MappingRuntime]:
+        """``m``'s targets; for a copy of a several-sink mapping whose sink was down at
+        start, a placeholder the pipeline leaves behind (its keys go to the backlog) until
+        a probe finds the sink back and builds the real targets (see outages)."""
+        if m.sink not in self._unreachable:
+            return await self.index.targets(m, legacy)
+
+        async def ready() -> list[MappingRuntime]:
+            sink = self.sinks[m.sink]
+            await sink.open()
+            self._unreachable.discard(m.sink)
+            if sink not in self._opened:
+                self._opened.append(sink)
+            targets = await self.index.targets(m, legacy)
+            if self._runtimes is not None:
+                kept = [r for r in self._runtimes if r.config.name != m.name]
+                self._runtimes = [*kept, *targets]
+            return targets
+
+        return [
+            MappingRuntime(
+                config=m,
+                renderer=Renderer(m),
+                embedder=self.embedders[m.embedder],
+                sink=self.sinks[m.sink],
+                schema_version="",
+                int_key=self.columns(m)[m.key].upper() in _INT_TYPES,
+                pending=ready,
+            )
+        ]
+
+    def _copies_only(self, sink: str) -> bool:
+        """Whether every mapping writing ``sink`` is a copy of a several-sink mapping."""
+        families = {m.family for m in self.config.mappings}
+        copies = {f: sum(m.family == f for m in self.config.mappings) for f in families}
+        writers = [m for m in self.config.mappings if m.sink == sink]
+        return bool(writers) and all(copies[m.family] > 1 for m in writers)
 
     async def teardown(self) -> list[str]:
         """Remove the change capture ``setup`` installed at each source (replication slot
@@ -487,8 +528,21 @@ class Engine:
         async with self._sinks_lock:
             if self._sinks_open:
                 return
-            for sink in self.sinks.values():
-                await sink.open()
+            for name, sink in self.sinks.items():
+                try:
+                    await sink.open()
+                except RetryableError as exc:
+                    if not self._copies_only(name):
+                        raise
+                    logger.error(
+                        "sink %s is unreachable (%s): the mappings that write it start behind "
+                        "and are caught up from the source when it is back",
+                        name,
+                        describe(exc),
+                        extra={"action": "sink_down", "sink": name},
+                    )
+                    self._unreachable.add(name)
+                    continue
                 if sink not in self._opened:  # a status probe may have listed it already
                     self._opened.append(sink)
             self._sinks_open = True
@@ -581,7 +635,7 @@ class Engine:
             rt
             for m in self.config.mappings
             if m.source == source
-            for rt in await self.index.targets(m, None)
+            for rt in await self._targets(m, None)
         ]
         if self._runtimes is not None:
             kept = [r for r in self._runtimes if r.config.source != source]

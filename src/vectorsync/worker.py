@@ -89,6 +89,8 @@ class MappingRuntime:
     collection_name: str = ""  # see collection
     version: int = 0  # the index version this target writes (0: not versioned)
     chunker: Chunker | None = None  # each record's text cut into chunks, a point each
+    # a copy whose sink was down at start: its real targets, built when the sink is back
+    pending: Callable[[], Awaitable[Sequence[MappingRuntime]]] | None = None
 
     @property
     def name(self) -> str:
@@ -292,6 +294,9 @@ class SourceWorker:
         self._once = once
         backlog = await self.state.backlog_counts()
         self._outages.behind = {t for t in self._outages.isolated if backlog.get(t)}
+        for m in self._targets():
+            if m.pending is not None:  # down from the start
+                self._outages.failed(m.name)
         redone = await self.state.redo_inflight(self.source.name)
         _failpoints.hit("after_redo_inflight")
         if redone:
@@ -444,36 +449,64 @@ class SourceWorker:
         bf.after = keys[-1]
         return batch
 
+    def _targets(self) -> list[MappingRuntime]:
+        return list({id(m): m for ms in self._by_table.values() for m in ms}.values())
+
     async def _probe(self, cursor: int, out: asyncio.Queue[Any]) -> bool:
         """Plan a page of backlog for each target whose turn it is (see outages): its keys
         re-read as snapshot changes, for that target alone. True if one was planned."""
         planned = False
-        for targets in list(self._by_table.values()):
-            for m in targets:
-                if m.name not in self._outages.isolated:
+        for m in self._targets():
+            if m.name not in self._outages.isolated:
+                continue
+            if not self._outages.probe_due(m.name, once=self._once):
+                continue
+            if m.pending is not None:  # its sink was down at start: set it up first
+                ready = await self._set_up(m)
+                if ready is None:
                     continue
-                if not self._outages.probe_due(m.name, once=self._once):
-                    continue
-                keys = await self._retry(
-                    "read the sink backlog",
-                    partial(self.state.backlog, m.name, self._batch_size),
-                    self._stop,
-                )
-                if not keys:
-                    self._outages.behind.discard(m.name)
-                    continue
-                table = m.config.table
-                changes = [
-                    Change(table=table, key=m.native_key(k), op="snapshot", position=cursor)
-                    for k in keys
-                ]
-                batch = await self._prepare(changes, only=m)
-                batch.changes = 0  # no change of the feed was read
-                batch.probe, batch.caught = m.name, keys
-                self._outages.probing.add(m.name)
-                await out.put(batch)
-                planned = True
+                m = ready
+            keys = await self._retry(
+                "read the sink backlog",
+                partial(self.state.backlog, m.name, self._batch_size),
+                self._stop,
+            )
+            if not keys:
+                self._outages.behind.discard(m.name)
+                continue
+            table = m.config.table
+            changes = [
+                Change(table=table, key=m.native_key(k), op="snapshot", position=cursor)
+                for k in keys
+            ]
+            batch = await self._prepare(changes, only=m)
+            batch.changes = 0  # no change of the feed was read
+            batch.probe, batch.caught = m.name, keys
+            self._outages.probing.add(m.name)
+            await out.put(batch)
+            planned = True
         return planned
+
+    async def _set_up(self, m: MappingRuntime) -> MappingRuntime | None:
+        """Open a placeholder's sink and build its targets (they replace it); None while
+        the sink is still down."""
+        assert m.pending is not None
+        try:
+            targets = await asyncio.wait_for(m.pending(), timeout=2 * self._outages.outage_after)
+        except (RetryableError, TimeoutError):
+            self._outages.failed(m.name)
+            if self._once:
+                self._outages.given_up.add(m.name)
+            return None
+        self._use([*(t for t in self._targets() if t is not m), *targets])
+        self._outages.recovered(m.name)  # opened and set up: live batches write it again
+        logger.warning(
+            "sink %s of mapping %s is reachable: catching up its backlog",
+            m.config.sink,
+            m.name,
+            extra={"action": "sink_back", "mapping": m.name},
+        )
+        return next(t for t in targets if t.name == m.name)
 
     async def _idle(self, stop: asyncio.Event, *also: Awaitable[Any]) -> None:
         """Wait for the source to signal new changes (or ``also``), at most one poll
@@ -494,7 +527,7 @@ class SourceWorker:
         while (batch := await inp.get()) is not _DONE:
             for work in batch.work:
                 name = work.mapping.name
-                if self._outages.is_down(name) and batch.probe != name:
+                if work.deferred or (self._outages.is_down(name) and batch.probe != name):
                     work.deferred = True  # to the backlog, embedded when it is caught up
                     continue
                 await self._embed(work)
@@ -652,6 +685,13 @@ class SourceWorker:
                     self._stop,
                 )
             for m in mappings:
+                flying = self._outages.in_flight
+                if m.pending is not None:  # its sink was down at start: to the backlog
+                    work = _MappingWork(mapping=m, deferred=True, processed=len(keyed))
+                    work.keys = [str(k) for k in keyed]
+                    batch.work.append(work)
+                    flying[m.name] = flying.get(m.name, 0) + 1
+                    continue
                 own = rows
                 if m.resolve is not None and rows:
                     own = {k: dict(row) for k, row in rows.items()}
@@ -664,7 +704,6 @@ class SourceWorker:
                     work.failed.append(_dead_letter(m.name, change.key, change, error, None))
                 await self._plan(work, keyed, own, batch)
                 batch.work.append(work)
-                flying = self._outages.in_flight
                 flying[m.name] = flying.get(m.name, 0) + 1
         return batch
 

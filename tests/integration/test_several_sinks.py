@@ -87,6 +87,43 @@ async def test_run_once_with_a_sink_down_keeps_its_backlog_and_catches_up(
         await check(cfg, app)
 
 
+async def test_a_sink_down_at_start_starts_behind_and_catches_up(
+    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+) -> None:
+    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
+        graph = _graph(_proxied(falkordb, proxy), graph_name)
+        cfg = write_config(workdir, also={"graph": graph}, sync="sink_outage_after = 0.5")
+        for k in range(1, 11):
+            app.insert(k)
+        await sync_once(cfg)
+        proxy.cut()
+        app.update(1, body="while the graph was down")
+        app.insert(11)
+        async with Engine.open(load(cfg)) as engine:
+            await engine.run(once=True)  # starts: the graph's copy waits behind
+            assert await engine.state.backlog_counts() == {"articles.graph": 2}
+            assert await _all_in(engine, app, ("vectors",))
+        proxy.restore()
+        await sync_once(cfg)
+        async with Engine.open(load(cfg)) as engine:
+            assert await engine.state.backlog_counts() == {}
+        await check(cfg, app)
+        proxy.cut()  # down at start again, and back while the engine streams
+        app.delete(2)
+        app.update(3, author="zed")
+        async with Engine.open(load(cfg)) as engine:
+            stop = asyncio.Event()
+            run = asyncio.create_task(engine.run(once=False, stop=stop))
+            try:
+                await _until(_backlog_is(engine, {"articles.graph": 2}))
+                proxy.restore()
+                await _until(_backlog_is(engine, {}))
+            finally:
+                stop.set()
+                await run
+        await check(cfg, app)
+
+
 async def test_a_sink_down_under_load_holds_the_others_back_not(
     workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
 ) -> None:
@@ -114,7 +151,7 @@ async def test_a_sink_down_under_load_holds_the_others_back_not(
                 assert backlog.get("articles.graph", 0) > 0
                 proxy.restore()
                 await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
-                await _until(_empty_backlog(engine))
+                await _until(_backlog_is(engine, {}))
             finally:
                 stop.set()
                 await run
@@ -150,11 +187,11 @@ async def _all_in(engine: Engine, app: App, sinks: tuple[str, ...]) -> bool:
     return True
 
 
-def _empty_backlog(engine: Engine) -> Callable[[], Awaitable[bool]]:
-    async def empty() -> bool:
-        return not await engine.state.backlog_counts()
+def _backlog_is(engine: Engine, want: dict[str, int]) -> Callable[[], Awaitable[bool]]:
+    async def condition() -> bool:
+        return await engine.state.backlog_counts() == want
 
-    return empty
+    return condition
 
 
 async def _until(condition: Callable[[], Awaitable[bool]], deadline: float = 120.0) -> None:
