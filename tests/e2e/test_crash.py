@@ -15,13 +15,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
 from tests.helpers import App, assert_converged, assert_edge_converged, check, load, write_config
+from tests.tcp_proxy import tcp_proxy
 from vectorsync._failpoints import POINTS
+from vectorsync.falkordb_server import FalkorDBServer
 from vectorsync.sinks.chroma import ChromaSink
 
 TRIALS = 16  # shared by the failpoints, two after two
@@ -118,11 +121,45 @@ def test_kill_9_at_every_failpoint_with_chunking_leaves_no_chunk_behind(
     _kill_and_converge(workdir, cfg, app, rng, _schedule(rng, len(POINTS)))
 
 
-def _kill_and_converge(
-    workdir: Path, cfg: Path, app: App, rng: random.Random, schedule: list[tuple[str, int]]
+def test_kill_9_with_several_sinks_one_going_down_and_back_loses_nothing(
+    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
 ) -> None:
+    """The failpoint trials on a mapping written to qdrant-edge and FalkorDB, the graph
+    cut off in every other trial (its share left in the backlog, or caught up, when the
+    kill lands): afterwards both sinks equal the source."""
+    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
+        port = urlparse(falkordb.url).port
+        url = falkordb.url.replace(f":{port}", f":{proxy.port}")
+        graph = f'kind = "falkordb"\nurl = "{url}"\ngraph = "sink_{graph_name}"'
+        rng = random.Random(20261202)
+        app.random_ops(rng, 200)
+        also = {"graph": graph}
+        cfg = write_config(workdir, batch_size=20, also=also, sync="sink_outage_after = 0.3")
+
+        def toggle(trial: int) -> None:
+            if trial >= 0 and trial % 2 == 0:
+                proxy.cut()
+            else:
+                proxy.restore()
+
+        _kill_and_converge(workdir, cfg, app, rng, _schedule(rng, len(POINTS)), toggle)
+
+
+def _kill_and_converge(
+    workdir: Path,
+    cfg: Path,
+    app: App,
+    rng: random.Random,
+    schedule: list[tuple[str, int]],
+    each: Callable[[int], None] | None = None,
+) -> None:
+    """Kill a run at each (failpoint, pass) of ``schedule`` while the app writes, then a
+    clean run must converge; ``each(trial)`` runs before each trial (and with ``-1``
+    before the clean run)."""
     logs: list[str] = []
     for trial, (point, n) in enumerate(schedule):
+        if each is not None:
+            each(trial)
         with _writing(app, seed=trial):
             proc = _start(workdir, _env(f"{point}:{n}"))
             try:
@@ -137,6 +174,8 @@ def _kill_and_converge(
         assert proc.returncode == -signal.SIGKILL, f"trial {trial} exited on its own:\n{stderr}"
         assert f"failpoint {point} fired" in stderr, stderr
         logs.append(stderr)
+    if each is not None:
+        each(-1)
     logs.append(_restart_converges(workdir, cfg, app, rng))
     # a kill between the sink writes and the state commit leaves journaled writes to redo
     assert any(REDONE in log for log in logs[1:]), "no run redid a dead run's sink writes"
