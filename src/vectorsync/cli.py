@@ -565,6 +565,7 @@ def runs(
     if as_json:
         _print_json({"runs": [asdict(r) for r in found]})
         return
+    billed = any(r.counts["tokens"] for r in found)  # columns only where an API embeds
     table = Table(
         "id",
         "mode",
@@ -573,6 +574,7 @@ def runs(
         "seconds",
         "processed",
         "embedded",
+        *(("tokens", "cost") if billed else ()),
         "payload-only",
         "deleted",
         "failed",
@@ -581,6 +583,7 @@ def runs(
     )
     for r in found:
         secs = "-" if r.duration_ms is None else f"{r.duration_ms / 1000:.1f}"
+        cost = "-" if r.cost is None else f"{r.cost:.4f}"
         table.add_row(
             str(r.id),
             r.mode,
@@ -589,6 +592,7 @@ def runs(
             secs,
             str(r.counts["processed"]),
             str(r.counts["embedded"]),
+            *((f"{r.counts['tokens']:,}", cost) if billed else ()),
             str(r.counts["payload_only"]),
             str(r.counts["deleted"]),
             str(r.counts["failed"]),

@@ -128,6 +128,20 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
             per_record.add_metric([mapping], m["chunks"] / max(written, 1))
     yield chunks
     yield per_record
+    tokens = counter(
+        "vectorsync_mapping_tokens", "Tokens API embedders billed for a mapping", labels=["mapping"]
+    )
+    cost = counter(
+        "vectorsync_mapping_cost",
+        "Cost of a mapping's tokens, at its embedder's price",
+        labels=["mapping"],
+    )
+    for mapping, m in stats["mappings"].items():
+        if m.get("tokens"):
+            tokens.add_metric([mapping], m["tokens"])
+            cost.add_metric([mapping], m.get("cost_micros", 0) / 1e6)
+    yield tokens
+    yield cost
     for key, name, doc in (
         ("texts", "vectorsync_embedder_texts", "Texts an embedder embedded in this process"),
         ("tokens", "vectorsync_embedder_tokens", "Tokens sent to an API embedder"),

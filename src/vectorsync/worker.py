@@ -31,7 +31,7 @@ from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .chunking import Chunker, chunk_point_id
 from .config import MappingConfig
-from .embed.base import Embedder
+from .embed.base import Embedder, Metered
 from .errors import (
     PermanentError,
     RecordError,
@@ -171,6 +171,7 @@ class _MappingWork:
     cache_hits: int = 0
     bytes: int = 0
     truncated: int = 0  # texts cut to max_text_length
+    tokens: int = 0  # billed by an API embedder (embed.base.Metered)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -1005,7 +1006,8 @@ class SourceWorker:
         # All at once: the embedder sorts them by length, so its batches pad least, and runs
         # its batches side by side (bench/bench_embed.py)
         if texts:
-            vectors.update(await self._embed_isolating(embedder, list(texts.items()), rejected))
+            found = await self._embed_isolating(embedder, list(texts.items()), rejected, work)
+            vectors.update(found)
         work.embedded = len(texts) - len(rejected)
         refused: dict[str, _Upsert] = {}
         for u in work.upserts:
@@ -1026,10 +1028,22 @@ class SourceWorker:
             self._inflight_vectors[u.text_hash] = u.vector
 
     async def _embed_isolating(
-        self, embedder: Embedder, chunk: list[tuple[str, str]], rejected: dict[str, RecordError]
+        self,
+        embedder: Embedder,
+        chunk: list[tuple[str, str]],
+        rejected: dict[str, RecordError],
+        work: _MappingWork,
     ) -> dict[str, list[float]]:
         """Embed a chunk; if the model rejects it, find the texts it rejects one by one."""
-        embed = partial(embedder.embed, [t for _, t in chunk])
+        texts = [t for _, t in chunk]
+
+        async def embed() -> list[list[float]]:
+            if not isinstance(embedder, Metered):
+                return await embedder.embed(texts)
+            vectors, tokens = await embedder.embed_metered(texts)
+            work.tokens += tokens
+            return vectors
+
         try:  # an endpoint that is down or overloaded: one error incident, retried
             vectors = await self._retry(f"embed with {embedder.name!r}", embed, self._stop)
         except RecordError as exc:
@@ -1041,7 +1055,7 @@ class SourceWorker:
             found: dict[str, list[float]] = {}
             for i in range(0, len(chunk), size):
                 part = chunk[i : i + size]
-                found.update(await self._embed_isolating(embedder, part, rejected))
+                found.update(await self._embed_isolating(embedder, part, rejected, work))
             return found
         if len(vectors) != len(chunk) or any(len(v) != embedder.dimension for v in vectors):
             raise PermanentError(
@@ -1242,6 +1256,13 @@ class SourceWorker:
 
     @staticmethod
     def _counts(work: _MappingWork) -> dict[str, int]:
+        embedder = work.mapping.embedder
+        price = embedder.price_per_million_tokens if isinstance(embedder, Metered) else None
+        billed = {
+            "tokens": work.tokens,
+            # in millionths of the price's currency: counters are integers
+            "cost_micros": round(work.tokens * price) if price is not None else 0,
+        }
         if work.deferred:
             return {
                 "processed": work.processed,
@@ -1249,8 +1270,10 @@ class SourceWorker:
                 "failed": len(work.failed),
                 "embedded": work.embedded,
                 "cache_hits": work.cache_hits,
+                **billed,
             }
         return {
+            **billed,
             "processed": work.processed,
             "inserted": work.inserted,
             "updated": work.text_changed - work.inserted,

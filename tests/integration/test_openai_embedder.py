@@ -114,6 +114,34 @@ async def test_429_with_retry_after_costs_retries_only(
     assert errors == []  # a rate limit is not an error
 
 
+async def test_tokens_and_cost_are_counted_per_run_and_mapping(
+    workdir: Path, server: EmbeddingServer
+) -> None:
+    app = App(workdir / "app.db")
+    _insert(app, _texts(60))
+    toml = _embedder_toml(server, batch_size=16, price_per_million_tokens=20.0)
+    async with Engine.open(load(write_config(workdir, embedder=toml))) as engine:
+        await engine.prepare()
+        embedder = engine.embedders["default"]
+        assert isinstance(embedder, OpenAIEmbedder)
+        before = embedder.tokens_used  # the dimension probe's
+        first = await engine.run(once=True)
+        app.update(1, body="a longer text that costs a few more tokens than the others")
+        app.update(2, author="zed")  # metadata only: no tokens
+        second = await engine.run(once=True)
+        [newer, older] = await engine.state.runs(limit=2)
+        [status] = await engine.status()
+        mapping = (await engine.stats())["mappings"]["articles"]
+        billed = embedder.tokens_used - before
+    assert older.id == first.run_id and newer.id == second.run_id
+    assert older.counts["tokens"] > 60 and newer.counts["tokens"] > 0  # a text is >1 token
+    assert older.counts["tokens"] + newer.counts["tokens"] == billed
+    assert older.cost == pytest.approx(older.counts["tokens"] * 20.0 / 1e6)
+    assert newer.cost == pytest.approx(newer.counts["tokens"] * 20.0 / 1e6)
+    assert status.counters["tokens"] == billed == mapping["tokens"]
+    assert mapping["cost_micros"] == pytest.approx(billed * 20.0, abs=2)
+
+
 async def test_503s_are_one_retried_incident_and_lose_nothing(
     workdir: Path, server: EmbeddingServer
 ) -> None:

@@ -49,11 +49,13 @@ async def test_a_version_1_store_is_upgraded_and_keeps_its_record_state(state_ur
     )
     await state.commit(BatchCommit(source="app", position=3, upserts=[record]))
     await state.close()
-    # make the store as version 1 left it: no chunk columns, schema_version 1
+    # make the store as version 1 left it: no chunk or billing columns, schema_version 1
     db = create_engine(_sqlalchemy(state_url))
     with db.begin() as conn:
         conn.execute(text("ALTER TABLE record_state DROP COLUMN chunks"))
         conn.execute(text("ALTER TABLE record_state DROP COLUMN points"))
+        conn.execute(text("ALTER TABLE sync_runs DROP COLUMN tokens"))
+        conn.execute(text("ALTER TABLE sync_runs DROP COLUMN cost"))
         conn.execute(text("UPDATE vs_meta SET value = '1' WHERE name = 'schema_version'"))
     state = StateStore(state_url)
     await state.open()  # migrates
@@ -62,6 +64,7 @@ async def test_a_version_1_store_is_upgraded_and_keeps_its_record_state(state_ur
         assert found == record and found.chunks is None and found.point_ids == [record.point_id]
         _, records, points = await state.bucket_sums("articles")
         assert records == points == 1
+        assert await state.runs() == []  # the runs table reads with its new columns
     finally:
         await state.close()
     with db.connect() as conn:
@@ -69,4 +72,4 @@ async def test_a_version_1_store_is_upgraded_and_keeps_its_record_state(state_ur
             text("SELECT value FROM vs_meta WHERE name = 'schema_version'")
         ).scalar()
     db.dispose()
-    assert version == str(SCHEMA_VERSION) == "2"
+    assert version == str(SCHEMA_VERSION) == "3"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..sinks.base import Distance
 
-__all__ = ["Embedder"]
+__all__ = ["Embedder", "Metered"]
 
 
 class Embedder(Protocol):
@@ -27,4 +27,16 @@ class Embedder(Protocol):
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One vector per text, in order; EmbeddingError names a text the model rejects."""
+        ...
+
+
+@runtime_checkable
+class Metered(Protocol):
+    """An embedder billed by the token (an API): it says what each call used, so runs and
+    mappings count their own tokens and cost."""
+
+    price_per_million_tokens: float | None
+
+    async def embed_metered(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """``embed``, and the tokens the endpoint counted for it."""
         ...

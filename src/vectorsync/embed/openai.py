@@ -152,7 +152,7 @@ class OpenAIEmbedder:
             timeout=self.timeout,
         )
         try:
-            [probe] = await self._request(["dimension probe"])
+            [probe], _ = await self._request(["dimension probe"])
         except BaseException:
             await self.close()  # the caller never closes what failed to open
             raise
@@ -179,11 +179,16 @@ class OpenAIEmbedder:
             self._client = None
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        vectors, _ = await self.embed_metered(texts)
+        return vectors
+
+    async def embed_metered(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         prepared = [self._fit(t) for t in texts]
         tasks = [asyncio.create_task(self._request(g)) for g in self._requests_for(prepared)]
         await gather_or_fail(tasks)  # one failed request cancels the others: none runs on
         self.texts_embedded += len(texts)
-        return [vector for task in tasks for vector in task.result()]
+        used = sum(task.result()[1] for task in tasks)
+        return [vector for task in tasks for vector in task.result()[0]], used
 
     def _fit(self, text: str) -> tuple[str, int]:
         """The text as sent, and its tokens: cut to the model's window or refused."""
@@ -218,7 +223,7 @@ class OpenAIEmbedder:
             groups.append(current)
         return groups
 
-    async def _request(self, texts: list[str]) -> list[list[float]]:
+    async def _request(self, texts: list[str]) -> tuple[list[list[float]], int]:
         import openai
 
         assert self.counter is not None
@@ -278,8 +283,9 @@ class OpenAIEmbedder:
                 f"{len(texts)} texts"
             )
         usage = getattr(response, "usage", None)
-        self.tokens_used += getattr(usage, "prompt_tokens", None) or tokens
-        return [[float(x) for x in d.embedding] for d in data]
+        used = getattr(usage, "prompt_tokens", None) or tokens
+        self.tokens_used += used  # billed, whether or not the rest of the call succeeds
+        return [[float(x) for x in d.embedding] for d in data], used
 
 
 def _retry_after(headers: Any, attempt: int) -> float:

@@ -23,8 +23,14 @@ def _chunks(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE record_state ADD COLUMN points INTEGER NOT NULL DEFAULT 1"))
 
 
+def _billing(conn: Connection) -> None:
+    """3: runs count the tokens API embedders billed, and their cost."""
+    conn.execute(text("ALTER TABLE sync_runs ADD COLUMN tokens BIGINT NOT NULL DEFAULT 0"))
+    conn.execute(text("ALTER TABLE sync_runs ADD COLUMN cost FLOAT"))
+
+
 # version -> the step that upgrades a store from it (version 1 is the baseline)
-STEPS: dict[int, Callable[[Connection], None]] = {1: _chunks}
+STEPS: dict[int, Callable[[Connection], None]] = {1: _chunks, 2: _billing}
 
 
 def stored_version(conn: Connection) -> int | None:

@@ -61,14 +61,19 @@ class RunCounts:
     skipped: int = 0
     failed: int = 0
     bytes: int = 0
+    tokens: int = 0  # billed by API embedders
+    cost_micros: int = 0  # their cost, in millionths of the prices' currency
 
     def add(self, other: Mapping[str, int]) -> None:
-        for name in (*_COUNT_FIELDS, "bytes"):
+        for name in (*_COUNT_FIELDS, "bytes", "tokens", "cost_micros"):
             setattr(self, name, getattr(self, name) + other.get(name, 0))
 
-    def columns(self) -> dict[str, int]:
-        values = {f"records_{n}": getattr(self, n) for n in _COUNT_FIELDS}
-        return {**values, "bytes_processed": self.bytes}
+    def columns(self) -> dict[str, int | float | None]:
+        values: dict[str, int | float | None] = {
+            f"records_{n}": getattr(self, n) for n in _COUNT_FIELDS
+        }
+        cost = self.cost_micros / 1e6 if self.cost_micros else None
+        return {**values, "bytes_processed": self.bytes, "tokens": self.tokens, "cost": cost}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +94,7 @@ class SyncRun:
     destination_info: dict[str, Any]
     error_message: str | None
     error_details: dict[str, Any] | None
+    cost: float | None = None  # of the tokens API embedders billed (counts["tokens"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,7 +228,9 @@ def _run(row: Any) -> SyncRun:
         counts={
             **{n: int(m[f"records_{n}"]) for n in _COUNT_FIELDS},
             "bytes": int(m["bytes_processed"]),
+            "tokens": int(m["tokens"]),
         },
+        cost=m["cost"],
         config_hash=m["config_hash"],
         instance_id=m["instance_id"],
         host=m["host"],

@@ -15,7 +15,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -57,6 +57,8 @@ sync_runs = Table(
     Column("records_skipped", BigInteger, nullable=False, default=0),
     Column("records_failed", BigInteger, nullable=False, default=0),
     Column("bytes_processed", BigInteger, nullable=False, default=0),
+    Column("tokens", BigInteger, nullable=False, default=0),  # billed by API embedders
+    Column("cost", Float),  # of those tokens at the embedders' prices (None: no price)
     Column("config_hash", String(32), nullable=False),
     Column("instance_id", String(100), nullable=False),
     Column("host", String(255), nullable=False),
