@@ -82,6 +82,7 @@ class Renderer:
         self, mapping: MappingConfig, index_types: Mapping[str, IndexType] | None = None
     ) -> None:
         self._mapping = mapping
+        self._limit = mapping.text_limit  # read per record: a property computes it
         self._index_types = dict(index_types or {})
         try:
             self._template = _ENV.from_string(mapping.text)
@@ -102,9 +103,9 @@ class Renderer:
                 kind="invalid_utf8",
             )
         text = self._text(row)
-        truncated = len(text) > self._mapping.text_limit
+        truncated = len(text) > self._limit
         if truncated:
-            text = text[: self._mapping.text_limit]
+            text = text[: self._limit]
         payload = {name: _payload_value(name, row.get(name)) for name in self._mapping.payload}
         for name, kind in self._index_types.items():
             value = payload.get(name)
@@ -131,10 +132,10 @@ class Renderer:
             nulls = _null_columns(row, template_columns(self._mapping.text))
             why = f" (NULL or blank: {', '.join(nulls)})" if nulls else ""
             raise RecordError(f"rendered text is empty{why}", kind="empty_text")
-        if len(text) > self._mapping.text_limit and self._mapping.long_text != "truncate":
+        if len(text) > self._limit and self._mapping.long_text != "truncate":
             raise RecordError(
                 f"rendered text has {len(text)} characters, over max_text_length="
-                f"{self._mapping.text_limit}; shorten the row, raise the limit or set "
+                f"{self._limit}; shorten the row, raise the limit or set "
                 'long_text = "truncate"',
                 kind="text_too_long",
             )
