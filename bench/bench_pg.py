@@ -28,12 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.pgserver import PgServer, pg_server
 
-from bench_sync import WORK, _write
+from bench_sync import WORK, Latencies, _write, percentile_ms
 from vectorsync.config import load_config
 from vectorsync.engine import Engine
-from vectorsync.model import Change
 from vectorsync.sources.pgoutput import Decoder, Transaction
-from vectorsync.worker import BatchReport
 
 CONFIG = """\
 [state]
@@ -205,26 +203,9 @@ async def bench_latency(n: int, rate: float, seconds: float) -> None:
     with pg_server() as server:
         folder, url = _project(server, "bench_latency", n, batch=1000)
         config = load_config(folder / "vectorsync.toml")
-        latencies: list[float] = []
-        committed: dict[int, list[float]] = {}
         async with Engine.open(config) as engine:
             await engine.run(once=True)
-            source = engine.sources["app"]
-            read = source.read_changes
-
-            async def observed(after: int, limit: int) -> list[Change]:
-                changes = await read(after, limit)
-                for c in changes:
-                    committed.setdefault(c.position, []).append(c.committed_at)
-                return changes
-
-            source.read_changes = observed  # type: ignore[method-assign]
-
-            def on_batch(report: BatchReport) -> None:
-                now = time.time()
-                for position in [p for p in committed if p <= report.position]:
-                    latencies.extend(now - at for at in committed.pop(position))
-
+            on_batch = Latencies(engine.sources["app"])
             stop = threading.Event()
             halt = asyncio.Event()
             run = asyncio.create_task(engine.run(stop=halt, on_batch=on_batch))
@@ -237,10 +218,10 @@ async def bench_latency(n: int, rate: float, seconds: float) -> None:
                 stop.set()
                 halt.set()
                 await run
-    latencies.sort()
+    latencies = sorted(lat for _, lat in on_batch.seen)
 
     def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 1)
+        return percentile_ms(latencies, p)
 
     _write(
         "pg-latency",

@@ -31,6 +31,7 @@ from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
 from vectorsync.model import content_hash, point_id
 from vectorsync.render import Renderer
+from vectorsync.sinks.qdrant_edge import payload_schema_types
 
 BATCH = 1000  # [sync] batch_size of the run, and of the raw parts
 WRITE_CHUNK = 512  # points per sink call (worker._WRITE_CHUNK)
@@ -78,14 +79,7 @@ def _edge_alone(
     shutil.rmtree(folder, ignore_errors=True)
     config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=384, distance=qe.Distance.Cosine))
     shard = qe.EdgeShard.create(str(folder), config)
-    types = {
-        "keyword": qe.PayloadSchemaType.Keyword,
-        "integer": qe.PayloadSchemaType.Integer,
-        "float": qe.PayloadSchemaType.Float,
-        "bool": qe.PayloadSchemaType.Bool,
-        "datetime": qe.PayloadSchemaType.Datetime,
-        "text": qe.PayloadSchemaType.Text,
-    }
+    types = payload_schema_types()  # the sink's own mapping of index types
     for field, kind in indexes.items():
         shard.update(qe.UpdateOperation.create_field_index(field, types[kind]))
     cpu, wall = time.process_time(), time.perf_counter()

@@ -20,18 +20,15 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.tcp_proxy import tcp_proxy
 
-from bench_sync import _fresh, _insert, _write
+from bench_sync import Latencies, _fresh, _insert, _write, percentile_ms
 from vectorsync.config import load_config
 from vectorsync.engine import Engine
 from vectorsync.falkordb_server import falkordb_server
-from vectorsync.model import Change
-from vectorsync.worker import BatchReport
 
 
 def _writer(db: Path, n: int, rate: float, seconds: float) -> dict[str, Any]:
@@ -58,75 +55,50 @@ def _writer(db: Path, n: int, rate: float, seconds: float) -> dict[str, Any]:
 
 
 async def bench(n: int, rate: float, before: float, outage: float, after: float) -> None:
-    with falkordb_server() as graph_server:
-        port = urlparse(graph_server.url).port or 0
-        with tcp_proxy("127.0.0.1", port) as proxy:
-            folder = _fresh("several-sinks", "hash", batch=500)
-            url = graph_server.url.replace(f":{port}", f":{proxy.port}")
-            toml = folder / "vectorsync.toml"
-            text = toml.read_text().replace(
-                'sink = "vectors"', 'sinks = ["vectors", "docs", "graph"]'
+    with falkordb_server() as graph_server, tcp_proxy(graph_server.url) as proxy:
+        folder = _fresh("several-sinks", "hash", batch=500)
+        url = proxy.url_for(graph_server.url)
+        toml = folder / "vectorsync.toml"
+        text = toml.read_text().replace('sink = "vectors"', 'sinks = ["vectors", "docs", "graph"]')
+        text = text.replace(
+            "[embedders.default]",
+            '[sinks.docs]\nkind = "chroma"\npath = ".vectorsync/chroma"\n'
+            f'[sinks.graph]\nkind = "falkordb"\nurl = "{url}"\ngraph = "bench"\n'
+            "[embedders.default]",
+        )
+        text = text.replace("[sync]\n", "[sync]\nsink_outage_after = 1.0\n")
+        toml.write_text(text)
+        _insert(folder, [(i, f"t {i}", f"body {i}", "ann", "a", 2020) for i in range(1, n + 1)])
+        config = load_config(toml)
+        backlog_max = 0
+        async with Engine.open(config) as engine:
+            await engine.run(once=True)
+            on_batch = Latencies(engine.sources["app"])
+            halt = asyncio.Event()
+            run = asyncio.create_task(engine.run(stop=halt, on_batch=on_batch))
+            total = before + outage + after
+            writer = asyncio.create_task(
+                asyncio.to_thread(_writer, folder / "app.db", n, rate, total)
             )
-            text = text.replace(
-                "[embedders.default]",
-                '[sinks.docs]\nkind = "chroma"\npath = ".vectorsync/chroma"\n'
-                f'[sinks.graph]\nkind = "falkordb"\nurl = "{url}"\ngraph = "bench"\n'
-                "[embedders.default]",
-            )
-            text = text.replace("[sync]\n", "[sync]\nsink_outage_after = 1.0\n")
-            toml.write_text(text)
-            _insert(folder, [(i, f"t {i}", f"body {i}", "ann", "a", 2020) for i in range(1, n + 1)])
-            config = load_config(toml)
-            committed: dict[int, list[float]] = {}
-            latencies: list[tuple[float, float]] = []  # (committed at, latency)
-            backlog_max = 0
-            async with Engine.open(config) as engine:
-                await engine.run(once=True)
-                source = engine.sources["app"]
-                read = source.read_changes
-
-                async def observed(after_: int, limit: int) -> list[Change]:
-                    changes = await read(after_, limit)
-                    for c in changes:
-                        committed.setdefault(c.position, []).append(c.committed_at)
-                    return changes
-
-                source.read_changes = observed  # type: ignore[method-assign]
-
-                def on_batch(report: BatchReport) -> None:
-                    now = time.time()
-                    for position in [p for p in committed if p <= report.position]:
-                        latencies.extend((at, now - at) for at in committed.pop(position))
-
-                halt = asyncio.Event()
-                run = asyncio.create_task(engine.run(stop=halt, on_batch=on_batch))
-                total = before + outage + after
-                writer = asyncio.create_task(
-                    asyncio.to_thread(_writer, folder / "app.db", n, rate, total)
-                )
-                await asyncio.sleep(before)
-                cut_at = time.time()
-                proxy.cut()
-                while time.time() - cut_at < outage:
-                    backlog_max = max(
-                        backlog_max, sum((await engine.state.backlog_counts()).values())
-                    )
-                    await asyncio.sleep(1.0)
-                proxy.restore()
-                back_at = time.time()
-                while await engine.state.backlog_counts():
-                    await asyncio.sleep(0.2)
-                caught_up_s = time.time() - back_at
-                wrote = await writer
-                await engine.wait_for(await engine.head(), timeout=120)
-                halt.set()
-                await run
-                checks = {m.name: (await engine.check(m.name)).consistent for m in config.mappings}
-    down = sorted(lat for at, lat in latencies if cut_at + 2.0 <= at <= back_at)
-    up = sorted(lat for at, lat in latencies if at < cut_at)
-
-    def pct(values: list[float], p: float) -> float:
-        return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 1)
+            await asyncio.sleep(before)
+            cut_at = time.time()
+            proxy.cut()
+            while time.time() - cut_at < outage:
+                backlog_max = max(backlog_max, sum((await engine.state.backlog_counts()).values()))
+                await asyncio.sleep(1.0)
+            proxy.restore()
+            back_at = time.time()
+            while await engine.state.backlog_counts():
+                await asyncio.sleep(0.2)
+            caught_up_s = time.time() - back_at
+            wrote = await writer
+            await engine.wait_for(await engine.head(), timeout=120)
+            halt.set()
+            await run
+            checks = {m.name: (await engine.check(m.name)).consistent for m in config.mappings}
+    down = sorted(lat for at, lat in on_batch.seen if cut_at + 2.0 <= at <= back_at)
+    up = sorted(lat for at, lat in on_batch.seen if at < cut_at)
+    pct = percentile_ms
 
     _write(
         "several-sinks-outage",

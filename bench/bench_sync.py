@@ -90,6 +90,34 @@ def _write(name: str, figures: dict[str, Any]) -> None:
     print(json.dumps(figures, indent=2))
 
 
+class Latencies:
+    """Source commit → batch committed, per change: wraps a source's ``read_changes`` to
+    note each change's commit time, and is the run's ``on_batch`` (pass it as that)."""
+
+    def __init__(self, source: Any) -> None:
+        self.seen: list[tuple[float, float]] = []  # (committed at, latency)
+        self._committed: dict[int, list[float]] = {}
+        read = source.read_changes
+
+        async def observed(after: int, limit: int) -> list[Any]:
+            changes = await read(after, limit)
+            for c in changes:
+                self._committed.setdefault(c.position, []).append(c.committed_at)
+            return changes
+
+        source.read_changes = observed
+
+    def __call__(self, report: Any) -> None:
+        now = time.time()
+        for position in [p for p in self._committed if p <= report.position]:
+            self.seen.extend((at, now - at) for at in self._committed.pop(position))
+
+
+def percentile_ms(values: list[float], p: float) -> float:
+    """The ``p`` quantile of sorted ``values`` (seconds), in ms."""
+    return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 1)
+
+
 async def bench_content(n: int) -> None:
     """Content changes end to end vs the bare model on the same texts, in the same run."""
     symbols = list(stdlib_symbols(n))

@@ -7,6 +7,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+from urllib.parse import urlparse
 
 from vectorsync.falkordb_server import free_port
 
@@ -21,6 +22,10 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def url_for(self, url: str) -> str:
+        """``url`` of the upstream server, through this proxy."""
+        return url.replace(f":{self.upstream[1]}", f":{self.port}", 1)
 
     def cut(self) -> None:
         """Unreachable from now on: open connections are dropped, new ones closed."""
@@ -76,8 +81,10 @@ class TcpProxy:
 
 
 @contextlib.contextmanager
-def tcp_proxy(host: str, port: int) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(host, port)
+def tcp_proxy(url: str) -> Iterator[TcpProxy]:
+    """A proxy in front of the server ``url`` names (``redis://127.0.0.1:6379``, say)."""
+    parts = urlparse(url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 0)
     try:
         yield proxy
     finally:

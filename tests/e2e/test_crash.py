@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
@@ -127,9 +126,8 @@ def test_kill_9_with_several_sinks_one_going_down_and_back_loses_nothing(
     """The failpoint trials on a mapping written to qdrant-edge and FalkorDB, the graph
     cut off in every other trial (its share left in the backlog, or caught up, when the
     kill lands): afterwards both sinks equal the source."""
-    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
-        port = urlparse(falkordb.url).port
-        url = falkordb.url.replace(f":{port}", f":{proxy.port}")
+    with tcp_proxy(falkordb.url) as proxy:
+        url = proxy.url_for(falkordb.url)
         graph = f'kind = "falkordb"\nurl = "{url}"\ngraph = "sink_{graph_name}"'
         rng = random.Random(20261202)
         app.random_ops(rng, 200)

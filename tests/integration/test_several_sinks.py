@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+
+import pytest
 
 from tests.helpers import (
     App,
@@ -31,8 +33,18 @@ def _graph(url: str, graph: str) -> str:
     return f'kind = "falkordb"\nurl = "{url}"\ngraph = "sink_{graph}"'
 
 
-def _proxied(server: FalkorDBServer, proxy: TcpProxy) -> str:
-    return server.url.replace(f":{urlparse(server.url).port}", f":{proxy.port}")
+@dataclass(frozen=True)
+class CutOff:
+    """The FalkorDB sink behind a proxy the test can cut."""
+
+    proxy: TcpProxy
+    toml: str
+
+
+@pytest.fixture
+def graph(falkordb: FalkorDBServer, graph_name: str) -> Iterator[CutOff]:
+    with tcp_proxy(falkordb.url) as proxy:
+        yield CutOff(proxy, _graph(proxy.url_for(falkordb.url), graph_name))
 
 
 async def test_one_mapping_converges_in_three_sinks(
@@ -55,107 +67,104 @@ async def test_one_mapping_converges_in_three_sinks(
 
 
 async def test_run_once_with_a_sink_down_keeps_its_backlog_and_catches_up(
-    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+    workdir: Path, app: App, graph: CutOff
 ) -> None:
-    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
-        graph = _graph(_proxied(falkordb, proxy), graph_name)
-        cfg = write_config(workdir, also={"graph": graph}, sync="sink_outage_after = 0.5")
-        for k in range(1, 21):
+    proxy = graph.proxy
+    cfg = write_config(workdir, also={"graph": graph.toml}, sync="sink_outage_after = 0.5")
+    for k in range(1, 21):
+        app.insert(k)
+    embedder = HashEmbedder("default")
+    async with Engine.open(load(cfg), embedders={"default": embedder}) as engine:
+        await engine.run(once=True)
+        proxy.cut()  # the graph goes down while the engine is up
+        for k in range(21, 31):
             app.insert(k)
-        embedder = HashEmbedder("default")
-        async with Engine.open(load(cfg), embedders={"default": embedder}) as engine:
-            await engine.run(once=True)
-            proxy.cut()  # the graph goes down while the engine is up
-            for k in range(21, 31):
-                app.insert(k)
-            app.update(3, body="changed while the graph is down")
-            app.delete(4)
-            app.update(5, author="zed")  # metadata only
-            embedded = embedder.texts_embedded
-            result = await engine.run(once=True)  # ends: the backlog stays for later
-            assert result.counts["deferred"] == 13
-            assert await engine.state.backlog_counts() == {"articles.graph": 13}
-            status = {s.mapping: s for s in await engine.status()}
-            assert status["articles.graph"].backlog == 13 and status["articles"].backlog == 0
-            assert embedder.texts_embedded - embedded == 11  # the live sink's own texts
-            assert await _all_in(engine, app, ("vectors",))
-            proxy.restore()
-            embedded = embedder.texts_embedded
-            await engine.run(once=True)
-            assert await engine.state.backlog_counts() == {}
-            assert embedder.texts_embedded == embedded, "caught-up texts come from the cache"
-        await check(cfg, app)
+        app.update(3, body="changed while the graph is down")
+        app.delete(4)
+        app.update(5, author="zed")  # metadata only
+        embedded = embedder.texts_embedded
+        result = await engine.run(once=True)  # ends: the backlog stays for later
+        assert result.counts["deferred"] == 13
+        assert await engine.state.backlog_counts() == {"articles.graph": 13}
+        status = {s.mapping: s for s in await engine.status()}
+        assert status["articles.graph"].backlog == 13 and status["articles"].backlog == 0
+        assert embedder.texts_embedded - embedded == 11  # the live sink's own texts
+        assert await _all_in(engine, app, ("vectors",))
+        proxy.restore()
+        embedded = embedder.texts_embedded
+        await engine.run(once=True)
+        assert await engine.state.backlog_counts() == {}
+        assert embedder.texts_embedded == embedded, "caught-up texts come from the cache"
+    await check(cfg, app)
 
 
 async def test_a_sink_down_at_start_starts_behind_and_catches_up(
-    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+    workdir: Path, app: App, graph: CutOff
 ) -> None:
-    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
-        graph = _graph(_proxied(falkordb, proxy), graph_name)
-        cfg = write_config(workdir, also={"graph": graph}, sync="sink_outage_after = 0.5")
-        for k in range(1, 11):
-            app.insert(k)
-        await sync_once(cfg)
-        proxy.cut()
-        app.update(1, body="while the graph was down")
-        app.insert(11)
-        async with Engine.open(load(cfg)) as engine:
-            await engine.run(once=True)  # starts: the graph's copy waits behind
-            assert await engine.state.backlog_counts() == {"articles.graph": 2}
-            assert await _all_in(engine, app, ("vectors",))
-        proxy.restore()
-        await sync_once(cfg)
-        async with Engine.open(load(cfg)) as engine:
-            assert await engine.state.backlog_counts() == {}
-        await check(cfg, app)
-        proxy.cut()  # down at start again, and back while the engine streams
-        app.delete(2)
-        app.update(3, author="zed")
-        async with Engine.open(load(cfg)) as engine:
-            stop = asyncio.Event()
-            run = asyncio.create_task(engine.run(once=False, stop=stop))
-            try:
-                await _until(_backlog_is(engine, {"articles.graph": 2}))
-                proxy.restore()
-                await _until(_backlog_is(engine, {}))
-            finally:
-                stop.set()
-                await run
-        await check(cfg, app)
+    proxy = graph.proxy
+    cfg = write_config(workdir, also={"graph": graph.toml}, sync="sink_outage_after = 0.5")
+    for k in range(1, 11):
+        app.insert(k)
+    await sync_once(cfg)
+    proxy.cut()
+    app.update(1, body="while the graph was down")
+    app.insert(11)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.run(once=True)  # starts: the graph's copy waits behind
+        assert await engine.state.backlog_counts() == {"articles.graph": 2}
+        assert await _all_in(engine, app, ("vectors",))
+    proxy.restore()
+    await sync_once(cfg)
+    async with Engine.open(load(cfg)) as engine:
+        assert await engine.state.backlog_counts() == {}
+    await check(cfg, app)
+    proxy.cut()  # down at start again, and back while the engine streams
+    app.delete(2)
+    app.update(3, author="zed")
+    async with Engine.open(load(cfg)) as engine:
+        stop = asyncio.Event()
+        run = asyncio.create_task(engine.run(once=False, stop=stop))
+        try:
+            await _until(_backlog_is(engine, {"articles.graph": 2}))
+            proxy.restore()
+            await _until(_backlog_is(engine, {}))
+        finally:
+            stop.set()
+            await run
+    await check(cfg, app)
 
 
 async def test_a_sink_down_under_load_holds_the_others_back_not(
-    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+    workdir: Path, app: App, graph: CutOff
 ) -> None:
     """Streaming: while FalkorDB is unreachable, the other two sinks take every change
     (each waited for with a deadline, never a sleep); when it is back, it catches up and
     every sink equals the source, nothing lost."""
-    with tcp_proxy("127.0.0.1", urlparse(falkordb.url).port or 0) as proxy:
-        graph = _graph(_proxied(falkordb, proxy), graph_name)
-        also = {"docs": CHROMA, "graph": graph}
-        cfg = write_config(workdir, batch_size=50, also=also, sync="sink_outage_after = 0.5")
-        for k in range(1, 101):
-            app.insert(k)
-        async with Engine.open(load(cfg)) as engine:
-            await engine.prepare()  # collections and aliases made before they are read
-            stop = asyncio.Event()
-            run = asyncio.create_task(engine.run(once=False, stop=stop))
-            try:
-                await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
-                proxy.cut()
-                rng = random.Random(3)
-                for _ in range(3):  # rounds of changes while the graph is down
-                    app.random_ops(rng, 60)
-                    await _until(lambda: _all_in(engine, app, ("vectors", "docs")))
-                backlog = await engine.state.backlog_counts()
-                assert backlog.get("articles.graph", 0) > 0
-                proxy.restore()
-                await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
-                await _until(_backlog_is(engine, {}))
-            finally:
-                stop.set()
-                await run
-        await check(cfg, app)
+    proxy = graph.proxy
+    also = {"docs": CHROMA, "graph": graph.toml}
+    cfg = write_config(workdir, batch_size=50, also=also, sync="sink_outage_after = 0.5")
+    for k in range(1, 101):
+        app.insert(k)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.prepare()  # collections and aliases made before they are read
+        stop = asyncio.Event()
+        run = asyncio.create_task(engine.run(once=False, stop=stop))
+        try:
+            await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
+            proxy.cut()
+            rng = random.Random(3)
+            for _ in range(3):  # rounds of changes while the graph is down
+                app.random_ops(rng, 60)
+                await _until(lambda: _all_in(engine, app, ("vectors", "docs")))
+            backlog = await engine.state.backlog_counts()
+            assert backlog.get("articles.graph", 0) > 0
+            proxy.restore()
+            await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
+            await _until(_backlog_is(engine, {}))
+        finally:
+            stop.set()
+            await run
+    await check(cfg, app)
 
 
 async def test_a_sink_added_later_is_backfilled_from_the_embedding_cache(

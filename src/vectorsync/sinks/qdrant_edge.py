@@ -215,14 +215,7 @@ class QdrantEdgeSink:
             self._shards[spec.name] = shard
             self._specs[spec.name] = spec
         shard = self._shards[spec.name]
-        schema_types = {
-            "keyword": qe.PayloadSchemaType.Keyword,
-            "integer": qe.PayloadSchemaType.Integer,
-            "float": qe.PayloadSchemaType.Float,
-            "bool": qe.PayloadSchemaType.Bool,
-            "datetime": qe.PayloadSchemaType.Datetime,
-            "text": qe.PayloadSchemaType.Text,
-        }
+        schema_types = payload_schema_types()
         existing = shard.info().payload_schema
         missing = {f: kind for f, kind in spec.indexes.items() if f not in existing}
         if missing:
@@ -426,6 +419,20 @@ class QdrantEdgeSink:
     def _require_open(self) -> None:
         if self._lock is None:  # only the lock holder may change the folder
             raise RuntimeError(f"sink {self.name!r} is not open")
+
+
+def payload_schema_types() -> dict[str, Any]:
+    """qdrant-edge's payload index type for each of our index types."""
+    import qdrant_edge as qe
+
+    return {
+        "keyword": qe.PayloadSchemaType.Keyword,
+        "integer": qe.PayloadSchemaType.Integer,
+        "float": qe.PayloadSchemaType.Float,
+        "bool": qe.PayloadSchemaType.Bool,
+        "datetime": qe.PayloadSchemaType.Datetime,
+        "text": qe.PayloadSchemaType.Text,
+    }
 
 
 def _filter(where: Sequence[Condition]) -> Any:
