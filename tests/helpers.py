@@ -3,14 +3,15 @@ that reads both stores directly."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vectorsync.chunking import chunk_point_id, chunker_for, chunking_definition
 from vectorsync.config import Config, MappingConfig, load_config
@@ -19,6 +20,9 @@ from vectorsync.model import content_hash, point_id
 from vectorsync.render import Renderer
 from vectorsync.sinks.base import CollectionSpec, Sink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
+
+if TYPE_CHECKING:
+    from vectorsync.engine import Engine
 
 ARTICLES_DDL = (
     "CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT, body TEXT, author TEXT, "
@@ -462,3 +466,15 @@ def wait_for(condition: Callable[[], bool], deadline: float) -> None:
         if time.monotonic() > end:
             raise TimeoutError("condition not met before the deadline")
         time.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def streaming(engine: Engine) -> AsyncIterator[asyncio.Task[Any]]:
+    """``engine.run()`` streaming in a task until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop=stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await task

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import App, load, sync_once, write_config
+from tests.helpers import App, load, streaming, sync_once, write_config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
 from vectorsync.errors import PermanentError
@@ -132,18 +132,6 @@ async def until(condition: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g}s: {what}")
         await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def streaming(engine: Engine) -> AsyncIterator[asyncio.Task[Any]]:
-    """``engine.run()`` streaming in a task until the block ends."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(engine.run(stop=stop))
-    try:
-        yield task
-    finally:
-        stop.set()
-        await task
 
 
 class Writer:

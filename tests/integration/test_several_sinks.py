@@ -18,6 +18,7 @@ from tests.helpers import (
     assert_converged,
     check,
     load,
+    streaming,
     sync_once,
     write_config,
 )
@@ -121,16 +122,10 @@ async def test_a_sink_down_at_start_starts_behind_and_catches_up(
     proxy.cut()  # down at start again, and back while the engine streams
     app.delete(2)
     app.update(3, author="zed")
-    async with Engine.open(load(cfg)) as engine:
-        stop = asyncio.Event()
-        run = asyncio.create_task(engine.run(once=False, stop=stop))
-        try:
-            await _until(_backlog_is(engine, {"articles.graph": 2}))
-            proxy.restore()
-            await _until(_backlog_is(engine, {}))
-        finally:
-            stop.set()
-            await run
+    async with Engine.open(load(cfg)) as engine, streaming(engine):
+        await _until(_backlog_is(engine, {"articles.graph": 2}))
+        proxy.restore()
+        await _until(_backlog_is(engine, {}))
     await check(cfg, app)
 
 
@@ -147,9 +142,7 @@ async def test_a_sink_down_under_load_holds_the_others_back_not(
         app.insert(k)
     async with Engine.open(load(cfg)) as engine:
         await engine.prepare()  # collections and aliases made before they are read
-        stop = asyncio.Event()
-        run = asyncio.create_task(engine.run(once=False, stop=stop))
-        try:
+        async with streaming(engine):
             await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
             proxy.cut()
             rng = random.Random(3)
@@ -161,9 +154,6 @@ async def test_a_sink_down_under_load_holds_the_others_back_not(
             proxy.restore()
             await _until(lambda: _all_in(engine, app, ("vectors", "docs", "graph")))
             await _until(_backlog_is(engine, {}))
-        finally:
-            stop.set()
-            await run
     await check(cfg, app)
 
 
