@@ -349,9 +349,10 @@ async def assert_converged(
     the chunk points of a chunking of each current row)."""
     mapping = mapping or config.mappings[0]
     renderer = Renderer(mapping)
-    embedder = HashEmbedder()
-    rows = app.rows()
-    points = await read_sink(sink, mapping.collection_name)
+    made = config.embedders.get(mapping.embedder)
+    embedder = HashEmbedder(dimension=getattr(made, "dimension", 384))
+    rows = {k: row for k, row in app.rows().items() if mapping.selects(row)}  # embedder_by
+    points = await read_sink(sink, mapping.collection_name, embedder.dimension)
     if mapping.chunking is not None:
         assert_chunks_match(config, rows, points, mapping)
         return

@@ -379,6 +379,17 @@ EmbedderConfig = Annotated[
 ]
 
 
+class EmbedderByConfig(_Frozen):
+    """A model per kind of record: the value of ``field`` picks the embedder."""
+
+    field: str = Field(description="the row's field whose value picks the embedder")
+    map: dict[str, str] = Field(
+        min_length=1,
+        description='value → embedder name; "default" names the embedder of every other '
+        "value (else the mapping's embedder)",
+    )
+
+
 class RelatedConfig(_Frozen):
     """Fields pulled from related records: a join (SQL sources) or a pattern (graphs)."""
 
@@ -476,8 +487,15 @@ class MappingConfig(_Frozen):
     chunking: ChunkingConfig | None = Field(
         default=None, description="cut the text into chunks, one point each"
     )
+    embedder_by: EmbedderByConfig | None = Field(
+        default=None,
+        description="a model per kind of record: each embedder chosen runs as a copy of the "
+        "mapping with its own collection, named <mapping>.<embedder> after the first",
+    )
 
     _family: str | None = PrivateAttr(default=None)
+    # a copy of an embedder_by mapping: (field, values, negate) — the rows it holds
+    _select: tuple[str, frozenset[str], bool] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _table_or_match(self) -> MappingConfig:
@@ -488,6 +506,10 @@ class MappingConfig(_Frozen):
             )
         if len(set(self.sinks)) != len(self.sinks):
             raise ValueError(f"sinks {list(self.sinks)} names a sink twice")
+        if self.embedder_by is not None and self.sinks:
+            raise ValueError(
+                "embedder_by and several sinks cannot be combined yet: declare one mapping per sink"
+            )
         if self.match is not None:
             from .related import node_pattern
 
@@ -541,6 +563,46 @@ class MappingConfig(_Frozen):
         sink, and every copy derives its point ids from this name (the same record has the
         same id in every sink)."""
         return self._family or self.name
+
+    def selects(self, row: Mapping[str, Any]) -> bool:
+        """Whether this mapping holds ``row`` (always, but for the copies of an
+        ``embedder_by`` mapping: the rows whose field picks its embedder)."""
+        if self._select is None:
+            return True
+        field, values, negate = self._select
+        value = row.get(field)
+        return (value is not None and str(value) in values) != negate
+
+    def per_embedder(self) -> list[MappingConfig]:
+        """The mapping as it runs: itself; for ``embedder_by``, a copy per embedder chosen
+        — the fallback one (``map.default``, else ``embedder``) keeps the mapping's name and
+        collection and holds every row no other value picks; the others are named
+        ``<mapping>.<embedder>`` and write ``<collection>_<embedder>``. A row whose field
+        changes moves from one copy's collection to the other's."""
+        by = self.embedder_by
+        if by is None:
+            return [self]
+        fallback = by.map.get("default", self.embedder)
+        chosen: dict[str, set[str]] = {}
+        for value, embedder in by.map.items():
+            if value != "default" and embedder != fallback:
+                chosen.setdefault(embedder, set()).add(value)
+        others = frozenset(v for values in chosen.values() for v in values)
+        first = self.model_copy(update={"embedder": fallback, "embedder_by": None})
+        first._family, first._select = self.name, (by.field, others, True)
+        out = [first]
+        for embedder, values in chosen.items():
+            copy = self.model_copy(
+                update={
+                    "name": f"{self.name}.{embedder}",
+                    "embedder": embedder,
+                    "embedder_by": None,
+                    "collection": f"{self.collection_name}_{embedder}",
+                }
+            )
+            copy._family, copy._select = self.name, (by.field, frozenset(values), False)
+            out.append(copy)
+        return out
 
     def per_sink(self) -> list[MappingConfig]:
         """The mapping as it runs: itself for one sink; for ``sinks = [a, b, …]``, a copy
@@ -618,7 +680,9 @@ class Config(_Frozen):
     @model_validator(mode="after")
     def _references(self) -> Config:
         # a mapping with several sinks runs as one mapping per sink (MappingConfig.per_sink)
-        object.__setattr__(self, "mappings", tuple(c for m in self.mappings for c in m.per_sink()))
+        # and one mapping per embedder chosen (MappingConfig.per_embedder)
+        copies = (e for m in self.mappings for c in m.per_sink() for e in c.per_embedder())
+        object.__setattr__(self, "mappings", tuple(copies))
         seen: set[str] = set()
         collections: dict[tuple[str, str], str] = {}
         for i, m in enumerate(self.mappings):

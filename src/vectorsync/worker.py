@@ -780,6 +780,8 @@ class SourceWorker:
                 error = RecordError(why, kind="invalid_key")
                 work.failed.append(_dead_letter(m.name, row[m.config.key], change, error, None))
                 row = None
+            if row is not None and not m.config.selects(row):
+                row = None  # another copy's record (embedder_by): gone from this one
             if row is None:
                 # Delete even without state: a crash after a sink write but before the state
                 # commit leaves a point that no state row knows of.
