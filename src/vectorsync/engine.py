@@ -67,6 +67,7 @@ from .index.service import IndexService, version_config
 from .mappings import check_keys, check_mapping
 from .metrics import SourceStats
 from .model import Change, Key
+from .outages import isolated
 from .preflight import preflight
 from .redact import redact, redact_value, register_secrets
 from .related import Relation, resolve
@@ -512,10 +513,9 @@ class Engine:
 
     def _copies_only(self, sink: str) -> bool:
         """Whether every mapping writing ``sink`` is a copy of a several-sink mapping."""
-        families = {m.family for m in self.config.mappings}
-        copies = {f: sum(m.family == f for m in self.config.mappings) for f in families}
-        writers = [m for m in self.config.mappings if m.sink == sink]
-        return bool(writers) and all(copies[m.family] > 1 for m in writers)
+        copies = isolated(self.config.mappings)
+        writers = [m.name for m in self.config.mappings if m.sink == sink]
+        return bool(writers) and all(name in copies for name in writers)
 
     async def teardown(self) -> list[str]:
         """Remove the change capture ``setup`` installed at each source (replication slot

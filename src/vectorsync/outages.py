@@ -14,12 +14,26 @@ the target's batches is in flight, so the state it compares with is what the sin
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["Outages"]
+from .config import MappingConfig
+
+__all__ = ["Outages", "isolated"]
 
 _FIRST_PROBE = 1.0  # seconds after a sink went down
 _MAX_PROBE = 30.0
+
+
+def isolated(mappings: Iterable[MappingConfig]) -> set[str]:
+    """The mappings one sink outage must not hold back: the copies of a mapping that
+    writes several sinks (``sinks = [...]``; not the copies ``embedder_by`` makes, which
+    share one sink and stop and go together)."""
+    configs = list(mappings)
+    sinks: dict[str, set[str]] = {}
+    for m in configs:
+        sinks.setdefault(m.family, set()).add(m.sink)
+    return {m.name for m in configs if len(sinks[m.family]) > 1}
 
 
 @dataclass(slots=True)

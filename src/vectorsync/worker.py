@@ -55,7 +55,7 @@ from .model import (
     point_id,
     row_digest,
 )
-from .outages import Outages
+from .outages import Outages, isolated
 from .related import Relation
 from .render import Renderer
 from .sinks.base import Sink
@@ -272,14 +272,13 @@ class SourceWorker:
     def _use(self, mappings: Sequence[MappingRuntime]) -> None:
         self._by_table.clear()
         self._watch.clear()
-        families: dict[str, set[str]] = {}
         for m in mappings:
             self._by_table.setdefault(m.config.table, []).append(m)
             for rel in m.relations:
                 self._watch.setdefault(rel.table, []).append((m, rel))
-            families.setdefault(m.config.family, set()).add(m.config.name)
         # the targets of a mapping with several sinks: one sink down holds no other back
-        self._outages.isolated = {m.name for m in mappings if len(families[m.config.family]) > 1}
+        copies = isolated(m.config for m in mappings)
+        self._outages.isolated = {m.name for m in mappings if m.config.name in copies}
 
     # -- the pipeline -------------------------------------------------------------------
     async def run(self, *, once: bool, stop: asyncio.Event) -> None:
