@@ -188,9 +188,11 @@ class Checker:
         state_name: str | None = None,
         chunker: Chunker | None = None,
         family: str | None = None,
+        select: Callable[[Mapping[str, Any]], bool] | None = None,
     ) -> None:
         self.mapping, self.source, self.table, self.key = mapping, source, table, key
         self.family = family or mapping  # the name point ids derive from (MappingConfig.family)
+        self.select = select  # the rows this mapping holds (MappingConfig.selects), None: all
         self.state_name = state_name or mapping  # the index version's record state
         self.resolve = resolve  # completes rows as the sync does (related fields)
         self.renderer, self.sink, self.collection = renderer, sink, collection
@@ -271,10 +273,13 @@ class Checker:
         return [Drift(category=KNOWN, key=k, point_id=point_id(self.family, k)) for k in keys]
 
     async def _rows(self, page: int = 2000) -> AsyncIterator[dict[str, Any]]:
-        """Every current source row, completed the way the sync completes it."""
+        """Every current source row this mapping holds, completed the way the sync
+        completes it."""
+        select = self.select or (lambda _: True)
         if self.resolve is None:
             async for row in self.source.scan(self.table, self.key):
-                yield row
+                if select(row):
+                    yield row
             return
         rows: dict[Key, dict[str, Any]] = {}
         async for row in self.source.scan(self.table, self.key, page=page):
@@ -282,11 +287,19 @@ class Checker:
             if len(rows) >= page:
                 await self.resolve(rows)
                 for done in rows.values():
-                    yield done
+                    if select(done):
+                        yield done
                 rows = {}
         await self.resolve(rows)
         for done in rows.values():
-            yield done
+            if select(done):
+                yield done
+
+    async def _keys(self) -> list[Key]:
+        """The key of every source row this mapping holds."""
+        if self.select is None:
+            return [row[self.key] async for row in self.source.scan(self.table, self.key)]
+        return [row[self.key] async for row in self._rows()]
 
     # -- modes ------------------------------------------------------------------------------
     async def full(self) -> CheckReport:
@@ -460,7 +473,7 @@ class Checker:
         (dead-lettered records are known, so they are reported and not sampled)."""
         started = time.monotonic()
         known = await self._known()
-        keys = [row[self.key] async for row in self.source.scan(self.table, self.key)]
+        keys = await self._keys()
         present = [k for k in keys if key_text(k) in known]
         candidates = [k for k in keys if key_text(k) not in known]
         chosen = random.Random(seed).sample(candidates, min(size, len(candidates)))
@@ -561,6 +574,8 @@ class Checker:
         rows = await self.source.fetch(self.table, self.key, list(keys))
         if self.resolve is not None and rows:
             await self.resolve(rows)
+        if self.select is not None:  # another mapping's rows (embedder_by) are not this one's
+            rows = {k: row for k, row in rows.items() if self.select(row)}
         if self.chunker is not None:
             return await self._chunked_compare(keys, rows, held)
         ids = {point_id(self.family, k): k for k in keys}
@@ -610,7 +625,7 @@ class Checker:
         """Existence only: Bloom filters of each side's point ids against the other's."""
         started = time.monotonic()
         known = await self._known()
-        keys = [row[self.key] async for row in self.source.scan(self.table, self.key)]
+        keys = await self._keys()
         present = [k for k in keys if key_text(k) in known]
         unsynced: list[Key] = []  # chunked records the record state has no chunks of
         if self.chunker is None:

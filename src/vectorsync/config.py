@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -572,6 +572,12 @@ class MappingConfig(_Frozen):
         field, values, negate = self._select
         value = row.get(field)
         return (value is not None and str(value) in values) != negate
+
+    @property
+    def row_filter(self) -> Callable[[Mapping[str, Any]], bool] | None:
+        """``selects`` where some rows are another copy's, None where the mapping holds
+        every row of its table."""
+        return self.selects if self._select is not None else None
 
     def per_embedder(self) -> list[MappingConfig]:
         """The mapping as it runs: itself; for ``embedder_by``, a copy per embedder chosen

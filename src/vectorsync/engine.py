@@ -1023,6 +1023,7 @@ class Engine:
             resolve=self.resolver(m),
             chunker=chunker_for(made.get("chunking")),
             family=m.family,
+            select=m.row_filter,
         )
 
     async def check(

@@ -51,6 +51,11 @@ async def test_each_kind_of_record_is_embedded_by_its_model_in_its_collection(
     assert (default.texts_embedded, temporal.texts_embedded) == (16, 7)
     assert status == {"articles": 15, "articles.temporal": 5}
     await check(cfg, app)
+    async with Engine.open(config, embedders=embedders) as engine:
+        for name in ("articles", "articles.temporal"):  # each copy checks only its rows
+            for mode in ("full", "prove", "quick", "sample"):
+                report = await engine.check(name, mode=mode)
+                assert report.consistent, (name, mode, report.counts)
 
 
 def test_an_unknown_embedder_in_the_map_is_refused_naming_it(workdir: Path) -> None:

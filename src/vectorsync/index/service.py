@@ -404,6 +404,7 @@ class IndexService:
             state_name=target.name,
             chunker=target.chunker,
             family=m.family,
+            select=m.row_filter,
         )
 
     async def swap(self, m: MappingConfig, live: IndexVersion, new: IndexVersion) -> None:
