@@ -307,7 +307,7 @@ class GraphSink:
                 missing.update(await self._missing(entry, [r["id"] for r in chunk]))
         if self.edges:
             for e in self._edges_from(collection):
-                moved = {u.id: u.payload for u in latest if e.field in u.set or e.field in u.unset}
+                moved = {u.id: _new_payload(u) for u in latest if e.field in (*u.set, *u.unset)}
                 await self._link(collection, entry, moved, only=e)
         return [u.id for u in updates if u.id in missing]
 
@@ -557,6 +557,14 @@ def _split(catalog: dict[str, Entry]) -> tuple[set[str], dict[str, str]]:
     physical = {n for n, e in catalog.items() if e.alias_of is None}
     aliases = {n: e.alias_of for n, e in catalog.items() if e.alias_of is not None}
     return physical, aliases
+
+
+def _new_payload(u: PayloadUpdate) -> dict[str, Any]:
+    """The payload an update leaves (its ``payload``, or what ``set`` and ``unset`` say)."""
+    new = {**u.payload, **u.set}
+    for k in u.unset:
+        new.pop(k, None)
+    return new
 
 
 def _record(row: Sequence[Any]) -> SinkRecord:
