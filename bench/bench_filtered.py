@@ -49,6 +49,7 @@ KINDS = ["qdrant-edge", "qdrant", "chroma", "pgvector", "falkordb"]
 COLLECTION = "docs"
 
 Raw = Callable[[list[float], str], Awaitable[int]]  # (vector, category) -> hits
+Raws = list[tuple[str, Raw, str]]  # (name, query, what it does)
 
 
 class Data:
@@ -98,7 +99,7 @@ def _ms(samples: list[float]) -> dict[str, float]:
 
 
 async def _measure(
-    kind: str, sink: Sink, raw: Raw | None, data: Data, dim: int, budget: float
+    kind: str, sink: Sink, raws: Raws, data: Data, dim: int, budget: float
 ) -> dict[str, Any]:
     spec = CollectionSpec(
         name=COLLECTION,
@@ -121,48 +122,45 @@ async def _measure(
     maintain_s = time.perf_counter() - start
     print(f"{kind}: maintain {maintain_s:.1f} s {notes}", flush=True)
     count = await sink.count(COLLECTION)
-    sink_t: list[float] = []
-    raw_t: list[float] = []
-    sink_hits: list[int] = []
-    raw_hits: list[int] = []
+    times: dict[str, list[float]] = {"sink": [], **{name: [] for name, _, _ in raws}}
+    hits: dict[str, list[int]] = {name: [] for name in times}
     for i, q in enumerate(data.queries):
         category = CATEGORIES[i % len(CATEGORIES)]
         where = [Condition(field="category", op="eq", value=category)]
 
         async def through_sink(q: list[float] = q, where: list[Condition] = where) -> int:
-            hits = await sink.search(COLLECTION, q, limit=10, where=where)
-            assert all(h.record.payload["category"] == where[0].value for h in hits)
-            return len(hits)
+            found = await sink.search(COLLECTION, q, limit=10, where=where)
+            assert all(h.record.payload["category"] == where[0].value for h in found)
+            return len(found)
 
-        calls: list[tuple[list[float], list[int], Callable[[], Awaitable[int]]]] = [
-            (sink_t, sink_hits, through_sink)
-        ]
-        if raw is not None:
-            calls.append((raw_t, raw_hits, lambda q=q, c=category: raw(q, c)))
-        for times, hits, call in calls[:: 1 if i % 2 else -1]:  # who goes first alternates
+        calls: list[tuple[str, Callable[[], Awaitable[int]]]] = [("sink", through_sink)]
+        for name, raw, _ in raws:
+            calls.append((name, lambda q=q, c=category, raw=raw: raw(q, c)))
+        for name, call in calls[i % len(calls) :] + calls[: i % len(calls)]:  # rotate who's first
             t0 = time.perf_counter()
-            hits.append(await call())
-            times.append(time.perf_counter() - t0)
+            hits[name].append(await call())
+            times[name].append(time.perf_counter() - t0)
     figures: dict[str, Any] = {
         "points": count,
         "load_seconds": round(load_s, 1),
         "load_points_per_s": round(loaded / load_s, 1),
         "maintain_seconds": None if notes is None else round(maintain_s, 2),
         "maintain_notes": notes if notes is not None else "the sink has no maintain",
-        "sink_ms": _ms(sink_t),
-        "sink_hits_mean": round(statistics.mean(sink_hits), 2),
     }
     if capped:
         figures["capped"] = (
             f"loading stopped after {budget:.0f} s at {loaded} of {data.n} points: "
             "the figures are for this size"
         )
-    if raw is not None:
-        figures["raw_ms"] = _ms(raw_t)
-        figures["raw_hits_mean"] = round(statistics.mean(raw_hits), 2)
-        figures["sink_over_raw_p50"] = round(
-            statistics.median(sink_t) / statistics.median(raw_t), 2
-        )
+    for name in times:
+        figures[f"{name}_ms"] = _ms(times[name])
+        figures[f"{name}_hits_mean"] = round(statistics.mean(hits[name]), 2)
+        if name != "sink":
+            figures[f"sink_over_{name}_p50"] = round(
+                statistics.median(times["sink"]) / statistics.median(times[name]), 2
+            )
+    for name, _, what in raws:
+        figures[name] = what
     return figures
 
 
@@ -170,7 +168,7 @@ async def _measure(
 
 
 @asynccontextmanager
-async def _qdrant_edge(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
+async def _qdrant_edge(folder: Path) -> AsyncIterator[tuple[Sink, Raws]]:
     import qdrant_edge as qe
 
     from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
@@ -191,13 +189,13 @@ async def _qdrant_edge(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
         return len(shard.query(request))
 
     try:
-        yield sink, raw, "qdrant_edge.EdgeShard.query on the sink's shard (no lane hop)"
+        yield sink, [("raw", raw, "qdrant_edge.EdgeShard.query on the sink's shard, no lane hop")]
     finally:
         await sink.close()
 
 
 @asynccontextmanager
-async def _qdrant(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
+async def _qdrant(folder: Path) -> AsyncIterator[tuple[Sink, Raws]]:
     from qdrant_client import models
 
     from vectorsync.sinks.qdrant import QdrantSink
@@ -219,13 +217,13 @@ async def _qdrant(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
         return len(found.points)
 
     try:
-        yield sink, raw, "AsyncQdrantClient(':memory:').query_points, the sink's own client"
+        yield sink, [("raw", raw, "AsyncQdrantClient(':memory:').query_points, the sink's client")]
     finally:
         await sink.close()
 
 
 @asynccontextmanager
-async def _chroma(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
+async def _chroma(folder: Path) -> AsyncIterator[tuple[Sink, Raws]]:
     from vectorsync.sinks.chroma import ChromaSink
 
     sink = ChromaSink("bench", path=folder / "chroma")
@@ -242,13 +240,13 @@ async def _chroma(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
         return len(got["ids"][0])
 
     try:
-        yield sink, raw, "chromadb Collection.query with where {category: {$eq: ...}}"
+        yield sink, [("raw", raw, "chromadb Collection.query, where {category: {$eq: ...}}")]
     finally:
         await sink.close()
 
 
 @asynccontextmanager
-async def _pgvector(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
+async def _pgvector(folder: Path) -> AsyncIterator[tuple[Sink, Raws]]:
     import psycopg
     from tests.pgvector_server import pgvector_server
 
@@ -279,20 +277,19 @@ async def _pgvector(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
                 return len(await cur.fetchall())
 
         try:
-            yield (
-                sink,
-                raw,
+            what = (
                 "psycopg: SELECT ... WHERE payload @> {category} ORDER BY vector <=> q LIMIT "
                 "10, the same ef_search and iterative scan (the sink also matches a list "
-                "holding the value)",
+                "holding the value)"
             )
+            yield sink, [("raw", raw, what)]
         finally:
             await conn.close()
             await sink.close()
 
 
 @asynccontextmanager
-async def _falkordb(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
+async def _falkordb(folder: Path) -> AsyncIterator[tuple[Sink, Raws]]:
     from falkordb.asyncio import FalkorDB
 
     from vectorsync.falkordb_server import falkordb_server
@@ -309,16 +306,37 @@ async def _falkordb(folder: Path) -> AsyncIterator[tuple[Sink, Raw, str]]:
             "RETURN node._vs_id, node {.*, _vs_vector: null}, score ORDER BY score LIMIT 10"
         )
 
+        exact = (
+            "MATCH (n:docs) WHERE n.category = $c "
+            "WITH n, vec.cosineDistance(n._vs_vector, vecf32($q)) AS score "
+            "RETURN n._vs_id, n {.*, _vs_vector: null}, score ORDER BY score LIMIT 10"
+        )
+
         async def raw(q: list[float], category: str) -> int:
             return len((await graph.ro_query(query, {"q": q, "c": category})).result_set)
+
+        async def raw_exact(q: list[float], category: str) -> int:
+            return len((await graph.ro_query(exact, {"q": q, "c": category})).result_set)
 
         try:
             yield (
                 sink,
-                raw,
-                "FalkorDB's async client on the sink's graph: queryNodes(k = 100) ... WHERE "
-                "node.category = $c LIMIT 10 (returns fewer than 10 when the 100 nearest hold "
-                "fewer matches; the sink widens k, then reads every matching node)",
+                [
+                    (
+                        "raw",
+                        raw,
+                        "FalkorDB's async client on the sink's graph: queryNodes(k = 100) ... "
+                        "WHERE node.category = $c LIMIT 10 (fewer than 10 when the 100 nearest "
+                        "hold fewer matches; the sink widens k, then reads every matching node)",
+                    ),
+                    (
+                        "raw_exact",
+                        raw_exact,
+                        "FalkorDB's async client: MATCH (n:docs) WHERE n.category = $c (the range "
+                        "index) ... ORDER BY vec.cosineDistance LIMIT 10: exact, what the sink "
+                        "ends with when the index's candidates hold too few matches",
+                    ),
+                ],
             )
         finally:
             await db.aclose()
@@ -335,11 +353,11 @@ BUILD = {
 }
 
 
-async def run(kinds: list[str], n: int, dim: int, budget: float) -> None:
+async def run(kinds: list[str], n: int, dim: int, budget: float, out: Path) -> None:
     data = Data(n, dim)
     results: dict[str, Any] = {}
-    if RESULTS.exists():
-        results = json.loads(RESULTS.read_text())
+    if out.exists():
+        results = json.loads(out.read_text())
     results.update(
         {
             "benchmark": "sink-filtered-100k",
@@ -359,17 +377,16 @@ async def run(kinds: list[str], n: int, dim: int, budget: float) -> None:
     for kind in kinds:
         folder = Path(tempfile.mkdtemp(prefix=f"bench-filtered-{kind}-"))
         try:
-            async with BUILD[kind](folder) as (sink, raw, raw_what):
-                figures = await _measure(kind, sink, raw, data, dim, budget)
-            figures["raw"] = raw_what
+            async with BUILD[kind](folder) as (sink, raws):
+                figures = await _measure(kind, sink, raws, data, dim, budget)
             figures["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             figures["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         kinds_out[kind] = figures
         print(json.dumps({kind: figures}, indent=2), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -378,12 +395,13 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=100_000)
     parser.add_argument("--dimension", type=int, default=384)
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of loading at most")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON file to update")
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(BUILD))
     if unknown:
         parser.error(f"unknown kinds: {', '.join(unknown)}")
-    asyncio.run(run(kinds, args.points, args.dimension, args.budget))
+    asyncio.run(run(kinds, args.points, args.dimension, args.budget, args.out))
 
 
 if __name__ == "__main__":
