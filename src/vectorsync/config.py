@@ -35,6 +35,7 @@ __all__ = [
     "ChromaSinkConfig",
     "ChunkingConfig",
     "Config",
+    "EdgeConfig",
     "EmbedderConfig",
     "FalkorDBSinkConfig",
     "FalkorDBSourceConfig",
@@ -426,6 +427,44 @@ class RelatedConfig(_Frozen):
         return self
 
 
+class EdgeConfig(_Frozen):
+    """A relationship from each node of the mapping to the node(s) whose key a payload field
+    holds (graph sinks: see docs/sinks.md#relationships)."""
+
+    type: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="the relationship type, e.g. WRITTEN_BY"
+    )
+    field: str = Field(
+        description="a payload field (a column or a related field) holding the target's key, "
+        "or a list of keys (a related field with many = true)"
+    )
+    to: str | None = Field(
+        default=None,
+        description="the mapping whose nodes are the targets (written to the same sink); "
+        "matched on their _vs_key",
+    )
+    label: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="instead of to: a label of your own; the target (:<label> {<key>: value}) "
+        "is merged",
+    )
+    key: str = Field(
+        default="id",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="with label: the target's key property",
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> EdgeConfig:
+        if (self.to is None) == (self.label is None):
+            raise ValueError(
+                f"edge {self.type!r}: set either to (a mapping synced to the same sink) or "
+                "label (nodes of your own, merged by key), not both"
+            )
+        return self
+
+
 class ChunkingConfig(_Frozen):
     """A record's text cut into chunks, each its own point (see docs/chunking.md)."""
 
@@ -484,6 +523,9 @@ class MappingConfig(_Frozen):
         "as truncated, logged once) or the record dead-lettered",
     )
     related: tuple[RelatedConfig, ...] = ()
+    edges: tuple[EdgeConfig, ...] = Field(
+        default=(), description="graph sinks: relationships from payload fields' keys"
+    )
     chunking: ChunkingConfig | None = Field(
         default=None, description="cut the text into chunks, one point each"
     )
@@ -551,6 +593,12 @@ class MappingConfig(_Frozen):
                 if field in outputs:
                     raise ValueError(f"related field {field!r} is declared twice")
                 outputs.add(field)
+        for edge in self.edges:
+            if edge.field not in self.payload:
+                raise ValueError(
+                    f"edge {edge.type!r}: field {edge.field!r} is not in payload; add it to "
+                    "payload (the sink reads the keys from there)"
+                )
         return self
 
     @property
@@ -705,6 +753,7 @@ class Config(_Frozen):
                 )
             _chroma_collection(where, m, self.sinks.get(m.sink))
             _graph_collection(where, m, self.sinks.get(m.sink))
+            _edges(where, m, self)
             for field, table in (
                 ("source", self.sources),
                 ("sink", self.sinks),
@@ -753,6 +802,37 @@ def _graph_collection(where: str, m: MappingConfig, sink: SinkConfig | None) -> 
             f"{where}: collection {m.collection_name!r} cannot be a node label of sink "
             f"{m.sink!r}: {why}; set collection to another name"
         )
+
+
+def _edges(where: str, m: MappingConfig, config: Config) -> None:
+    if not m.edges:
+        return
+    if not isinstance(config.sinks.get(m.sink), GRAPH_SINKS):
+        raise ValueError(
+            f"{where}.edges: sink {m.sink!r} is not a graph sink; relationships are written "
+            'by kind = "falkordb" or "neo4j" sinks only'
+        )
+    by_name = {other.name: other for other in config.mappings}
+    ours = {other.collection_name for other in config.mappings if other.sink == m.sink}
+    for edge in m.edges:
+        target = by_name.get(edge.to or "")
+        if edge.to is not None and (target is None or target.sink != m.sink):
+            known = ", ".join(sorted(o.name for o in config.mappings if o.sink == m.sink))
+            raise ValueError(
+                f"{where}.edges: edge {edge.type!r}: to = {edge.to!r} is not a mapping "
+                f"written to sink {m.sink!r} (those are: {known}); name one, or use label"
+            )
+        if edge.label is None:
+            continue
+        from .sinks._graph_sink import check_label
+
+        why = check_label(edge.label) or (
+            f"it is a collection of sink {m.sink!r} (use to = <its mapping>)"
+            if edge.label in ours
+            else None
+        )
+        if why is not None:
+            raise ValueError(f"{where}.edges: edge {edge.type!r}: label {edge.label!r}: {why}")
 
 
 def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Config:

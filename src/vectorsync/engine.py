@@ -165,10 +165,14 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
 
         return QdrantEdgeSink(name, config.resolve(cfg.path), min_free_space=cfg.min_free_space)
     if isinstance(cfg, FalkorDBSinkConfig):
+        from .sinks._graph_edges import edge_specs
         from .sinks.falkordb import FalkorDBSink
 
-        return FalkorDBSink(name, cfg.url, graph=cfg.graph, timeout=cfg.timeout)
+        return FalkorDBSink(
+            name, cfg.url, graph=cfg.graph, timeout=cfg.timeout, edges=edge_specs(config, name)
+        )
     if isinstance(cfg, Neo4jSinkConfig):
+        from .sinks._graph_edges import edge_specs
         from .sinks.neo4j import Neo4jSink
 
         return Neo4jSink(
@@ -177,6 +181,7 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
             user=cfg.user,
             password=cfg.password.get_secret_value() if cfg.password else None,
             database=cfg.database,
+            edges=edge_specs(config, name),
         )
     if isinstance(cfg, PgvectorSinkConfig):
         from .sinks.pgvector import PgvectorSink

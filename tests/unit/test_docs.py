@@ -81,6 +81,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,
     "[[mappings]]": c.MappingConfig,
     "[[mappings.related]]": c.RelatedConfig,
+    "[[mappings.edges]]": c.EdgeConfig,
     "[mappings.chunking]": c.ChunkingConfig,
 }
 SECTION_MODELS: dict[str, tuple[type[BaseModel], ...]] = {

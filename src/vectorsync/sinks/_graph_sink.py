@@ -27,6 +27,16 @@ from ..errors import PermanentError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from ..sources.cypher import ident
 from ._aliases import check_drop, check_rename, check_set_alias
+from ._graph_edges import (
+    RECORD_KEY,
+    EdgeSpec,
+    backlink_query,
+    base_collection,
+    edge_rows,
+    keys_of,
+    link_query,
+    unlink_query,
+)
 from ._graph_values import ID, JSON_KEY, VECTOR, cypher_where, from_properties, to_properties
 from .base import CollectionSpec, Distance, Hit
 
@@ -63,6 +73,7 @@ class GraphSink:
 
     name: str
     store = "graph store"
+    edges: tuple[EdgeSpec, ...] = ()  # relationships the mappings declare (_graph_edges)
     is_list = "typeOf({}) = 'List'"  # a Cypher test that an expression is a list
 
     # -- what each store provides ---------------------------------------------------------
@@ -176,6 +187,20 @@ class GraphSink:
             await self.ddl(
                 f"index {field!r} of {entry.name!r}", self.range_index(entry.name, field)
             )
+        await self._edge_indexes(spec.name, entry.name)
+
+    async def _edge_indexes(self, collection: str, label: str) -> None:
+        """The indexes the relationship queries look nodes up by."""
+        wanted: set[tuple[str, str]] = set()
+        for e in self._edges_from(collection):
+            if not e.many:
+                wanted.add((label, e.field))  # backlinks find the nodes naming a key
+            if e.label is not None:
+                wanted.add((e.label, e.key))  # links merge the targets by key
+        if any(e.to in (collection, base_collection(collection)) for e in self.edges):
+            wanted.add((label, RECORD_KEY))
+        for on, prop in sorted(wanted):
+            await self.ddl(f"index {prop!r} of {on!r}", self.range_index(on, prop))
 
     async def _create(self, spec: CollectionSpec) -> Entry:
         if (why := check_label(spec.name)) is not None:
@@ -234,6 +259,9 @@ class GraphSink:
         )
         for i in range(0, len(rows), CHUNK):
             await self.run(f"upsert into {collection!r}", query, {"rows": rows[i : i + CHUNK]})
+        if self.edges:
+            await self._link(collection, entry, {p.id: p.payload for p in latest})
+            await self._backlink(collection, entry, [p.payload.get(RECORD_KEY) for p in latest])
 
     def _row(self, entry: Entry, p: Point) -> dict[str, Any]:
         if len(p.vector) != entry.dimension:
@@ -277,6 +305,10 @@ class GraphSink:
             done = await self.run(f"update payloads in {collection!r}", query, {"rows": chunk})
             if int(done[0][0]) < len(chunk):  # rare: ask which (the ids alone cost a parse)
                 missing.update(await self._missing(entry, [r["id"] for r in chunk]))
+        if self.edges:
+            for e in self._edges_from(collection):
+                moved = {u.id: _new_payload(u) for u in latest if e.field in (*u.set, *u.unset)}
+                await self._link(collection, entry, moved, only=e)
         return [u.id for u in updates if u.id in missing]
 
     async def _missing(self, entry: Entry, ids: list[str]) -> list[str]:
@@ -294,6 +326,56 @@ class GraphSink:
         query = f"UNWIND $ids AS id MATCH (n:{ident(entry.name)} {{{ID}: id}}) DETACH DELETE n"
         for i in range(0, len(ids), CHUNK):
             await self.run(f"delete from {collection!r}", query, {"ids": list(ids[i : i + CHUNK])})
+
+    # -- relationships --------------------------------------------------------------------
+    def _edges_from(self, collection: str) -> list[EdgeSpec]:
+        names = (collection, base_collection(collection))
+        return [e for e in self.edges if e.source in names]
+
+    async def _label_of(self, collection: str) -> str | None:
+        """The live label of a collection, None while it does not exist."""
+        try:
+            return (await self._resolve(collection)).name
+        except PermanentError:
+            return None
+
+    async def _link(
+        self,
+        collection: str,
+        entry: Entry,
+        payloads: dict[str, Any],
+        *,
+        only: EdgeSpec | None = None,
+    ) -> None:
+        """Make the written nodes' edges what their payloads name (``_graph_edges``)."""
+        for e in self._edges_from(collection) if only is None else [only]:
+            target = e.label if e.to is None else await self._label_of(e.to)
+            if target is None or not payloads:
+                continue  # the targets' collection comes later: its writes link back
+            rows = edge_rows(e, payloads)
+            what = f"relate {collection!r} -[:{e.type}]-> {target!r}"
+            for i in range(0, len(rows), CHUNK):
+                chunk = {"rows": rows[i : i + CHUNK]}
+                await self.run(what, unlink_query(entry.name, e, target), chunk)
+                await self.run(what, link_query(entry.name, e, target), chunk)
+
+    async def _backlink(self, collection: str, entry: Entry, keys: list[Any]) -> None:
+        """Give nodes just written to a ``to`` collection the edges of the nodes naming them."""
+        names = (collection, base_collection(collection))
+        wanted = keys_of(keys)
+        for e in self.edges:
+            if e.to not in names or not wanted:
+                continue
+            source = await self._label_of(e.source)
+            if source is None:
+                continue
+            query = backlink_query(source, e, entry.name, self.is_list)
+            for i in range(0, len(wanted), CHUNK):
+                await self.run(
+                    f"relate {e.source!r} -[:{e.type}]-> {collection!r}",
+                    query,
+                    {"keys": wanted[i : i + CHUNK]},
+                )
 
     # -- reads ----------------------------------------------------------------------------
     def _returned(self, var: str, *, payload: bool = True, vectors: bool = False) -> str:
@@ -475,6 +557,14 @@ def _split(catalog: dict[str, Entry]) -> tuple[set[str], dict[str, str]]:
     physical = {n for n, e in catalog.items() if e.alias_of is None}
     aliases = {n: e.alias_of for n, e in catalog.items() if e.alias_of is not None}
     return physical, aliases
+
+
+def _new_payload(u: PayloadUpdate) -> dict[str, Any]:
+    """The payload an update leaves (its ``payload``, or what ``set`` and ``unset`` say)."""
+    new = {**u.payload, **u.set}
+    for k in u.unset:
+        new.pop(k, None)
+    return new
 
 
 def _record(row: Sequence[Any]) -> SinkRecord:

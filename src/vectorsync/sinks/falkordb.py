@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from ..errors import PermanentError, SinkError
 from ..redact import redact
 from ..sources.cypher import ident
 from ..sources.falkordb import connect, disconnect, wrap_errors
+from ._graph_edges import EdgeSpec
 from ._graph_sink import GraphSink
 from ._graph_values import VECTOR
 from .base import Distance
@@ -40,9 +42,16 @@ class FalkorDBSink(GraphSink):
     store = "FalkorDB"
 
     def __init__(
-        self, name: str, url: str, *, graph: str = "vectorsync", timeout: float = 60.0
+        self,
+        name: str,
+        url: str,
+        *,
+        graph: str = "vectorsync",
+        timeout: float = 60.0,
+        edges: Sequence[EdgeSpec] = (),
     ) -> None:
         self.name = name
+        self.edges = tuple(edges)
         self.url = url
         self.graph_name = graph
         self.timeout = timeout

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import PermanentError, SinkError
 from ..redact import redact
 from ..sources.cypher import ident
 from ..sources.neo4j import wrap_errors
+from ._graph_edges import EdgeSpec
 from ._graph_sink import GraphSink
 from ._graph_values import VECTOR
 from .base import Distance
@@ -43,8 +45,10 @@ class Neo4jSink(GraphSink):
         user: str = "neo4j",
         password: str | None = None,
         database: str | None = None,
+        edges: Sequence[EdgeSpec] = (),
     ) -> None:
         self.name = name
+        self.edges = tuple(edges)
         self.url = url
         self._auth = (user, password or "")
         self._database = database
