@@ -804,19 +804,29 @@ def _graph_collection(where: str, m: MappingConfig, sink: SinkConfig | None) -> 
         )
 
 
+def edge_target(config: Config, name: str, sink: str) -> MappingConfig | None:
+    """The mapping an edge's ``to`` names, as written to ``sink``: the mapping, or its copy
+    in that sink (a mapping with several sinks)."""
+    for other in config.mappings:
+        if other.sink == sink and name in (other.name, other.family):
+            return other
+    return None
+
+
 def _edges(where: str, m: MappingConfig, config: Config) -> None:
     if not m.edges:
         return
     if not isinstance(config.sinks.get(m.sink), GRAPH_SINKS):
+        if any(o.family == m.family and o.sink != m.sink for o in config.mappings):
+            return  # a copy of a several-sink mapping: its graph sink's copy has the edges
         raise ValueError(
             f"{where}.edges: sink {m.sink!r} is not a graph sink; relationships are written "
             'by kind = "falkordb" or "neo4j" sinks only'
         )
-    by_name = {other.name: other for other in config.mappings}
     ours = {other.collection_name for other in config.mappings if other.sink == m.sink}
     for edge in m.edges:
-        target = by_name.get(edge.to or "")
-        if edge.to is not None and (target is None or target.sink != m.sink):
+        target = edge_target(config, edge.to or "", m.sink)
+        if edge.to is not None and target is None:
             known = ", ".join(sorted(o.name for o in config.mappings if o.sink == m.sink))
             raise ValueError(
                 f"{where}.edges: edge {edge.type!r}: to = {edge.to!r} is not a mapping "

@@ -101,3 +101,49 @@ def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
     bad.write_text("[state\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def _several_sinks(**mapping: Any) -> dict[str, Any]:
+    graph = {"kind": "falkordb", "url": "redis://127.0.0.1:6379"}
+    common = {"source": "app", "text": "{{ x }}", "sinks": ["vectors", "graph"]}
+    return {
+        **BASE,
+        "sinks": {**BASE["sinks"], "graph": graph},
+        "mappings": [
+            {"name": "authors", "table": "authors", **common},
+            {"name": "articles", "table": "articles", **common, **mapping},
+        ],
+    }
+
+
+def test_several_sinks_run_as_one_copy_per_sink_with_the_same_ids_and_collection() -> None:
+    cfg = parse_config(_several_sinks(collection="docs"))
+    copies = {m.name: (m.sink, m.collection_name, m.family) for m in cfg.mappings}
+    assert copies == {
+        "authors": ("vectors", "authors", "authors"),
+        "authors.graph": ("graph", "authors", "authors"),
+        "articles": ("vectors", "docs", "articles"),
+        "articles.graph": ("graph", "docs", "articles"),
+    }
+
+
+def test_edges_of_a_several_sink_mapping_go_to_its_graph_copy() -> None:
+    from vectorsync.sinks._graph_edges import edge_specs
+
+    edges = [{"type": "WRITTEN_BY", "field": "author_id", "to": "authors"}]
+    cfg = parse_config(_several_sinks(payload=["author_id"], edges=edges))
+    [spec] = edge_specs(cfg, "graph")
+    assert (spec.source, spec.type, spec.to) == ("articles", "WRITTEN_BY", "authors")
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ({"sink": "vectors"}, "not both"),
+        ({"sinks": ["vectors", "vectors"]}, "names a sink twice"),
+        ({"sinks": ["vectors", "nowhere"]}, "unknown sink 'nowhere'"),
+    ],
+)
+def test_bad_sinks_are_refused_naming_the_fix(mapping: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_several_sinks(**mapping))

@@ -24,7 +24,7 @@ from ..sources.cypher import ident
 from ._graph_values import ID
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, MappingConfig
 
 __all__ = [
     "RECORD_KEY",
@@ -61,7 +61,8 @@ class EdgeSpec:
 
 def edge_specs(config: Config, sink: str) -> tuple[EdgeSpec, ...]:
     """The relationships the mappings written to ``sink`` declare."""
-    collections = {m.name: m.collection_name for m in config.mappings}
+    from ..config import edge_target
+
     specs: list[EdgeSpec] = []
     for m in config.mappings:
         if m.sink != sink:
@@ -73,13 +74,18 @@ def edge_specs(config: Config, sink: str) -> tuple[EdgeSpec, ...]:
                     source=m.collection_name,
                     type=e.type,
                     field=e.field,
-                    to=collections[e.to] if e.to is not None else None,
+                    to=_collection(edge_target(config, e.to, sink)) if e.to is not None else None,
                     label=e.label,
                     key=e.key if e.label is not None else RECORD_KEY,
                     many=e.field in lists,
                 )
             )
     return tuple(specs)
+
+
+def _collection(m: MappingConfig | None) -> str:
+    assert m is not None  # the config checked it (config._edges)
+    return m.collection_name
 
 
 def base_collection(name: str) -> str:
