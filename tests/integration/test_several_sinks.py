@@ -199,3 +199,36 @@ async def _until(condition: Callable[[], Awaitable[bool]], deadline: float = 120
         if time.monotonic() > end:
             raise TimeoutError("condition not met before the deadline")
         await asyncio.sleep(0.05)
+
+
+async def test_one_mapping_to_vectors_and_a_graph_with_its_relationships(
+    workdir: Path, app: App, falkordb: FalkorDBServer, graph_name: str
+) -> None:
+    """Seed 003's flow: the rows as points in qdrant-edge and as nodes in FalkorDB, each
+    node linked to its author's node; an edit of the author moves the edge, a delete takes
+    it along — read back through FalkorDB's own client."""
+    from falkordb import FalkorDB
+
+    edge = (
+        '[[mappings.edges]]\ntype = "WRITTEN_BY"\nfield = "author"\nlabel = "Author"\nkey = "name"'
+    )
+    cfg = write_config(
+        workdir, also={"graph": _graph(falkordb.url, graph_name)}, extra_mapping=edge
+    )
+    for k in range(1, 7):
+        app.insert(k, author="ann" if k % 2 else "bob")
+    await sync_once(cfg)
+    client = FalkorDB.from_url(falkordb.url)
+
+    def edges() -> set[tuple[int, str]]:
+        rows = client.select_graph(f"sink_{graph_name}").ro_query(
+            "MATCH (a)-[:WRITTEN_BY]->(t:Author) RETURN a._vs_key, t.name"  # any version label
+        )
+        return {(k, name) for k, name in rows.result_set}
+
+    assert edges() == {(k, "ann" if k % 2 else "bob") for k in range(1, 7)}
+    app.update(1, author="cy")
+    app.delete(2)
+    await sync_once(cfg)
+    assert edges() == {(1, "cy"), (3, "ann"), (4, "bob"), (5, "ann"), (6, "bob")}
+    await check(cfg, app)
