@@ -2,6 +2,8 @@
 
 python bench/bench_several_sinks.py [--rate 400] [--outage 60]
     → bench/results/several-sinks-outage.json
+python bench/bench_several_sinks.py added --records 10000
+    → bench/results/several-sinks-added.json
 
 A writer commits ``rate`` changes/s to SQLite (half text edits, half metadata-only) for
 ``before + outage + after`` seconds; FalkorDB sits behind a TCP proxy that is cut for
@@ -131,15 +133,66 @@ async def bench(n: int, rate: float, before: float, outage: float, after: float)
     )
 
 
+async def bench_added(n: int) -> None:
+    """A Chroma sink added to a mapping that already has ``n`` records in qdrant-edge,
+    while a live change streams: what the backfill embeds, and how long it takes."""
+    folder = _fresh("sink-added", "hash", batch=1000)
+    _insert(folder, [(i, f"t {i}", f"body {i}", "ann", "a", 2020) for i in range(1, n + 1)])
+    toml = folder / "vectorsync.toml"
+    config = load_config(toml)
+    async with Engine.open(config) as engine:
+        first = await engine.run(once=True)
+    toml.write_text(
+        toml.read_text()
+        .replace('sink = "vectors"', 'sinks = ["vectors", "docs"]')
+        .replace(
+            "[embedders.default]",
+            '[sinks.docs]\nkind = "chroma"\npath = ".vectorsync/chroma"\n[embedders.default]',
+        )
+    )
+    db = sqlite3.connect(folder / "app.db")
+    db.execute("UPDATE docs SET body = 'a live change' WHERE id = 1")
+    db.commit()
+    db.close()
+    config = load_config(toml)
+    async with Engine.open(config) as engine:
+        embedder = engine.embedders["default"]
+        before = embedder.texts_embedded
+        started = time.perf_counter()
+        added = await engine.run(once=True)
+        seconds = time.perf_counter() - started
+        embedded = embedder.texts_embedded - before
+        checks = {m.name: (await engine.check(m.name)).consistent for m in config.mappings}
+    _write(
+        "several-sinks-added",
+        {
+            "records": n,
+            "initial_sync_seconds": round(first.seconds, 1),
+            "added_sink": "chroma (embedded)",
+            "backfill_seconds": round(seconds, 1),
+            "backfill_records_per_s": round(n / seconds, 1),
+            "texts_embedded": embedded,
+            "note": "one live text change beside the backfill: the only text embedded; the "
+            "backfill's vectors come from the embedding cache",
+            "cache_hits": added.counts.get("cache_hits", 0),
+            "consistent_after": checks,
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("which", nargs="?", choices=["outage", "added"], default="outage")
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=400)
     parser.add_argument("--before", type=float, default=10)
     parser.add_argument("--outage", type=float, default=60)
     parser.add_argument("--after", type=float, default=10)
     args = parser.parse_args()
-    asyncio.run(bench(args.records, args.rate, args.before, args.outage, args.after))
+    if args.which == "added":
+        asyncio.run(bench_added(args.records))
+    else:
+        asyncio.run(bench(args.records, args.rate, args.before, args.outage, args.after))
 
 
 if __name__ == "__main__":
