@@ -276,7 +276,7 @@ class SourceWorker:
             self._by_table.setdefault(m.config.table, []).append(m)
             for rel in m.relations:
                 self._watch.setdefault(rel.table, []).append((m, rel))
-        # the targets of a mapping with several sinks: one sink down holds no other back
+        # the targets of a mapping with several sinks: one sink that is down holds no other back
         copies = isolated(m.config for m in mappings)
         self._outages.isolated = {m.name for m in mappings if m.config.name in copies}
 

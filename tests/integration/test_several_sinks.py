@@ -1,5 +1,5 @@
 """One mapping written to several sinks (qdrant-edge, Chroma, FalkorDB): each converges,
-one that is down holds the others back not and catches up when it is back, and a sink
+one that is down does not hold the others back and catches up when it is back, and a sink
 added later is backfilled from the embedding cache."""
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ async def test_a_sink_down_at_start_starts_behind_and_catches_up(
     await check(cfg, app)
 
 
-async def test_a_sink_down_under_load_holds_the_others_back_not(
+async def test_a_sink_down_under_load_does_not_hold_the_others_back(
     workdir: Path, app: App, graph: CutOff
 ) -> None:
     """Streaming: while FalkorDB is unreachable, the other two sinks take every change
