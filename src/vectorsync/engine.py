@@ -511,7 +511,7 @@ class Engine:
                 embedder=self.embedders[m.embedder],
                 sink=self.sinks[m.sink],
                 schema_version="",
-                int_key=self.columns(m)[m.key].upper() in _INT_TYPES,
+                int_key=self.int_key(m),
                 pending=ready,
             )
         ]
@@ -684,6 +684,10 @@ class Engine:
     def digest_columns(self, m: MappingConfig) -> tuple[str, ...]:
         deps = [r.deps_column for r in self._relations[m.name]]
         return tuple(sorted({m.key, *m.payload, *template_columns(m.text), *deps}))
+
+    def int_key(self, m: MappingConfig) -> bool:
+        """Whether the mapping's key column is an integer (record state keeps keys as text)."""
+        return self.columns(m)[m.key].upper() in _INT_TYPES
 
     def is_text_key(self, m: MappingConfig) -> bool:
         return index_type_for(self._columns[m.name][m.key]) != "integer"

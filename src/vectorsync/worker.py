@@ -456,6 +456,8 @@ class SourceWorker:
         """Plan a page of backlog for each target whose turn it is (see outages): its keys
         re-read as snapshot changes, for that target alone. True if one was planned."""
         planned = False
+        if not self._outages.behind:  # the common case: no sink left anything behind
+            return planned
         for m in self._targets():
             if m.name not in self._outages.isolated:
                 continue

@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["IndexService", "index_definition"]
 
 logger = logging.getLogger(__name__)
-_INT_TYPES = frozenset({"INTEGER", "INT", "BIGINT", "SMALLINT"})
 _EMBEDDER = TypeAdapter(EmbedderConfig)
 VERIFY_ATTEMPTS = 3  # verifications of one build in one run before the run gives up
 
@@ -231,7 +230,7 @@ class IndexService:
                 e.sync_part(cfg, embedder.model_id, embedder.dimension, embedder.distance)
             ),
             digest_columns=e.digest_columns(cfg),
-            int_key=e.columns(m)[m.key].upper() in _INT_TYPES,
+            int_key=e.int_key(m),
             relations=e.relations(m),
             resolve=e.resolver(m),
             state_name=state_name(m.name, version),
