@@ -68,6 +68,7 @@ __all__ = ["BatchReport", "MappingRuntime", "SourceWorker"]
 logger = logging.getLogger(__name__)
 
 _WRITE_CHUNK = 512
+_SET_UP_SECONDS = 30.0  # for a sink that was down at start to open and make its collections
 _DETAIL_CHARS = 2000
 
 
@@ -493,8 +494,8 @@ class SourceWorker:
         """Open a placeholder's sink and build its targets (they replace it); None while
         the sink is still down."""
         assert m.pending is not None
-        try:
-            targets = await asyncio.wait_for(m.pending(), timeout=2 * self._outages.outage_after)
+        try:  # bounded: setting up retries its calls for minutes, the other sinks wait
+            targets = await asyncio.wait_for(m.pending(), timeout=_SET_UP_SECONDS)
         except (RetryableError, TimeoutError):
             self._outages.failed(m.name)
             if self._once:
@@ -1077,10 +1078,12 @@ class SourceWorker:
             work.deferred = True
             return
         budget = outages.outage_after
+        # failures retried for the budget; a slow call that succeeds is no outage (a call
+        # that hangs ends as the sink client's own timeout error)
         backoff = replace(self._backoff, deadline=budget, max_attempts=None, maximum=budget / 4)
-        try:  # a call that hangs counts as failing once twice the budget has passed
-            await asyncio.wait_for(self._write(work, stop, backoff), timeout=2 * budget)
-        except (RetryableError, TimeoutError) as exc:
+        try:
+            await self._write(work, stop, backoff)
+        except RetryableError as exc:
             work.deferred = True
             was_down = outages.is_down(name)
             outages.failed(name)
@@ -1093,7 +1096,7 @@ class SourceWorker:
                     "go on",
                     work.mapping.config.sink,
                     name,
-                    describe(exc) if isinstance(exc, RetryableError) else "writes hang",
+                    describe(exc),
                     extra={"action": "sink_down", "mapping": name},
                 )
             return
