@@ -492,6 +492,14 @@ def search(
             "FIELD<N ... (e.g. --where author=ann --where published>=2025)",
         ),
     ] = None,
+    vector: Annotated[
+        str | None,
+        typer.Option(
+            "--vector",
+            help="the named vector to search (a mapping with [[mappings.vectors]]; "
+            "default: the first)",
+        ),
+    ] = None,
     config: ConfigOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="every hit with its payload and bookkeeping ids")
@@ -502,10 +510,13 @@ def search(
     While `vectorsync run` streams on this config, the search goes through it."""
     running = _running(config)
     if running is not None:
-        params = {"mapping": mapping, "q": query, "limit": limit, "where": where or []}
+        params: dict[str, Any] = {"mapping": mapping, "q": query, "limit": limit}
+        params.update(where=where or [], **({"vector": vector} if vector else {}))
         hits = _through(running, "GET", "/api/search", params)["hits"]
     else:
-        hits = _with_engine(config, verbose, lambda e: find(e, mapping, query, limit, where))
+        hits = _with_engine(
+            config, verbose, lambda e: find(e, mapping, query, limit, where, vector)
+        )
     if as_json:
         _print_json({"mapping": mapping, "hits": hits})
         return

@@ -65,6 +65,7 @@ ENV_PREFIX = "VECTORSYNC_"
 
 
 CHUNKED_TEXT_LIMIT = 10_000_000  # characters of a chunked mapping's text, by default
+NAMED_EMBEDDER = "vectors:"  # + the mapping's name: the embedder of a mapping with vectors
 _PAYLOAD_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _COLLECTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}$")
 
@@ -391,6 +392,17 @@ class EmbedderByConfig(_Frozen):
     )
 
 
+class VectorConfig(_Frozen):
+    """One named vector of a mapping's points (see docs/vectors.md)."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$",
+        description="the vector's name in the sink; the first is the default for search",
+    )
+    embedder: str = "default"
+    text: str = Field(min_length=1, description="Jinja2 template over the row")
+
+
 class RelatedConfig(_Frozen):
     """Fields pulled from related records: a join (SQL sources) or a pattern (graphs)."""
 
@@ -499,7 +511,9 @@ class MappingConfig(_Frozen):
         default=None, description='graph: the mapped nodes, e.g. "(c:DocumentChunk)"'
     )
     key: str = "id"
-    text: str = Field(min_length=1, description="Jinja2 template over the row")
+    text: str = Field(
+        default="", description="Jinja2 template over the row (or vectors, for several)"
+    )
     payload: tuple[str, ...] = ()
     sink: str = Field(default="", description="the sink it writes (or sinks, for several)")
     sinks: tuple[str, ...] = Field(
@@ -534,6 +548,11 @@ class MappingConfig(_Frozen):
         description="a model per kind of record: each embedder chosen runs as a copy of the "
         "mapping with its own collection, named <mapping>.<embedder> after the first",
     )
+    vectors: tuple[VectorConfig, ...] = Field(
+        default=(),
+        description="several named vectors per point, each with its own embedder and text, "
+        "each embedded only when its own text changes (instead of text and embedder)",
+    )
 
     _family: str | None = PrivateAttr(default=None)
     # a copy of an embedder_by mapping: (field, values, negate) — the rows it holds
@@ -552,6 +571,7 @@ class MappingConfig(_Frozen):
             raise ValueError(
                 "embedder_by and several sinks cannot be combined yet: declare one mapping per sink"
             )
+        self._named_vectors()
         if self.match is not None:
             from .related import node_pattern
 
@@ -600,6 +620,44 @@ class MappingConfig(_Frozen):
                     "payload (the sink reads the keys from there)"
                 )
         return self
+
+    def _named_vectors(self) -> None:
+        """With ``vectors``, the mapping's text is theirs, joined (see embed.named), and its
+        embedder the one that makes them all (named ``vectors:<mapping>``)."""
+        if not self.vectors:
+            if not self.text:
+                raise ValueError(
+                    'set text (a template over the row, e.g. text = "{{ title }}") or '
+                    "vectors (several named vectors)"
+                )
+            return
+        if self.embedder.startswith(NAMED_EMBEDDER):
+            return  # a copy (per_sink) of a mapping with vectors: made already
+        from .embed.named import SEPARATOR
+
+        if self.text or "embedder" in self.model_fields_set:
+            raise ValueError(
+                "a mapping with vectors sets text and embedder per vector: remove its text "
+                "and embedder"
+            )
+        names = [v.name for v in self.vectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"vectors {names} names a vector twice")
+        for other, what in (
+            (self.chunking, "chunking"),
+            (self.embedder_by, "embedder_by"),
+        ):
+            if other is not None:
+                raise ValueError(f"vectors and {what} cannot be combined yet")
+        object.__setattr__(self, "text", SEPARATOR.join(v.text for v in self.vectors))
+        object.__setattr__(self, "embedder", NAMED_EMBEDDER + self.name)
+
+    @property
+    def embedders_used(self) -> tuple[str, ...]:
+        """The configured embedders the mapping's vectors are made with."""
+        if self.vectors:
+            return tuple(dict.fromkeys(v.embedder for v in self.vectors))
+        return (self.embedder,)
 
     @property
     def collection_name(self) -> str:
@@ -686,6 +744,8 @@ class MappingConfig(_Frozen):
         mapping embeds chunks, not the whole text, so there its default is 10,000,000."""
         if self.chunking is not None and "max_text_length" not in self.model_fields_set:
             return CHUNKED_TEXT_LIMIT
+        if self.vectors:  # each vector's text is cut to it (embed.named)
+            return (self.max_text_length + 1) * len(self.vectors)
         return self.max_text_length
 
 
@@ -754,12 +814,13 @@ class Config(_Frozen):
             _chroma_collection(where, m, self.sinks.get(m.sink))
             _graph_collection(where, m, self.sinks.get(m.sink))
             _edges(where, m, self)
-            for field, table in (
-                ("source", self.sources),
-                ("sink", self.sinks),
-                ("embedder", self.embedders),
-            ):
-                ref = getattr(m, field)
+            _vectors(where, m, self.sinks.get(m.sink))
+            refs: list[tuple[str, str, Mapping[str, object]]] = [
+                ("source", m.source, self.sources),
+                ("sink", m.sink, self.sinks),
+                *(("embedder", e, self.embedders) for e in m.embedders_used),
+            ]
+            for field, ref, table in refs:
                 if ref not in table:
                     known = ", ".join(sorted(table)) or "none"
                     raise ValueError(
@@ -778,6 +839,15 @@ class Config(_Frozen):
         if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
             return prefix + str(self.resolve(Path(url[len(prefix) :])))
         return url
+
+
+def _vectors(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:
+    if m.vectors and not isinstance(sink, QdrantEdgeSinkConfig | QdrantSinkConfig):
+        kind = getattr(sink, "kind", "?")
+        raise ValueError(
+            f"{where}: named vectors need a Qdrant sink (qdrant-edge or qdrant); sink "
+            f"{m.sink!r} ({kind}) stores one vector per point: declare one mapping per vector"
+        )
 
 
 def _chroma_collection(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:

@@ -49,6 +49,7 @@ from .config import (
     SourceConfig,
 )
 from .embed.base import Embedder
+from .embed.named import NamedVectors, layout_of, stored_layout
 from .errors import ConfigError, RetryableError, VectorsyncError, classify, describe
 from .events import (
     Captured,
@@ -72,7 +73,7 @@ from .preflight import preflight
 from .redact import redact, redact_value, register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
-from .search import Where, conditions
+from .search import Where, conditions, nearest
 from .sinks.base import CollectionSpec, Hit, IndexType, Maintained, Sink, Sized, index_type_for
 from .sources.base import Source, TableSpec
 from .state.leases import LeaseLost
@@ -271,6 +272,8 @@ def _relation_definition(rel: Relation) -> dict[str, Any]:
 
 
 def _used(config: Config, attr: str) -> set[str]:
+    if attr == "embedder":  # the configured ones (a mapping with vectors uses several)
+        return {e for m in config.mappings for e in m.embedders_used}
     return {getattr(m, attr) for m in config.mappings}
 
 
@@ -361,6 +364,14 @@ class Engine:
         self.sources = dict(sources)
         self.sinks = dict(sinks)
         self.embedders = dict(embedders)
+        for m in config.mappings:  # a mapping's named vectors: one embedder makes them all
+            if m.vectors and m.embedder not in self.embedders:
+                self.embedders[m.embedder] = NamedVectors(
+                    m.embedder,
+                    [(v.name, self.embedders[v.embedder]) for v in m.vectors],
+                    max_chars=m.max_text_length,
+                    cache=state if config.state.embedding_cache else None,
+                )
         self.backoff = backoff or Backoff()
         self._columns: dict[str, dict[str, str]] = {}  # per mapping, with related fields
         self._relations: dict[str, tuple[Relation, ...]] = {}
@@ -1013,7 +1024,12 @@ class Engine:
         sink = self.sinks[m.sink]
         collection = live.collection if live is not None else m.collection_name
         await sink.ensure_collection(
-            CollectionSpec(name=collection, dimension=made["dimension"], distance=made["distance"])
+            CollectionSpec(
+                name=collection,
+                dimension=made["dimension"],
+                distance=made["distance"],
+                vectors=stored_layout(made),
+            )
         )
         schema = _digest(self.sync_part(cfg, made["model"], made["dimension"], made["distance"]))
         return Checker(
@@ -1324,17 +1340,23 @@ class Engine:
         return result
 
     async def search(
-        self, mapping: str, text: str, limit: int = 5, *, where: Where | None = None
+        self,
+        mapping: str,
+        text: str,
+        limit: int = 5,
+        *,
+        where: Where | None = None,
+        vector: str | None = None,
     ) -> list[Hit]:
         """Semantic search in a mapping's live collection (the query embedded with the
         mapping's embedder); ``where`` filters on payload fields, e.g. ``{"author": "ann",
-        "published": {">=": 2025}}`` or ``["author=ann", "published>=2025"]``."""
+        "published": {">=": 2025}}`` or ``["author=ann", "published>=2025"]``; ``vector``
+        names the vector searched where the mapping has several (default: the first)."""
         m = self.mapping(mapping)
         fields = {name: index_type_for(self._columns[m.name][name]) for name in m.payload}
         filters = conditions(m.name, where, fields)
         embedder, sink, collection = await self._reader(m)
-        [vector] = await embedder.embed([text])
-        return await sink.search(collection, vector, limit, filters)
+        return await nearest(m.name, embedder, sink, collection, text, limit, filters, vector)
 
     async def maintain(self, mapping: str | None = None) -> list[dict[str, Any]]:
         """Each mapping's (or ``mapping``'s) sink housekeeping on its live collection:
@@ -1406,12 +1428,18 @@ class Engine:
                 if made is not None:
                     await sink.ensure_collection(
                         CollectionSpec(
-                            name=live.collection, dimension=made.dimension, distance=made.distance
+                            name=live.collection,
+                            dimension=made.dimension,
+                            distance=made.distance,
+                            vectors=layout_of(made),
                         )
                     )
                     return made, sink, live.collection
             spec = CollectionSpec(
-                name=m.collection_name, dimension=embedder.dimension, distance=embedder.distance
+                name=m.collection_name,
+                dimension=embedder.dimension,
+                distance=embedder.distance,
+                vectors=layout_of(embedder),
             )
             await sink.ensure_collection(spec)
         return embedder, sink, m.collection_name

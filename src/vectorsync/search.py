@@ -7,14 +7,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .embed.base import Embedder
+from .embed.named import SEPARATOR, NamedVectors
 from .errors import ConfigError
 from .model import Condition, ConditionOp, Key
-from .sinks.base import Hit, IndexType
+from .sinks.base import Hit, IndexType, NamedSearch, Sink
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["Where", "conditions", "find", "results"]
+__all__ = ["Where", "conditions", "find", "nearest", "results"]
 
 # what engine.search(where=...) takes: {"author": "ann", "published": {">=": 2025}},
 # ["author=ann", "published>=2025"], or Condition values
@@ -136,10 +138,51 @@ def results(hits: Sequence[Hit], texts: Mapping[Key, str]) -> list[dict[str, Any
     return found
 
 
+async def nearest(
+    mapping: str,
+    embedder: Embedder,
+    sink: Sink,
+    collection: str,
+    text: str,
+    limit: int,
+    where: Sequence[Condition],
+    vector: str | None,
+) -> list[Hit]:
+    """The ``limit`` points nearest to ``text`` (by the named ``vector``, where the mapping
+    has several: None is the first)."""
+    if not isinstance(embedder, NamedVectors):
+        if vector is not None:
+            raise ConfigError(
+                f"mapping {mapping!r} has one vector: search it without a vector name "
+                "(several named vectors are declared with [[mappings.vectors]])"
+            )
+        [query] = await embedder.embed([text])
+        return await sink.search(collection, query, limit, where)
+    try:
+        part = embedder.part(vector)
+    except KeyError as exc:
+        raise ConfigError(f"mapping {mapping!r}: {exc.args[0]}") from None
+    if not isinstance(sink, NamedSearch):  # config validation keeps this from happening
+        raise ConfigError(f"mapping {mapping!r}: sink {sink.name!r} has no named vectors")
+    [query] = await part.embedder.embed([text])
+    return await sink.search_vector(collection, part.name, query, limit, where)
+
+
 async def find(
-    engine: Engine, mapping: str, text: str, limit: int, where: Where | None
+    engine: Engine,
+    mapping: str,
+    text: str,
+    limit: int,
+    where: Where | None,
+    vector: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Search and present the hits (the CLI and /api/search)."""
-    hits = await engine.search(mapping, text, limit, where=where)
+    """Search and present the hits (the CLI and /api/search); a mapping with named vectors
+    shows each hit's text of the vector searched."""
+    hits = await engine.search(mapping, text, limit, where=where, vector=vector)
     keys = [k for h in hits if (k := hit_key(h.record.payload)) is not None]
-    return results(hits, await engine.texts(mapping, keys))
+    texts = await engine.texts(mapping, keys)
+    embedder = engine.embedders[engine.mapping(mapping).embedder]
+    if isinstance(embedder, NamedVectors):
+        at = embedder.parts.index(embedder.part(vector))
+        texts = {k: t.split(SEPARATOR)[at] for k, t in texts.items()}
+    return results(hits, texts)

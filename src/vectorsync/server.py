@@ -255,8 +255,9 @@ def create_app(
         )
 
     async def search(request: Request) -> Response:
-        """``?mapping=M&q=TEXT&limit=N&where=author=ann&where=published>=2025``: the hits
-        with their keys, current texts and payloads."""
+        """``?mapping=M&q=TEXT&limit=N&where=author=ann&where=published>=2025&vector=V``:
+        the hits with their keys, current texts and payloads (``vector``: the named vector
+        searched, where the mapping has several)."""
         known = tuple(m.name for m in engine.config.mappings)
         default = known[0] if len(known) == 1 else ""
         mapping = _choice(request, "mapping", default, known)
@@ -265,8 +266,9 @@ def create_app(
             raise _BadRequest("q", "q: give the text to search for")
         limit = _int_param(request, "limit", 5, MAX_LIMIT)
         where = request.query_params.getlist("where")
+        vector = request.query_params.get("vector") or None
         try:
-            hits = await find(engine, mapping, query, limit, where)
+            hits = await find(engine, mapping, query, limit, where, vector)
         except ConfigError as exc:  # a filter that does not fit the mapping: the client's
             raise _BadRequest("where", str(exc)) from exc
         return _json({"mapping": mapping, "hits": hits})

@@ -8,6 +8,7 @@ pipeline writes (one ``MappingRuntime`` per version) and runs the re-index flow.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from ..check import Checker
 from ..chunking import chunker_for, chunking_definition
 from ..config import ChunkingConfig, EmbedderConfig, MappingConfig
 from ..embed.base import Embedder
+from ..embed.named import layout_of
 from ..errors import ConfigError, PermanentError, RecordError
 from ..events import IndexSwapped, ReindexStarted
 from ..model import Key, content_hash, key_text, point_id
@@ -71,6 +73,9 @@ def index_definition(m: MappingConfig, embedder: Embedder, embedder_cfg: Any) ->
     chunking = chunking_definition(m.chunking, embedder_cfg)
     if chunking is not None:  # absent otherwise: versions made before chunking stay valid
         definition["chunking"] = chunking
+    layout = layout_of(embedder)
+    if layout:  # likewise: named vectors (embed.named)
+        definition["vectors"] = [dataclasses.asdict(v) for v in layout]
     return definition
 
 
@@ -215,6 +220,7 @@ class IndexService:
             dimension=embedder.dimension,
             distance=embedder.distance,
             indexes={**indexes, "_vs_key": "keyword" if e.is_text_key(m) else "integer"},
+            vectors=layout_of(embedder),
         )
         await retrying(
             f"{m.sink}: open collection {spec.name}",

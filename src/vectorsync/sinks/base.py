@@ -16,13 +16,26 @@ __all__ = [
     "Hit",
     "IndexType",
     "Maintained",
+    "NamedSearch",
     "Sink",
     "Sized",
+    "VectorSpec",
     "index_type_for",
+    "join_vectors",
+    "split_vector",
 ]
 
 Distance = Literal["cosine", "dot", "euclid"]
 IndexType = Literal["keyword", "integer", "float", "bool", "datetime", "text"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VectorSpec:
+    """One named vector of a collection's points."""
+
+    name: str
+    dimension: int
+    distance: Distance
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,6 +44,24 @@ class CollectionSpec:
     dimension: int
     distance: Distance
     indexes: Mapping[str, IndexType] = field(default_factory=dict)
+    # named vectors (embed.named): a point's vector is their concatenation, in this order;
+    # empty: one unnamed vector
+    vectors: tuple[VectorSpec, ...] = ()
+
+
+def split_vector(layout: Sequence[VectorSpec], vector: Sequence[float]) -> dict[str, Any]:
+    """A concatenation of named vectors (embed.named) as the vectors by name."""
+    out: dict[str, Any] = {}
+    at = 0
+    for v in layout:
+        out[v.name] = list(vector[at : at + v.dimension])
+        at += v.dimension
+    return out
+
+
+def join_vectors(layout: Sequence[VectorSpec], named: Mapping[str, Sequence[float]]) -> list[float]:
+    """Named vectors as read from a sink, concatenated in the layout's order."""
+    return [x for v in layout for x in named.get(v.name, ())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +191,22 @@ class Sink(Protocol):
 
 
 # Optional faces of a sink: the engine uses them where a sink has them.
+
+
+@runtime_checkable
+class NamedSearch(Protocol):
+    """A sink that stores named vectors (a collection with ``CollectionSpec.vectors``)."""
+
+    async def search_vector(
+        self,
+        collection: str,
+        name: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        """``search`` by the named vector ``name``."""
+        ...
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PermanentError, SinkError, VectorsyncError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from ._aliases import check_drop, check_set_alias, rename_unsupported
-from .base import CollectionSpec, Hit, same_updates
+from .base import CollectionSpec, Hit, VectorSpec, join_vectors, same_updates, split_vector
 
 if TYPE_CHECKING:
     from qdrant_client import AsyncQdrantClient
@@ -46,6 +46,7 @@ class QdrantSink:
         self.name = name
         self._url, self._path, self._api_key, self._timeout = url, path, api_key, timeout
         self._client: AsyncQdrantClient | None = None
+        self._layouts: dict[str, tuple[VectorSpec, ...]] = {}  # collection or alias → layout
 
     async def open(self) -> None:
         from qdrant_client import AsyncQdrantClient
@@ -76,19 +77,23 @@ class QdrantSink:
     async def ensure_collection(self, spec: CollectionSpec) -> None:
         from qdrant_client import models
 
-        distance = {
+        distances = {
             "cosine": models.Distance.COSINE,
             "dot": models.Distance.DOT,
             "euclid": models.Distance.EUCLID,
-        }[spec.distance]
+        }
+        wanted: Any = models.VectorParams(size=spec.dimension, distance=distances[spec.distance])
+        if spec.vectors:
+            wanted = {
+                v.name: models.VectorParams(size=v.dimension, distance=distances[v.distance])
+                for v in spec.vectors
+            }
         with wrap_errors(f"create collection {spec.name!r}"):
             if await self.client.collection_exists(spec.name):
-                await self._check_params(spec, distance)
+                await self._check_params(spec, wanted)
             else:
-                await self.client.create_collection(
-                    spec.name,
-                    vectors_config=models.VectorParams(size=spec.dimension, distance=distance),
-                )
+                await self.client.create_collection(spec.name, vectors_config=wanted)
+            self._layouts[spec.name] = spec.vectors
             if self._url is None:
                 return  # local mode ignores payload indexes (and warns)
             schema = (await self.client.get_collection(spec.name)).payload_schema
@@ -98,19 +103,34 @@ class QdrantSink:
                         spec.name, field, field_schema=models.PayloadSchemaType(kind)
                     )
 
-    async def _check_params(self, spec: CollectionSpec, distance: Any) -> None:
+    async def _check_params(self, spec: CollectionSpec, wanted: Any) -> None:
         params = (await self.client.get_collection(spec.name)).config.params.vectors
-        size = getattr(params, "size", None)
-        if size != spec.dimension or getattr(params, "distance", None) != distance:
+        if _shape(params) != _shape(wanted):
             raise PermanentError(
                 f"sink {self.name!r}: collection {spec.name!r} exists with vectors {params}, "
-                f"not size {spec.dimension} / {spec.distance}; use another collection name"
+                f"not {wanted}; use another collection name"
             )
+
+    async def _layout(self, collection: str) -> tuple[VectorSpec, ...]:
+        """The named vectors of a collection's points (empty: one unnamed vector), also
+        through an alias."""
+        if collection in self._layouts:  # the physical collections this sink made
+            return self._layouts[collection]
+        physical = (await self._aliases()).get(collection, collection)
+        return self._layouts.get(physical, ())
 
     async def upsert(self, collection: str, points: Sequence[Point]) -> None:
         from qdrant_client import models
 
-        structs = [models.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points]
+        layout = await self._layout(collection)
+        structs = [
+            models.PointStruct(
+                id=p.id,
+                vector=split_vector(layout, p.vector) if layout else p.vector,
+                payload=p.payload,
+            )
+            for p in points
+        ]
         with wrap_errors(f"upsert into {collection!r}"):
             await self.client.upsert(collection, structs, wait=True)
 
@@ -161,7 +181,10 @@ class QdrantSink:
             records = await self.client.retrieve(
                 collection, list(ids), with_payload=True, with_vectors=with_vectors
             )
-        return [_record(r.id, r.payload, r.vector if with_vectors else None) for r in records]
+        layout = await self._layout(collection) if with_vectors else ()
+        return [
+            _record(r.id, r.payload, r.vector if with_vectors else None, layout) for r in records
+        ]
 
     async def scroll(
         self,
@@ -172,6 +195,7 @@ class QdrantSink:
         page: int = 1000,
     ) -> AsyncIterator[SinkRecord]:
         offset: Any = None
+        layout = await self._layout(collection) if with_vectors else ()
         while True:
             with wrap_errors(f"scroll {collection!r}"):
                 records, offset = await self.client.scroll(
@@ -182,7 +206,7 @@ class QdrantSink:
                     with_vectors=with_vectors,
                 )
             for r in records:
-                yield _record(r.id, r.payload, r.vector if with_vectors else None)
+                yield _record(r.id, r.payload, r.vector if with_vectors else None, layout)
             if offset is None:
                 return
 
@@ -197,15 +221,38 @@ class QdrantSink:
         limit: int = 5,
         where: Sequence[Condition] = (),
     ) -> list[Hit]:
+        layout = await self._layout(collection)
+        using = layout[0].name if layout else None  # the first named vector is the default
+        return await self._search(collection, using, vector, limit, where)
+
+    async def search_vector(
+        self,
+        collection: str,
+        name: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        return await self._search(collection, name, vector, limit, where)
+
+    async def _search(
+        self,
+        collection: str,
+        using: str | None,
+        vector: Sequence[float],
+        limit: int,
+        where: Sequence[Condition],
+    ) -> list[Hit]:
         with wrap_errors(f"search {collection!r}"):
             result = await self.client.query_points(
                 collection,
                 query=list(vector),
+                using=using,
                 limit=limit,
                 with_payload=True,
                 query_filter=_filter(where) if where else None,
             )
-        return [Hit(p.score, _record(p.id, p.payload, None)) for p in result.points]
+        return [Hit(p.score, _record(p.id, p.payload, None, ())) for p in result.points]
 
     async def set_alias(self, alias: str, collection: str) -> None:
         from qdrant_client import models
@@ -266,6 +313,15 @@ def _filter(where: Sequence[Condition]) -> Any:
     return models.Filter(must=must or None, must_not=must_not or None)
 
 
-def _record(pid: Any, payload: Any, vector: Any) -> SinkRecord:
+def _shape(params: Any) -> Any:
+    """Vector params as comparable values: (size, distance), or a dict of them by name."""
+    if isinstance(params, dict):
+        return {n: _shape(p) for n, p in params.items()}
+    return (getattr(params, "size", None), getattr(params, "distance", None))
+
+
+def _record(pid: Any, payload: Any, vector: Any, layout: tuple[VectorSpec, ...]) -> SinkRecord:
+    if isinstance(vector, dict) and layout:
+        vector = join_vectors(layout, vector)
     vec = [float(x) for x in vector] if isinstance(vector, list) else None
     return SinkRecord(id=str(pid), payload=dict(payload or {}), vector=vec)

@@ -39,7 +39,7 @@ from ..errors import PermanentError, SinkError
 from ..model import Condition, PayloadUpdate, Point, SinkRecord
 from . import _edge_folders as folders
 from ._aliases import check_drop, check_rename, check_set_alias
-from .base import CollectionSpec, Hit, same_updates
+from .base import CollectionSpec, Hit, VectorSpec, join_vectors, same_updates, split_vector
 
 __all__ = ["QdrantEdgeSink"]
 
@@ -143,6 +143,13 @@ class QdrantEdgeSink:
                 "keeps every write and the next open replays it"
             )
 
+    def _layout(self, collection: str) -> tuple[VectorSpec, ...]:
+        """The named vectors of a collection's points (empty: one unnamed vector)."""
+        spec = self._specs.get(collection)
+        if spec is None:
+            spec = self._specs.get(folders.link_target(self.path, collection) or "")
+        return spec.vectors if spec is not None else ()
+
     def _shard(self, collection: str) -> Any:
         """The open shard of a collection, or of the collection an alias names."""
         try:
@@ -181,18 +188,25 @@ class QdrantEdgeSink:
     def _ensure(self, spec: CollectionSpec) -> None:
         import qdrant_edge as qe
 
-        distance = {
+        distances = {
             "cosine": qe.Distance.Cosine,
             "dot": qe.Distance.Dot,
             "euclid": qe.Distance.Euclid,
-        }[spec.distance]
-        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=spec.dimension, distance=distance))
+        }
+        vectors: Any = qe.EdgeVectorParams(size=spec.dimension, distance=distances[spec.distance])
+        if spec.vectors:
+            vectors = {
+                v.name: qe.EdgeVectorParams(size=v.dimension, distance=distances[v.distance])
+                for v in spec.vectors
+            }
+        config = qe.EdgeConfig(vectors=vectors)
         spec = self._through_alias(spec)
         folder = self.path / spec.name
         known = self._specs.get(spec.name)
-        if known is not None and (known.dimension, known.distance) != (
+        if known is not None and (known.dimension, known.distance, known.vectors) != (
             spec.dimension,
             spec.distance,
+            spec.vectors,
         ):
             raise PermanentError(
                 f"sink {self.name!r}: collection {spec.name!r} is open with dimension "
@@ -243,7 +257,11 @@ class QdrantEdgeSink:
     def _upsert(self, collection: str, points: Sequence[Point]) -> None:
         import qdrant_edge as qe
 
-        batch = [qe.Point(p.id, p.vector, p.payload) for p in points]
+        layout = self._layout(collection)
+        if layout:
+            batch = [qe.Point(p.id, split_vector(layout, p.vector), p.payload) for p in points]
+        else:
+            batch = [qe.Point(p.id, p.vector, p.payload) for p in points]
         self._check_room()
         with wrap_errors(f"upsert into {collection!r}"):
             self._shard(collection).update(qe.UpdateOperation.upsert_points(batch))
@@ -298,7 +316,8 @@ class QdrantEdgeSink:
             records = self._shard(collection).retrieve(
                 ids, with_payload=True, with_vector=with_vectors
             )
-        return [_record(r, with_vectors) for r in records]
+        layout = self._layout(collection)
+        return [_record(r, with_vectors, layout) for r in records]
 
     async def scroll(
         self,
@@ -328,7 +347,8 @@ class QdrantEdgeSink:
         )
         with wrap_errors(f"scroll {collection!r}"):
             records, next_offset = self._shard(collection).scroll(request)
-        return [_record(r, with_vectors) for r in records], next_offset
+        layout = self._layout(collection)
+        return [_record(r, with_vectors, layout) for r in records], next_offset
 
     async def count(self, collection: str) -> int:
         return await self._lane.run(self._count, collection)
@@ -346,22 +366,44 @@ class QdrantEdgeSink:
         limit: int = 5,
         where: Sequence[Condition] = (),
     ) -> list[Hit]:
-        return await self._lane.run(self._search, collection, list(vector), limit, list(where))
+        return await self._lane.run(
+            self._search, collection, None, list(vector), limit, list(where)
+        )
+
+    async def search_vector(
+        self,
+        collection: str,
+        name: str,
+        vector: Sequence[float],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        return await self._lane.run(
+            self._search, collection, name, list(vector), limit, list(where)
+        )
 
     def _search(
-        self, collection: str, vector: list[float], limit: int, where: list[Condition]
+        self,
+        collection: str,
+        using: str | None,
+        vector: list[float],
+        limit: int,
+        where: list[Condition],
     ) -> list[Hit]:
         import qdrant_edge as qe
 
+        layout = self._layout(collection)
+        if using is None and layout:
+            using = layout[0].name  # the first named vector is the default
         request = qe.QueryRequest(
             limit=limit,
-            query=qe.Query.Nearest(vector),
+            query=qe.Query.Nearest(vector, using=using),
             with_payload=True,
             filter=_filter(where) if where else None,
         )
         with wrap_errors(f"search {collection!r}"):
             scored = self._shard(collection).query(request)
-        return [Hit(float(s.score), _record(s, False)) for s in scored]
+        return [Hit(float(s.score), _record(s, False, ())) for s in scored]
 
     async def set_alias(self, alias: str, collection: str) -> None:
         await self._lane.run(self._set_alias, alias, collection)
@@ -451,6 +493,8 @@ def _filter(where: Sequence[Condition]) -> Any:
     return qe.Filter(must=must or None, must_not=must_not or None)
 
 
-def _record(r: Any, with_vectors: bool) -> SinkRecord:
-    vector = list(r.vector) if with_vectors and r.vector is not None else None
+def _record(r: Any, with_vectors: bool, layout: tuple[VectorSpec, ...]) -> SinkRecord:
+    vector = None
+    if with_vectors and r.vector is not None:
+        vector = join_vectors(layout, r.vector) if layout else list(r.vector)
     return SinkRecord(id=str(r.id), payload=dict(r.payload or {}), vector=vector)

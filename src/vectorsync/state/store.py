@@ -327,6 +327,18 @@ class StateStore:
                 found.update((h, decode_vector(v)) for h, v in rows)
         return found
 
+    async def cache_vectors(self, model: str, vectors: Mapping[str, Sequence[float]]) -> None:
+        """Keep ``vectors`` (text hash → vector) of ``model`` in the embedding cache now
+        (a batch's vectors go in with its commit instead)."""
+        now = time.time()
+        rows = [(model, h, encode_vector(v), now) for h, v in vectors.items()]
+        columns = ("model", "text_hash", "vector", "created_at")
+
+        def write(conn: Connection) -> None:
+            _upsert_rows(conn, s.embedding_cache, columns, ("model", "text_hash"), rows)
+
+        await self._tx("write the embedding cache", write)
+
     async def cached_hashes(self, model: str, hashes: Sequence[str]) -> set[str]:
         """Which of ``hashes`` the embedding cache holds a vector of (vectors not read)."""
         t = s.embedding_cache
