@@ -82,6 +82,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "[[mappings]]": c.MappingConfig,
     "[[mappings.related]]": c.RelatedConfig,
     "[[mappings.edges]]": c.EdgeConfig,
+    "[[mappings.vectors]]": c.VectorConfig,
     "[mappings.chunking]": c.ChunkingConfig,
 }
 SECTION_MODELS: dict[str, tuple[type[BaseModel], ...]] = {
