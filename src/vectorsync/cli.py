@@ -500,6 +500,14 @@ def search(
             "default: the first)",
         ),
     ] = None,
+    hybrid: Annotated[
+        bool,
+        typer.Option(
+            "--hybrid",
+            help="fuse the dense vector's hits with the mapping's sparse vector's "
+            '(reciprocal rank; a kind = "sparse" vector in [[mappings.vectors]])',
+        ),
+    ] = False,
     config: ConfigOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="every hit with its payload and bookkeeping ids")
@@ -512,10 +520,12 @@ def search(
     if running is not None:
         params: dict[str, Any] = {"mapping": mapping, "q": query, "limit": limit}
         params.update(where=where or [], **({"vector": vector} if vector else {}))
+        if hybrid:
+            params["hybrid"] = "1"
         hits = _through(running, "GET", "/api/search", params)["hits"]
     else:
         hits = _with_engine(
-            config, verbose, lambda e: find(e, mapping, query, limit, where, vector)
+            config, verbose, lambda e: find(e, mapping, query, limit, where, vector, hybrid)
         )
     if as_json:
         _print_json({"mapping": mapping, "hits": hits})

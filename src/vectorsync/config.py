@@ -53,6 +53,7 @@ __all__ = [
     "SentenceTransformersEmbedderConfig",
     "SinkConfig",
     "SourceConfig",
+    "SparseEmbedderConfig",
     "SqliteSourceConfig",
     "StateConfig",
     "SyncConfig",
@@ -320,6 +321,17 @@ class Model2VecEmbedderConfig(_Frozen):
     batch_size: int = Field(default=1024, gt=0, description="texts per model call")
 
 
+class SparseEmbedderConfig(_Frozen):
+    """Sparse vectors (term frequencies over a tokenizer; the sink weighs terms by IDF) for
+    hybrid search: only as a vector of [[mappings.vectors]], beside a dense one."""
+
+    kind: Literal["sparse"]
+    tokenizer: str | None = Field(
+        default=None,
+        description="a model folder with tokenizer.json; default: the bundled MiniLM's",
+    )
+
+
 class HashEmbedderConfig(_Frozen):
     kind: Literal["hash"]
     dimension: int = Field(default=384, gt=0)
@@ -376,7 +388,8 @@ EmbedderConfig = Annotated[
     SentenceTransformersEmbedderConfig
     | Model2VecEmbedderConfig
     | HashEmbedderConfig
-    | OpenAIEmbedderConfig,
+    | OpenAIEmbedderConfig
+    | SparseEmbedderConfig,
     Field(discriminator="kind"),
 ]
 
@@ -815,6 +828,7 @@ class Config(_Frozen):
             _graph_collection(where, m, self.sinks.get(m.sink))
             _edges(where, m, self)
             _vectors(where, m, self.sinks.get(m.sink))
+            _sparse(where, m, self.embedders)
             refs: list[tuple[str, str, Mapping[str, object]]] = [
                 ("source", m.source, self.sources),
                 ("sink", m.sink, self.sinks),
@@ -847,6 +861,17 @@ def _vectors(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:
         raise ValueError(
             f"{where}: named vectors need a Qdrant sink (qdrant-edge or qdrant); sink "
             f"{m.sink!r} ({kind}) stores one vector per point: declare one mapping per vector"
+        )
+
+
+def _sparse(where: str, m: MappingConfig, embedders: Mapping[str, EmbedderConfig]) -> None:
+    """A sparse embedder makes one vector of several, never the first (search's default)."""
+    first = m.vectors[0].embedder if m.vectors else m.embedder
+    if isinstance(embedders.get(first), SparseEmbedderConfig):
+        what = "the first of its vectors" if m.vectors else "its embedder"
+        raise ValueError(
+            f"{where}: embedder {first!r} makes sparse vectors and cannot be {what}: declare "
+            "[[mappings.vectors]] with a dense vector first and the sparse one after it"
         )
 
 

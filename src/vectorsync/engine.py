@@ -47,6 +47,7 @@ from .config import (
     QdrantSinkConfig,
     SinkConfig,
     SourceConfig,
+    SparseEmbedderConfig,
 )
 from .embed.base import Embedder
 from .embed.named import NamedVectors, layout_of, stored_layout
@@ -206,6 +207,10 @@ def build_sink(name: str, cfg: SinkConfig, config: Config) -> Sink:
 
 
 def build_embedder(name: str, cfg: EmbedderConfig, config: Config) -> Embedder:
+    if isinstance(cfg, SparseEmbedderConfig):
+        from .embed.sparse import SparseEncoder
+
+        return SparseEncoder(name, tokenizer=cfg.tokenizer)
     if isinstance(cfg, HashEmbedderConfig):
         from .embed.hash import HashEmbedder
 
@@ -1347,16 +1352,20 @@ class Engine:
         *,
         where: Where | None = None,
         vector: str | None = None,
+        hybrid: bool = False,
     ) -> list[Hit]:
         """Semantic search in a mapping's live collection (the query embedded with the
         mapping's embedder); ``where`` filters on payload fields, e.g. ``{"author": "ann",
         "published": {">=": 2025}}`` or ``["author=ann", "published>=2025"]``; ``vector``
-        names the vector searched where the mapping has several (default: the first)."""
+        names the vector searched where the mapping has several (default: the first);
+        ``hybrid`` fuses its hits with the mapping's sparse vector's (reciprocal rank)."""
         m = self.mapping(mapping)
         fields = {name: index_type_for(self._columns[m.name][name]) for name in m.payload}
         filters = conditions(m.name, where, fields)
         embedder, sink, collection = await self._reader(m)
-        return await nearest(m.name, embedder, sink, collection, text, limit, filters, vector)
+        return await nearest(
+            m.name, embedder, sink, collection, text, limit, filters, vector, hybrid
+        )
 
     async def maintain(self, mapping: str | None = None) -> list[dict[str, Any]]:
         """Each mapping's (or ``mapping``'s) sink housekeeping on its live collection:

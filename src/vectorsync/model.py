@@ -24,6 +24,7 @@ __all__ = [
     "RecordState",
     "Row",
     "SinkRecord",
+    "SparseVector",
     "content_hash",
     "payload_hash",
     "point_id",
@@ -171,10 +172,19 @@ class RecordState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SparseVector:
+    """A sparse vector: the non-zero dimensions and their values."""
+
+    indices: list[int]
+    values: list[float]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Point:
     id: str
     vector: list[float]
     payload: dict[str, Any]
+    sparse: Mapping[str, SparseVector] = field(default_factory=dict)  # named sparse vectors
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .embed.base import Embedder
 from .embed.named import SEPARATOR, NamedVectors
 from .errors import ConfigError
-from .model import Condition, ConditionOp, Key
+from .model import Condition, ConditionOp, Key, SparseVector
 from .sinks.base import Hit, IndexType, NamedSearch, Sink
 
 if TYPE_CHECKING:
@@ -147,24 +147,46 @@ async def nearest(
     limit: int,
     where: Sequence[Condition],
     vector: str | None,
+    hybrid: bool = False,
 ) -> list[Hit]:
     """The ``limit`` points nearest to ``text`` (by the named ``vector``, where the mapping
-    has several: None is the first)."""
+    has several: None is the first); ``hybrid``: that dense vector's and the mapping's
+    sparse vector's hits, fused by reciprocal rank."""
     if not isinstance(embedder, NamedVectors):
-        if vector is not None:
+        if vector is not None or hybrid:
             raise ConfigError(
-                f"mapping {mapping!r} has one vector: search it without a vector name "
-                "(several named vectors are declared with [[mappings.vectors]])"
+                f"mapping {mapping!r} has one vector: search it without a vector name or "
+                "hybrid (several named vectors, a sparse one among them, are declared with "
+                "[[mappings.vectors]])"
             )
-        [query] = await embedder.embed([text])
-        return await sink.search(collection, query, limit, where)
+        [plain] = await embedder.embed([text])
+        return await sink.search(collection, plain, limit, where)
     try:
         part = embedder.part(vector)
     except KeyError as exc:
         raise ConfigError(f"mapping {mapping!r}: {exc.args[0]}") from None
     if not isinstance(sink, NamedSearch):  # config validation keeps this from happening
         raise ConfigError(f"mapping {mapping!r}: sink {sink.name!r} has no named vectors")
-    [query] = await part.embedder.embed([text])
+    if hybrid:
+        if not embedder.sparse or part.sparse is not None:
+            raise ConfigError(
+                f"mapping {mapping!r}: a hybrid search needs a sparse vector (an embedder of "
+                'kind = "sparse" in [[mappings.vectors]]) and a dense one to search by'
+            )
+        _, sparse_part = embedder.sparse[0]
+        assert sparse_part.sparse is not None
+        [dense] = await part.embedder.embed([text])
+        return await sink.search_hybrid(
+            collection,
+            (part.name, dense),
+            (sparse_part.name, sparse_part.sparse.query(text)),
+            limit,
+            where,
+        )
+    if part.sparse is not None:
+        query: Sequence[float] | SparseVector = part.sparse.query(text)
+    else:
+        [query] = await part.embedder.embed([text])
     return await sink.search_vector(collection, part.name, query, limit, where)
 
 
@@ -175,10 +197,11 @@ async def find(
     limit: int,
     where: Where | None,
     vector: str | None = None,
+    hybrid: bool = False,
 ) -> list[dict[str, Any]]:
     """Search and present the hits (the CLI and /api/search); a mapping with named vectors
     shows each hit's text of the vector searched."""
-    hits = await engine.search(mapping, text, limit, where=where, vector=vector)
+    hits = await engine.search(mapping, text, limit, where=where, vector=vector, hybrid=hybrid)
     keys = [k for h in hits if (k := hit_key(h.record.payload)) is not None]
     texts = await engine.texts(mapping, keys)
     embedder = engine.embedders[engine.mapping(mapping).embedder]

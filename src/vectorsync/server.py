@@ -255,7 +255,7 @@ def create_app(
         )
 
     async def search(request: Request) -> Response:
-        """``?mapping=M&q=TEXT&limit=N&where=author=ann&where=published>=2025&vector=V``:
+        """``?mapping=M&q=TEXT&limit=N&where=author=ann&where=published>=2025&vector=V&hybrid=1``:
         the hits with their keys, current texts and payloads (``vector``: the named vector
         searched, where the mapping has several)."""
         known = tuple(m.name for m in engine.config.mappings)
@@ -267,8 +267,9 @@ def create_app(
         limit = _int_param(request, "limit", 5, MAX_LIMIT)
         where = request.query_params.getlist("where")
         vector = request.query_params.get("vector") or None
+        hybrid = request.query_params.get("hybrid", "").lower() in ("1", "true", "yes")
         try:
-            hits = await find(engine, mapping, query, limit, where, vector)
+            hits = await find(engine, mapping, query, limit, where, vector, hybrid)
         except ConfigError as exc:  # a filter that does not fit the mapping: the client's
             raise _BadRequest("where", str(exc)) from exc
         return _json({"mapping": mapping, "hits": hits})

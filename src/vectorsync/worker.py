@@ -32,6 +32,7 @@ from .backoff import Backoff, retrying
 from .chunking import Chunker, chunk_point_id
 from .config import MappingConfig
 from .embed.base import Embedder, Metered
+from .embed.named import NamedVectors
 from .errors import (
     PermanentError,
     RecordError,
@@ -1114,7 +1115,16 @@ class SourceWorker:
     ) -> None:
         m = work.mapping
         sink, coll = m.sink, m.collection
-        points = [Point(id=u.id, vector=u.vector or [], payload=u.payload) for u in work.upserts]
+        sparse = m.embedder.sparse_vectors if isinstance(m.embedder, NamedVectors) else None
+        points = [
+            Point(
+                id=u.id,
+                vector=u.vector or [],
+                payload=u.payload,
+                sparse=sparse(u.text) if sparse is not None else {},
+            )
+            for u in work.upserts
+        ]
         rejected: dict[str, PermanentError] = {}
         for i in range(0, len(points), _WRITE_CHUNK):
             chunk = points[i : i + _WRITE_CHUNK]

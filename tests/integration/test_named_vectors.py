@@ -151,3 +151,60 @@ def test_a_mapping_with_vectors_sets_no_text_of_its_own(workdir: Path) -> None:
     cfg = write_config(workdir, extra_mapping=VECTORS)
     with pytest.raises(ConfigError, match="sets text and embedder per vector"):
         load(cfg)
+
+
+HYBRID = (
+    VECTORS
+    + """
+[[mappings.vectors]]
+name = "terms"
+embedder = "terms"
+text = "{{ title }} {{ body }}"
+"""
+)
+
+
+@pytest.mark.parametrize("sink", sorted(SINKS))
+async def test_a_sparse_vector_finds_rare_terms_and_fuses_with_the_dense_one(
+    workdir: Path, app: App, sink: str
+) -> None:
+    from vectorsync.embed.sparse import SparseEncoder
+
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    for k, word in enumerate(words, 1):
+        app.insert(k, title=f"note {k}", body=f"a common body about {word} and more")
+    cfg = write_config(workdir, sink=SINKS[sink], extra_mapping=HYBRID)
+    text = cfg.read_text().replace('text = "{{ title }}\\n{{ body }}"\n', "", 1)
+    extra = '[embedders.small]\nkind = "hash"\ndimension = 32\n[embedders.terms]\nkind = "sparse"\n'
+    cfg.write_text(text.replace("[[mappings]]", extra + "[[mappings]]", 1))
+    config = load(cfg)
+    terms = SparseEncoder("terms")
+    embedders = {
+        "default": HashEmbedder("default"),
+        "small": HashEmbedder("small", dimension=32),
+        "terms": terms,
+    }
+    async with Engine.open(config, embedders=embedders) as engine:
+        await engine.run(once=True)
+        # a word only one record holds: IDF (computed by the sink) makes it count most
+        by_terms = await engine.search("articles", "foxtrot", 3, vector="terms")
+        hybrid = await engine.search("articles", "foxtrot", 3, hybrid=True)
+        app.update(6, body="a common body about zulu and more")  # the sparse vector follows
+        await engine.run(once=True)
+        moved = await engine.search("articles", "zulu", 1, vector="terms")
+        gone = await engine.search("articles", "foxtrot", 1, vector="terms")
+        report = await engine.check("articles", mode="full")
+        with pytest.raises(ConfigError, match="hybrid search needs a sparse vector"):
+            await engine.search("articles", "x", hybrid=True, vector="terms")
+    assert by_terms[0].record.payload["_vs_key"] == 6
+    assert 6 in [h.record.payload["_vs_key"] for h in hybrid]
+    assert moved[0].record.payload["_vs_key"] == 6
+    assert all(h.record.payload["_vs_key"] != 6 for h in gone)  # no record has it now
+    assert report.consistent
+    assert terms.texts_embedded == 9  # each write of a record tokenizes its text once
+
+
+def test_a_sparse_embedder_cannot_be_the_first_vector(workdir: Path) -> None:
+    cfg = write_config(workdir, embedder='kind = "sparse"')
+    with pytest.raises(ConfigError, match="makes sparse vectors and cannot be its embedder"):
+        load(cfg)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import RecordError
-from ..model import content_hash
+from ..model import SparseVector, content_hash
 from ..sinks.base import Distance, VectorSpec
 from .base import Embedder, Metered
+from .sparse import SparseEncoder
 
 __all__ = ["SEPARATOR", "NamedVectors", "VectorCache", "layout_of", "stored_layout"]
 
@@ -44,6 +45,10 @@ class Part:
     name: str
     embedder: Embedder
 
+    @property
+    def sparse(self) -> SparseEncoder | None:
+        return self.embedder if isinstance(self.embedder, SparseEncoder) else None
+
 
 class NamedVectors:
     """The embedder of a mapping with named vectors (see the module docstring)."""
@@ -60,9 +65,13 @@ class NamedVectors:
             raise ValueError("named vectors need at least one vector")
         self.name = name
         self.parts = [Part(n, e) for n, e in parts]
+        if self.parts[0].sparse is not None:
+            raise ValueError("the first vector is the default for search: it must be dense")
+        self.dense = [(i, p) for i, p in enumerate(self.parts) if p.sparse is None]
+        self.sparse = [(i, p) for i, p in enumerate(self.parts) if p.sparse is not None]
         self.max_chars = max_chars  # each vector's text is cut to this (max_text_length)
         self.cache = cache  # None: every vector of a changed record is embedded again
-        self.batch_size = min(p.embedder.batch_size for p in self.parts)
+        self.batch_size = min(p.embedder.batch_size for _, p in self.dense)
         self.texts_embedded = 0
         self.vectors_embedded = {p.name: 0 for p in self.parts}  # per vector, for status
         self._opened = False
@@ -71,14 +80,19 @@ class NamedVectors:
     def _describe(self) -> None:  # again once the parts are open: they know their models then
         inner = ",".join(f"{p.name}={p.embedder.model_id}" for p in self.parts)
         self.model_id = f"vectors({inner})"
-        self.dimension = sum(p.embedder.dimension for p in self.parts)
+        self.dimension = sum(p.embedder.dimension for _, p in self.dense)
         self.distance: Distance = self.parts[0].embedder.distance
 
     @property
     def layout(self) -> tuple[VectorSpec, ...]:
         """The named vectors of a point, in the order the concatenation holds them."""
         return tuple(
-            VectorSpec(name=p.name, dimension=p.embedder.dimension, distance=p.embedder.distance)
+            VectorSpec(
+                name=p.name,
+                dimension=p.embedder.dimension,
+                distance=p.embedder.distance,
+                sparse=p.sparse is not None,
+            )
             for p in self.parts
         )
 
@@ -134,7 +148,7 @@ class NamedVectors:
         split = [self.split(t) for t in texts]
         out: list[list[float]] = [[] for _ in texts]
         tokens = 0
-        for i, p in enumerate(self.parts):
+        for i, p in self.dense:
             model = p.embedder.model_id
             hashes = [content_hash(model, s[i]) for s in split]
             found = await self.cache.cached_vectors(model, hashes) if self.cache else {}
@@ -151,6 +165,14 @@ class NamedVectors:
                 out[j].extend(found[h])
         self.texts_embedded += len(texts)
         return out, tokens
+
+    def sparse_vectors(self, text: str) -> dict[str, SparseVector]:
+        """A rendered text's sparse vectors by name (made at each write: tokenizing is
+        cheap beside a model, and nothing is kept)."""
+        if not self.sparse:
+            return {}
+        pieces = self.split(text)
+        return {p.name: enc.document(pieces[i]) for i, p in self.sparse if (enc := p.sparse)}
 
 
 def layout_of(embedder: Embedder) -> tuple[VectorSpec, ...]:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import orjson
 
-from ..model import Condition, PayloadUpdate, Point, SinkRecord
+from ..model import Condition, PayloadUpdate, Point, SinkRecord, SparseVector
 
 __all__ = [
+    "HYBRID_CANDIDATES",
     "CollectionSpec",
     "Distance",
     "Hit",
@@ -22,6 +23,7 @@ __all__ = [
     "VectorSpec",
     "index_type_for",
     "join_vectors",
+    "named_vectors",
     "split_vector",
 ]
 
@@ -36,6 +38,7 @@ class VectorSpec:
     name: str
     dimension: int
     distance: Distance
+    sparse: bool = False  # a sparse vector (embed.sparse): the sink weighs terms by IDF
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,11 +52,22 @@ class CollectionSpec:
     vectors: tuple[VectorSpec, ...] = ()
 
 
+def named_vectors(
+    layout: Sequence[VectorSpec], point: Point, sparse: Callable[[SparseVector], Any]
+) -> dict[str, Any]:
+    """A point's vectors by name, sparse ones as ``sparse`` makes them (the client's type)."""
+    named = split_vector(layout, point.vector)
+    named.update((n, sparse(v)) for n, v in point.sparse.items())
+    return named
+
+
 def split_vector(layout: Sequence[VectorSpec], vector: Sequence[float]) -> dict[str, Any]:
-    """A concatenation of named vectors (embed.named) as the vectors by name."""
+    """A concatenation of named vectors (embed.named) as the dense vectors by name."""
     out: dict[str, Any] = {}
     at = 0
     for v in layout:
+        if v.sparse:
+            continue  # not part of the concatenation: Point.sparse holds it
         out[v.name] = list(vector[at : at + v.dimension])
         at += v.dimension
     return out
@@ -61,7 +75,7 @@ def split_vector(layout: Sequence[VectorSpec], vector: Sequence[float]) -> dict[
 
 def join_vectors(layout: Sequence[VectorSpec], named: Mapping[str, Sequence[float]]) -> list[float]:
     """Named vectors as read from a sink, concatenated in the layout's order."""
-    return [x for v in layout for x in named.get(v.name, ())]
+    return [x for v in layout if not v.sparse for x in named.get(v.name, ())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,12 +215,27 @@ class NamedSearch(Protocol):
         self,
         collection: str,
         name: str,
-        vector: Sequence[float],
+        vector: Sequence[float] | SparseVector,
         limit: int = 5,
         where: Sequence[Condition] = (),
     ) -> list[Hit]:
-        """``search`` by the named vector ``name``."""
+        """``search`` by the named vector ``name`` (dense or sparse)."""
         ...
+
+    async def search_hybrid(
+        self,
+        collection: str,
+        dense: tuple[str, Sequence[float]],
+        sparse: tuple[str, SparseVector],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        """The ``limit`` best points of a dense and a sparse search (each by its named
+        vector, each over a few times ``limit`` candidates), fused by reciprocal rank."""
+        ...
+
+
+HYBRID_CANDIDATES = 4  # times limit: what each side of a hybrid search hands the fusion
 
 
 @runtime_checkable

@@ -7,9 +7,17 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PermanentError, SinkError, VectorsyncError
-from ..model import Condition, PayloadUpdate, Point, SinkRecord
+from ..model import Condition, PayloadUpdate, Point, SinkRecord, SparseVector
 from ._aliases import check_drop, check_set_alias, rename_unsupported
-from .base import CollectionSpec, Hit, VectorSpec, join_vectors, same_updates, split_vector
+from .base import (
+    HYBRID_CANDIDATES,
+    CollectionSpec,
+    Hit,
+    VectorSpec,
+    join_vectors,
+    named_vectors,
+    same_updates,
+)
 
 if TYPE_CHECKING:
     from qdrant_client import AsyncQdrantClient
@@ -83,16 +91,25 @@ class QdrantSink:
             "euclid": models.Distance.EUCLID,
         }
         wanted: Any = models.VectorParams(size=spec.dimension, distance=distances[spec.distance])
+        sparse: dict[str, Any] | None = None
         if spec.vectors:
             wanted = {
                 v.name: models.VectorParams(size=v.dimension, distance=distances[v.distance])
                 for v in spec.vectors
+                if not v.sparse
             }
+            sparse = {
+                v.name: models.SparseVectorParams(modifier=models.Modifier.IDF)
+                for v in spec.vectors
+                if v.sparse
+            } or None
         with wrap_errors(f"create collection {spec.name!r}"):
             if await self.client.collection_exists(spec.name):
                 await self._check_params(spec, wanted)
             else:
-                await self.client.create_collection(spec.name, vectors_config=wanted)
+                await self.client.create_collection(
+                    spec.name, vectors_config=wanted, sparse_vectors_config=sparse
+                )
             self._layouts[spec.name] = spec.vectors
             if self._url is None:
                 return  # local mode ignores payload indexes (and warns)
@@ -126,7 +143,7 @@ class QdrantSink:
         structs = [
             models.PointStruct(
                 id=p.id,
-                vector=split_vector(layout, p.vector) if layout else p.vector,
+                vector=named_vectors(layout, p, _sparse) if layout else p.vector,
                 payload=p.payload,
             )
             for p in points
@@ -229,24 +246,53 @@ class QdrantSink:
         self,
         collection: str,
         name: str,
-        vector: Sequence[float],
+        vector: Sequence[float] | SparseVector,
         limit: int = 5,
         where: Sequence[Condition] = (),
     ) -> list[Hit]:
         return await self._search(collection, name, vector, limit, where)
 
+    async def search_hybrid(
+        self,
+        collection: str,
+        dense: tuple[str, Sequence[float]],
+        sparse: tuple[str, SparseVector],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        from qdrant_client import models
+
+        found = _filter(where) if where else None
+        candidates = limit * HYBRID_CANDIDATES
+        prefetch = [
+            models.Prefetch(query=list(dense[1]), using=dense[0], limit=candidates, filter=found),
+            models.Prefetch(
+                query=_sparse(sparse[1]), using=sparse[0], limit=candidates, filter=found
+            ),
+        ]
+        with wrap_errors(f"search {collection!r}"):
+            result = await self.client.query_points(
+                collection,
+                prefetch=prefetch,
+                query=models.FusionQuery(fusion=models.Fusion.RRF),
+                limit=limit,
+                with_payload=True,
+            )
+        return [Hit(p.score, _record(p.id, p.payload, None, ())) for p in result.points]
+
     async def _search(
         self,
         collection: str,
         using: str | None,
-        vector: Sequence[float],
+        vector: Sequence[float] | SparseVector,
         limit: int,
         where: Sequence[Condition],
     ) -> list[Hit]:
+        query = _sparse(vector) if isinstance(vector, SparseVector) else list(vector)
         with wrap_errors(f"search {collection!r}"):
             result = await self.client.query_points(
                 collection,
-                query=list(vector),
+                query=query,
                 using=using,
                 limit=limit,
                 with_payload=True,
@@ -311,6 +357,12 @@ def _filter(where: Sequence[Condition]) -> Any:
             bound = models.Range(**{c.op: c.value})
             must.append(models.FieldCondition(key=c.field, range=bound))
     return models.Filter(must=must or None, must_not=must_not or None)
+
+
+def _sparse(v: SparseVector) -> Any:
+    from qdrant_client import models
+
+    return models.SparseVector(indices=v.indices, values=v.values)
 
 
 def _shape(params: Any) -> Any:

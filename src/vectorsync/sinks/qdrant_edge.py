@@ -36,10 +36,18 @@ from typing import IO, Any
 
 from .._blocking import BlockingLane
 from ..errors import PermanentError, SinkError
-from ..model import Condition, PayloadUpdate, Point, SinkRecord
+from ..model import Condition, PayloadUpdate, Point, SinkRecord, SparseVector
 from . import _edge_folders as folders
 from ._aliases import check_drop, check_rename, check_set_alias
-from .base import CollectionSpec, Hit, VectorSpec, join_vectors, same_updates, split_vector
+from .base import (
+    HYBRID_CANDIDATES,
+    CollectionSpec,
+    Hit,
+    VectorSpec,
+    join_vectors,
+    named_vectors,
+    same_updates,
+)
 
 __all__ = ["QdrantEdgeSink"]
 
@@ -194,12 +202,19 @@ class QdrantEdgeSink:
             "euclid": qe.Distance.Euclid,
         }
         vectors: Any = qe.EdgeVectorParams(size=spec.dimension, distance=distances[spec.distance])
+        sparse: dict[str, Any] | None = None
         if spec.vectors:
             vectors = {
                 v.name: qe.EdgeVectorParams(size=v.dimension, distance=distances[v.distance])
                 for v in spec.vectors
+                if not v.sparse
             }
-        config = qe.EdgeConfig(vectors=vectors)
+            sparse = {
+                v.name: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)
+                for v in spec.vectors
+                if v.sparse
+            } or None
+        config = qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse)
         spec = self._through_alias(spec)
         folder = self.path / spec.name
         known = self._specs.get(spec.name)
@@ -259,7 +274,7 @@ class QdrantEdgeSink:
 
         layout = self._layout(collection)
         if layout:
-            batch = [qe.Point(p.id, split_vector(layout, p.vector), p.payload) for p in points]
+            batch = [qe.Point(p.id, named_vectors(layout, p, _sparse), p.payload) for p in points]
         else:
             batch = [qe.Point(p.id, p.vector, p.payload) for p in points]
         self._check_room()
@@ -374,19 +389,48 @@ class QdrantEdgeSink:
         self,
         collection: str,
         name: str,
-        vector: Sequence[float],
+        vector: Sequence[float] | SparseVector,
         limit: int = 5,
         where: Sequence[Condition] = (),
     ) -> list[Hit]:
-        return await self._lane.run(
-            self._search, collection, name, list(vector), limit, list(where)
+        query = vector if isinstance(vector, SparseVector) else list(vector)
+        return await self._lane.run(self._search, collection, name, query, limit, list(where))
+
+    async def search_hybrid(
+        self,
+        collection: str,
+        dense: tuple[str, Sequence[float]],
+        sparse: tuple[str, SparseVector],
+        limit: int = 5,
+        where: Sequence[Condition] = (),
+    ) -> list[Hit]:
+        import qdrant_edge as qe
+
+        found = _filter(where) if where else None
+        candidates = limit * HYBRID_CANDIDATES
+        prefetches = [
+            qe.Prefetch(
+                limit=candidates,
+                query=qe.Query.Nearest(list(dense[1]), using=dense[0]),
+                filter=found,
+            ),
+            qe.Prefetch(
+                limit=candidates,
+                query=qe.Query.Nearest(_sparse(sparse[1]), using=sparse[0]),
+                filter=found,
+            ),
+        ]
+        fusion: Any = qe.Fusion.Rrf(k=60)  # (the stubs type Rrf apart from Fusion)
+        request = qe.QueryRequest(
+            limit=limit, prefetches=prefetches, query=fusion, with_payload=True
         )
+        return await self._lane.run(self._query, collection, request)
 
     def _search(
         self,
         collection: str,
         using: str | None,
-        vector: list[float],
+        vector: list[float] | SparseVector,
         limit: int,
         where: list[Condition],
     ) -> list[Hit]:
@@ -395,12 +439,16 @@ class QdrantEdgeSink:
         layout = self._layout(collection)
         if using is None and layout:
             using = layout[0].name  # the first named vector is the default
+        query = _sparse(vector) if isinstance(vector, SparseVector) else vector
         request = qe.QueryRequest(
             limit=limit,
-            query=qe.Query.Nearest(vector, using=using),
+            query=qe.Query.Nearest(query, using=using),
             with_payload=True,
             filter=_filter(where) if where else None,
         )
+        return self._query(collection, request)
+
+    def _query(self, collection: str, request: Any) -> list[Hit]:
         with wrap_errors(f"search {collection!r}"):
             scored = self._shard(collection).query(request)
         return [Hit(float(s.score), _record(s, False, ())) for s in scored]
@@ -491,6 +539,12 @@ def _filter(where: Sequence[Condition]) -> Any:
             bound = {c.op: c.value}
             must.append(qe.FieldCondition(key=c.field, range=qe.RangeFloat(**bound)))
     return qe.Filter(must=must or None, must_not=must_not or None)
+
+
+def _sparse(v: SparseVector) -> Any:
+    import qdrant_edge as qe
+
+    return qe.SparseVector(v.indices, v.values)
 
 
 def _record(r: Any, with_vectors: bool, layout: tuple[VectorSpec, ...]) -> SinkRecord:
