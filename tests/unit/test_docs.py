@@ -79,6 +79,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[embedders.NAME] kind = "model2vec"': c.Model2VecEmbedderConfig,
     '[embedders.NAME] kind = "hash"': c.HashEmbedderConfig,
     '[embedders.NAME] kind = "openai"': c.OpenAIEmbedderConfig,
+    '[embedders.NAME] kind = "sparse"': c.SparseEmbedderConfig,
     "[[mappings]]": c.MappingConfig,
     "[[mappings.related]]": c.RelatedConfig,
     "[[mappings.edges]]": c.EdgeConfig,
