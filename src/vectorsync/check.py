@@ -19,6 +19,7 @@ dead-letters it and keeps its point.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -30,6 +31,7 @@ import rbloom
 import xxhash
 
 from .chunking import CHUNK_FIELDS, Chunker, chunk_point_id
+from .conflicts import Kept, Resolver, apply_kept
 from .errors import RecordError
 from .model import (
     DIGEST_BUCKETS,
@@ -88,6 +90,7 @@ class Drift:
     key: Key | None
     point_id: str
     unrenderable: bool = False  # the row cannot be rendered: a repair dead-letters it
+    conflict: bool = False  # the sink's payload was edited by someone else (see conflicts)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -189,6 +192,8 @@ class Checker:
         chunker: Chunker | None = None,
         family: str | None = None,
         select: Callable[[Mapping[str, Any]], bool] | None = None,
+        resolver: Resolver | None = None,
+        kept: Mapping[str, Kept] | None = None,
     ) -> None:
         self.mapping, self.source, self.table, self.key = mapping, source, table, key
         self.family = family or mapping  # the name point ids derive from (MappingConfig.family)
@@ -199,6 +204,8 @@ class Checker:
         self.payload_fields = tuple(payload_fields)
         self.model_id, self.schema_version = model_id, schema_version
         self.state, self.digest_columns = state, digest_columns
+        self.resolver = resolver  # finds conflicts: points edited in the sink by others
+        self.kept = kept or {}  # sink values a conflict policy keeps over the source's
         self.chunker = chunker  # a chunked mapping: each record is the set of its chunk points
         if chunker is not None:
             stored = CHUNK_FIELDS if chunker.config.store_text else CHUNK_FIELDS[:-1]
@@ -212,7 +219,7 @@ class Checker:
             return None  # cannot be synced as it is
         return _Entry(
             text_hash=content_hash(self.model_id, rendered.text),
-            payload_hash=rendered.payload_hash,
+            payload_hash=self._payload_hash(row[self.key], rendered),
             schema=self.schema_version,
             point_id=point_id(self.family, row[self.key]),
         )
@@ -245,11 +252,22 @@ class Checker:
             entries[pid] = (entry, fields)
         return entries
 
+    def _fields(self, key: Key, rendered: Rendered) -> dict[str, Any]:
+        """The payload fields the sync writes for a record: the source's, with the sink
+        values its conflict policy keeps."""
+        kept = self.kept.get(key_text(key))
+        return apply_kept(rendered.payload, kept)[0] if kept else dict(rendered.payload)
+
+    def _payload_hash(self, key: Key, rendered: Rendered) -> str:
+        if key_text(key) not in self.kept:
+            return rendered.payload_hash
+        return payload_hash(self._fields(key, rendered))
+
     def _record_digest(self, key: Key, rendered: Rendered) -> int:
         """A source record's digest: its point's, or the XOR of its chunk points'."""
         text_hash = content_hash(self.model_id, rendered.text)
         if self.chunker is None:
-            return _digest(key, text_hash, rendered.payload_hash, self.schema_version)
+            return _digest(key, text_hash, self._payload_hash(key, rendered), self.schema_version)
         digest = 0
         for entry, _ in self._chunk_entries(key, rendered).values():
             digest ^= _chunk_digest(key, entry)
@@ -589,7 +607,7 @@ class Checker:
             d = self._compare(key, src, snk)
             if d is not None and d.category == "payload_mismatch" and row is not None:
                 assert rec is not None
-                wanted = self.renderer.render(row).payload
+                wanted = self._fields(key, self.renderer.render(row))
                 if _close(wanted, {f: rec.payload.get(f) for f in self.payload_fields}):
                     d = None  # float noise only
             if d is None and row is not None and src is None:  # unrenderable, not yet known
@@ -597,7 +615,37 @@ class Checker:
                 d = Drift(category=category, key=key, point_id=pid, unrenderable=True)
             if d is not None:
                 drift.append(d)
-        return drift
+        return await self._conflicts(drift, rows, found)
+
+    async def _conflicts(
+        self,
+        drift: list[Drift],
+        rows: Mapping[Key, Mapping[str, Any]],
+        found: Mapping[str, SinkRecord],
+    ) -> list[Drift]:
+        """Of ``drift``, the points whose payload someone else edited (it differs from
+        what the sync last wrote): marked, and logged as conflicts (once while open)."""
+        resolver = self.resolver
+        suspects = [d for d in drift if d.category == "payload_mismatch" and d.key is not None]
+        if resolver is None or not suspects:
+            return drift
+        states = await self.state.record_states(
+            self.state_name, [key_text(d.key) for d in suspects]
+        )
+        marked, logged = {}, []
+        for d in suspects:
+            assert d.key is not None
+            state, rec, row = states.get(key_text(d.key)), found.get(d.point_id), rows.get(d.key)
+            if state is None or rec is None or row is None:
+                continue
+            source = self._fields(d.key, self.renderer.render(row))
+            res = resolver.resolve(key_text(d.key), state.payload, source, rec.payload)
+            if res is not None and resolver.edited(state.payload, rec.payload):
+                logged.append(dataclasses.replace(res.conflict, detected="check"))
+                marked[d.point_id] = dataclasses.replace(d, conflict=True)
+        if logged:
+            await self.state.log_conflicts(logged)
+        return [marked.get(d.point_id, d) for d in drift]
 
     async def confirm(self, report: CheckReport) -> None:
         """Keep only the drift that is still there: compare the drifted records again

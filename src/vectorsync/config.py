@@ -561,6 +561,23 @@ class MappingConfig(_Frozen):
         description="a model per kind of record: each embedder chosen runs as a copy of the "
         "mapping with its own collection, named <mapping>.<embedder> after the first",
     )
+    conflicts: Literal["source_wins", "latest_wins", "merge"] = Field(
+        default="source_wins",
+        description="a payload field edited in the sink by someone else: source_wins "
+        "overwrites it (nothing extra read); latest_wins keeps the newer side by "
+        "conflict_timestamp; merge keeps a field only the sink changed (docs/conflicts.md)",
+    )
+    conflict_timestamp: str | None = Field(
+        default=None, description="latest_wins: the payload field that says which side is newer"
+    )
+    merge_tie: Literal["source", "sink"] = Field(
+        default="source", description="merge: who wins a field both sides changed"
+    )
+    write_back: bool = Field(
+        default=False,
+        description="write the sink values a policy keeps back to the source row (SQL "
+        "sources; the table's own columns)",
+    )
     vectors: tuple[VectorConfig, ...] = Field(
         default=(),
         description="several named vectors per point, each with its own embedder and text, "
@@ -585,6 +602,7 @@ class MappingConfig(_Frozen):
                 "embedder_by and several sinks cannot be combined yet: declare one mapping per sink"
             )
         self._named_vectors()
+        self._conflict_policy()
         if self.match is not None:
             from .related import node_pattern
 
@@ -664,6 +682,26 @@ class MappingConfig(_Frozen):
                 raise ValueError(f"vectors and {what} cannot be combined yet")
         object.__setattr__(self, "text", SEPARATOR.join(v.text for v in self.vectors))
         object.__setattr__(self, "embedder", NAMED_EMBEDDER + self.name)
+
+    def _conflict_policy(self) -> None:
+        if self.conflicts == "latest_wins":
+            if self.conflict_timestamp is None:
+                raise ValueError(
+                    'conflicts = "latest_wins" compares a timestamp: name its payload field, '
+                    'e.g. conflict_timestamp = "updated_at"'
+                )
+            if self.conflict_timestamp not in self.payload:
+                raise ValueError(
+                    f"conflict_timestamp {self.conflict_timestamp!r} is not in payload; add "
+                    "it to payload (both sides are compared on it)"
+                )
+        if self.conflicts != "source_wins" and self.chunking is not None:
+            raise ValueError(f'conflicts = "{self.conflicts}" and chunking cannot be combined yet')
+        if self.write_back and self.conflicts == "source_wins":
+            raise ValueError(
+                'write_back carries sink edits a policy keeps: set conflicts = "merge" or '
+                '"latest_wins" with it (source_wins keeps none)'
+            )
 
     @property
     def embedders_used(self) -> tuple[str, ...]:
@@ -829,6 +867,12 @@ class Config(_Frozen):
             _edges(where, m, self)
             _vectors(where, m, self.sinks.get(m.sink))
             _sparse(where, m, self.embedders)
+            source = self.sources.get(m.source)
+            if m.write_back and not isinstance(source, SqliteSourceConfig | PostgresSourceConfig):
+                raise ValueError(
+                    f"{where}: write_back updates rows of an SQL source (sqlite, postgres); "
+                    f"source {m.source!r} is {getattr(source, 'kind', '?')}"
+                )
             refs: list[tuple[str, str, Mapping[str, object]]] = [
                 ("source", m.source, self.sources),
                 ("sink", m.sink, self.sinks),

@@ -49,6 +49,7 @@ from .config import (
     SourceConfig,
     SparseEmbedderConfig,
 )
+from .conflicts import Resolver
 from .embed.base import Embedder
 from .embed.named import NamedVectors, layout_of, stored_layout
 from .errors import ConfigError, RetryableError, VectorsyncError, classify, describe
@@ -1054,6 +1055,8 @@ class Engine:
             chunker=chunker_for(made.get("chunking")),
             family=m.family,
             select=m.row_filter,
+            resolver=Resolver(m),
+            kept=await self.state.kept(m.name) if m.conflicts != "source_wins" else None,
         )
 
     async def check(
@@ -1157,13 +1160,21 @@ class Engine:
         await self._open_sinks()
         if orphans:
             await self.sinks[m.sink].delete(m.collection_name, orphans)
-        # rewritten in full; an unrenderable row keeps its state and point (dead-lettered)
+        # rewritten in full; an unrenderable row keeps its state and point (dead-lettered);
+        # a point others edited keeps its state where the policy resolves it when synced
+        resolving = m.conflicts != "source_wins"
         forgotten = [
             d.key
             for d in report.drift
-            if d.key is not None and d.category != KNOWN and not d.unrenderable
+            if d.key is not None
+            and d.category != KNOWN
+            and not d.unrenderable
+            and not (d.conflict and resolving)
         ]
         await self.state.forget(m.name, [str(k) for k in forgotten])
+        overwritten = [str(d.key) for d in report.drift if d.conflict and not resolving]
+        if overwritten:  # source_wins: the repair's rewrite is the resolution
+            await self.state.close_conflicts(m.name, overwritten)
         if keys:
             await self.sources[m.source].enqueue(m.table, keys)
 

@@ -31,6 +31,7 @@ from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .chunking import Chunker, chunk_point_id
 from .config import MappingConfig
+from .conflicts import Conflict, Kept, Resolver, apply_kept
 from .embed.base import Embedder, Metered
 from .embed.named import NamedVectors
 from .errors import (
@@ -51,8 +52,10 @@ from .model import (
     PayloadUpdate,
     Point,
     RecordState,
+    SinkRecord,
     content_hash,
     key_text,
+    payload_hash,
     point_id,
     row_digest,
 )
@@ -60,7 +63,7 @@ from .outages import Outages, isolated
 from .related import Relation
 from .render import Renderer
 from .sinks.base import Sink
-from .sources.base import Source, TableSpec
+from .sources.base import Source, TableSpec, WritesBack
 from .state.runs import ErrorEntry
 from .state.store import BatchCommit, DeadLetter, StateStore
 
@@ -174,6 +177,9 @@ class _MappingWork:
     bytes: int = 0
     truncated: int = 0  # texts cut to max_text_length
     tokens: int = 0  # billed by an API embedder (embed.base.Metered)
+    conflicts: list[Conflict] = field(default_factory=list)  # resolved by the mapping's policy
+    kept: dict[str, Kept | None] = field(default_factory=dict)  # key → kept sink values now
+    write_back: list[tuple[Key, dict[str, Any]]] = field(default_factory=list)  # to the source
 
 
 @dataclass(slots=True, kw_only=True)
@@ -281,6 +287,10 @@ class SourceWorker:
         # the targets of a mapping with several sinks: one sink that is down holds no other back
         copies = isolated(m.config for m in mappings)
         self._outages.isolated = {m.name for m in mappings if m.config.name in copies}
+        # conflict policies that read the points before writing (source_wins reads nothing)
+        self._resolvers = {
+            m.name: Resolver(m.config) for m in mappings if m.config.conflicts != "source_wins"
+        }
 
     # -- the pipeline -------------------------------------------------------------------
     async def run(self, *, once: bool, stop: asyncio.Event) -> None:
@@ -773,6 +783,14 @@ class SourceWorker:
         states = await self._states(m.name, work.keys)
         now = time.time()
         work.processed += len(keyed)
+        resolver = self._resolvers.get(m.name)
+        kept: dict[str, Kept] = {}
+        held: dict[str, SinkRecord] = {}
+        if resolver is not None:  # the points as they are now, to find others' edits
+            kept = await self.state.kept(m.name, work.keys)
+            ids = [st.point_id for st in states.values()]
+            read = partial(m.sink.retrieve, m.collection, ids)
+            held = {r.id: r for r in await self._retry(f"read {m.collection}", read, self._stop)}
         for key, change in keyed.items():
             skey = str(key)
             state = states.get(skey)
@@ -793,6 +811,8 @@ class SourceWorker:
                     work.drops.extend((skey, pid) for pid in state.point_ids)
                 self._plan_state(batch, (m.name, skey), None)
                 work.done.append(skey)
+                if skey in kept:
+                    work.kept[skey] = None
                 continue
             try:
                 rendered = m.renderer.render(row)
@@ -807,8 +827,12 @@ class SourceWorker:
             # version for the whole batch lets payload updates that set the same values
             # go to the sink as one call (sinks.base.same_updates)
             version = max(batch.position, state.source_version if state else 0)
+            fields, fields_hash = rendered.payload, rendered.payload_hash
+            if resolver is not None:
+                fields = self._resolved(work, resolver, key, rendered.payload, state, held, kept)
+                fields_hash = payload_hash(fields)
             payload = {
-                **rendered.payload,
+                **fields,
                 "_vs_key": key,
                 "_vs_text_hash": text_hash,
                 "_vs_version": version,
@@ -821,7 +845,7 @@ class SourceWorker:
                 if state and state.point_id
                 else point_id(m.config.family, key),
                 text_hash=text_hash,
-                payload_hash=rendered.payload_hash,
+                payload_hash=fields_hash,
                 source_version=version,
                 schema_version=m.schema_version,
                 synced_at=now,
@@ -859,9 +883,15 @@ class SourceWorker:
                 new.payload_hash,
                 new.schema_version,
             ):
-                work.payload_only.append(
-                    (new, _payload_update(new.point_id, state.payload, payload))
-                )
+                if (rec := held.get(new.point_id)) is not None:  # to what the point holds
+                    update = _payload_update(new.point_id, _ours(rec.payload, payload), payload)
+                    if not update.set and not update.unset:
+                        work.state_only.append(new)
+                        self._plan_state(batch, (m.name, skey), new)
+                        continue
+                else:
+                    update = _payload_update(new.point_id, state.payload, payload)
+                work.payload_only.append((new, update))
             else:
                 work.skipped += 1
                 if state.row_digest == new.row_digest:
@@ -945,6 +975,37 @@ class SourceWorker:
         work.drops.extend((new.key, pid) for pid in had if pid not in ids)
         work.state_only.append(st)
         return st
+
+    def _resolved(
+        self,
+        work: _MappingWork,
+        resolver: Resolver,
+        key: Key,
+        source: dict[str, Any],
+        state: RecordState | None,
+        held: Mapping[str, SinkRecord],
+        kept: Mapping[str, Kept],
+    ) -> dict[str, Any]:
+        """A record's payload fields by the mapping's conflict policy: the source's, with
+        the sink values kept earlier over it, and the sink edits found now resolved (see
+        conflicts). What is kept, logged and written back is noted in ``work``."""
+        skey = str(key)
+        fields, still = apply_kept(source, kept.get(skey))
+        rec = held.get(state.point_id) if state is not None else None
+        if state is not None and rec is not None:
+            res = resolver.resolve(skey, state.payload, fields, rec.payload)
+            if res is not None:
+                work.conflicts.append(res.conflict)
+                fields = res.payload
+                still.update((f, (v, source.get(f))) for f, (v, _) in res.kept.items())
+                back = {f: still.pop(f)[0] for f in list(still) if f in resolver.columns}
+                if back and work.mapping.config.write_back:
+                    work.write_back.append((key, back))
+                else:
+                    still.update((f, (v, source.get(f))) for f, v in back.items())
+        if still != kept.get(skey, {}):
+            work.kept[skey] = still or None
+        return fields
 
     def _withdraw(self, work: _MappingWork, skey: str) -> list[str]:
         """Take a record out of the batch (it is dead-lettered: its state stays as it was);
@@ -1170,6 +1231,12 @@ class SourceWorker:
                     work.drops.extend((s.key, pid) for pid in s.point_ids)
         if rejected:
             self._dead_letter_rejected(work, rejected)
+        if work.write_back:  # after the sink has the values: a crash between converges
+            source = self.source
+            assert isinstance(source, WritesBack), "config validation admits SQL sources only"
+            for key, values in work.write_back:
+                back = partial(source.write_back, m.spec, key, values)
+                await self._retry(f"write back to {m.config.table}", back, stop, backoff)
         ids = list(dict.fromkeys([*(pid for _, pid in work.deletes), *(p for _, p in work.drops)]))
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]
@@ -1264,6 +1331,8 @@ class SourceWorker:
                     (u.text_hash, (model, u.vector)) for u in work.upserts if u.vector
                 )
             commit.dead_letters.extend(work.failed)
+            commit.conflicts.extend(work.conflicts)
+            commit.kept.update(((name, k), v) for k, v in work.kept.items())
             pending = self._pending_dlq.setdefault(name, set())
             commit.resolved.extend((name, k) for k in work.done if k in pending)
             for name_, n in self._counts(work).items():
@@ -1304,6 +1373,7 @@ class SourceWorker:
             "embedded": work.embedded,
             "cache_hits": work.cache_hits,
             "truncated": work.truncated,
+            **_conflict_counts(work.conflicts),
         }
 
     def _settle(self, batch: _Batch) -> None:
@@ -1425,6 +1495,21 @@ def _chunk_points(work: Sequence[_MappingWork]) -> dict[tuple[str, str], list[st
         for u in w.upserts:
             out[(w.mapping.name, u.state.key)].append(u.id)
     return out
+
+
+def _conflict_counts(conflicts: Sequence[Conflict]) -> dict[str, int]:
+    """Counters ``conflicts.<policy>.<resolution>`` (vectorsync_conflicts_total)."""
+    counts: dict[str, int] = {}
+    for c in conflicts:
+        name = f"conflicts.{c.policy}.{c.resolution}"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _ours(held: Mapping[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Of a point's payload as read, the fields a write of ``payload`` replaces or drops
+    (ours: bookkeeping and the mapping's fields; others' stay as they are)."""
+    return {k: v for k, v in held.items() if k in payload or k.startswith("_vs_")}
 
 
 def _payload_update(pid: str, old: Mapping[str, Any], new: dict[str, Any]) -> PayloadUpdate:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..model import Change, Key
 from ..related import RelatedRecord, Relation
 
-__all__ = ["Backlog", "Source", "TableSpec"]
+__all__ = ["Backlog", "Source", "TableSpec", "WritesBack"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,6 +25,15 @@ class Backlog:
     changes: int
     oldest_committed_at: float | None
     lag_bytes: int | None = None  # how much log the source keeps for us (replication slots)
+
+
+@runtime_checkable
+class WritesBack(Protocol):
+    """A source whose rows vectorsync may update (conflicts' write_back: SQL sources)."""
+
+    async def write_back(self, spec: TableSpec, key: Key, values: Mapping[str, Any]) -> None:
+        """Set ``values`` (column → value) on the row keyed ``key``."""
+        ...
 
 
 class Source(Protocol):

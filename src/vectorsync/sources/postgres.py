@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal, Protocol
 
@@ -482,6 +482,22 @@ class PostgresSource:
                         row = {n: plain(v) for n, v in zip(names, values, strict=True)}
                         found[self.key_of(table, row[key])] = row
         return found
+
+    async def write_back(self, spec: TableSpec, key: Key, values: Mapping[str, Any]) -> None:
+        """Set columns of one row (sink edits a conflict policy keeps, see conflicts)."""
+        sql_type, _ = await self.key_type(spec.table, spec.key)
+        query = sql.SQL("UPDATE {t} SET {sets} WHERE {k} = %s::{ty}").format(
+            t=table_ident(spec.table),
+            sets=sql.SQL(", ").join(
+                sql.SQL("{c} = %s").format(c=sql.Identifier(c)) for c in values
+            ),
+            k=sql.Identifier(spec.key),
+            ty=sql.SQL(sql_type),
+        )
+        async with self.session() as conn:
+            with wrap_errors(f"write back to {spec.table!r}"):
+                await conn.execute(query, (*values.values(), str(key)))
+                await conn.commit()
 
     async def related(
         self, owner: TableSpec, rel: Relation, keys: Sequence[Key]

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,18 @@ class SqliteSource:
                     row = dict(zip(names, values, strict=True))
                     found[row[key]] = row
         return found
+
+    async def write_back(self, spec: TableSpec, key: Key, values: Mapping[str, Any]) -> None:
+        """Set columns of one row (sink edits a conflict policy keeps, see conflicts)."""
+        await self._lane.run(self._write_back, spec, key, dict(values))
+
+    def _write_back(self, spec: TableSpec, key: Key, values: dict[str, Any]) -> None:
+        sets = ", ".join(f"{_quote(c)} = ?" for c in values)
+        with wrap_errors(f"write back to {spec.table!r}"):
+            self._db.execute(
+                f"UPDATE {_quote(spec.table)} SET {sets} WHERE {_quote(spec.key)} = ?",
+                [*values.values(), key],
+            )
 
     async def related(
         self, owner: TableSpec, rel: Relation, keys: Sequence[Key]

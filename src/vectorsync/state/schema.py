@@ -249,3 +249,29 @@ index_versions = Table(
     Column("backfill_done", Integer, nullable=False, default=0),
     Column("backfilled", BigInteger, nullable=False, default=0),  # records the backfill wrote
 )
+
+# conflicts: a point's payload edited in the sink by someone else, and how it was resolved
+conflicts = Table(
+    "conflicts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("mapping", String(200), nullable=False),
+    Column("key", String(1000), nullable=False),
+    Column("policy", String(20), nullable=False),
+    Column("resolution", String(20), nullable=False),  # source_written | sink_kept | merged
+    Column("detected", String(10), nullable=False),  # sync | check
+    Column("fields", Text, nullable=False),  # JSON: field → base, source, sink, result
+    Column("status", String(20), nullable=False),  # resolved | open (a check's, until synced)
+    Column("created_at", Float, nullable=False),
+    Column("resolved_at", Float),
+    Index("ix_conflicts_mapping_key", "mapping", "key"),
+)
+
+# sink values a conflict policy keeps over the source's, per record (conflicts.Kept)
+kept_fields = Table(
+    "kept_fields",
+    metadata,
+    Column("mapping", String(200), primary_key=True),
+    Column("key", String(1000), primary_key=True),
+    Column("fields", Text, nullable=False),  # JSON: field → [kept value, source value then]
+)

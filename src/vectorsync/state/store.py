@@ -37,10 +37,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from .._blocking import BlockingLane
+from ..conflicts import Conflict, Kept
 from ..errors import PermanentError, RetryableError
 from ..index import versions as index_log
 from ..model import Key, RecordState, dumps, key_bucket
 from ..redact import redact, redact_value
+from . import conflict_log
 from . import leases as lease_log
 from . import runs as run_log
 from . import schema as s
@@ -117,6 +119,8 @@ class BatchCommit:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     resolved: list[tuple[str, str]] = field(default_factory=list)  # (mapping, key) now synced
     counters: dict[tuple[str, str], int] = field(default_factory=dict)  # (mapping, name) → +n
+    conflicts: list[Conflict] = field(default_factory=list)
+    kept: dict[tuple[str, str], Kept | None] = field(default_factory=dict)  # conflicts.Kept
 
     def count(self, mapping: str, name: str, n: int = 1) -> None:
         if n:
@@ -315,6 +319,36 @@ class StateStore:
                     found[r[1]] = _record_state(r)
         return found
 
+    # -- conflicts (see conflicts) -------------------------------------------------------
+    async def kept(self, mapping: str, keys: Sequence[str] | None = None) -> dict[str, Kept]:
+        """Sink values kept over the source's, of ``keys`` (None: every record's)."""
+        return await self._tx("read kept values", conflict_log.kept, mapping, keys)
+
+    async def set_kept(self, entries: Mapping[tuple[str, str], Kept | None]) -> None:
+        await self._tx("write kept values", conflict_log.set_kept, entries)
+
+    async def log_conflicts(self, entries: Sequence[Conflict]) -> None:
+        await self._tx("log conflicts", conflict_log.log, entries)
+
+    async def close_conflicts(self, mapping: str, keys: Sequence[str]) -> None:
+        """The open conflicts (a check's) of ``keys``: resolved, the source's values written."""
+        await self._tx("close conflicts", conflict_log.close, mapping, keys)
+
+    async def conflicts(
+        self,
+        *,
+        mapping: str | None = None,
+        ids: Sequence[int] | None = None,
+        status: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        return await self._tx(
+            "read conflicts",
+            lambda conn: conflict_log.conflicts(
+                conn, mapping=mapping, ids=ids, status=status, limit=limit
+            ),
+        )
+
     # -- embedding cache ----------------------------------------------------------------
     async def cached_vectors(self, model: str, hashes: Sequence[str]) -> dict[str, list[float]]:
         return await self._lane.run(self._cached_vectors, model, list(hashes))
@@ -374,6 +408,8 @@ class StateStore:
             self._apply_backlog(conn, batch, now)
             self._apply_dead_letters(conn, batch, now)
             self._apply_counters(conn, batch.counters)
+            conflict_log.log(conn, batch.conflicts)
+            conflict_log.set_kept(conn, batch.kept)
             for checkpoint in batch.checkpoints:
                 index_log.checkpoint(conn, *checkpoint)
             if batch.position >= _stream_position(conn, batch.source, batch.epoch):
