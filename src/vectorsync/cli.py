@@ -13,7 +13,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -958,6 +958,91 @@ def dlq_list(
 
 def _letter(d: Any) -> dict[str, Any]:
     return {k: v for k, v in asdict(d).items() if k != "stack_trace"}
+
+
+conflicts_app = typer.Typer(
+    help="Conflicts: points whose payload someone else edited in the sink, and how each was "
+    "resolved (docs/conflicts.md).",
+    no_args_is_help=True,
+)
+app.add_typer(conflicts_app, name="conflicts")
+
+
+@conflicts_app.command("list")
+def conflicts_list(
+    status_: Annotated[
+        str, typer.Option("--status", help="open (a check's, not synced yet), resolved or all")
+    ] = "all",
+    mapping: Annotated[str | None, typer.Option(help="only this mapping")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 100,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """The latest conflicts: record, fields, policy and resolution."""
+    if status_ not in ("open", "resolved", "all"):
+        _problem("config error", f"--status {status_!r}: use open, resolved or all")
+        raise typer.Exit(2)
+    chosen = None if status_ == "all" else status_
+    found = _with_engine(
+        config,
+        verbose,
+        lambda e: e.state.conflicts(mapping=mapping, status=chosen, limit=limit),
+    )
+    if as_json:
+        _print_json({"conflicts": found})
+        return
+    table = Table("id", "mapping", "key", "fields", "policy", "resolution", "found by", "when")
+    for c in found:
+        table.add_row(
+            str(c["id"]),
+            c["mapping"],
+            c["key"],
+            ", ".join(c["fields"]),
+            c["policy"],
+            c["resolution"] if c["status"] == "resolved" else "open",
+            c["detected"],
+            _when(c["created_at"]),
+        )
+    out.print(table)
+
+
+@conflicts_app.command("show")
+def conflicts_show(
+    ids: Annotated[list[int], typer.Argument(help="conflict ids")],
+    config: ConfigOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """A conflict's fields: base (last written), source, sink and result values."""
+    found = _with_engine(config, verbose, lambda e: e.state.conflicts(ids=ids, limit=len(ids)))
+    if not found:
+        err.print(f"no conflict with id {', '.join(map(str, ids))}")
+        raise typer.Exit(1)
+    _print_json({"conflicts": found})
+
+
+@conflicts_app.command("resolve")
+def conflicts_resolve(
+    conflict_id: Annotated[int, typer.Argument(help="a conflict id")],
+    keep: Annotated[
+        str,
+        typer.Option(
+            "--keep",
+            help="source: rewrite the record from the source; sink: keep the point's values "
+            "of the conflict's fields (written back with write_back)",
+        ),
+    ],
+    config: ConfigOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Apply a choice to a conflict; the record is synced by the next run (or the run
+    streaming on this config)."""
+    if keep not in ("source", "sink"):
+        _problem("config error", f"--keep {keep!r}: use source or sink")
+        raise typer.Exit(2)
+    choice: Literal["source", "sink"] = "source" if keep == "source" else "sink"
+    done = _with_engine(config, verbose, lambda e: e.resolve_conflict(conflict_id, choice))
+    _say(f"conflict {conflict_id} of {done['mapping']} {done['key']}: kept the {keep}'s values")
 
 
 @dlq_app.command("show")

@@ -25,11 +25,17 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .config import MappingConfig
+from .errors import ConfigError
+from .model import Key
+from .sources.base import TableSpec, WritesBack
 
-__all__ = ["Conflict", "Kept", "Resolution", "Resolver", "apply_kept"]
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["Conflict", "Kept", "Resolution", "Resolver", "apply_kept", "resolve_manually"]
 
 Policy = Literal["source_wins", "latest_wins", "merge"]
 # field → (the sink's value kept, the source's value when it was kept)
@@ -157,3 +163,46 @@ def _newer(sink: Any, source: Any) -> bool:
         return bool(sink > source)
     except TypeError:  # of two types: as text
         return str(sink) > str(source)
+
+
+async def resolve_manually(
+    engine: Engine, conflict_id: int, keep: Literal["source", "sink"]
+) -> dict[str, Any]:
+    """Apply a person's choice to a logged conflict: ``source`` rewrites the record from
+    the source (dropping what its policy kept); ``sink`` keeps the values the sink held
+    when the conflict was found (written back where ``write_back`` is set). The record is then
+    synced through the normal path; the conflict is marked resolved."""
+    found = await engine.state.conflicts(ids=[conflict_id], limit=1)
+    if not found:
+        raise ConfigError(f"no conflict with id {conflict_id}: see `vectorsync conflicts list`")
+    c = found[0]
+    m = engine.mapping(c["mapping"])
+    if keep == "sink" and m.conflicts == "source_wins":
+        raise ConfigError(
+            f'mapping {m.name!r} has conflicts = "source_wins", which keeps no sink value: set '
+            'conflicts = "merge" (or "latest_wins") to keep sink edits'
+        )
+    native: Key = int(c["key"]) if engine.int_key(m) else c["key"]
+    kept = (await engine.state.kept(m.name, [c["key"]])).get(c["key"], {})
+    if keep == "source":
+        await engine.state.set_kept({(m.name, c["key"]): None})
+        await engine.state.forget(m.name, [c["key"]])
+    else:
+        source = engine.sources[m.source]
+        rows = await source.fetch(m.table, m.key, [native])
+        if native not in rows:
+            raise ConfigError(
+                f"conflict {conflict_id}: record {c['key']!r} is gone from the source"
+            )
+        values = {f: v["sink"] for f, v in c["fields"].items()}  # what the other side wrote
+        back = {f: v for f, v in values.items() if f in Resolver(m).columns}
+        if m.write_back and back:
+            assert isinstance(source, WritesBack)
+            await source.write_back(TableSpec(table=m.table, key=m.key), native, back)
+            values = {f: v for f, v in values.items() if f not in back}
+        row = rows[native]
+        kept.update((f, (v, row.get(f))) for f, v in values.items())
+        await engine.state.set_kept({(m.name, c["key"]): kept or None})
+    await engine.sources[m.source].enqueue(m.table, [native])
+    await engine.state.mark_conflict(conflict_id, f"manual_{keep}")
+    return {**c, "status": "resolved", "resolution": f"manual_{keep}"}

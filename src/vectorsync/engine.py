@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import xxhash
@@ -49,7 +49,7 @@ from .config import (
     SourceConfig,
     SparseEmbedderConfig,
 )
-from .conflicts import Resolver
+from .conflicts import Resolver, resolve_manually
 from .embed.base import Embedder
 from .embed.named import NamedVectors, layout_of, stored_layout
 from .errors import ConfigError, RetryableError, VectorsyncError, classify, describe
@@ -1009,6 +1009,12 @@ class Engine:
         )
         return len(letters)
 
+    async def resolve_conflict(
+        self, conflict_id: int, keep: Literal["source", "sink"]
+    ) -> dict[str, Any]:
+        """Apply a choice to a logged conflict (see conflicts.resolve_manually)."""
+        return await resolve_manually(self, conflict_id, keep)
+
     async def discard_dead_letters(self, ids: Sequence[int]) -> int:
         return await self.state.set_dead_letter_status(ids, "discarded")
 
@@ -1315,6 +1321,7 @@ class Engine:
             "errors_by_type": figures["errors_by_type"],
             "dead_letters": figures["dead_letters_pending"],
             "checks": checks,
+            "conflicts": await self.state.conflict_counts(),
         }
 
     async def targets(self) -> dict[str, tuple[int, int]]:
@@ -1373,7 +1380,7 @@ class Engine:
         m = self.mapping(mapping)
         fields = {name: index_type_for(self._columns[m.name][name]) for name in m.payload}
         filters = conditions(m.name, where, fields)
-        embedder, sink, collection = await self._reader(m)
+        embedder, sink, collection = await self.reader(m)
         return await nearest(
             m.name, embedder, sink, collection, text, limit, filters, vector, hybrid
         )
@@ -1386,7 +1393,7 @@ class Engine:
         report = []
         for name in names:
             m = self.mapping(name)
-            _, sink, collection = await self._reader(m)
+            _, sink, collection = await self.reader(m)
             before = await _size(sink, collection)
             actions = await sink.maintain(collection) if isinstance(sink, Maintained) else None
             logger.info(
@@ -1417,7 +1424,7 @@ class Engine:
             if not isinstance(sink, Sized):
                 continue
             try:
-                _, _, collection = await self._reader(m)
+                _, _, collection = await self.reader(m)
                 size = await sink.collection_size(collection)
             except VectorsyncError as exc:  # a scrape must not fail for one sink
                 logger.warning("no size for %s: %s", m.name, exc, extra={"action": "size"})
@@ -1426,7 +1433,7 @@ class Engine:
                 sizes[m.name] = size
         return sizes
 
-    async def _reader(self, m: MappingConfig) -> tuple[Embedder, Sink, str]:
+    async def reader(self, m: MappingConfig) -> tuple[Embedder, Sink, str]:
         """What a search of ``m`` needs: the live index version's embedder (its own model,
         which during a re-index is not the configured one yet) and physical collection.
         Opened once per engine; no capture is installed, and an unreachable sink fails at

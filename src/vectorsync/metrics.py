@@ -142,6 +142,15 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
             cost.add_metric([mapping], m.get("cost_micros", 0) / 1e6)
     yield tokens
     yield cost
+    conflicts = counter(
+        "vectorsync_conflicts",
+        "Points others edited in the sink (the conflict log), by the mapping's policy and the "
+        'resolution ("open": found by a check, not synced yet)',
+        labels=["mapping", "policy", "resolution"],
+    )
+    for mapping, policy, resolution, n in stats.get("conflicts", ()):
+        conflicts.add_metric([mapping, policy, resolution], n)
+    yield conflicts
     for key, name, doc in (
         ("texts", "vectorsync_embedder_texts", "Texts an embedder embedded in this process"),
         ("tokens", "vectorsync_embedder_tokens", "Tokens sent to an API embedder"),

@@ -209,6 +209,20 @@ def create_app(
             }
         )
 
+    async def conflicts(request: Request) -> Response:
+        """``?mapping=M&status=open|resolved&limit=N``: the latest conflicts, newest first,
+        as ``vectorsync conflicts list --json``."""
+        known = tuple(m.name for m in engine.config.mappings)
+        mapping = (
+            _choice(request, "mapping", "", known) if "mapping" in request.query_params else None
+        )
+        status_ = _choice(request, "status", "all", ("open", "resolved", "all"))
+        limit = _int_param(request, "limit", 100, MAX_LIMIT)
+        found = await engine.state.conflicts(
+            mapping=mapping, status=None if status_ == "all" else status_, limit=limit
+        )
+        return _json({"conflicts": found})
+
     async def replay(request: Request) -> Response:
         letter = _bounded("id", request.path_params["id"], MAX_ID)
         count = await engine.replay_dead_letters([letter])
@@ -324,6 +338,7 @@ def create_app(
             Route("/api/runs", runs),
             Route("/api/dlq", dlq),
             Route("/api/dlq/{id}/replay", replay, methods=["POST"]),
+            Route("/api/conflicts", conflicts),
             Route("/api/checks", checks),
             Route("/api/check", run_check, methods=["POST"]),
             Route("/api/maintain", run_maintain, methods=["POST"]),

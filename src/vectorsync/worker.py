@@ -1373,7 +1373,6 @@ class SourceWorker:
             "embedded": work.embedded,
             "cache_hits": work.cache_hits,
             "truncated": work.truncated,
-            **_conflict_counts(work.conflicts),
         }
 
     def _settle(self, batch: _Batch) -> None:
@@ -1495,15 +1494,6 @@ def _chunk_points(work: Sequence[_MappingWork]) -> dict[tuple[str, str], list[st
         for u in w.upserts:
             out[(w.mapping.name, u.state.key)].append(u.id)
     return out
-
-
-def _conflict_counts(conflicts: Sequence[Conflict]) -> dict[str, int]:
-    """Counters ``conflicts.<policy>.<resolution>`` (vectorsync_conflicts_total)."""
-    counts: dict[str, int] = {}
-    for c in conflicts:
-        name = f"conflicts.{c.policy}.{c.resolution}"
-        counts[name] = counts.get(name, 0) + 1
-    return counts
 
 
 def _ours(held: Mapping[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,44 @@ async def test_write_back_carries_a_kept_sink_edit_to_the_source_once(
     assert len(logged) == 1 and consistent
     async with Engine.open(config, embedders={"default": HashEmbedder()}) as engine:
         assert await engine.state.kept("articles") == {}  # the source holds it now
+
+
+async def test_a_manual_choice_the_api_the_cli_and_the_metric(workdir: Path, app: App) -> None:
+    from tests.e2e.test_cli import cli
+    from tests.integration.test_http import client, metric
+
+    _seed(app)
+    config = _config(workdir, "qdrant-edge", 'conflicts = "merge"')
+    await _sync(config)
+    await _edit(config, {2: {"author": "sink-bob"}})
+    app.update(2, author="src-carl")  # both changed: the source's value wins the tie
+    await _sync(config)
+    assert (await _payloads(config))[2]["author"] == "src-carl"
+    listed = cli("conflicts", "list", "--json", cwd=workdir)
+    assert listed.returncode == 0, listed.stderr
+    [c] = json.loads(listed.stdout)["conflicts"]
+    assert (c["key"], c["resolution"], c["status"]) == ("2", "source_written", "resolved")
+    done = cli("conflicts", "resolve", str(c["id"]), "--keep", "sink", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    _, logged, consistent = await _sync(config)
+    assert (await _payloads(config))[2]["author"] == "sink-bob" and consistent
+    assert [x["resolution"] for x in logged] == ["manual_sink"]
+    async with Engine.open(config, embedders={"default": HashEmbedder()}) as engine:
+        async with client(engine) as http:
+            got = (await http.get("/api/conflicts?mapping=articles")).json()["conflicts"]
+            text = (await http.get("/metrics")).text
+        await engine.resolve_conflict(c["id"], "source")
+        await engine.run(once=True)
+        assert (await engine.check("articles", mode="full")).consistent
+    assert [x["id"] for x in got] == [c["id"]]
+    assert (
+        metric(
+            text,
+            "vectorsync_conflicts_total",
+            mapping="articles",
+            policy="merge",
+            resolution="manual_sink",
+        )
+        == 1.0
+    )
+    assert (await _payloads(config))[2]["author"] == "src-carl"

@@ -7,21 +7,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, select
+from sqlalchemy import Connection, and_, case, func, select
 
 from ..conflicts import Conflict, Kept
 from ..model import dumps
 from ..redact import redact_value
 from . import schema as s
 
-__all__ = ["close", "conflicts", "kept", "log", "set_kept"]
+__all__ = ["close", "conflicts", "counts", "kept", "log", "mark", "set_kept"]
 
 
-def log(conn: Connection, entries: Sequence[Conflict]) -> None:
+def log(conn: Connection, entries: Sequence[Conflict]) -> list[Conflict]:
     """Log conflicts; a check's finding already open for the record is not logged twice,
-    and the sync resolving a record closes the check's open finding."""
+    and the sync resolving a record closes the check's open finding. The ones logged."""
     t = s.conflicts
     now = time.time()
+    logged = []
     for c in entries:
         fields = dumps(redact_value(c.fields)).decode()
         open_ = and_(t.c.mapping == c.mapping, t.c.key == c.key, t.c.status == "open")
@@ -43,6 +44,17 @@ def log(conn: Connection, entries: Sequence[Conflict]) -> None:
                 resolved_at=None if c.detected == "check" else now,
             )
         )
+        logged.append(c)
+    return logged
+
+
+def counts(conn: Connection) -> list[tuple[str, str, str, int]]:
+    t = s.conflicts
+    shown = case((t.c.status == "open", "open"), else_=t.c.resolution)
+    query = select(t.c.mapping, t.c.policy, shown, func.count()).group_by(
+        t.c.mapping, t.c.policy, shown
+    )
+    return [(m, p, r, int(n)) for m, p, r, n in conn.execute(query)]
 
 
 def close(conn: Connection, mapping: str, keys: Sequence[str]) -> None:
@@ -52,6 +64,15 @@ def close(conn: Connection, mapping: str, keys: Sequence[str]) -> None:
         t.update()
         .where(where)
         .values(status="resolved", resolution="source_written", resolved_at=time.time())
+    )
+
+
+def mark(conn: Connection, conflict_id: int, resolution: str) -> None:
+    t = s.conflicts
+    conn.execute(
+        t.update()
+        .where(t.c.id == conflict_id)
+        .values(status="resolved", resolution=resolution, resolved_at=time.time())
     )
 
 

@@ -330,9 +330,16 @@ class StateStore:
     async def log_conflicts(self, entries: Sequence[Conflict]) -> None:
         await self._tx("log conflicts", conflict_log.log, entries)
 
+    async def conflict_counts(self) -> list[tuple[str, str, str, int]]:
+        """(mapping, policy, resolution — "open" for a check's finding not synced yet, n)."""
+        return await self._tx("count conflicts", conflict_log.counts)
+
     async def close_conflicts(self, mapping: str, keys: Sequence[str]) -> None:
         """The open conflicts (a check's) of ``keys``: resolved, the source's values written."""
         await self._tx("close conflicts", conflict_log.close, mapping, keys)
+
+    async def mark_conflict(self, conflict_id: int, resolution: str) -> None:
+        await self._tx("resolve a conflict", conflict_log.mark, conflict_id, resolution)
 
     async def conflicts(
         self,
