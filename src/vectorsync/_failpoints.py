@@ -12,8 +12,8 @@ import os
 import signal
 from typing import Literal, get_args
 
-# Every point the code passes; a crash test kills at each of them.
-Failpoint = Literal[
+# Every point the batch cycle passes; a crash test kills at each of them.
+Cycle = Literal[
     "after_redo_inflight",
     "after_read_changes",
     "after_embed",
@@ -23,16 +23,20 @@ Failpoint = Literal[
     "after_state_commit",
     "after_source_ack",
 ]
-POINTS: tuple[Failpoint, ...] = get_args(Failpoint)
+POINTS: tuple[Cycle, ...] = get_args(Cycle)
+# Points of optional paths, killed at by their own tests (a mapping's write_back).
+Optional = Literal["after_write_back"]
+OPTIONAL: tuple[Optional, ...] = get_args(Optional)
+Failpoint = Cycle | Optional
 
 
 def parse(spec: str) -> tuple[str, int]:
     """``name[:N]`` → (name, N); a typo must not silently turn a crash test into a no-op."""
     name, _, count = spec.partition(":")
-    if name not in POINTS:
+    if name not in (*POINTS, *OPTIONAL):
         raise ValueError(
             f"VECTORSYNC_FAILPOINT={spec!r}: unknown failpoint {name!r} "
-            f"(known: {', '.join(POINTS)})"
+            f"(known: {', '.join((*POINTS, *OPTIONAL))})"
         )
     if not (count or "1").isdigit() or int(count or 1) < 1:
         raise ValueError(f"VECTORSYNC_FAILPOINT={spec!r}: the count after ':' must be 1 or more")

@@ -1237,6 +1237,7 @@ class SourceWorker:
             for key, values in work.write_back:
                 back = partial(source.write_back, m.spec, key, values)
                 await self._retry(f"write back to {m.config.table}", back, stop, backoff)
+                _failpoints.hit("after_write_back")
         ids = list(dict.fromkeys([*(pid for _, pid in work.deletes), *(p for _, p in work.drops)]))
         for i in range(0, len(ids), _WRITE_CHUNK):
             part_ids = ids[i : i + _WRITE_CHUNK]

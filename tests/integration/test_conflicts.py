@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.test_cli import cli
 from tests.helpers import App, load, write_config
+from tests.integration.test_http import client, metric
 from vectorsync.config import Config
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine, build_sink
@@ -211,9 +218,6 @@ async def test_write_back_carries_a_kept_sink_edit_to_the_source_once(
 
 
 async def test_a_manual_choice_the_api_the_cli_and_the_metric(workdir: Path, app: App) -> None:
-    from tests.e2e.test_cli import cli
-    from tests.integration.test_http import client, metric
-
     _seed(app)
     config = _config(workdir, "qdrant-edge", 'conflicts = "merge"')
     await _sync(config)
@@ -249,3 +253,31 @@ async def test_a_manual_choice_the_api_the_cli_and_the_metric(workdir: Path, app
         == 1.0
     )
     assert (await _payloads(config))[2]["author"] == "src-carl"
+
+
+def test_write_back_killed_before_its_commit_still_reaches_the_source_once(
+    workdir: Path, app: App
+) -> None:
+    _seed(app)
+    config = _config(workdir, "qdrant-edge", 'conflicts = "merge"\nwrite_back = true')
+    run = [sys.executable, "-m", "vectorsync", "run", "--once"]
+    env = {k: v for k, v in os.environ.items() if k != "VECTORSYNC_FAILPOINT"}
+    assert subprocess.run(run, cwd=workdir, env=env, timeout=300).returncode == 0
+    asyncio.run(_edit(config, {1: {"tags": "curated"}}))
+    app.update(1, body="edited at the source too")
+    killed = subprocess.run(
+        run,
+        cwd=workdir,
+        env={**env, "VECTORSYNC_FAILPOINT": "after_write_back"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "failpoint after_write_back fired" in killed.stderr
+    assert app.rows()[1]["tags"] == "curated"  # written back; the batch never committed
+    counts, _, consistent = asyncio.run(_sync(config))  # replays the batch
+    assert consistent and (asyncio.run(_payloads(config)))[1]["tags"] == "curated"
+    counts, _, consistent = asyncio.run(_sync(config))
+    assert counts.get("payload_only", 0) == counts.get("upserted", 0) == 0 and consistent
+    assert app.rows()[1]["tags"] == "curated"
