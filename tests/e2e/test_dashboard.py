@@ -143,6 +143,7 @@ def test_dashboard_shows_live_data_and_replays_a_dead_letter(workdir: Path, app:
             page.wait_for_function(LOADED, polling=250)
             empty = page.evaluate(EMPTY_STATES)
             assert empty["dlq"] == "no dead letters", empty
+            assert empty["conflicts"] == "no conflicts", empty
             assert (empty["checks"] or "").startswith("no check yet"), empty
             assert (empty["embeddings"] or "").startswith("nothing embedded yet"), empty
             assert "articles" in page.inner_text("#mappings")
