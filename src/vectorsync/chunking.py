@@ -67,7 +67,7 @@ def tokenizer_file(embedder: EmbedderConfig | None) -> Path | None:
         from .embed.sentence_transformers import bundled_model_path
 
         folder = getattr(embedder, "model", None) or bundled_model_path()
-    elif kind == "openai":
+    elif kind in ("openai", "sparse"):
         folder = getattr(embedder, "tokenizer", None)
     else:
         folder = getattr(embedder, "path", None)  # model folders of other local kinds
@@ -95,17 +95,11 @@ class Chunker:
         size, overlap = config.size, config.overlap
         self.measure = "chars"
         if config.unit == "tokens" and tokenizer is not None:
-            from tokenizers import Tokenizer
+            from .embed.tokens import load_tokenizer
 
-            try:
-                tok = Tokenizer.from_file(str(tokenizer))
-            except Exception as exc:
-                raise ConfigError(
-                    f"chunking: cannot load the embedder's tokenizer {str(tokenizer)!r} "
-                    f'({exc}); fix the model folder or set unit = "chars"'
-                ) from exc
-            tok.no_truncation()  # a bundled tokenizer.json truncates at 128: count it all
-            tok.no_padding()
+            tok = load_tokenizer(
+                tokenizer, "chunking", 'fix the embedder\'s model folder or set unit = "chars"'
+            )
             self._splitter: Any = kind.from_huggingface_tokenizer(tok, size, overlap=overlap)
             self.measure = f"tokens ({tokenizer})"
         elif config.unit == "tokens":  # no tokenizer: about 4 characters a token

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import xxhash
 
-from ..errors import ConfigError, PermanentError
+from ..errors import PermanentError
 from ..model import SparseVector
 from ..sinks.base import Distance
+from .tokens import load_tokenizer
 
 __all__ = ["SparseEncoder"]
 
@@ -43,8 +44,6 @@ class SparseEncoder:
     async def open(self) -> None:
         if self._tok is not None:
             return
-        from tokenizers import Tokenizer
-
         if self._folder is None:
             from .sentence_transformers import bundled_model_path
 
@@ -52,16 +51,8 @@ class SparseEncoder:
         else:
             folder = Path(self._folder)
         path = folder / "tokenizer.json" if folder.is_dir() else folder
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as exc:
-            raise ConfigError(
-                f"embedder {self.name!r}: cannot load a tokenizer.json from {str(folder)!r} "
-                f"({exc}); set tokenizer to a model folder that has one"
-            ) from exc
-        tok.no_truncation()
-        tok.no_padding()
-        self._tok = tok
+        fix = "set tokenizer to a model folder that has one"
+        self._tok = load_tokenizer(folder, f"embedder {self.name!r}", fix)
         # the token ids are the vector's dimensions: another vocabulary is another model
         vocabulary = xxhash.xxh3_64_hexdigest(path.read_bytes())
         self.model_id = f"sparse-tf/{_K1}/{vocabulary}"

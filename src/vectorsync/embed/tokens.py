@@ -6,13 +6,34 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
-__all__ = ["TokenCounter"]
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+__all__ = ["TokenCounter", "load_tokenizer"]
 
 _CHARS_PER_TOKEN = 4  # the documented estimate when no tokenizer is known
 _SPECIAL_TOKENS_MARGIN = 8  # [CLS], [SEP], <s>, </s> and the like: never more than a few
+
+
+def load_tokenizer(folder: Path, what: str, fix: str) -> Tokenizer:
+    """A model folder's ``tokenizer.json`` (or that file), counting whole texts (a bundled
+    one may truncate and pad); ConfigError naming ``what`` and the ``fix`` otherwise."""
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json" if folder.is_dir() else folder
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ConfigError(
+            f"{what}: cannot load a tokenizer.json from {str(folder)!r} ({exc}); {fix}"
+        ) from exc
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 class TokenCounter:
@@ -29,18 +50,12 @@ class TokenCounter:
             self._from_tiktoken(model)
 
     def _from_folder(self, folder: Path) -> None:
-        from tokenizers import Tokenizer
-
         path = folder / "tokenizer.json" if folder.is_dir() else folder
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as exc:
-            raise ConfigError(
-                f"tokenizer {str(folder)!r}: cannot load a tokenizer.json from it ({exc}); "
-                "give a model folder with tokenizer.json, or leave tokenizer out to estimate"
-            ) from exc
-        tok.no_truncation()  # a bundled tokenizer.json may truncate and pad: count it all
-        tok.no_padding()
+        tok = load_tokenizer(
+            folder,
+            "tokenizer",
+            "give a model folder with tokenizer.json, or leave tokenizer out to estimate",
+        )
 
         def cut(text: str, limit: int) -> str:
             offsets = tok.encode(text, add_special_tokens=False).offsets
