@@ -47,6 +47,7 @@ from .config import (
     QdrantSinkConfig,
     SinkConfig,
     SourceConfig,
+    SurrealDBSourceConfig,
 )
 from .embed.base import Embedder
 from .errors import ConfigError, RetryableError, VectorsyncError, classify, describe
@@ -114,7 +115,29 @@ class RunResult:
     run_id: int | None = None
 
 
-def build_source(name: str, cfg: SourceConfig, config: Config) -> Source:
+def build_source(name: str, cfg: SourceConfig, config: Config, connection: Any = None) -> Source:
+    """The source ``cfg`` names; ``connection``: an open client the application hands over
+    (an embedded SurrealDB lives in the application's process)."""
+    if connection is not None and not isinstance(cfg, SurrealDBSourceConfig):
+        raise ConfigError(
+            f"source {name!r}: a connection was handed over, but only a surrealdb source "
+            "takes one (the others open their own from the config)"
+        )
+    if isinstance(cfg, SurrealDBSourceConfig):
+        from .sources.surrealdb import SurrealDBSource
+
+        return SurrealDBSource(
+            name,
+            cfg.url,
+            namespace=cfg.namespace,
+            database=cfg.database,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            retention=cfg.retention,
+            beat_interval=cfg.beat_interval,
+            poll_interval=cfg.poll_interval,
+            connection=connection,
+        )
     if isinstance(cfg, PostgresSourceConfig):
         from .sources.postgres import PostgresSource
 
@@ -396,11 +419,19 @@ class Engine:
         embedders: Mapping[str, Embedder] | None = None,
         state: StateStore | None = None,
         backoff: Backoff | None = None,
+        connections: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Engine]:
         """Open the state store and sources and validate every mapping against the live
         source; adapters passed in (e.g. in-memory ones) replace those the config names.
+        ``connections``: source name → an open client of the application's to read that
+        source through (an embedded SurrealDB: ``{"kb": db}``); it stays the caller's.
         Nothing is created (no state database, no folder) before the config is known good."""
         register_secrets(_secrets(config))
+        if unknown := sorted(set(connections or {}) - set(config.sources)):
+            raise ConfigError(
+                f"connections given for {', '.join(map(repr, unknown))}: no source of that "
+                f"name in the config (sources: {', '.join(sorted(config.sources)) or 'none'})"
+            )
         preflight(
             config,
             sinks=() if sinks else _used(config, "sink"),
@@ -410,7 +441,10 @@ class Engine:
             config,
             state=state or StateStore(config.state_url()),
             sources=sources
-            or {n: build_source(n, config.sources[n], config) for n in _used(config, "source")},
+            or {
+                n: build_source(n, config.sources[n], config, (connections or {}).get(n))
+                for n in _used(config, "source")
+            },
             sinks=sinks
             or {n: build_sink(n, config.sinks[n], config) for n in _used(config, "sink")},
             embedders=embedders

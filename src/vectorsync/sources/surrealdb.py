@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import inspect
 import logging
 import re
@@ -209,6 +210,11 @@ class SurrealDBSource:
 
     # -- connection -----------------------------------------------------------------------
     async def open(self) -> None:
+        if importlib.util.find_spec("surrealdb") is None:
+            raise ConfigError(
+                f"{self._who}: kind 'surrealdb' needs the surrealdb extra: "
+                "pip install 'vectorsync[surrealdb]'"
+            )
         if self._given is not None:
             self._client = _Client(self._given, self._who)
             ns, db = (await self._run("read the session", "RETURN [session::ns(), session::db()]"))[0]
