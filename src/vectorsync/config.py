@@ -211,6 +211,8 @@ SourceConfig = Annotated[
     Field(discriminator="kind"),
 ]
 GRAPH_SOURCES = (FalkorDBSourceConfig, Neo4jSourceConfig)
+# records need not hold every field: one a record lacks reads as NULL
+SCHEMALESS_SOURCES = (*GRAPH_SOURCES, SurrealDBSourceConfig)
 
 
 class QdrantEdgeSinkConfig(_Frozen):

@@ -30,6 +30,7 @@ from .check import KNOWN, Checker, CheckReport
 from .chunking import chunker_for
 from .config import (
     GRAPH_SOURCES,
+    SCHEMALESS_SOURCES,
     ChromaSinkConfig,
     Config,
     EmbedderConfig,
@@ -467,12 +468,17 @@ class Engine:
 
     async def _validate(self) -> None:
         for m in self.config.mappings:
-            checked = await check_mapping(m, self.sources[m.source], graph=self._graph(m))
+            checked = await check_mapping(
+                m, self.sources[m.source], graph=self._graph(m), schemaless=self._schemaless(m)
+            )
             self._columns[m.name], self._relations[m.name] = checked
         check_keys(self.config.mappings, self._relations)
 
     def _graph(self, m: MappingConfig) -> bool:
         return isinstance(self.config.sources.get(m.source), GRAPH_SOURCES)
+
+    def _schemaless(self, m: MappingConfig) -> bool:
+        return isinstance(self.config.sources.get(m.source), SCHEMALESS_SOURCES)
 
     # -- preparing to sync --------------------------------------------------------------
     async def prepare(self) -> list[MappingRuntime]:
@@ -603,7 +609,7 @@ class Engine:
             "dimension": dimension,
             "distance": distance,
         }
-        if not self._graph(m):  # sampled graph property types may vary with the data
+        if not self._schemaless(m):  # sampled property types may vary with the data
             part["column_types"] = {c: columns[c] for c in used}
         if self._relations[m.name]:  # absent otherwise: older versions stay valid
             part["related"] = [_relation_definition(r) for r in self._relations[m.name]]
@@ -703,16 +709,16 @@ class Engine:
         self, m: MappingConfig
     ) -> Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None:
         """How re-read rows are completed before rendering: related fields, and (graph
-        sources) NULL for properties a node does not have."""
-        relations, graph = self._relations[m.name], self._graph(m)
-        if not relations and not graph:
+        sources, SurrealDB) NULL for properties a record does not have."""
+        relations, schemaless = self._relations[m.name], self._schemaless(m)
+        if not relations and not schemaless:
             return None
         return partial(
             resolve,
             self.sources[m.source],
             TableSpec(table=m.table, key=m.key),
             relations,
-            columns=self.digest_columns(m) if graph else (),
+            columns=self.digest_columns(m) if schemaless else (),
         )
 
     def digest_columns(self, m: MappingConfig) -> tuple[str, ...]:

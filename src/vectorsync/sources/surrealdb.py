@@ -54,7 +54,10 @@ __all__ = [
     "FEED_TABLE",
     "SurrealDBSource",
     "delete_statement",
+    "feed_entry",
     "plain",
+    "share",
+    "unshare",
     "upsert_statement",
 ]
 
@@ -67,7 +70,13 @@ SAMPLE = 1000
 _SUB = 1 << 16  # SDK 2 shifts versionstamps left 16 bits: the low bits number the changes
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BACKLOG_CAP = 10_000
-_OUR_OPS = frozenset({"snapshot", "replay", "truncate"})
+# the field named $c as a plain value: a record link compares as the linked record's key
+_PLAIN_FIELD = (
+    "(IF type::is::record(type::field($c)) THEN record::id(type::field($c)) "
+    "ELSE type::field($c) END)"
+)
+# ops of our feed entries that are changes (origin and beat entries are witnesses)
+_OUR_OPS = frozenset({"snapshot", "replay", "truncate", "insert", "update", "delete"})
 
 
 def ident(name: str) -> str:
@@ -100,6 +109,30 @@ def _key(value: Any) -> Key | None:
     if isinstance(value, RecordID):
         value = value.id
     return value if isinstance(value, int | str) and not isinstance(value, bool) else None
+
+
+_shared: dict[str, Any] = {}
+
+
+def share(url: str, connection: Any) -> None:
+    """Make ``connection`` (the application's open embedded SurrealDB at ``url``) the one
+    every SurrealDB source of that url reads through in this process, for engines opened
+    without ``connections=``. An embedded file cannot be opened twice, so the engine must
+    not open its own."""
+    _shared[url] = connection
+
+
+def unshare(url: str) -> None:
+    _shared.pop(url, None)
+
+
+def feed_entry(
+    source: str, op: str, table: str = "", keys: Sequence[Key] = ()
+) -> tuple[str, dict[str, Any]]:
+    """SurrealQL appending keys to ``source``'s own feed, as changes ``op`` of ``table``
+    (snapshot pages, replays; tests inject raw changes this way)."""
+    entry = {"source": source, "op": op, "t": table, "keys": list(keys)}
+    return "CREATE type::table($f) CONTENT $e", {"f": FEED_TABLE, "e": entry}
 
 
 def upsert_statement(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -204,6 +237,7 @@ class SurrealDBSource:
         self._last_beat = 0.0
         self._beat_vs = 0  # versionstamp of the newest beat written (0: none yet)
         self._dirty = False  # the capture record changed while reading
+        self.expired = 0  # times the feed was found expired past our position
 
     def __repr__(self) -> str:
         return f"SurrealDBSource({self.name!r}, {redact(self.url)!r})"
@@ -215,8 +249,9 @@ class SurrealDBSource:
                 f"{self._who}: kind 'surrealdb' needs the surrealdb extra: "
                 "pip install 'vectorsync[surrealdb]'"
             )
-        if self._given is not None:
-            self._client = _Client(self._given, self._who)
+        given = self._given if self._given is not None else _shared.get(self.url)
+        if given is not None:
+            self._client = _Client(given, self._who)
             ns, db = (await self._run("read the session", "RETURN [session::ns(), session::db()]"))[0]
             if (ns, db) != (self.namespace, self.database):
                 raise ConfigError(
@@ -232,7 +267,8 @@ class SurrealDBSource:
             raise ConfigError(
                 f"{self._who}: an embedded SurrealDB ({redact(self.url)}) lives in the "
                 "application's process; hand vectorsync its open connection: "
-                'Engine.open(config, connections={"' + self.name + '": db})'
+                'Engine.open(config, connections={"' + self.name + '": db}), or '
+                "vectorsync.sources.surrealdb.share(url, db) once for the whole process"
             )
         from surrealdb import AsyncSurreal
 
@@ -318,12 +354,7 @@ class SurrealDBSource:
         new = [s for s in tables if registered.get(s.table) != s.key]
         if not new:
             return []
-        await self._run(
-            "define vectorsync's tables",
-            f"DEFINE TABLE IF NOT EXISTS {ident(CAPTURE_TABLE)} SCHEMALESS; "
-            f"DEFINE TABLE IF NOT EXISTS {ident(FEED_TABLE)} SCHEMALESS; "
-            f"ALTER TABLE {ident(FEED_TABLE)} CHANGEFEED {self.retention}",
-        )
+        await self._define_feed()
         if not registered:  # installed anew: an origin before any change we will read
             self._state = {"epoch": uuid.uuid4().hex, "acked": 0, "tables": {}}
             self._state["origin"] = await self._origin()
@@ -334,6 +365,14 @@ class SurrealDBSource:
             self._state["tables"] = {**self._tables, spec.table: spec.key}
             await self._save()
         return [s.table for s in new]
+
+    async def _define_feed(self) -> None:
+        await self._run(
+            "define vectorsync's tables",
+            f"DEFINE TABLE IF NOT EXISTS {ident(CAPTURE_TABLE)} SCHEMALESS; "
+            f"DEFINE TABLE IF NOT EXISTS {ident(FEED_TABLE)} SCHEMALESS "
+            f"CHANGEFEED {self.retention}",
+        )
 
     async def _define(self, table: str, feed: str) -> None:
         """Redefine ``table`` as it is, with the change feed clause ``feed`` (or none).
@@ -361,11 +400,7 @@ class SurrealDBSource:
 
     # -- our feed entries -----------------------------------------------------------------
     async def _entry(self, op: str, table: str = "", keys: Sequence[Key] = ()) -> None:
-        await self._run(
-            f"write a {op} entry",
-            "CREATE type::table($f) CONTENT $e",
-            {"f": FEED_TABLE, "e": {"source": self.name, "op": op, "t": table, "keys": list(keys)}},
-        )
+        await self._run(f"write a {op} entry", *feed_entry(self.name, op, table, keys))
 
     async def _origin(self) -> int:
         """Write an origin entry; its versionstamp."""
@@ -492,9 +527,17 @@ class SurrealDBSource:
             return []
         if self._dirty:
             await self._save()
-        return changes[:limit] if len(changes) > limit else changes
+        if len(changes) <= limit:
+            return changes
+        end = limit  # never inside one position: a snapshot page's keys share it
+        while end < len(changes) and changes[end].position == changes[limit - 1].position:
+            end += 1
+        return changes[:end]
 
     async def _expired(self, floor: int) -> None:
+        """The feed lost changes after ``floor``: capture starts over as a new epoch (the
+        worker follows it from its start) with a ``truncate`` per table — every key the
+        state store holds is re-read, so rows deleted meanwhile go — and a snapshot."""
         logger.warning(
             "source %s: the SurrealDB change feed expired past position %d (retention %s); "
             "re-snapshotting every table",
@@ -503,12 +546,14 @@ class SurrealDBSource:
             self.retention,
             extra={"action": "feed_expired", "source": self.name},
         )
+        await self._define_feed()
+        self._state.update(epoch=uuid.uuid4().hex, acked=0, quiet=None)
         self._state["origin"] = await self._origin()
-        self._state["quiet"] = None
-        await self._save()
         for table in self._tables:
             await self._entry("truncate", table)
             await self.resnapshot(TableSpec(table=table, key="id"))
+        await self._save()
+        self.expired += 1
 
     async def head(self) -> int:
         newest, floor = 0, self._floor(0)
@@ -599,20 +644,18 @@ class SurrealDBSource:
                     found.setdefault(key, []).append((r[rel.key], fields))
         return found
 
-    async def _related_rows(self, rel: Relation, column: str, values: list[Any]) -> list[dict[str, Any]]:
+    async def _related_rows(
+        self, rel: Relation, column: str, values: list[Any]
+    ) -> list[dict[str, Any]]:
         if not values:
             return []
         if column == "id":
             return list((await self.fetch(rel.table, "id", values)).values())
-        from surrealdb import RecordID
-
-        # a link field holds record ids; a plain field holds the values themselves
-        links = [RecordID(rel.table, v) for v in values]
         rows = (
             await self._run(
                 f"read {rel.name!r}",
-                f"SELECT * FROM {ident(rel.table)} WHERE type::field($c) IN $v OR type::field($c) IN $l",
-                {"c": column, "v": values, "l": links},
+                f"SELECT * FROM {ident(rel.table)} WHERE {_PLAIN_FIELD} IN $v",
+                {"c": column, "v": values},
             )
         )[0]
         return [self._row(r) for r in rows]
@@ -628,14 +671,11 @@ class SurrealDBSource:
             values = [r.get(rc) for r in rows.values() if r.get(rc) is not None]
         if not values:
             return []
-        from surrealdb import RecordID
-
         rows = (
             await self._run(
                 f"find records depending on {rel.table!r}",
-                f"SELECT id FROM {ident(owner.table)} WHERE type::field($c) IN $v "
-                "OR type::field($c) IN $l",
-                {"c": oc, "v": values, "l": [RecordID(rel.table, v) for v in values]},
+                f"SELECT id FROM {ident(owner.table)} WHERE {_PLAIN_FIELD} IN $v",
+                {"c": oc, "v": values},
             )
         )[0]
         return [k for r in rows if (k := _key(r["id"])) is not None]
