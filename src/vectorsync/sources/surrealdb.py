@@ -65,7 +65,8 @@ logger = logging.getLogger(__name__)
 
 FEED_TABLE = "vectorsync_feed"  # our own change feed: snapshot pages, origins, beats
 CAPTURE_TABLE = "vectorsync_capture"  # one record per vectorsync source: what is installed
-PAGE = 1000  # keys per snapshot page; SHOW CHANGES' LIMIT is capped at 1000 transactions
+PAGE = 1000  # keys per snapshot page
+WINDOW = 1000  # SHOW CHANGES' LIMIT: a range of the database's versionstamps, capped at 1000
 SAMPLE = 1000
 _SUB = 1 << 16  # SDK 2 shifts versionstamps left 16 bits: the low bits number the changes
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -238,6 +239,8 @@ class SurrealDBSource:
         self._beat_vs = 0  # versionstamp of the newest beat written (0: none yet)
         self._dirty = False  # the capture record changed while reading
         self.expired = 0  # times the feed was found expired past our position
+        self._tip = 0  # the newest versionstamp seen or written by us
+        self._skip = [-1, 0]  # [floor, window start] of the empty windows read_changes read
 
     def __repr__(self) -> str:
         return f"SurrealDBSource({self.name!r}, {redact(self.url)!r})"
@@ -308,6 +311,8 @@ class SurrealDBSource:
         )
         self._state = dict(found[0][0]) if found and found[0] else {}
         self._state.pop("id", None)
+        known = [self._state.get("origin"), self._state.get("acked"), *(self._state.get("witnesses") or [])]
+        self._tip = max([self._tip, *(int(v) for v in known if v)])
 
     async def _save(self) -> None:
         await self._run(
@@ -402,24 +407,24 @@ class SurrealDBSource:
     async def _entry(self, op: str, table: str = "", keys: Sequence[Key] = ()) -> None:
         await self._run(f"write a {op} entry", *feed_entry(self.name, op, table, keys))
 
-    async def _origin(self) -> int:
-        """Write an origin entry; its versionstamp."""
-        await self._entry("origin")
-        return await self._newest_entry("origin")
-
-    async def _newest_entry(self, op: str) -> int:
-        """The versionstamp of our newest ``op`` entry in the feed (just written)."""
-        since, newest = self._beat_vs >> 16, 0
+    async def _witness_entry(self, op: str) -> int:
+        """Write an ``op`` entry (origin, beat) and find its versionstamp: everything
+        committed before this call is below it."""
+        nonce = uuid.uuid4().hex
+        await self._entry(op, nonce)
+        start = max(self._tip, int(self._state.get("origin") or 0)) >> 16
         while True:
-            txs = (await self._run("read our feed", self._show(FEED_TABLE, since, 1000)))[0]
+            txs = (await self._run("find our entry", self._show(FEED_TABLE, start, WINDOW)))[0]
             for tx in txs:
                 for c in tx["changes"]:
                     body = c.get("update")
-                    if isinstance(body, dict) and body.get("source") == self.name and body.get("op") == op:
-                        newest = int(tx["versionstamp"])
-            if len(txs) < 1000:
-                return newest
-            since = (int(txs[-1]["versionstamp"]) >> 16) + 1
+                    if isinstance(body, dict) and body.get("t") == nonce:
+                        self._tip = max(self._tip, int(tx["versionstamp"]))
+                        return int(tx["versionstamp"])
+            start += WINDOW
+
+    async def _origin(self) -> int:
+        return await self._witness_entry("origin")
 
     async def resnapshot(self, spec: TableSpec) -> None:
         async for page in self._key_pages(spec.table):
@@ -449,37 +454,51 @@ class SurrealDBSource:
         origin = int(self._state.get("origin") or 0)
         return max(after, int(self._state.get("acked") or 0), origin - 1)
 
-    async def _transactions(self, floor: int, limit: int) -> tuple[list[Change], bool]:
-        """Changes above ``floor`` in position order (at most about ``limit``), and whether
-        the feed still holds everything after ``floor``."""
-        feeds = [*self._tables, FEED_TABLE]
-        per = max(1, min(1000, limit + 1))  # the floor's own transaction is read again
-        statements = [self._show(t, floor >> 16, per) for t in feeds]
-        statements.append(self._show(FEED_TABLE, 0, 1))  # the oldest kept: read last
-        results = await self._run("read change feeds", "; ".join(statements))
-        *reads, oldest = results
-        full = [int(txs[-1]["versionstamp"]) for txs in reads if len(txs) == per]
-        bound = min(full) if full else None
-        txs = [tx for txs in reads for tx in txs if bound is None or int(tx["versionstamp"]) <= bound]
-        txs.sort(key=lambda tx: int(tx["versionstamp"]))
-        changes: list[Change] = []
-        for tx in txs:
-            changes.extend(self._decode(tx, floor))
-        return changes, self._intact(floor, oldest, not changes)
+    def _witness(self, floor: int) -> int:
+        """Our newest feed entry whose survival proves nothing after ``floor`` was dropped:
+        the origin, a beat at or below ``floor``, or a beat with nothing to read before it."""
+        quiet = self._state.get("quiet") or [0, 0]
+        if quiet[0] == floor:
+            return int(quiet[1])
+        beats = [int(w) for w in self._state.get("witnesses") or [] if int(w) <= floor]
+        return max([int(self._state.get("origin") or 0), *beats])
 
-    def _intact(self, floor: int, oldest: list[Any], quiet: bool) -> bool:
-        if not oldest:
-            return False  # even the origin is gone
-        m0 = int(oldest[0]["versionstamp"])
-        origin = int(self._state.get("origin") or 0)
-        window = self._state.get("quiet") or [0, 0]
-        if m0 <= max(origin, floor - (floor % _SUB)) or (window[0] == floor and m0 <= window[1]):
-            if quiet and self._beat_vs > window[1]:
+    async def _transactions(
+        self, floor: int, skip: list[int] | None = None
+    ) -> tuple[list[Change], bool]:
+        """Changes above ``floor`` in position order, and whether the feed still holds
+        everything after ``floor``. ``SHOW CHANGES … LIMIT n`` covers n versionstamps of
+        the whole database, so windows are read until changes turn up, or past every
+        versionstamp known (``_tip``: newest seen or written by us). ``skip``: [floor,
+        window] where the last empty read from that floor ended (the caller's own)."""
+        skip = self._skip if skip is None else skip
+        feeds = [*self._tables, FEED_TABLE]
+        start = floor >> 16
+        if skip[0] == floor:  # empty windows read by the last call from here
+            start = max(start, skip[1])
+        witness = self._witness(floor)
+        changes: list[Change] = []
+        for _ in range(16):
+            statements = [self._show(t, start, WINDOW) for t in feeds]
+            statements.append(self._show(FEED_TABLE, witness >> 16, 1))  # read last
+            *reads, kept = await self._run("read change feeds", "; ".join(statements))
+            txs = sorted((tx for txs in reads for tx in txs), key=lambda tx: int(tx["versionstamp"]))
+            for tx in txs:
+                self._tip = max(self._tip, int(tx["versionstamp"]))
+                changes.extend(self._decode(tx, floor))
+            start += WINDOW
+            intact = any(int(tx["versionstamp"]) == witness for tx in kept)
+            if not intact or changes or (start << 16) > self._tip:
+                break
+        if intact and not changes:
+            # only what is known committed (up to the tip) is known empty: later windows
+            # may still take commits
+            skip[:] = [floor, min(start, (self._tip >> 16) + 1)]
+            if floor < self._beat_vs < (start << 16) and self._witness(floor) != self._beat_vs:
                 # nothing to read after floor, up to a beat: that stretch is known empty
                 self._state["quiet"] = [floor, self._beat_vs]
                 self._dirty = True
-            return True
-        return False
+        return changes, intact
 
     def _decode(self, tx: Mapping[str, Any], floor: int) -> list[Change]:
         vs = int(tx["versionstamp"])
@@ -521,7 +540,7 @@ class SurrealDBSource:
     async def read_changes(self, after: int, limit: int) -> list[Change]:
         self._dirty = False
         floor = self._floor(after)
-        changes, intact = await self._transactions(floor, limit)
+        changes, intact = await self._transactions(floor)
         if not intact:
             await self._expired(floor)
             return []
@@ -547,8 +566,13 @@ class SurrealDBSource:
             extra={"action": "feed_expired", "source": self.name},
         )
         await self._define_feed()
-        self._state.update(epoch=uuid.uuid4().hex, acked=0, quiet=None)
+        self._state.update(epoch=uuid.uuid4().hex, acked=0, quiet=None, witnesses=[])
         self._state["origin"] = await self._origin()
+        if not self._state["origin"]:  # else every read would find the feed expired again
+            raise PermanentError(
+                f"{self._who}: table {FEED_TABLE!r} keeps no change feed; run `vectorsync "
+                "teardown` then `vectorsync setup`"
+            )
         for table in self._tables:
             await self._entry("truncate", table)
             await self.resnapshot(TableSpec(table=table, key="id"))
@@ -556,18 +580,31 @@ class SurrealDBSource:
         self.expired += 1
 
     async def head(self) -> int:
-        newest, floor = 0, self._floor(0)
+        """The newest change committed before this call: a beat is written as a fence and
+        the feeds read up to it."""
+        if not self._tables:
+            return 0
+        fence = await self._beat()
+        newest, floor, skip = 0, self._floor(0), [-1, 0]
         while True:
-            changes, _ = await self._transactions(floor, 1000)
+            changes, intact = await self._transactions(floor, skip)
             if not changes:
-                return newest or floor
+                if not intact or (skip[1] << 16) > fence:
+                    return newest or floor
+                continue
             newest = floor = changes[-1].position
+
+    async def _beat(self) -> int:
+        self._last_beat = time.monotonic()
+        self._beat_vs = await self._witness_entry("beat")
+        beats = [*(self._state.get("witnesses") or []), self._beat_vs][-20:]
+        self._state["witnesses"] = beats
+        await self._save()
+        return self._beat_vs
 
     async def wait(self, timeout: float) -> None:
         if self._tables and time.monotonic() - self._last_beat >= self.beat_interval:
-            self._last_beat = time.monotonic()
-            await self._entry("beat")
-            self._beat_vs = await self._newest_entry("beat")
+            await self._beat()
         await asyncio.sleep(min(timeout, self.poll_interval))  # change feeds are polled
 
     async def ack(self, position: int) -> None:
@@ -576,11 +613,13 @@ class SurrealDBSource:
             await self._save()
 
     async def backlog(self, after: int) -> Backlog:
-        count, floor = 0, self._floor(after)
+        count, floor, skip = 0, self._floor(after), [-1, 0]
         while count < _BACKLOG_CAP:
-            changes, _ = await self._transactions(floor, 1000)
+            changes, intact = await self._transactions(floor, skip)
             if not changes:
-                break
+                if not intact or (skip[1] << 16) > self._tip:
+                    break
+                continue
             count += len(changes)
             floor = changes[-1].position
         return Backlog(changes=count, oldest_committed_at=time.time() if count else None)
