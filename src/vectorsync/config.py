@@ -195,7 +195,7 @@ class SurrealDBSourceConfig(_Frozen):
             )
         if not _DURATION.fullmatch(self.retention):
             raise ValueError(
-                f"retention {self.retention!r}: write a SurrealDB duration, e.g. \"7d\" or \"12h\""
+                f'retention {self.retention!r}: write a SurrealDB duration, e.g. "7d" or "12h"'
             )
         if self.password is not None and self.username is None:
             raise ValueError("password without username: set username too")

@@ -64,7 +64,9 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         db = Surreal(f"surrealkv://{tmp_path / 'kb'}")  # the application's connection
         db.connect()
         db.use("app", "kb")
-        sr_src = SurrealDBSource("app", "surrealkv://", namespace="app", database="kb", connection=db)
+        sr_src = SurrealDBSource(
+            "app", "surrealkv://", namespace="app", database="kb", connection=db
+        )
 
         def write_surreal(op: str, key: int, row: dict[str, object] | None) -> None:
             statement = delete_statement("articles", key) if row is None else None

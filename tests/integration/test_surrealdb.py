@@ -32,9 +32,7 @@ class Expiring:
         self.cutoff = 0  # a versionstamp as SDK 2 reports it (shifted left 16 bits)
 
     def query_raw(self, sql: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        since = re.sub(
-            r"SINCE (\d+)", lambda m: f"SINCE {max(int(m[1]), self.cutoff >> 16)}", sql
-        )
+        since = re.sub(r"SINCE (\d+)", lambda m: f"SINCE {max(int(m[1]), self.cutoff >> 16)}", sql)
         return dict(self.db.query_raw(since, params or {}))
 
     def newest(self, app: SurrealApp) -> int:
@@ -149,3 +147,32 @@ async def test_connections_for_unknown_sources_are_refused(
     with pytest.raises(ConfigError, match=r"connections given for 'kb': no source"):
         async with Engine.open(load(cfg), connections={"kb": surreal.db}):
             pass
+
+
+async def test_credentials_stay_secret(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server's password (a field, and in a URL) is in no error, log or config text —
+    against a port nothing listens on (no SurrealDB server installs here)."""
+    import socket
+
+    from vectorsync.errors import SourceError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret, in_url = "surr3al-s3cret-pw", "url-s3cret-pw"
+    (workdir / "source.toml").write_text(
+        f'kind = "surrealdb"\nurl = "ws://root:{in_url}@127.0.0.1:{port}"\n'
+        f'namespace = "app"\ndatabase = "kb"\nusername = "root"\npassword = "{secret}"'
+    )
+    config = load(write_config(workdir))
+    with pytest.raises(SourceError) as failed:
+        async with Engine.open(config):
+            pass
+    from vectorsync.redact import redact
+
+    # config text leaves the process through redact(), as for every source kind
+    texts = [str(failed.value), repr(failed.value), redact(repr(config)), caplog.text]
+    assert f"127.0.0.1:{port}" in str(failed.value)
+    assert not [t for t in texts if secret in t or in_url in t]

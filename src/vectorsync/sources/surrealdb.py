@@ -154,7 +154,9 @@ def with_feed(definition: str, feed: str) -> str:
     """A table's ``DEFINE TABLE`` text (as ``INFO FOR DB`` shows it) made an overwrite
     with the change feed clause ``feed`` in place of the one it had."""
     text = _CHANGEFEED.sub("", definition.strip())
-    text = re.sub(r"^DEFINE\s+TABLE\s+(OVERWRITE\s+|IF\s+NOT\s+EXISTS\s+)?", "DEFINE TABLE OVERWRITE ", text)
+    text = re.sub(
+        r"^DEFINE\s+TABLE\s+(OVERWRITE\s+|IF\s+NOT\s+EXISTS\s+)?", "DEFINE TABLE OVERWRITE ", text
+    )
     if not feed:
         return text
     at = text.find(" PERMISSIONS")
@@ -255,7 +257,9 @@ class SurrealDBSource:
         given = self._given if self._given is not None else _shared.get(self.url)
         if given is not None:
             self._client = _Client(given, self._who)
-            ns, db = (await self._run("read the session", "RETURN [session::ns(), session::db()]"))[0]
+            ns, db = (await self._run("read the session", "RETURN [session::ns(), session::db()]"))[
+                0
+            ]
             if (ns, db) != (self.namespace, self.database):
                 raise ConfigError(
                     f"{self._who}: the connection handed over uses namespace {ns!r}, database "
@@ -311,7 +315,11 @@ class SurrealDBSource:
         )
         self._state = dict(found[0][0]) if found and found[0] else {}
         self._state.pop("id", None)
-        known = [self._state.get("origin"), self._state.get("acked"), *(self._state.get("witnesses") or [])]
+        known = [
+            self._state.get("origin"),
+            self._state.get("acked"),
+            *(self._state.get("witnesses") or []),
+        ]
         self._tip = max([self._tip, *(int(v) for v in known if v)])
 
     async def _save(self) -> None:
@@ -328,7 +336,9 @@ class SurrealDBSource:
     # -- tables ---------------------------------------------------------------------------
     async def _table_names(self) -> list[str]:
         info = (await self._run("list tables", "INFO FOR DB"))[0]
-        return sorted(t for t in (info or {}).get("tables", {}) if t not in (FEED_TABLE, CAPTURE_TABLE))
+        return sorted(
+            t for t in (info or {}).get("tables", {}) if t not in (FEED_TABLE, CAPTURE_TABLE)
+        )
 
     async def columns(self, table: str) -> dict[str, str]:
         tables = await self._table_names()
@@ -338,9 +348,7 @@ class SurrealDBSource:
                 f"{self.namespace}/{self.database} (tables: {', '.join(tables) or 'none'})"
             )
         rows = (
-            await self._run(
-                f"sample {table!r}", f"SELECT * FROM {ident(table)} LIMIT {SAMPLE}"
-            )
+            await self._run(f"sample {table!r}", f"SELECT * FROM {ident(table)} LIMIT {SAMPLE}")
         )[0]
         return column_types({k: plain(v) for k, v in r.items()} for r in rows)
 
@@ -385,9 +393,7 @@ class SurrealDBSource:
         implicitly (by a first write), so the definition is overwritten instead."""
         info = (await self._run("list tables", "INFO FOR DB"))[0] or {}
         definition = info.get("tables", {}).get(table) or f"DEFINE TABLE {ident(table)} SCHEMALESS"
-        await self._run(
-            f"set the change feed of {table!r}", with_feed(definition, feed)
-        )
+        await self._run(f"set the change feed of {table!r}", with_feed(definition, feed))
 
     async def teardown(self) -> None:
         for table in self._tables:
@@ -482,7 +488,9 @@ class SurrealDBSource:
             statements = [self._show(t, start, WINDOW) for t in feeds]
             statements.append(self._show(FEED_TABLE, witness >> 16, 1))  # read last
             *reads, kept = await self._run("read change feeds", "; ".join(statements))
-            txs = sorted((tx for txs in reads for tx in txs), key=lambda tx: int(tx["versionstamp"]))
+            txs = sorted(
+                (tx for txs in reads for tx in txs), key=lambda tx: int(tx["versionstamp"])
+            )
             for tx in txs:
                 self._tip = max(self._tip, int(tx["versionstamp"]))
                 changes.extend(self._decode(tx, floor))
