@@ -149,9 +149,7 @@ async def test_connections_for_unknown_sources_are_refused(
             pass
 
 
-async def test_credentials_stay_secret(
-    workdir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_credentials_stay_secret(workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A server's password (a field, and in a URL) is in no error, log or config text —
     against a port nothing listens on (no SurrealDB server installs here)."""
     import socket
