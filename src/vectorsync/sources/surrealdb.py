@@ -1,25 +1,30 @@
 """SurrealDB source: records of tables, captured with SurrealDB's change feeds.
 
-``setup`` puts a change feed on every mapped table (``ALTER TABLE t CHANGEFEED <retention>
-INCLUDE ORIGINAL``) and ``read_changes`` reads them with ``SHOW CHANGES FOR TABLE t SINCE
-<versionstamp>``. A position is the versionstamp of a change's transaction (as SDK 2
-reports it: shifted left 16 bits) plus the change's index inside that transaction, so a
-batch may end inside a transaction and the next one resumes there.
+``setup`` puts a change feed on every mapped table (``CHANGEFEED <retention> INCLUDE
+ORIGINAL``, by redefining the table as it is) and ``read_changes`` reads them with
+``SHOW CHANGES FOR TABLE t SINCE <versionstamp>``. A position is the versionstamp of a
+change's transaction (as SDK 2 reports it: shifted left 16 bits) plus the change's index
+inside that transaction, so a batch may end inside a transaction and the next one resumes
+there.
 
 Snapshot, re-snapshot and replay keys go through a change feed of our own, on the table
 ``vectorsync_feed``: one record per page of keys, so they take their place in commit order
 beside the application's changes. That table also carries the witness of a lost feed:
 
 * an *origin* entry is written when capture is installed (and anew after a gap);
-* a *beat* entry is written now and then while the source is idle.
+* a *beat* entry every ``beat_interval`` seconds while reading, and as ``head``'s fence.
 
 SurrealDB drops change-feed entries older than the retention without telling a reader: a
 ``SINCE`` below the oldest kept entry just starts there. Every table has the same
-retention, so when the oldest kept ``vectorsync_feed`` entry is not above our position
-(nor above our origin, nor above a beat we saw with nothing to read before it), nothing
-after our position was dropped. Otherwise the feed expired past us: the source says so
-(a warning), writes a new origin, a ``truncate`` per table (the worker re-reads every key
-it holds: rows deleted meanwhile go) and a snapshot of every table — never a silent gap.
+retention, so while one of our entries at or below our position survives (the origin, a
+beat, or a beat with nothing to read between our position and it), nothing after our
+position was dropped; each read checks that after reading. Otherwise the feed expired
+past us: the source says so (a warning), starts a new epoch with a new origin, a
+``truncate`` per table (the worker re-reads every key it holds: rows deleted meanwhile go)
+and a snapshot of every table — never a silent gap.
+
+``SHOW CHANGES … LIMIT n`` covers n versionstamps of the whole database (every commit
+counts, on any table), so feeds are read in windows up to the newest versionstamp known.
 
 Connections: ``ws://``/``wss://`` servers are opened here (with credentials); an embedded
 engine (``mem://``, ``surrealkv://path``) lives in one process and its file cannot be
@@ -546,6 +551,8 @@ class SurrealDBSource:
         return [Change(table=table, key=key, op=kind, position=position, committed_at=at)]
 
     async def read_changes(self, after: int, limit: int) -> list[Change]:
+        if self._tables and time.monotonic() - self._last_beat >= self.beat_interval:
+            await self._beat()  # busy or idle, witnesses keep coming
         self._dirty = False
         floor = self._floor(after)
         changes, intact = await self._transactions(floor)
@@ -611,8 +618,6 @@ class SurrealDBSource:
         return self._beat_vs
 
     async def wait(self, timeout: float) -> None:
-        if self._tables and time.monotonic() - self._last_beat >= self.beat_interval:
-            await self._beat()
         await asyncio.sleep(min(timeout, self.poll_interval))  # change feeds are polled
 
     async def ack(self, position: int) -> None:
