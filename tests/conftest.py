@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import App, GraphApp, PgApp
+from tests.helpers import App, GraphApp, PgApp, SurrealApp
 from tests.pgserver import PgServer
 from tests.pgvector_server import PgvectorServer, pgvector_server
 from vectorsync.chroma_server import ChromaServer, chroma_server
@@ -17,7 +17,7 @@ from vectorsync.falkordb_server import FalkorDBServer, falkordb_server
 
 # Tests marked ``all_sources`` run once per source kind; the rest on SQLite only.
 # VECTORSYNC_TEST_SOURCES narrows the list (e.g. "sqlite" for a quick local run).
-ALL_SOURCES = ["sqlite", "pg-logical", "pg-outbox", "falkordb"]
+ALL_SOURCES = ["sqlite", "pg-logical", "pg-outbox", "falkordb", "surrealdb"]
 SOURCES = [s for s in os.environ.get("VECTORSYNC_TEST_SOURCES", ",".join(ALL_SOURCES)).split(",")]
 SINKS = ["qdrant-edge", "chroma", "pgvector", "falkordb"]
 _databases = itertools.count(1)
@@ -26,7 +26,7 @@ _databases = itertools.count(1)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "all_sources: runs against every source kind (SQLite, PostgreSQL x2, FalkorDB)",
+        "all_sources: runs against every source kind (SQLite, PostgreSQL x2, FalkorDB, SurrealDB)",
     )
     config.addinivalue_line(
         "markers",
@@ -159,6 +159,8 @@ def app(
     application: App
     if source_kind == "sqlite":
         application = App(workdir / "app.db")
+    elif source_kind == "surrealdb":
+        application = SurrealApp(workdir / "kb")
     elif source_kind == "falkordb":
         graph: FalkorDBServer = request.getfixturevalue("falkordb")
         application = GraphApp(graph.url, request.getfixturevalue("graph_name"))

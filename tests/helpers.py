@@ -280,6 +280,91 @@ class GraphApp(App):
         return {r[0]["id"]: {c: r[0].get(c) for c in COLUMNS} for r in found}
 
 
+class SurrealApp(App):
+    """The same application on an embedded SurrealDB (a surrealkv file): ``articles``
+    records keyed by their record id. The file cannot be opened twice, so the app's
+    connection is shared with every engine of the test's process (``share``)."""
+
+    kind = "surrealdb"
+
+    def __init__(self, path: Path) -> None:
+        from surrealdb import Surreal
+
+        from vectorsync.sources.surrealdb import share
+
+        self.url = f"surrealkv://{path}"
+        self.db: Any = Surreal(self.url)
+        self.db.connect()
+        self.db.use("app", "kb")
+        share(self.url, self.db)
+
+    @property
+    def source_toml(self) -> str:
+        return (
+            f'kind = "surrealdb"\nurl = "{self.url}"\nnamespace = "app"\ndatabase = "kb"\n'
+            "poll_interval = 0.05"
+        )
+
+    def clone(self) -> SurrealApp:
+        raise NotImplementedError("an embedded SurrealDB file is open in one process only")
+
+    def close(self) -> None:
+        from vectorsync.sources.surrealdb import unshare
+
+        unshare(self.url)
+        self.db.close()
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
+        reply = self.db.query_raw(sql, dict(params or {}))
+        assert "error" not in reply, reply
+        assert all(r["status"] == "OK" for r in reply["result"]), reply
+        return [r["result"] for r in reply["result"]]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError("SurrealDB has no SQL: use the App methods")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield  # every App write is one statement: one transaction
+
+    def inject(self, changes: Sequence[tuple[int, str]]) -> None:
+        from vectorsync.sources.surrealdb import feed_entry
+
+        for key, op in changes:
+            self.query(*feed_entry("app", op, "articles", [key]))
+
+    def insert(self, key: int, **values: Any) -> None:
+        from vectorsync.sources.surrealdb import upsert_statement
+
+        row = {"title": f"title {key}", "body": f"body of {key}", "author": "ann", "tags": "a"}
+        self.query(*upsert_statement("articles", {"id": key, **row, "published": 2020, **values}))
+
+    def update(self, key: int, **values: Any) -> None:
+        self.query("UPDATE type::thing($t, $k) MERGE $v", {"t": "articles", "k": key, "v": values})
+
+    def delete(self, key: int) -> None:
+        from vectorsync.sources.surrealdb import delete_statement
+
+        self.query(*delete_statement("articles", key))
+
+    def change_key(self, old: int, new: int) -> None:
+        self.query(
+            "BEGIN; LET $r = (SELECT * OMIT id FROM ONLY type::thing('articles', $old)); "
+            "DELETE type::thing('articles', $old); "
+            "CREATE type::thing('articles', $new) CONTENT $r; COMMIT",
+            {"old": old, "new": new},
+        )
+
+    def rows(self) -> dict[int, dict[str, Any]]:
+        from vectorsync.sources.surrealdb import plain
+
+        found = self.query("SELECT * FROM articles")[0]
+        return {
+            plain(r["id"]): {c: plain(r["id"]) if c == "id" else plain(r.get(c)) for c in COLUMNS}
+            for r in found
+        }
+
+
 EDGE_SINK = 'kind = "qdrant-edge"\npath = ".vectorsync/qdrant"'
 
 

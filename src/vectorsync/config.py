@@ -56,6 +56,7 @@ __all__ = [
     "SparseEmbedderConfig",
     "SqliteSourceConfig",
     "StateConfig",
+    "SurrealDBSourceConfig",
     "SyncConfig",
     "load_config",
     "parse_config",
@@ -163,11 +164,57 @@ class Neo4jSourceConfig(_GraphSourceConfig):
     database: str | None = Field(default=None, description="default: the server's default")
 
 
+_DURATION = re.compile(r"^([0-9]+(ns|us|µs|ms|s|m|h|d|w|y))+$")
+
+
+class SurrealDBSourceConfig(_Frozen):
+    kind: Literal["surrealdb"]
+    url: str = Field(
+        description="ws://host:8000 or wss://… (a server), or mem:// / surrealkv://path (an "
+        "embedded engine: the application hands its open connection to Engine.open)"
+    )
+    namespace: str = Field(min_length=1)
+    database: str = Field(min_length=1)
+    username: str | None = Field(default=None, description="signin user (servers)")
+    password: SecretStr | None = None
+    retention: str = Field(
+        default="7d",
+        description="how long the change feeds keep changes (a SurrealDB duration); a pause "
+        "longer than this is answered with a re-snapshot",
+    )
+    beat_interval: float = Field(
+        default=60.0, gt=0, description="seconds between feed witnesses written when idle"
+    )
+    poll_interval: float = Field(default=0.2, gt=0, description="seconds between feed polls")
+
+    @model_validator(mode="after")
+    def _surreal_url(self) -> SurrealDBSourceConfig:
+        schemes = ("ws://", "wss://", "mem://", "surrealkv://")
+        if not self.url.startswith(schemes):
+            raise ValueError(
+                "url must start with ws://, wss://, mem:// or surrealkv:// (e.g. "
+                'url = "ws://127.0.0.1:8000" or url = "surrealkv://data/kb")'
+            )
+        if not _DURATION.fullmatch(self.retention):
+            raise ValueError(
+                f'retention {self.retention!r}: write a SurrealDB duration, e.g. "7d" or "12h"'
+            )
+        if self.password is not None and self.username is None:
+            raise ValueError("password without username: set username too")
+        return self
+
+
 SourceConfig = Annotated[
-    SqliteSourceConfig | PostgresSourceConfig | FalkorDBSourceConfig | Neo4jSourceConfig,
+    SqliteSourceConfig
+    | PostgresSourceConfig
+    | FalkorDBSourceConfig
+    | Neo4jSourceConfig
+    | SurrealDBSourceConfig,
     Field(discriminator="kind"),
 ]
 GRAPH_SOURCES = (FalkorDBSourceConfig, Neo4jSourceConfig)
+# records need not hold every field: one a record lacks reads as NULL
+SCHEMALESS_SOURCES = (*GRAPH_SOURCES, SurrealDBSourceConfig)
 
 
 class QdrantEdgeSinkConfig(_Frozen):

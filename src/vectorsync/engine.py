@@ -30,6 +30,7 @@ from .check import KNOWN, Checker, CheckReport
 from .chunking import chunker_for
 from .config import (
     GRAPH_SOURCES,
+    SCHEMALESS_SOURCES,
     ChromaSinkConfig,
     Config,
     EmbedderConfig,
@@ -48,6 +49,7 @@ from .config import (
     SinkConfig,
     SourceConfig,
     SparseEmbedderConfig,
+    SurrealDBSourceConfig,
 )
 from .conflicts import Resolver, resolve_manually
 from .embed.base import Embedder
@@ -117,7 +119,29 @@ class RunResult:
     run_id: int | None = None
 
 
-def build_source(name: str, cfg: SourceConfig, config: Config) -> Source:
+def build_source(name: str, cfg: SourceConfig, config: Config, connection: Any = None) -> Source:
+    """The source ``cfg`` names; ``connection``: an open client the application hands over
+    (an embedded SurrealDB lives in the application's process)."""
+    if connection is not None and not isinstance(cfg, SurrealDBSourceConfig):
+        raise ConfigError(
+            f"source {name!r}: a connection was handed over, but only a surrealdb source "
+            "takes one (the others open their own from the config)"
+        )
+    if isinstance(cfg, SurrealDBSourceConfig):
+        from .sources.surrealdb import SurrealDBSource
+
+        return SurrealDBSource(
+            name,
+            cfg.url,
+            namespace=cfg.namespace,
+            database=cfg.database,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password else None,
+            retention=cfg.retention,
+            beat_interval=cfg.beat_interval,
+            poll_interval=cfg.poll_interval,
+            connection=connection,
+        )
     if isinstance(cfg, PostgresSourceConfig):
         from .sources.postgres import PostgresSource
 
@@ -413,11 +437,19 @@ class Engine:
         embedders: Mapping[str, Embedder] | None = None,
         state: StateStore | None = None,
         backoff: Backoff | None = None,
+        connections: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Engine]:
         """Open the state store and sources and validate every mapping against the live
         source; adapters passed in (e.g. in-memory ones) replace those the config names.
+        ``connections``: source name → an open client of the application's to read that
+        source through (an embedded SurrealDB: ``{"kb": db}``); it stays the caller's.
         Nothing is created (no state database, no folder) before the config is known good."""
         register_secrets(_secrets(config))
+        if unknown := sorted(set(connections or {}) - set(config.sources)):
+            raise ConfigError(
+                f"connections given for {', '.join(map(repr, unknown))}: no source of that "
+                f"name in the config (sources: {', '.join(sorted(config.sources)) or 'none'})"
+            )
         preflight(
             config,
             sinks=() if sinks else _used(config, "sink"),
@@ -427,7 +459,10 @@ class Engine:
             config,
             state=state or StateStore(config.state_url()),
             sources=sources
-            or {n: build_source(n, config.sources[n], config) for n in _used(config, "source")},
+            or {
+                n: build_source(n, config.sources[n], config, (connections or {}).get(n))
+                for n in _used(config, "source")
+            },
             sinks=sinks
             or {n: build_sink(n, config.sinks[n], config) for n in _used(config, "sink")},
             embedders=embedders
@@ -450,12 +485,17 @@ class Engine:
 
     async def _validate(self) -> None:
         for m in self.config.mappings:
-            checked = await check_mapping(m, self.sources[m.source], graph=self._graph(m))
+            checked = await check_mapping(
+                m, self.sources[m.source], graph=self._graph(m), schemaless=self._schemaless(m)
+            )
             self._columns[m.name], self._relations[m.name] = checked
         check_keys(self.config.mappings, self._relations)
 
     def _graph(self, m: MappingConfig) -> bool:
         return isinstance(self.config.sources.get(m.source), GRAPH_SOURCES)
+
+    def _schemaless(self, m: MappingConfig) -> bool:
+        return isinstance(self.config.sources.get(m.source), SCHEMALESS_SOURCES)
 
     # -- preparing to sync --------------------------------------------------------------
     async def prepare(self) -> list[MappingRuntime]:
@@ -586,7 +626,7 @@ class Engine:
             "dimension": dimension,
             "distance": distance,
         }
-        if not self._graph(m):  # sampled graph property types may vary with the data
+        if not self._schemaless(m):  # sampled property types may vary with the data
             part["column_types"] = {c: columns[c] for c in used}
         if self._relations[m.name]:  # absent otherwise: older versions stay valid
             part["related"] = [_relation_definition(r) for r in self._relations[m.name]]
@@ -686,16 +726,16 @@ class Engine:
         self, m: MappingConfig
     ) -> Callable[[dict[Key, dict[str, Any]]], Awaitable[None]] | None:
         """How re-read rows are completed before rendering: related fields, and (graph
-        sources) NULL for properties a node does not have."""
-        relations, graph = self._relations[m.name], self._graph(m)
-        if not relations and not graph:
+        sources, SurrealDB) NULL for properties a record does not have."""
+        relations, schemaless = self._relations[m.name], self._schemaless(m)
+        if not relations and not schemaless:
             return None
         return partial(
             resolve,
             self.sources[m.source],
             TableSpec(table=m.table, key=m.key),
             relations,
-            columns=self.digest_columns(m) if graph else (),
+            columns=self.digest_columns(m) if schemaless else (),
         )
 
     def digest_columns(self, m: MappingConfig) -> tuple[str, ...]:

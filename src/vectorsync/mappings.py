@@ -19,11 +19,13 @@ logger = logging.getLogger(__name__)
 
 
 async def check_mapping(
-    m: MappingConfig, source: Source, *, graph: bool
+    m: MappingConfig, source: Source, *, graph: bool, schemaless: bool | None = None
 ) -> tuple[dict[str, str], tuple[Relation, ...]]:
     """The mapping's columns (name → declared type, related fields included) and its
     relations; ConfigError naming the field and the fix when something is not there.
-    Graphs are schemaless: a property no sampled node has is accepted and reads as NULL."""
+    Graphs (and other ``schemaless`` sources: SurrealDB) accept a property no sampled
+    record has; it reads as NULL."""
+    schemaless = graph if schemaless is None else schemaless
     cols = await source.columns(m.table)
     where = f"mapping {m.name!r}"
     if m.key in cols:
@@ -41,9 +43,9 @@ async def check_mapping(
     for role, field in used:
         if field in cols:
             continue
-        if graph and (role != "key" or not cols):
+        if schemaless and (role != "key" or not cols):
             logger.warning(
-                "%s: %s %r is not set on any sampled %s node",
+                "%s: %s %r is not set on any sampled %s record",
                 where,
                 role,
                 field,

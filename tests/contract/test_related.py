@@ -1,6 +1,7 @@
 """One contract for related fields on every SQL-shaped source (in-memory, SQLite,
-PostgreSQL): ``related`` reads a relation forward, ``dependents`` reverses it — including
-after the related row is gone, when the owner holds the related key."""
+PostgreSQL, SurrealDB with record links): ``related`` reads a relation forward,
+``dependents`` reverses it — including after the related row is gone, when the owner holds
+the related key."""
 
 from __future__ import annotations
 
@@ -46,10 +47,43 @@ ROWS = [
 ]
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "surrealdb"])
 async def related_source(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[tuple[Source, Callable[[str, tuple[Any, ...]], None]]]:
+    if request.param == "surrealdb":
+        from surrealdb import RecordID, Surreal
+
+        from vectorsync.sources.surrealdb import (
+            SurrealDBSource,
+            delete_statement,
+            upsert_statement,
+        )
+
+        kb = Surreal("mem://")
+        kb.connect()
+        kb.use("app", "kb")
+
+        def write_surreal(sql: str, params: tuple[Any, ...]) -> None:
+            table = sql.split()[2]
+            if sql.startswith("DELETE"):
+                kb.query_raw(*delete_statement(table, params[0]))
+                return
+            if table == "docs":
+                row: dict[str, Any] = {"id": params[0], "title": params[1]}
+            else:  # a chunk links its document: a record link, not a plain key
+                link = None if params[1] is None else RecordID("docs", params[1])
+                row = {"id": params[0], "doc_id": link, "body": params[2]}
+            kb.query_raw(*upsert_statement(table, row))
+
+        for sql, params in ROWS:
+            write_surreal(sql, params)
+        surreal = SurrealDBSource("app", namespace="app", database="kb", connection=kb)
+        await surreal.open()
+        yield surreal, write_surreal
+        await surreal.close()
+        kb.close()
+        return
     if request.param == "memory":
         mem = MemorySource("app")
         mem.create_table("docs", {"id": "INTEGER", "title": "TEXT"})

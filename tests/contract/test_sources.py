@@ -1,5 +1,6 @@
 """One contract, every source: the in-memory adapter, SQLite, PostgreSQL with logical
-replication and with a trigger outbox, and FalkorDB (changes written by the graph writer)."""
+replication and with a trigger outbox, FalkorDB (changes written by the graph writer) and
+an embedded SurrealDB (change feeds; the application's connection handed over)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vectorsync.sources.falkordb import FalkorDBSource
 from vectorsync.sources.memory import MemorySource
 from vectorsync.sources.postgres import PostgresSource
 from vectorsync.sources.sqlite import SqliteSource
+from vectorsync.sources.surrealdb import SurrealDBSource, delete_statement, upsert_statement
 
 SPEC = TableSpec(table="articles", key="id")
 COLUMNS = {
@@ -54,8 +56,27 @@ class Harness:
         self._write("delete", key, None)
 
 
-@pytest.fixture(params=["memory", "sqlite", "pg-logical", "pg-outbox", "falkordb"])
+@pytest.fixture(params=["memory", "sqlite", "pg-logical", "pg-outbox", "falkordb", "surrealdb"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    if request.param == "surrealdb":
+        from surrealdb import Surreal
+
+        db = Surreal(f"surrealkv://{tmp_path / 'kb'}")  # the application's connection
+        db.connect()
+        db.use("app", "kb")
+        sr_src = SurrealDBSource(
+            "app", "surrealkv://", namespace="app", database="kb", connection=db
+        )
+
+        def write_surreal(op: str, key: int, row: dict[str, object] | None) -> None:
+            statement = delete_statement("articles", key) if row is None else None
+            db.query_raw(*(statement or upsert_statement("articles", row or {})))
+
+        await sr_src.open()
+        yield Harness(sr_src, write_surreal)
+        await sr_src.close()
+        db.close()
+        return
     if request.param == "falkordb":
         server: FalkorDBServer = request.getfixturevalue("falkordb")
         graph = GraphApp(server.url, request.getfixturevalue("graph_name"))

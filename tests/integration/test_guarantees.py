@@ -79,7 +79,9 @@ async def test_minimal_embedding(workdir: Path, app: App) -> None:
     app.update(10, body="body of 10")  # rewritten with the same value: nothing to write
     counts = await sync_once(cfg, embedder)
     assert embedder.texts_embedded == before
-    assert counts["skipped"] == 1 and counts["payload_only"] == 1
+    # SurrealDB's change feed records no write that changes nothing: none to skip
+    skipped = 0 if app.kind == "surrealdb" else 1
+    assert counts.get("skipped", 0) == skipped and counts["payload_only"] == 1
     await check(cfg, app)
 
 

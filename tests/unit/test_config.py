@@ -147,3 +147,28 @@ def test_edges_of_a_several_sink_mapping_go_to_its_graph_copy() -> None:
 def test_bad_sinks_are_refused_naming_the_fix(mapping: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(_several_sinks(**mapping))
+
+
+SURREAL = {"kind": "surrealdb", "url": "ws://127.0.0.1:8000", "namespace": "app", "database": "kb"}
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ({"url": "http://127.0.0.1:8000"}, "url must start with ws://, wss://, mem://"),
+        ({"retention": "a week"}, 'retention .*write a SurrealDB duration, e.g. "7d"'),
+        ({"password": "pw"}, "password without username"),
+        ({"namespace": ""}, "namespace"),
+    ],
+)
+def test_bad_surrealdb_sources_are_refused_naming_the_fix(
+    source: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**BASE, "sources": {"app": {**SURREAL, **source}}})
+
+
+def test_a_surrealdb_source_parses_with_its_defaults() -> None:
+    src = parse_config({**BASE, "sources": {"app": {**SURREAL, "url": "surrealkv://kb"}}})
+    cfg = src.sources["app"]
+    assert (cfg.kind, getattr(cfg, "retention", None)) == ("surrealdb", "7d")

@@ -69,6 +69,7 @@ MODELS: dict[str, type[BaseModel]] = {
     '[sources.NAME] kind = "postgres"': c.PostgresSourceConfig,
     '[sources.NAME] kind = "falkordb"': c.FalkorDBSourceConfig,
     '[sources.NAME] kind = "neo4j"': c.Neo4jSourceConfig,
+    '[sources.NAME] kind = "surrealdb"': c.SurrealDBSourceConfig,
     '[sinks.NAME] kind = "qdrant-edge"': c.QdrantEdgeSinkConfig,
     '[sinks.NAME] kind = "qdrant"': c.QdrantSinkConfig,
     '[sinks.NAME] kind = "pgvector"': c.PgvectorSinkConfig,
