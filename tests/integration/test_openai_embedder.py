@@ -73,6 +73,32 @@ async def test_vectors_match_the_bundled_model_and_tokens_are_counted(
         await embedder.close()
 
 
+async def test_texts_sent_sorted_by_length_come_back_in_their_own_order(
+    server: EmbeddingServer,
+) -> None:
+    """The embedder sends texts grouped by length (less padding at the server); each vector
+    still lands at its own text's place, and the tokens are counted once per text."""
+    embedder = OpenAIEmbedder("api", url=server.url, model=MODEL_NAME, batch_size=2)
+    await embedder.open()
+    try:
+        texts = [
+            "export a CSV",
+            "how do I reset my password when the reset e-mail never arrives at all",
+            "invoices",
+            "invoices arrive monthly, on the first working day, as PDF attachments",
+            "a",
+            "why is the dashboard slow",
+        ]
+        before = embedder.tokens_used
+        vectors, used = await embedder.embed_metered(texts)
+        assert embedder.tokens_used - before == used > 0
+        for text, vector in zip(texts, vectors, strict=True):
+            [alone] = await embedder.embed([text])
+            assert _cosine(vector, alone) > 0.9999, text
+    finally:
+        await embedder.close()
+
+
 @pytest.mark.slow  # two minutes at least: the limit is per minute
 async def test_rate_limit_is_never_exceeded_in_any_60_s_window(
     workdir: Path, server: EmbeddingServer

@@ -183,12 +183,25 @@ class OpenAIEmbedder:
         return vectors
 
     async def embed_metered(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """Vectors of ``texts`` in order, and the tokens billed. Hand it many texts at once:
+        they are sorted by tokens (longest first), so each request holds texts of about one
+        length and the server pads little (an unsorted request pads every text to its
+        longest: bench/bench_openai.py), cut into requests, and sent ``concurrency`` at a
+        time; the vectors come back in the order of ``texts``."""
         prepared = [self._fit(t) for t in texts]
-        tasks = [asyncio.create_task(self._request(g)) for g in self._requests_for(prepared)]
+        order = sorted(range(len(prepared)), key=lambda i: -prepared[i][1])
+        groups = self._requests_for([prepared[i] for i in order])
+        tasks = [
+            asyncio.create_task(self._request([t for t, _ in g], [n for _, n in g])) for g in groups
+        ]
         await gather_or_fail(tasks)  # one failed request cancels the others: none runs on
         self.texts_embedded += len(texts)
         used = sum(task.result()[1] for task in tasks)
-        return [vector for task in tasks for vector in task.result()[0]], used
+        vectors: list[list[float]] = [[] for _ in texts]
+        sent = (vector for task in tasks for vector in task.result()[0])
+        for i, vector in zip(order, sent, strict=True):
+            vectors[i] = vector
+        return vectors, used
 
     def _fit(self, text: str) -> tuple[str, int]:
         """The text as sent, and its tokens: cut to the model's window or refused."""
@@ -206,10 +219,10 @@ class OpenAIEmbedder:
         cut = self.counter.cut(text, limit)
         return cut, self.counter.count(cut)
 
-    def _requests_for(self, prepared: list[tuple[str, int]]) -> list[list[str]]:
+    def _requests_for(self, prepared: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
         """Consecutive groups of at most ``request_size`` texts and ``max_batch_tokens``."""
-        groups: list[list[str]] = []
-        current: list[str] = []
+        groups: list[list[tuple[str, int]]] = []
+        current: list[tuple[str, int]] = []
         tokens = 0
         for text, n in prepared:
             if current and (
@@ -217,17 +230,21 @@ class OpenAIEmbedder:
             ):
                 groups.append(current)
                 current, tokens = [], 0
-            current.append(text)
+            current.append((text, n))
             tokens += n
         if current:
             groups.append(current)
         return groups
 
-    async def _request(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    async def _request(
+        self, texts: Sequence[str], counts: Sequence[int] | None = None
+    ) -> tuple[list[list[float]], int]:
+        """One request: the vectors in the order of ``texts``, and the tokens billed;
+        ``counts`` are the texts' tokens when the caller has counted them already."""
         import openai
 
         assert self.counter is not None
-        tokens = sum(self.counter.count(t) for t in texts)
+        tokens = sum(counts) if counts is not None else sum(map(self.counter.count, texts))
         waited = 0
         async with self._slots:
             while True:
@@ -237,7 +254,7 @@ class OpenAIEmbedder:
                     await self._tokens.acquire(tokens)
                 try:
                     response = await self._client.embeddings.create(
-                        input=texts,
+                        input=list(texts),
                         model=self.model,
                         encoding_format="float",
                         **({"dimensions": self._dimensions} if self._dimensions else {}),
