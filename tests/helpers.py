@@ -297,6 +297,8 @@ class SurrealApp(App):
         self.db.connect()
         self.db.use("app", "kb")
         share(self.url, self.db)
+        # as the SQL apps create their table: a SurrealDB table exists once defined
+        self.query("DEFINE TABLE IF NOT EXISTS articles SCHEMALESS")
 
     @property
     def source_toml(self) -> str:
