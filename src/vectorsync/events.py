@@ -174,5 +174,12 @@ class EventStream:
     async def __anext__(self) -> Event:
         return await self._queue.get()
 
+    def drain(self) -> list[Event]:
+        """The events received so far, without waiting."""
+        events = []
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
+
     def close(self) -> None:
         self._subscribers.discard(self._queue)
