@@ -193,19 +193,57 @@ class _PostgresBackend:
                 await self._conn.execute(query, [e.row[c] for c in cols])
 
 
+class _SurrealBackend:
+    """Writes through the source's own connection (an embedded file is open once per
+    process) with the statements the source module shares with its tests."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def before(self, table: str, key_col: str, key: Any) -> dict[str, Any] | None:
+        found: dict[Any, dict[str, Any]] = await self._source.fetch(table, key_col, [key])
+        return found.get(key)
+
+    async def apply(self, writes: Sequence[tuple[str, str, Entry]]) -> None:
+        from .sources.surrealdb import delete_statement, upsert_statement
+
+        statements, params = [], {}
+        for i, (table, key_col, e) in enumerate(writes):
+            if e.row is None:
+                text, values = delete_statement(table, e.key)
+            else:
+                text, values = upsert_statement(table, {**e.row, "id": e.row[key_col]})
+            for name in sorted(values, key=len, reverse=True):  # $t before a $t2 could clash
+                text = text.replace(f"${name}", f"$w{i}_{name}")
+            statements.append(text)
+            params.update({f"w{i}_{n}": v for n, v in values.items()})
+        await self._source.query(
+            "BEGIN TRANSACTION; " + "; ".join(statements) + "; COMMIT TRANSACTION;", params
+        )
+
+
 async def _backend(engine: Engine, source: str) -> _Backend:
     from .sources.postgres import PostgresSource
     from .sources.sqlite import SqliteSource
+    from .sources.surrealdb import SurrealDBSource
 
     src = engine.sources[source]
-    backend: _SqliteBackend | _PostgresBackend
+    backend: _SqliteBackend | _PostgresBackend | _SurrealBackend
     if isinstance(src, SqliteSource):
         backend = _SqliteBackend(src.path)
     elif isinstance(src, PostgresSource):
         backend = _PostgresBackend(src)
+    elif isinstance(src, SurrealDBSource):
+        backend = _SurrealBackend(src)
     else:
         raise ConfigError(
-            f"source {source!r}: the write API writes SQLite and PostgreSQL sources so far "
+            f"source {source!r}: the write API writes SQLite, PostgreSQL and SurrealDB sources so far "
             f"(this one is {type(src).__name__})"
         )
     await backend.open()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import App, PgApp, check, load, streaming, sync_once, write_config
+from tests.helpers import App, PgApp, SurrealApp, check, load, streaming, sync_once, write_config
 from vectorsync.engine import Engine
 from vectorsync.errors import PermanentError
 from vectorsync.events import Compensated, Written
@@ -23,12 +23,16 @@ from vectorsync.writer import WriteRejected
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "surrealdb"])
 def wapp(request: pytest.FixtureRequest, workdir: Path) -> Iterator[App]:
-    """The application database the writer writes: SQLite or PostgreSQL (outbox capture)."""
+    """The application database the writer writes: SQLite, PostgreSQL (outbox capture) or
+    an embedded SurrealDB (in this process only: its file opens once)."""
     application: App
     if request.param == "sqlite":
         application = App(workdir / "app.db")
+    elif request.param == "surrealdb":
+        application = SurrealApp(workdir / "kb")
+        application.query("DEFINE TABLE articles SCHEMALESS")  # before its first record
     else:
         application = PgApp(request.getfixturevalue("pg_url"), "outbox")
     (workdir / "source.toml").write_text(application.source_toml)
@@ -180,6 +184,8 @@ def _child(workdir: Path, key: int, failpoint: str) -> subprocess.CompletedProce
 async def test_kill_9_in_a_write_then_restart_converges(
     workdir: Path, wapp: App, point: str
 ) -> None:
+    if isinstance(wapp, SurrealApp):
+        pytest.skip("an embedded SurrealDB file opens in one process: no child can write it")
     wapp.insert(1)
     cfg = write_config(workdir)
     await sync_once(cfg)
