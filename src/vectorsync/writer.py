@@ -20,6 +20,7 @@ a newer row some other writer committed in between.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
@@ -228,22 +229,61 @@ class _SurrealBackend:
         )
 
 
+class _GraphBackend:
+    """Writes a FalkorDB graph (outbox capture) through ``GraphWriter``: nodes and their
+    outbox entries in one MULTI/EXEC."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._graph: Any = None
+
+    async def open(self) -> None:
+        from .graph import GraphWriter
+
+        self._graph = GraphWriter(self._source.url, self._source.graph_name)
+
+    async def close(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+
+    async def before(self, table: str, key_col: str, key: Any) -> dict[str, Any] | None:
+        found: dict[Any, dict[str, Any]] = await self._source.fetch(table, key_col, [key])
+        return found.get(key)
+
+    async def apply(self, writes: Sequence[tuple[str, str, Entry]]) -> None:
+        graph = self._graph
+        graph.keys.update({table: key_col for table, key_col, _ in writes})
+
+        def write() -> None:
+            with graph.transaction():
+                for table, _, e in writes:
+                    if e.row is None:
+                        graph.delete_node(table, e.key)
+                    else:
+                        graph.upsert_node(table, e.row)
+
+        await asyncio.to_thread(write)
+
+
 async def _backend(engine: Engine, source: str) -> _Backend:
     from .sources.postgres import PostgresSource
     from .sources.sqlite import SqliteSource
+    from .sources.falkordb import FalkorDBSource
     from .sources.surrealdb import SurrealDBSource
 
     src = engine.sources[source]
-    backend: _SqliteBackend | _PostgresBackend | _SurrealBackend
+    backend: _SqliteBackend | _PostgresBackend | _SurrealBackend | _GraphBackend
     if isinstance(src, SqliteSource):
         backend = _SqliteBackend(src.path)
     elif isinstance(src, PostgresSource):
         backend = _PostgresBackend(src)
     elif isinstance(src, SurrealDBSource):
         backend = _SurrealBackend(src)
+    elif isinstance(src, FalkorDBSource) and src.capture == "outbox":
+        backend = _GraphBackend(src)
     else:
         raise ConfigError(
-            f"source {source!r}: the write API writes SQLite, PostgreSQL and SurrealDB sources so far "
+            f"source {source!r}: the write API writes SQLite, PostgreSQL, SurrealDB and FalkorDB (outbox capture) sources "
             f"(this one is {type(src).__name__})"
         )
     await backend.open()
@@ -390,7 +430,7 @@ class Writer:
     ) -> None:
         """Restore every row of the transaction (it committed together, so it is undone
         together), wait for the sinks to have the restored rows, and raise."""
-        restore = [(t, k, Entry(**{**_fields(e), "row": e.before})) for t, k, e in keyed]
+        restore = [(t, k, Entry(**{**_fields(e), "row": _restored(e)})) for t, k, e in keyed]
         await self._backend.apply(restore)
         await self._wait()
         await self.engine.state.unjournal(txn)
@@ -420,6 +460,14 @@ def _key_column(engine: Engine, source: str, table: str) -> str:
         if m.source == source and m.table == table:
             return m.key
     raise ConfigError(f"source {source!r}: no mapping syncs table {table!r}")
+
+
+def _restored(e: Entry) -> dict[str, Any] | None:
+    """The row to write back: the before-image, with columns the write set and the row did
+    not have set to NULL (a graph node's property so set is removed)."""
+    if e.before is None:
+        return None
+    return {**{c: None for c in e.row or {} if c not in e.before}, **e.before}
 
 
 def _fields(e: Entry) -> dict[str, Any]:

@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import App, PgApp, SurrealApp, check, load, streaming, sync_once, write_config
+from tests.helpers import (
+    App,
+    GraphApp,
+    PgApp,
+    SurrealApp,
+    check,
+    load,
+    streaming,
+    sync_once,
+    write_config,
+)
 from vectorsync.engine import Engine
 from vectorsync.errors import PermanentError
 from vectorsync.events import Compensated, Written
@@ -23,16 +33,19 @@ from vectorsync.writer import WriteRejected
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["sqlite", "postgres", "surrealdb"])
+@pytest.fixture(params=["sqlite", "postgres", "surrealdb", "falkordb"])
 def wapp(request: pytest.FixtureRequest, workdir: Path) -> Iterator[App]:
     """The application database the writer writes: SQLite, PostgreSQL (outbox capture) or
-    an embedded SurrealDB (in this process only: its file opens once)."""
+    an embedded SurrealDB (in this process only: its file opens once), or FalkorDB."""
     application: App
     if request.param == "sqlite":
         application = App(workdir / "app.db")
     elif request.param == "surrealdb":
         application = SurrealApp(workdir / "kb")
         application.query("DEFINE TABLE articles SCHEMALESS")  # before its first record
+    elif request.param == "falkordb":
+        server = request.getfixturevalue("falkordb")
+        application = GraphApp(server.url, request.getfixturevalue("graph_name"))
     else:
         application = PgApp(request.getfixturevalue("pg_url"), "outbox")
     (workdir / "source.toml").write_text(application.source_toml)
