@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import sqlite3
 import time
 import uuid
@@ -266,9 +268,9 @@ class _GraphBackend:
 
 
 async def _backend(engine: Engine, source: str) -> _Backend:
+    from .sources.falkordb import FalkorDBSource
     from .sources.postgres import PostgresSource
     from .sources.sqlite import SqliteSource
-    from .sources.falkordb import FalkorDBSource
     from .sources.surrealdb import SurrealDBSource
 
     src = engine.sources[source]
@@ -283,8 +285,8 @@ async def _backend(engine: Engine, source: str) -> _Backend:
         backend = _GraphBackend(src)
     else:
         raise ConfigError(
-            f"source {source!r}: the write API writes SQLite, PostgreSQL, SurrealDB and FalkorDB (outbox capture) sources "
-            f"(this one is {type(src).__name__})"
+            f"source {source!r}: the write API writes SQLite, PostgreSQL, SurrealDB and "
+            f"FalkorDB (outbox capture) sources (this one is {type(src).__name__})"
         )
     await backend.open()
     return backend
@@ -371,6 +373,9 @@ class Writer:
                 op="delete" if row is None else "upsert",
                 row=row,
                 before=before,
+                holder=self.engine.instance_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
             )
             entries.append(entry)
             keyed.append((table, key_col, entry))
@@ -455,6 +460,22 @@ class Writer:
         )
 
 
+def _dead(engine: Engine, e: Entry) -> bool:
+    """Whether the writer of a journal entry is gone: not this engine, and its process
+    dead on this host, or (another host) silent for longer than a lease lives."""
+    if e.holder == engine.instance_id:
+        return False
+    if e.host == socket.gethostname():
+        try:
+            os.kill(e.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return time.time() - e.created_at > engine.lease_ttl
+
+
 def _key_column(engine: Engine, source: str, table: str) -> str:
     for m in engine.config.mappings:
         if m.source == source and m.table == table:
@@ -478,6 +499,8 @@ async def recover(engine: Engine, source: str, backend: _Backend | None = None) 
     """Finish what a crash interrupted (see the module docstring); how many transactions."""
     txns: dict[str, list[Entry]] = {}
     for e in await engine.state.journaled(source):
+        if not _dead(engine, e):
+            continue  # a live writer's, in flight
         txns.setdefault(e.txn, []).append(e)
     if not txns:
         return 0

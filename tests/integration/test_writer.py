@@ -151,7 +151,7 @@ async def test_undo_restores_the_source_row_and_raises(workdir: Path, wapp: App)
         events = engine.events()
         async with streaming(engine), engine.writer("app", compensate="undo") as w:
             await engine.wait_for(await engine.head(), timeout=30)
-            with pytest.raises(WriteRejected, match="'vectors'.*author 'bad'") as raised:
+            with pytest.raises(WriteRejected, match=r"'vectors'.*author 'bad'") as raised:
                 await w.upsert("articles", _row(1, title="rejected", author="bad"))
             with pytest.raises(WriteRejected):
                 await w.upsert("articles", _row(2, author="bad"))  # no row before: deleted

@@ -28,6 +28,10 @@ class Entry:
     op: str
     row: dict[str, Any] | None
     before: dict[str, Any] | None
+    holder: str = ""  # the writing engine (instance id), on host, in process pid
+    host: str = ""
+    pid: int = 0
+    created_at: float = 0.0
     id: int | None = None
 
 
@@ -48,6 +52,9 @@ def add(conn: Connection, entries: Sequence[Entry]) -> None:
                 "op": e.op,
                 "row": _json(e.row),
                 "before": _json(e.before),
+                "holder": e.holder,
+                "host": e.host,
+                "pid": e.pid,
                 "created_at": now,
             }
             for e in entries
@@ -70,6 +77,10 @@ def entries(conn: Connection, source: str | None) -> list[Entry]:
             op=r["op"],
             row=None if r["row"] is None else orjson.loads(r["row"]),
             before=None if r["before"] is None else orjson.loads(r["before"]),
+            holder=r["holder"],
+            host=r["host"],
+            pid=r["pid"],
+            created_at=r["created_at"],
         )
         for r in conn.execute(query).mappings()
     ]

@@ -289,6 +289,9 @@ write_journal = Table(
     Column("op", String(10), nullable=False),  # upsert | delete
     Column("row", Text),  # JSON: the row written (upsert)
     Column("before", Text),  # JSON: the row before the write; NULL when there was none
+    Column("holder", String(100), nullable=False),  # the writing engine's instance id
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
     Index("ix_write_journal_source", "source"),
 )
