@@ -380,15 +380,20 @@ class Writer:
             entries.append(entry)
             keyed.append((table, key_col, entry))
         await self.engine.state.journal_writes(entries)
-        _failpoints.hit("writer_after_journal")
-        await self._backend.apply(keyed)
-        _failpoints.hit("writer_after_source")
         refused: dict[tuple[str, str], list[str]] = {}
-        if self.consistency == "strong":
-            refused = await self._through(entries, started)
-        if refused and self.compensate == "undo":
-            await self._undo(txn, keyed, refused)
-        await self.engine.state.unjournal(txn)
+        try:
+            _failpoints.hit("writer_after_journal")
+            await self._backend.apply(keyed)
+            _failpoints.hit("writer_after_source")
+            if self.consistency == "strong":
+                refused = await self._through(entries, started)
+            if refused and self.compensate == "undo":
+                await self._undo(keyed, refused)
+        finally:
+            # Done with, however it ended in this (live) process: a source that refused the
+            # write holds nothing of it; one that committed it has its change capture carry
+            # it to the sinks, also when waiting for them timed out.
+            await self.engine.state.unjournal(txn)
         for e in entries:
             self.engine.emit(
                 Written(
@@ -429,7 +434,6 @@ class Writer:
 
     async def _undo(
         self,
-        txn: str,
         keyed: Sequence[tuple[str, str, Entry]],
         refused: dict[tuple[str, str], list[str]],
     ) -> None:
@@ -438,7 +442,6 @@ class Writer:
         restore = [(t, k, Entry(**{**_fields(e), "row": _restored(e)})) for t, k, e in keyed]
         await self._backend.apply(restore)
         await self._wait()
-        await self.engine.state.unjournal(txn)
         reason = "; ".join(r for reasons in refused.values() for r in reasons)
         sinks = tuple(
             dict.fromkeys(r.split(":", 1)[0] for reasons in refused.values() for r in reasons)

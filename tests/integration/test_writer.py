@@ -122,6 +122,21 @@ async def test_eventual_returns_once_the_source_committed(workdir: Path, wapp: A
     await check(cfg, wapp)
 
 
+async def test_strong_without_a_sync_times_out_keeping_the_committed_write(
+    workdir: Path, wapp: App
+) -> None:
+    cfg = write_config(workdir)
+    async with Engine.open(load(cfg)) as engine:
+        await engine.prepare()
+        async with engine.writer("app", timeout=0.5) as w:  # nothing streams
+            with pytest.raises(TimeoutError, match="not applied within"):
+                await w.upsert("articles", _row(1))
+        assert await engine.state.journaled() == []
+    assert set(wapp.rows()) == {1}
+    await sync_once(cfg)  # the sync carries it
+    await check(cfg, wapp)
+
+
 async def test_a_transaction_commits_together_at_the_source(workdir: Path, wapp: App) -> None:
     wapp.insert(3)
     cfg = write_config(workdir)
