@@ -24,8 +24,9 @@ Cycle = Literal[
     "after_source_ack",
 ]
 POINTS: tuple[Cycle, ...] = get_args(Cycle)
-# Points of optional paths, killed at by their own tests (a mapping's write_back).
-Optional = Literal["after_write_back"]
+# Points of optional paths, killed at by their own tests (a mapping's write_back, the
+# write API between its journal, the source write and the sinks).
+Optional = Literal["after_write_back", "writer_after_journal", "writer_after_source"]
 OPTIONAL: tuple[Optional, ...] = get_args(Optional)
 Failpoint = Cycle | Optional
 

@@ -84,6 +84,8 @@ from .state.leases import LeaseLost
 from .state.runs import ErrorEntry, RunCounts
 from .state.store import StateStore
 from .worker import BatchReport, MappingRuntime, SourceWorker
+from .writer import Compensate, Consistency, Writer, open_writer
+from .writer import recover as recover_writes
 
 __all__ = ["Engine", "MappingStatus", "RunResult"]
 
@@ -969,7 +971,25 @@ class Engine:
                 extra={"action": "recover", "run": run_id},
             )
         await self.state.cleanup(retention_days=self.config.state.retention_days)
+        for source in {e.source for e in await self.state.journaled()} & set(self.sources):
+            await recover_writes(self, source)  # writes of the write API a crash cut off
         return failed
+
+    def writer(
+        self,
+        source: str,
+        *,
+        consistency: Consistency = "strong",
+        compensate: Compensate = "dead_letter",
+        timeout: float = 30.0,
+    ) -> contextlib.AbstractAsyncContextManager[Writer]:
+        """Write ``source`` through the journal (see writer.py): ``strong`` returns once
+        every sink has the write, ``eventual`` once the source committed it; a sink's
+        permanent refusal is dead-lettered, or with ``compensate="undo"`` the source row is
+        restored and :class:`~vectorsync.writer.WriteRejected` raised."""
+        return open_writer(
+            self, source, consistency=consistency, compensate=compensate, timeout=timeout
+        )
 
     def describe(self) -> list[str]:
         """What this engine syncs, one line per source, sink and mapping, without secrets

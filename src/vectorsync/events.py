@@ -9,6 +9,7 @@ from typing import Any
 
 __all__ = [
     "Captured",
+    "Compensated",
     "DeadLettered",
     "Event",
     "Failed",
@@ -20,6 +21,7 @@ __all__ = [
     "RunStarted",
     "SchemaEvolved",
     "Synced",
+    "Written",
 ]
 
 
@@ -42,6 +44,32 @@ class Synced(Event):
     source: str
     position: int
     counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Written(Event):
+    """A write of the write API (``engine.writer``) went through: committed at the source
+    (``eventual``) or in every sink too (``strong``; ``dead_lettered`` keys a sink refused,
+    kept at the source under ``compensate="dead_letter"``)."""
+
+    source: str
+    table: str
+    key: Any
+    op: str
+    consistency: str
+    dead_lettered: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Compensated(Event):
+    """A sink refused a written record for good, so the source row was restored from the
+    journaled before-image (``compensate="undo"``)."""
+
+    source: str
+    table: str
+    key: Any
+    sinks: tuple[str, ...]
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +173,13 @@ class EventStream:
 
     async def __anext__(self) -> Event:
         return await self._queue.get()
+
+    def drain(self) -> list[Event]:
+        """The events received so far, without waiting."""
+        events = []
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
 
     def close(self) -> None:
         self._subscribers.discard(self._queue)

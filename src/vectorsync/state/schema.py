@@ -275,3 +275,23 @@ kept_fields = Table(
     Column("key", String(1000), primary_key=True),
     Column("fields", Text, nullable=False),  # JSON: field → [kept value, source value then]
 )
+
+# the write API's write-ahead journal (see writer.py): one row per write, journaled with the
+# row's before-image before the source is written, removed once the write is through
+write_journal = Table(
+    "write_journal",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source", String(200), nullable=False),
+    Column("txn", String(40), nullable=False),  # the writes committed together at the source
+    Column("table_name", String(200), nullable=False),
+    Column("key", Text, nullable=False),  # JSON
+    Column("op", String(10), nullable=False),  # upsert | delete
+    Column("row", Text),  # JSON: the row written (upsert)
+    Column("before", Text),  # JSON: the row before the write; NULL when there was none
+    Column("holder", String(100), nullable=False),  # the writing engine's instance id
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_write_journal_source", "source"),
+)

@@ -43,6 +43,7 @@ from ..index import versions as index_log
 from ..model import Key, RecordState, dumps, key_bucket
 from ..redact import redact, redact_value
 from . import conflict_log
+from . import journal as write_journal
 from . import leases as lease_log
 from . import runs as run_log
 from . import schema as s
@@ -326,6 +327,16 @@ class StateStore:
 
     async def set_kept(self, entries: Mapping[tuple[str, str], Kept | None]) -> None:
         await self._tx("write kept values", conflict_log.set_kept, entries)
+
+    async def journal_writes(self, entries: Sequence[write_journal.Entry]) -> None:
+        """Journal writes of the write API before the source is written (see writer.py)."""
+        await self._tx("journal writes", write_journal.add, entries)
+
+    async def journaled(self, source: str | None = None) -> list[write_journal.Entry]:
+        return await self._tx("read the write journal", write_journal.entries, source)
+
+    async def unjournal(self, txn: str) -> None:
+        await self._tx("clear journaled writes", write_journal.remove, txn)
 
     async def log_conflicts(self, entries: Sequence[Conflict]) -> None:
         await self._tx("log conflicts", conflict_log.log, entries)
