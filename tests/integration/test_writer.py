@@ -42,7 +42,6 @@ def wapp(request: pytest.FixtureRequest, workdir: Path) -> Iterator[App]:
         application = App(workdir / "app.db")
     elif request.param == "surrealdb":
         application = SurrealApp(workdir / "kb")
-        application.query("DEFINE TABLE articles SCHEMALESS")  # before its first record
     elif request.param == "falkordb":
         server = request.getfixturevalue("falkordb")
         application = GraphApp(server.url, request.getfixturevalue("graph_name"))
