@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 from vectorsync.chunking import chunk_point_id, chunker_for, chunking_definition
 from vectorsync.config import Config, MappingConfig, load_config
 from vectorsync.embed.hash import HashEmbedder
+from vectorsync.errors import PermanentError
 from vectorsync.model import content_hash, point_id
 from vectorsync.render import Renderer
 from vectorsync.sinks.base import CollectionSpec, Sink
+from vectorsync.sinks.memory import MemorySink
 from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
 
 if TYPE_CHECKING:
@@ -569,3 +571,24 @@ async def streaming(engine: Engine) -> AsyncIterator[asyncio.Task[Any]]:
     finally:
         stop.set()
         await task
+
+
+class RejectingSink(MemorySink):
+    """Refuses, permanently, a point whose ``field`` holds ``value`` (like a schema-enforcing
+    store)."""
+
+    def __init__(self, field: str, value: Any) -> None:
+        super().__init__()
+        self.field, self.value = field, value
+
+    def _refuse(self, payloads: Sequence[Mapping[str, Any]]) -> None:
+        if any(p.get(self.field) == self.value for p in payloads):
+            raise PermanentError(f"payload rejected: {self.field} {self.value!r} is not allowed")
+
+    async def upsert(self, collection: str, points: Sequence[Any]) -> None:
+        self._refuse([p.payload for p in points])
+        await super().upsert(collection, points)
+
+    async def update_payloads(self, collection: str, updates: Sequence[Any]) -> list[str]:
+        self._refuse([u.payload for u in updates])
+        return await super().update_payloads(collection, updates)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from tests.helpers import (
     App,
     GraphApp,
     PgApp,
+    RejectingSink,
     SurrealApp,
     check,
     load,
@@ -24,10 +25,8 @@ from tests.helpers import (
     write_config,
 )
 from vectorsync.engine import Engine
-from vectorsync.errors import PermanentError
 from vectorsync.events import Compensated, Written
 from vectorsync.model import point_id
-from vectorsync.sinks.memory import MemorySink
 from vectorsync.writer import WriteRejected
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,22 +63,6 @@ def _row(key: int, **values: Any) -> dict[str, Any]:
         "published": 2020,
         **values,
     }
-
-
-class RejectingSink(MemorySink):
-    """Refuses, permanently, a point whose author is 'bad' (like a schema-enforcing store)."""
-
-    def _refuse(self, payloads: Sequence[dict[str, Any]]) -> None:
-        if any(p.get("author") == "bad" for p in payloads):
-            raise PermanentError("payload rejected: author 'bad' is not allowed")
-
-    async def upsert(self, collection: str, points: Sequence[Any]) -> None:
-        self._refuse([p.payload for p in points])
-        await super().upsert(collection, points)
-
-    async def update_payloads(self, collection: str, updates: Sequence[Any]) -> list[str]:
-        self._refuse([u.payload for u in updates])
-        return await super().update_payloads(collection, updates)
 
 
 async def _hit(engine: Engine, key: int) -> list[Any]:
@@ -159,7 +142,7 @@ async def test_a_transaction_commits_together_at_the_source(workdir: Path, wapp:
 
 async def test_undo_restores_the_source_row_and_raises(workdir: Path, wapp: App) -> None:
     wapp.insert(1, title="the original")
-    sink = RejectingSink()
+    sink = RejectingSink("author", "bad")
     async with Engine.open(load(write_config(workdir)), sinks={"vectors": sink}) as engine:
         await engine.prepare()
         events = engine.events()
@@ -180,7 +163,7 @@ async def test_undo_restores_the_source_row_and_raises(workdir: Path, wapp: App)
 
 
 async def test_dead_letter_keeps_the_write_and_records_the_reason(workdir: Path, wapp: App) -> None:
-    sink = RejectingSink()
+    sink = RejectingSink("author", "bad")
     async with Engine.open(load(write_config(workdir)), sinks={"vectors": sink}) as engine:
         await engine.prepare()
         events = engine.events()

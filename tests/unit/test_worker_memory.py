@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import RejectingSink
 from vectorsync import parse_config
 from vectorsync.backoff import Backoff
 from vectorsync.embed.hash import HashEmbedder
 from vectorsync.engine import Engine
-from vectorsync.errors import EmbeddingError, PermanentError
+from vectorsync.errors import EmbeddingError
 from vectorsync.model import Change, point_id
 from vectorsync.sinks.memory import MemorySink
 from vectorsync.sources.memory import MemorySource
@@ -212,27 +213,11 @@ async def test_stop_event_ends_a_streaming_run() -> None:
     assert result.counts["upserted"] == 2
 
 
-class RejectingSink(MemorySink):
-    """Rejects, permanently, any point whose tag is 'bad' (like a schema-enforcing store)."""
-
-    def _refuse(self, payloads: list[dict[str, Any]]) -> None:
-        if any(p.get("tag") == "bad" for p in payloads):
-            raise PermanentError("payload rejected: tag 'bad' is not allowed")
-
-    async def upsert(self, collection: str, points: Sequence[Any]) -> None:
-        self._refuse([p.payload for p in points])
-        await super().upsert(collection, points)
-
-    async def update_payloads(self, collection: str, updates: Sequence[Any]) -> list[str]:
-        self._refuse([u.payload for u in updates])
-        return await super().update_payloads(collection, updates)
-
-
 async def test_a_point_the_sink_rejects_is_dead_lettered_alone(tmp_path: Path) -> None:
     source = make_source()
     for k in range(1, 41):
         source.upsert("docs", {"id": k, "body": f"doc {k}", "tag": "bad" if k == 13 else "x"})
-    sink = RejectingSink()
+    sink = RejectingSink("tag", "bad")
     url = f"sqlite:///{tmp_path}/state.db"
     counts = await sync(source, sink, state=StateStore(url))
     assert counts["failed"] == 1 and counts["upserted"] == 39
