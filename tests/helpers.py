@@ -385,6 +385,7 @@ def write_config(
     embedder: str = 'kind = "hash"',
     also: Mapping[str, str] | None = None,
     sync: str = "",
+    payload: Sequence[str] = ("author", "tags", "published"),
 ) -> Path:
     """The test project's config. ``also``: more sinks by name (their TOML), written by
     the mapping besides ``vectors`` (``sinks = [...]``); ``sync``: more [sync] settings."""
@@ -418,7 +419,7 @@ def write_config(
         'table = "articles"',
         'key = "id"',
         f'text = "{text}"',
-        'payload = ["author", "tags", "published"]',
+        f"payload = {list(payload)!r}".replace("'", '"'),
         f"sinks = {['vectors', *also]!r}".replace("'", '"') if also else 'sink = "vectors"',
         extra_mapping,
     ]

@@ -475,7 +475,8 @@ class RelatedConfig(_Frozen):
     pattern: str | None = Field(
         default=None,
         description="graph: a Cypher pattern from the mapped node, e.g. "
-        '"(d:Document)-[:HAS_CHUNK]->(c)"',
+        '"(d:Document)-[:HAS_CHUNK]->(c)"; SurrealDB: a one-hop graph path from the mapped '
+        'record, e.g. "<-mentions<-entity"',
     )
     key: str = Field(default="id", description="the related table's key column / property")
     fields: dict[str, str] = Field(
@@ -680,12 +681,15 @@ class MappingConfig(_Frozen):
                 f"collection {self.collection!r}: use 1-255 letters, digits, _ . - (it names a "
                 "folder in embedded sinks: no path separators, no leading dot)"
             )
+        from .related import edge_path
+
         outputs: set[str] = set()
         for rel in self.related:
-            if rel.pattern is not None and self.match is None:
+            if rel.pattern is not None and self.match is None and edge_path(rel.pattern) is None:
                 raise ValueError(
                     f"related {rel.name!r} uses a pattern: name the mapped nodes with match, "
-                    'e.g. match = "(c:DocumentChunk)"'
+                    'e.g. match = "(c:DocumentChunk)" (or, on SurrealDB, write a graph path '
+                    'from the mapped record, e.g. pattern = "<-mentions<-entity")'
                 )
             for field in rel.fields:
                 if field in outputs:

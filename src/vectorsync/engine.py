@@ -488,7 +488,11 @@ class Engine:
     async def _validate(self) -> None:
         for m in self.config.mappings:
             checked = await check_mapping(
-                m, self.sources[m.source], graph=self._graph(m), schemaless=self._schemaless(m)
+                m,
+                self.sources[m.source],
+                graph=self._graph(m),
+                schemaless=self._schemaless(m),
+                edges=isinstance(self.config.sources.get(m.source), SurrealDBSourceConfig),
             )
             self._columns[m.name], self._relations[m.name] = checked
         check_keys(self.config.mappings, self._relations)
@@ -523,6 +527,11 @@ class Engine:
                 for spec in (
                     TableSpec(table=m.table, key=m.key),
                     *(TableSpec(table=r.table, key=r.key) for r in self._relations[m.name]),
+                    *(
+                        TableSpec(table=r.edge, key="id", edge=True)
+                        for r in self._relations[m.name]
+                        if r.edge is not None
+                    ),
                 )
             }
             ordered = sorted(specs, key=lambda s: s.table)

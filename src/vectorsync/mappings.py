@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from .config import MappingConfig, RelatedConfig
 from .errors import ConfigError
-from .related import Relation, node_pattern, pattern_nodes
+from .related import Relation, edge_path, node_pattern, pattern_nodes
 from .render import template_attributes, template_columns
 from .sinks.base import index_type_for
 from .sources.base import Source, TableSpec
@@ -19,19 +19,25 @@ logger = logging.getLogger(__name__)
 
 
 async def check_mapping(
-    m: MappingConfig, source: Source, *, graph: bool, schemaless: bool | None = None
+    m: MappingConfig,
+    source: Source,
+    *,
+    graph: bool,
+    schemaless: bool | None = None,
+    edges: bool = False,
 ) -> tuple[dict[str, str], tuple[Relation, ...]]:
     """The mapping's columns (name → declared type, related fields included) and its
     relations; ConfigError naming the field and the fix when something is not there.
     Graphs (and other ``schemaless`` sources: SurrealDB) accept a property no sampled
-    record has; it reads as NULL."""
+    record has; it reads as NULL. With ``edges`` (SurrealDB) a relation is a join or a
+    one-hop graph path over an edge table."""
     schemaless = graph if schemaless is None else schemaless
     cols = await source.columns(m.table)
     where = f"mapping {m.name!r}"
     if m.key in cols:
         await source.check_key(TableSpec(table=m.table, key=m.key))
     what = "node label" if graph else "source table"
-    relations = tuple(_relation(m, r, graph=graph) for r in m.related)
+    relations = tuple(_relation(m, r, graph=graph, edges=edges) for r in m.related)
     for rel in relations:
         cols.update(await _related_columns(m, rel, source, cols))
     listed = f"(columns: {', '.join(c for c in cols if not c.startswith('@'))})"
@@ -106,9 +112,27 @@ def check_keys(
                 )
 
 
-def _relation(m: MappingConfig, r: RelatedConfig, *, graph: bool) -> Relation:
+def _relation(m: MappingConfig, r: RelatedConfig, *, graph: bool, edges: bool) -> Relation:
     where = f"mapping {m.name!r}: related {r.name!r}"
     fields = tuple(r.fields.items())
+    if edges and r.pattern is not None:
+        path = edge_path(r.pattern)
+        if path is None:
+            raise ConfigError(
+                f"{where}: pattern {r.pattern!r} must be a one-hop SurrealQL graph path from "
+                'the mapped record, e.g. "<-mentions<-entity" or "->wrote->article"'
+            )
+        edge, table, edge_in = path
+        return Relation(
+            name=r.name,
+            table=table,
+            key=r.key,
+            fields=fields,
+            many=r.many,
+            pattern=r.pattern,
+            edge=edge,
+            edge_in=edge_in,
+        )
     if graph != (r.pattern is not None):
         use = "pattern" if graph else "table and on"
         raise ConfigError(f"{where}: source {m.source!r} takes {use} for a relation")

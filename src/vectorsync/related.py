@@ -20,9 +20,23 @@ from .model import Key
 if TYPE_CHECKING:
     from .sources.base import Source, TableSpec
 
-__all__ = ["RelatedRecord", "Relation", "key_order", "node_pattern", "pattern_nodes", "resolve"]
+__all__ = [
+    "EDGE",
+    "RelatedRecord",
+    "Relation",
+    "edge_path",
+    "key_order",
+    "node_pattern",
+    "pattern_nodes",
+    "resolve",
+]
 
 RelatedRecord = tuple[Key, Mapping[str, Any]]  # (related key, field → value)
+# a related record's field naming the edge it was reached through (``<edge table>:<key>``):
+# it joins the ``@relation`` key list, so that an edge deleted (a change feed entry that
+# holds only the edge's id) re-syncs the records built from it
+EDGE = "@edge"
+_EDGE_PATH = re.compile(r"(<-|->)([A-Za-z_]\w*)(<-|->)([A-Za-z_]\w*)")
 
 _NODE = re.compile(r"\(\s*([A-Za-z_]\w*)?\s*(?::\s*`?([A-Za-z_][\w]*)`?)?[^)]*\)")
 
@@ -47,6 +61,10 @@ class Relation:
     pattern: str | None = None
     owner_var: str = ""
     related_var: str = ""
+    # SurrealDB graph edges (``pattern = "<-mentions<-entity"``): the edge table, and whether
+    # the related record is the edge's ``in`` (the mapped one its ``out``) or the reverse
+    edge: str | None = None
+    edge_in: bool = False
 
     @property
     def deps_column(self) -> str:
@@ -66,6 +84,16 @@ def node_pattern(match: str) -> tuple[str, str]:
             'e.g. match = "(c:DocumentChunk)"'
         )
     return found.group(1), found.group(2)
+
+
+def edge_path(pattern: str) -> tuple[str, str, bool] | None:
+    """A one-hop SurrealQL graph path from the mapped record → (edge table, related table,
+    whether the related record is the edge's ``in``): ``<-mentions<-entity`` →
+    (mentions, entity, True); ``->wrote->article`` → (wrote, article, False)."""
+    found = _EDGE_PATH.fullmatch(pattern.replace(" ", ""))
+    if found is None or found.group(1) != found.group(3):
+        return None
+    return found.group(2), found.group(4), found.group(1) == "<-"
 
 
 def pattern_nodes(pattern: str) -> list[tuple[str, str | None]]:
@@ -98,7 +126,8 @@ async def resolve(
         found = await source.related(owner, rel, keys)
         for key, row in rows.items():
             records = sorted(found.get(key, ()), key=lambda r: key_order(r[0]))
-            row[rel.deps_column] = [k for k, _ in records]
+            edges = sorted(str(fields[EDGE]) for _, fields in records if EDGE in fields)
+            row[rel.deps_column] = [*(k for k, _ in records), *edges]
             for out, _ in rel.fields:
                 values = [fields.get(out) for _, fields in records]
                 row[out] = values if rel.many else (values[0] if values else None)

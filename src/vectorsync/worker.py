@@ -284,6 +284,8 @@ class SourceWorker:
             self._by_table.setdefault(m.config.table, []).append(m)
             for rel in m.relations:
                 self._watch.setdefault(rel.table, []).append((m, rel))
+                if rel.edge is not None:  # an edge's change: its key is "<edge>:<id>"
+                    self._watch.setdefault(rel.edge, []).append((m, rel))
         # the targets of a mapping with several sinks: one sink that is down holds no other back
         copies = isolated(m.config for m in mappings)
         self._outages.isolated = {m.name for m in mappings if m.config.name in copies}

@@ -174,3 +174,89 @@ async def test_credentials_stay_secret(workdir: Path, caplog: pytest.LogCaptureF
     texts = [str(failed.value), repr(failed.value), redact(repr(config)), caplog.text]
     assert f"127.0.0.1:{port}" in str(failed.value)
     assert not [t for t in texts if secret in t or in_url in t]
+
+
+RELATED = """
+[[mappings.related]]
+name = "doc"
+table = "document"
+on = { id = "doc" }
+fields = { doc_title = "title" }
+
+[[mappings.related]]
+name = "ents"
+pattern = "<-mentions<-entity"
+fields = { entities = "name" }
+many = true
+"""
+
+
+async def payloads(cfg: Path, surreal: SurrealApp) -> dict[Any, tuple[Any, Any]]:
+    """Sync once; each article's (doc_title, entities) as the sink holds them, after a full
+    check proved the sink equal to the source."""
+    async with Engine.open(load(cfg), connections={"app": surreal.db}) as engine:
+        await engine.run(once=True)
+        report = await engine.check("articles", mode="full")
+        assert report.consistent, report.counts
+        sink = engine.sinks["vectors"]
+        return {
+            r.payload["_vs_key"]: (r.payload["doc_title"], r.payload["entities"])
+            async for r in sink.scroll("articles")
+        }
+
+
+async def test_related_fields_follow_record_links_and_graph_edges(
+    workdir: Path, surreal: SurrealApp
+) -> None:
+    from surrealdb import RecordID
+
+    q = surreal.query
+    q("CREATE document:1 SET title = 'one'; CREATE document:2 SET title = 'two'")
+    q("CREATE entity:1 SET name = 'Ada'; CREATE entity:2 SET name = 'Bob'")
+    q("CREATE entity:3 SET name = 'Cy'")
+    for k in range(1, 5):
+        surreal.insert(k, doc=RecordID("document", 1 if k <= 2 else 2))
+    q("RELATE entity:1->mentions->articles:1; RELATE entity:2->mentions->articles:1")
+    q("RELATE entity:2->mentions->articles:2")
+    cfg = write_config(
+        workdir,
+        text="{{ title }} {{ doc_title }} {{ entities | join(' ') }}",
+        payload=["author", "doc_title", "entities"],
+        extra_mapping=RELATED,
+    )
+    assert await payloads(cfg, surreal) == {
+        1: ("one", ["Ada", "Bob"]),
+        2: ("one", ["Bob"]),
+        3: ("two", []),
+        4: ("two", []),
+    }
+    q("UPDATE entity:2 SET name = 'Bea'")  # a related record changes: both fan out
+    q("RELATE entity:3->mentions->articles:3")  # an edge appears
+    q("DELETE mentions WHERE in = entity:1")  # an edge goes (its feed entry: only its id)
+    q("UPDATE document:2 SET title = 'TWO'")  # a linked record changes
+    assert await payloads(cfg, surreal) == {
+        1: ("one", ["Bea"]),
+        2: ("one", ["Bea"]),
+        3: ("TWO", ["Cy"]),
+        4: ("TWO", []),
+    }
+    q("DELETE entity:2")  # a related record goes, and its edges with it
+    assert await payloads(cfg, surreal) == {
+        1: ("one", []),
+        2: ("one", []),
+        3: ("TWO", ["Cy"]),
+        4: ("TWO", []),
+    }
+
+
+async def test_a_graph_path_that_is_not_one_hop_names_the_form(
+    workdir: Path, surreal: SurrealApp
+) -> None:
+    surreal.insert(1)
+    cfg = write_config(
+        workdir,
+        extra_mapping=RELATED.replace("<-mentions<-entity", "<-mentions->entity"),
+    )
+    with pytest.raises(ConfigError, match="graph path from the mapped record"):
+        async with Engine.open(load(cfg), connections={"app": surreal.db}) as engine:
+            await engine.prepare()

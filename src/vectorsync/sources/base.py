@@ -16,6 +16,7 @@ __all__ = ["Backlog", "Source", "TableSpec", "WritesBack"]
 class TableSpec:
     table: str
     key: str
+    edge: bool = False  # a graph edge table a relation goes through (SurrealDB)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

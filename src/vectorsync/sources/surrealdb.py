@@ -50,7 +50,7 @@ from .._blocking import BlockingLane
 from ..errors import ConfigError, PermanentError, SourceError
 from ..model import Change, Key, Op
 from ..redact import redact
-from ..related import RelatedRecord, Relation
+from ..related import EDGE, RelatedRecord, Relation, key_order
 from .base import Backlog, TableSpec
 from .cypher import column_types
 
@@ -338,6 +338,10 @@ class SurrealDBSource:
     def _tables(self) -> dict[str, str]:
         return dict(self._state.get("tables") or {})
 
+    @property
+    def _edges(self) -> set[str]:
+        return set(self._state.get("edges") or ())
+
     # -- tables ---------------------------------------------------------------------------
     async def _table_names(self) -> list[str]:
         info = (await self._run("list tables", "INFO FOR DB"))[0]
@@ -379,7 +383,10 @@ class SurrealDBSource:
         for spec in new:
             await self._define(spec.table, f"CHANGEFEED {self.retention} INCLUDE ORIGINAL")
         for spec in new:
-            await self.resnapshot(spec)
+            if spec.edge:  # its changes only fan out to the records built through it
+                self._state["edges"] = sorted({*self._edges, spec.table})
+            else:
+                await self.resnapshot(spec)
             self._state["tables"] = {**self._tables, spec.table: spec.key}
             await self._save()
         return [s.table for s in new]
@@ -547,6 +554,8 @@ class SurrealDBSource:
         key = _key(rid)
         if key is None or table not in self._tables:
             return []
+        if table in self._edges:  # a delete holds only the edge's id: found by it in deps
+            key, op = edge_key(table, key), "update"
         kind: Op = op  # type: ignore[assignment]
         return [Change(table=table, key=key, op=kind, position=position, committed_at=at)]
 
@@ -681,7 +690,10 @@ class SurrealDBSource:
         self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
     ) -> dict[Key, list[RelatedRecord]]:
         """Record links: related records whose ``on[0]`` equals the owner's ``on[1]``
-        (a link field reads as the linked record's key)."""
+        (a link field reads as the linked record's key); graph edges: the records at the
+        other end of the owner's edges of ``rel.edge``."""
+        if rel.edge is not None:
+            return await self._across_edges(owner, rel, keys)
         assert rel.on is not None
         rc, oc = rel.on
         owners = await self.fetch(owner.table, owner.key, keys)
@@ -712,9 +724,56 @@ class SurrealDBSource:
         )[0]
         return [self._row(r) for r in rows]
 
+    async def _edges_of(
+        self, rel: Relation, side: str, table: str, keys: Sequence[Key]
+    ) -> list[dict[str, Any]]:
+        """The edges of ``rel.edge`` whose ``side`` (in / out) is one of these records."""
+        from surrealdb import RecordID
+
+        assert rel.edge is not None
+        found: list[dict[str, Any]] = []
+        for i in range(0, len(keys), PAGE):
+            ends = [RecordID(table, k) for k in keys[i : i + PAGE]]
+            found += (
+                await self._run(
+                    f"read the {rel.edge!r} edges of {table!r}",
+                    f"SELECT id, in, out FROM {ident(rel.edge)} WHERE {side} IN $ends",
+                    {"ends": ends},
+                )
+            )[0]
+        return found
+
+    def _sides(self, rel: Relation) -> tuple[str, str]:
+        """(the owner's side of an edge, the related record's side)."""
+        return ("out", "in") if rel.edge_in else ("in", "out")
+
+    async def _across_edges(
+        self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
+    ) -> dict[Key, list[RelatedRecord]]:
+        assert rel.edge is not None
+        near, far = self._sides(rel)
+        edges = [
+            e
+            for e in await self._edges_of(rel, near, owner.table, keys)
+            if getattr(e[far], "table_name", "") == rel.table
+        ]
+        ends = {k for e in edges if (k := _key(e[far])) is not None}
+        records = await self.fetch(rel.table, rel.key, sorted(ends, key=key_order))
+        found: dict[Key, list[RelatedRecord]] = {}
+        for e in edges:
+            mine, theirs, eid = _key(e[near]), _key(e[far]), _key(e["id"])
+            if mine is None or theirs is None or eid is None or theirs not in records:
+                continue
+            fields = {out: records[theirs].get(column) for out, column in rel.fields}
+            fields[EDGE] = edge_key(rel.edge, eid)
+            found.setdefault(mine, []).append((theirs, fields))
+        return found
+
     async def dependents(
         self, owner: TableSpec, rel: Relation, related_keys: Sequence[Key]
     ) -> list[Key]:
+        if rel.edge is not None:
+            return await self._edge_dependents(owner, rel, related_keys)
         assert rel.on is not None
         rc, oc = rel.on
         values: list[Any] = list(related_keys)
@@ -731,3 +790,38 @@ class SurrealDBSource:
             )
         )[0]
         return [k for r in rows if (k := _key(r["id"])) is not None]
+
+    async def _edge_dependents(
+        self, owner: TableSpec, rel: Relation, related_keys: Sequence[Key]
+    ) -> list[Key]:
+        """Owners across ``rel.edge`` now: from changed related records, and from changed
+        edges (keys ``<edge>:<id>``; a deleted one is found in the state store's deps)."""
+        from surrealdb import RecordID
+
+        assert rel.edge is not None
+        near, far = self._sides(rel)
+        prefix = f"{rel.edge}:"
+        edge_ids = [
+            k[len(prefix) :] for k in related_keys if isinstance(k, str) and k.startswith(prefix)
+        ]
+        records = [k for k in related_keys if not (isinstance(k, str) and k.startswith(prefix))]
+        ends: list[Any] = [e[near] for e in await self._edges_of(rel, far, rel.table, records)]
+        for i in range(0, len(edge_ids), PAGE):
+            ids = [RecordID(rel.edge, k) for k in edge_ids[i : i + PAGE]]
+            rows = (
+                await self._run(
+                    f"read {rel.edge!r} edges", "SELECT id, in, out FROM $ids", {"ids": ids}
+                )
+            )[0]
+            ends += [r[near] for r in rows]
+        owners = {
+            k
+            for end in ends
+            if getattr(end, "table_name", "") == owner.table and (k := _key(end)) is not None
+        }
+        return sorted(owners, key=key_order)
+
+
+def edge_key(edge: str, key: Key) -> str:
+    """How a change of an edge record, and the deps built through it, name the edge."""
+    return f"{edge}:{key}"
