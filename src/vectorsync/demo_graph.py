@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .falkordb_server import falkordb_server
 from .graph import GraphWriter
 from .worker import BatchReport
 
-__all__ = ["run_graph_demo"]
+__all__ = ["counting", "run_graph_demo", "stdlib_graph", "written_table"]
 
 CONFIG = """\
 [state]
@@ -75,7 +76,7 @@ sink = "vectors"
 QUERY = "parse a JSON document into Python objects"
 
 
-def _graph(records: int) -> tuple[list[dict[str, Any]], ...]:
+def stdlib_graph(records: int) -> tuple[list[dict[str, Any]], ...]:
     documents: dict[str, dict[str, Any]] = {}
     chunks, entities, has_chunk, mentions = [], [], [], []
     for s in stdlib_symbols(records):
@@ -102,7 +103,7 @@ async def run_graph_demo(directory: Path, *, records: int, embedder: str, consol
     directory.mkdir(parents=True)
     console.rule("[bold]vectorsync demo --graph")
     with falkordb_server() as server:
-        documents, chunks, entities, has_chunk, mentions = _graph(records)
+        documents, chunks, entities, has_chunk, mentions = stdlib_graph(records)
         with GraphWriter(server.url, "stdlib") as kg:
             kg.create_nodes("Document", documents)
             kg.create_nodes("DocumentChunk", chunks)
@@ -146,14 +147,7 @@ async def _live(
     mentions: list[dict[str, Any]],
     console: Console,
 ) -> None:
-    written: dict[str, dict[str, int]] = {}
-
-    def on_batch(report: BatchReport) -> None:
-        for mapping, counts in report.mappings.items():
-            mine = written.setdefault(mapping, {})
-            for k, n in counts.items():
-                mine[k] = mine.get(k, 0) + n
-
+    written, on_batch = counting()
     stop = asyncio.Event()
     streaming = asyncio.create_task(engine.run(stop=stop, on_batch=on_batch))
     kg.upsert_node("Document", {"id": "json", "title": "json: JSON encoding and decoding"})
@@ -170,6 +164,24 @@ async def _live(
     await engine.wait_for(await engine.head(), timeout=300)
     stop.set()
     await streaming
+    console.print("   written — only the records built from what changed:")
+    console.print(written_table(written))
+
+
+def counting() -> tuple[dict[str, dict[str, int]], Callable[[BatchReport], None]]:
+    """What the batches wrote, per mapping and count, and the ``on_batch`` that adds it up."""
+    written: dict[str, dict[str, int]] = {}
+
+    def on_batch(report: BatchReport) -> None:
+        for mapping, counts in report.mappings.items():
+            mine = written.setdefault(mapping, {})
+            for k, n in counts.items():
+                mine[k] = mine.get(k, 0) + n
+
+    return written, on_batch
+
+
+def written_table(written: dict[str, dict[str, int]]) -> Table:
     table = Table(show_edge=False)
     for col in ("mapping", "embedded", "payload-only", "deleted", "unchanged"):
         table.add_column(col)
@@ -178,8 +190,7 @@ async def _live(
             mapping,
             *(str(c.get(k, 0)) for k in ("embedded", "payload_only", "deleted", "skipped")),
         )
-    console.print("   written — only the records built from what changed:")
-    console.print(table)
+    return table
 
 
 async def _search(engine: Engine, console: Console) -> None:

@@ -166,3 +166,36 @@ def test_graph_demo_runs_and_stops_its_falkordb(workdir: Path) -> None:
     [port] = re.findall(r"FalkorDB at redis://127\.0\.0\.1:(\d+)", out)
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(port)), 1):
         pass  # the demo's server is gone
+
+
+def test_surrealdb_demo_writes_through_the_api_and_proves_the_sync(workdir: Path) -> None:
+    import re
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vectorsync",
+            "demo",
+            "--surrealdb",
+            "--embedder",
+            "hash",
+            "--records",
+            "400",
+            "--dir",
+            str(workdir / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    searched = out[out.index("3. A strong write") : out.index("4. Through")]
+    assert "notes.parse_json" in searched  # found right after the strong write returned
+    [row] = re.findall(r"chunks\s+│\s+(\d+)\s+│\s+(\d+)\s+│\s+(\d+)\s+│", out)
+    embedded, payload_only, deleted = map(int, row)
+    assert (embedded, deleted) == (1, 1)  # the note; the deleted chunk
+    assert payload_only >= 2  # the retitled document's chunks, the note's new edge
+    assert "chunks in sync" in out and "documents in sync" in out
