@@ -48,8 +48,6 @@ async def _edge_points(workdir: Path) -> dict[str, Any]:
 # -- 4: teardown then setup ---------------------------------------------------------------
 @pytest.mark.all_sources
 async def test_changes_after_teardown_and_setup_all_arrive(workdir: Path, app: App) -> None:
-    if app.kind == "surrealdb":  # a known defect, see the SurrealDB section of docs/sources.md
-        pytest.skip("SurrealDB: run --once after teardown + setup waits without end (open bug)")
     cfg = write_config(workdir)
     await sync_once(cfg)  # capture installed
     with app.transaction():

@@ -605,7 +605,8 @@ class SurrealDBSource:
 
     async def head(self) -> int:
         """The newest change committed before this call: a beat is written as a fence and
-        the feeds read up to it."""
+        the feeds read up to it. With nothing to read, the acknowledged position (not the
+        floor: a floor at the origin is no position a sync ever reaches)."""
         if not self._tables:
             return 0
         fence = await self._beat()
@@ -614,7 +615,7 @@ class SurrealDBSource:
             changes, intact = await self._transactions(floor, skip)
             if not changes:
                 if not intact or (skip[1] << 16) > fence:
-                    return newest or floor
+                    return newest or int(self._state.get("acked") or 0)
                 continue
             newest = floor = changes[-1].position
 
