@@ -318,8 +318,10 @@ class SurrealApp(App):
     def close(self) -> None:
         from vectorsync.sources.surrealdb import unshare
 
-        unshare(self.url)
-        self.db.close()
+        if self.db is not None:  # once: a test may close and reopen the file
+            unshare(self.url)
+            self.db.close()
+            self.db = None
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
         reply = self.db.query_raw(sql, dict(params or {}))

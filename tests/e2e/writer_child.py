@@ -1,5 +1,5 @@
 """An application writing through the write API while its engine streams, dying wherever
-VECTORSYNC_FAILPOINT says. Run by tests/integration/test_writer.py as
+VECTORSYNC_FAILPOINT says (an embedded SurrealDB file: opened here, the parent closed it). Run by tests/integration/test_writer.py as
 ``python -m tests.e2e.writer_child KEY`` in the project folder."""
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ import asyncio
 import sys
 from pathlib import Path
 
-from tests.helpers import load, streaming
+from tests.helpers import SurrealApp, load, streaming
 from vectorsync.engine import Engine
 
 
 async def main(key: int) -> None:
-    async with Engine.open(load(Path("vectorsync.toml"))) as engine:
+    config = load(Path("vectorsync.toml"))
+    if config.sources["app"].kind == "surrealdb":  # the embedded file is this process's
+        SurrealApp(Path.cwd() / "kb")  # opened and shared with the engine
+    async with Engine.open(config) as engine:
         await engine.prepare()
         async with streaming(engine), engine.writer("app", consistency="strong") as w:
             row = {"id": key, "title": f"written {key}", "body": "through the writer"}
