@@ -1,6 +1,7 @@
 """An application writing through the write API while its engine streams, dying wherever
-VECTORSYNC_FAILPOINT says (an embedded SurrealDB file: opened here, the parent closed it). Run by tests/integration/test_writer.py as
-``python -m tests.e2e.writer_child KEY`` in the project folder."""
+VECTORSYNC_FAILPOINT says (an embedded SurrealDB file: opened here, the parent closed it).
+Run by tests/integration/test_writer.py as ``python -m tests.e2e.writer_child KEY`` in the
+project folder."""
 
 from __future__ import annotations
 
