@@ -177,6 +177,41 @@ async def test_dead_letter_keeps_the_write_and_records_the_reason(workdir: Path,
     assert written.dead_lettered
 
 
+@pytest.mark.parametrize("compensate", ["undo", "dead_letter"])
+async def test_a_real_sinks_refusal_is_compensated(
+    workdir: Path, compensate: str, pgvector: Any, pgvector_schema: str
+) -> None:
+    """PostgreSQL's jsonb holds no NUL character (SQLite's text does): the pgvector sink
+    has the record refused for good, and the writer undoes or dead-letters it."""
+    app = App(workdir / "app.db")
+    try:
+        app.insert(1, title="the original")
+        sink = f'kind = "pgvector"\nurl = "{pgvector.url}"\nschema_name = "{pgvector_schema}"'
+        async with Engine.open(load(write_config(workdir, sink=sink))) as engine:
+            await engine.prepare()
+            how: Any = compensate
+            async with streaming(engine), engine.writer("app", compensate=how) as w:
+                await engine.wait_for(await engine.head(), timeout=30)
+                bad = _row(1, title="with a NUL", author="a\x00b")
+                if compensate == "undo":
+                    with pytest.raises(WriteRejected, match="'vectors'.*Unicode escape"):
+                        await w.upsert("articles", bad)
+                else:
+                    await w.upsert("articles", bad)
+                [point] = await _hit(engine, 1)
+                letters = await engine.state.dead_letters("articles")
+        if compensate == "undo":
+            assert app.rows()[1]["title"] == "the original"
+            assert point.payload["author"] == "ann"  # the restored row
+        else:
+            [letter] = letters
+            assert letter.key == "1" and "unsupported Unicode escape" in letter.message
+            assert app.rows()[1]["author"] == "a\x00b"  # the source keeps the write
+            assert point.payload["author"] == "ann"  # the last good point stays
+    finally:
+        app.close()
+
+
 def _child(workdir: Path, key: int, failpoint: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "VECTORSYNC_FAILPOINT": failpoint}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
