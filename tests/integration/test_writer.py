@@ -194,7 +194,7 @@ async def test_a_real_sinks_refusal_is_compensated(
                 await engine.wait_for(await engine.head(), timeout=30)
                 bad = _row(1, title="with a NUL", author="a\x00b")
                 if compensate == "undo":
-                    with pytest.raises(WriteRejected, match="'vectors'.*Unicode escape"):
+                    with pytest.raises(WriteRejected, match=r"'vectors'.*Unicode escape"):
                         await w.upsert("articles", bad)
                 else:
                     await w.upsert("articles", bad)
