@@ -1050,7 +1050,7 @@ class SourceWorker:
                 text_hash=seen.text_hash,
                 text_changed=state.text_hash != seen.text_hash,
                 kept=marker,
-                source_payload=res.payload if res is not None else fields,
+                source_payload=fields,  # the source's side, before resolution
             )
             if vec is not None and vec.kept is not None:
                 still[KEPT_VECTOR] = vec.kept
