@@ -328,3 +328,22 @@ def test_keep_both_needs_a_qdrant_sink_and_keeps_no_payload_to_write_back(
     both = 'conflicts = "keep_both"\nwrite_back = true'
     with pytest.raises(ConfigError, match="keep_both keeps no payload field"):
         load(write_config(workdir, sink=SINKS["qdrant-edge"], extra_mapping=both))
+
+
+async def test_switching_to_keep_both_builds_the_next_index_version(
+    workdir: Path, app: App
+) -> None:
+    for k in range(1, 4):
+        app.insert(k)
+    await _sync(_config(workdir, "qdrant-edge", "merge"))
+    config = _config(workdir, "qdrant-edge", "keep_both")
+    counts, _ = await _sync(config)  # the collection's vectors change: version 2, swapped
+    assert counts.get("embedded", 0) == 0  # its vectors come from the embedding cache
+    async with Engine.open(config, embedders={"default": EMBEDDER}) as engine:
+        live = [v for v in await engine.indexes("articles") if v["state"] == "live"]
+        assert [v["version"] for v in live] == [2]
+    await _edit(config, {}, vectors={3})
+    app.update(3, tags="b")
+    await _sync(config)
+    p = (await _points(config))[3]
+    assert _same(p.extra[FOREIGN], _theirs(3)) and p.payload["tags"] == "b"
