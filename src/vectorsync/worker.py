@@ -174,6 +174,7 @@ class _Seen:
     kept: Mapping[str, Kept]  # key → sink values kept earlier
     bases: Mapping[str, list[float]]  # text hash → the vector last written
     text_hash: str
+    unsettled: set[str]  # keys an uncommitted batch planned
 
 
 @dataclass(slots=True, kw_only=True)
@@ -288,6 +289,7 @@ class SourceWorker:
         # with what the earlier one will have written (not with stale committed state).
         self._overlay: dict[tuple[str, str], RecordState | None] = {}
         self._inflight_vectors: dict[str, list[float]] = {}
+        self._inflight_foreign: dict[str, list[float]] = {}  # point id → keep_both's, unsettled
         self._pending_dlq: dict[str, set[str]] = {}
         self.totals: dict[str, int] = {}
         self.stats = stats or SourceStats()
@@ -808,12 +810,16 @@ class SourceWorker:
         kept: dict[str, Kept] = {}
         held: dict[str, SinkRecord] = {}
         bases: dict[str, list[float]] = {}
+        unsettled: set[str] = set()
         if resolver is not None:  # the points as they are now, to find others' edits
             kept = await self.state.kept(m.name, work.keys)
             ids = [st.point_id for st in states.values()]
             read = partial(m.sink.retrieve, m.collection, ids, with_vectors=True)
             held = {r.id: r for r in await self._retry(f"read {m.collection}", read, self._stop)}
-            bases = await self._last_vectors(m, [states[k] for k in states if k in work.keys])
+            bases = await self._last_vectors(m, list(states.values()))
+            # planned by a batch not committed yet: its point may not hold that write yet,
+            # so what it holds is no evidence of someone else's edit (a later write or check is)
+            unsettled = {k for k in work.keys if (m.name, k) in self._overlay}
         for key, change in keyed.items():
             skey = str(key)
             state = states.get(skey)
@@ -853,7 +859,9 @@ class SourceWorker:
             fields, fields_hash = rendered.payload, rendered.payload_hash
             vec: VectorResolution | None = None
             if resolver is not None:
-                seen = _Seen(held=held, kept=kept, bases=bases, text_hash=text_hash)
+                seen = _Seen(
+                    held=held, kept=kept, bases=bases, text_hash=text_hash, unsettled=unsettled
+                )
                 fields, vec = self._resolved(work, resolver, key, rendered.payload, state, seen)
                 fields_hash = payload_hash(fields)
             payload = {
@@ -900,8 +908,12 @@ class SourceWorker:
                 work.inserted += state is None
                 work.text_changed += state is None or state.text_hash != text_hash
                 foreign = vec.foreign if vec is not None else None
+                if foreign is None:  # keep_both: a kept foreign vector stays
+                    foreign = self._inflight_foreign.get(new.point_id)
                 if foreign is None and rec is not None:
-                    foreign = rec.extra.get(FOREIGN)  # keep_both: a kept foreign vector stays
+                    foreign = rec.extra.get(FOREIGN)
+                if foreign is not None:
+                    self._inflight_foreign[new.point_id] = foreign
                 work.upserts.append(
                     _Upsert(
                         key=key,
@@ -1040,6 +1052,8 @@ class SourceWorker:
         marker = before.pop(KEPT_VECTOR, None)
         fields, still = apply_kept(source, before)
         rec = seen.held.get(state.point_id) if state is not None else None
+        if skey in seen.unsettled:
+            rec = None
         vec = None
         if state is not None and rec is not None:
             res = resolver.resolve(skey, state.payload, fields, rec.payload)
@@ -1459,6 +1473,8 @@ class SourceWorker:
             flying[work.mapping.name] = flying.get(work.mapping.name, 1) - 1
             for u in work.upserts:
                 self._inflight_vectors.pop(u.text_hash, None)
+                if u.extra and self._inflight_foreign.get(u.id) is u.extra.get(FOREIGN):
+                    del self._inflight_foreign[u.id]
             if work.deferred:
                 self._outages.behind.add(work.mapping.name)
             pending = self._pending_dlq.setdefault(work.mapping.name, set())
