@@ -677,6 +677,7 @@ class Checker:
             or d.category == KNOWN
             or (d.category, d.key) in still
             or key_text(d.key) in known
+            or (d.conflict and d.category == "stale")  # a vector: compare_keys reads none
         ]
         report.drift = kept
         report.counts = {c: 0 for c in (*CATEGORIES, KNOWN)}

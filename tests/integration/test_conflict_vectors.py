@@ -347,3 +347,28 @@ async def test_switching_to_keep_both_builds_the_next_index_version(
     await _sync(config)
     p = (await _points(config))[3]
     assert _same(p.extra[FOREIGN], _theirs(3)) and p.payload["tags"] == "b"
+
+
+async def test_a_check_while_streaming_keeps_the_vector_edit_it_found(
+    workdir: Path, app: App
+) -> None:
+    import asyncio
+
+    for k in range(1, 4):
+        app.insert(k)
+    config = _config(workdir, "qdrant-edge", "merge")
+    async with Engine.open(config, embedders={"default": EMBEDDER}) as engine:
+        await engine.prepare()
+        stop = asyncio.Event()
+        streaming = asyncio.create_task(engine.run(stop=stop))
+        try:
+            await engine.wait_for(await engine.head(), timeout=30)
+            sink, pid = engine.sinks["vectors"], point_id("articles", 1)
+            [rec] = await sink.retrieve("articles", [pid])
+            await sink.upsert("articles", [Point(id=pid, vector=_theirs(1), payload=rec.payload)])
+            app.update(2, tags="b")  # a change in flight: confirmed after the sync applied it
+            report = await engine.check("articles", mode="full")
+            assert [(d.key, d.category, d.conflict) for d in report.drift] == [(1, "stale", True)]
+        finally:
+            stop.set()
+            await streaming
