@@ -2,6 +2,7 @@
 
 python bench/bench_sync.py content    # end-to-end content changes ÷ raw embedder rate
 python bench/bench_sync.py metadata   # metadata-only changes/s, SQLite → qdrant-edge
+python bench/bench_sync.py metadata --conflicts merge   # the same under a conflict policy
 python bench/bench_sync.py rss        # peak RSS syncing 100k records (hash embedder)
 python bench/bench_sync.py all
 """
@@ -56,7 +57,7 @@ sink = "vectors"
 """
 
 
-def _fresh(name: str, embedder: str, batch: int = 1000) -> Path:
+def _fresh(name: str, embedder: str, batch: int = 1000, mapping: str = "") -> Path:
     folder = WORK / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -67,7 +68,8 @@ def _fresh(name: str, embedder: str, batch: int = 1000) -> Path:
     )
     db.commit()
     db.close()
-    (folder / "vectorsync.toml").write_text(CONFIG.format(embedder=embedder, batch=batch))
+    config = CONFIG.format(embedder=embedder, batch=batch) + mapping
+    (folder / "vectorsync.toml").write_text(config)
     return folder
 
 
@@ -160,10 +162,16 @@ async def bench_content(n: int) -> None:
     )
 
 
-async def bench_metadata(n: int) -> None:
+async def bench_metadata(n: int, conflicts: str = "source_wins") -> None:
     """Metadata-only updates SQLite → qdrant-edge: a distinct value per row, then one value
-    for every row (updates that set the same values share a sink call)."""
-    folder = _fresh("metadata", "hash")
+    for every row (updates that set the same values share a sink call). With another
+    ``conflicts`` policy each batch reads its points with their vectors first
+    (docs/conflicts.md): results/metadata-<policy>.json."""
+    name = "metadata" if conflicts == "source_wins" else f"metadata-{conflicts}"
+    policy = f'conflicts = "{conflicts}"\n' if conflicts != "source_wins" else ""
+    if conflicts == "latest_wins":
+        policy += 'conflict_timestamp = "published"\n'
+    folder = _fresh(name, "hash", mapping=policy)
     _insert(
         folder,
         [(i, f"title {i}", f"body of record {i}", "ann", "a", 2020) for i in range(1, n + 1)],
@@ -184,9 +192,10 @@ async def bench_metadata(n: int) -> None:
     assert result.counts.get("payload_only") == n and not result.counts.get("embedded")
     assert same.counts.get("payload_only") == n and not same.counts.get("embedded")
     _write(
-        "metadata",
+        name,
         {
             "records": n,
+            "conflicts": conflicts,
             "initial_sync_per_s": round(initial.changes / initial.seconds, 1),
             "metadata_changes": result.changes,
             "metadata_changes_per_s": round(result.changes / result.seconds, 1),
@@ -246,11 +255,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("which", choices=["content", "metadata", "rss", "rss-child", "all"])
     parser.add_argument("--records", type=int, default=0)
+    parser.add_argument(
+        "--conflicts",
+        default="source_wins",
+        choices=["source_wins", "latest_wins", "merge", "keep_both"],
+        help="metadata: the mapping's conflict policy",
+    )
     args = parser.parse_args()
     if args.which in ("content", "all"):
         asyncio.run(bench_content(args.records or 800))
     if args.which in ("metadata", "all"):
-        asyncio.run(bench_metadata(args.records or 50_000))
+        asyncio.run(bench_metadata(args.records or 50_000, args.conflicts))
     if args.which in ("rss", "all"):
         bench_rss(args.records or 100_000)
     if args.which == "rss-child":

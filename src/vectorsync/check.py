@@ -31,7 +31,7 @@ import rbloom
 import xxhash
 
 from .chunking import CHUNK_FIELDS, Chunker, chunk_point_id
-from .conflicts import Kept, Resolver, apply_kept
+from .conflicts import Conflict, Kept, Resolver, apply_kept
 from .errors import RecordError
 from .model import (
     DIGEST_BUCKETS,
@@ -194,6 +194,7 @@ class Checker:
         select: Callable[[Mapping[str, Any]], bool] | None = None,
         resolver: Resolver | None = None,
         kept: Mapping[str, Kept] | None = None,
+        vectors: Callable[[], Awaitable[list[tuple[Key, str, Conflict]]]] | None = None,
     ) -> None:
         self.mapping, self.source, self.table, self.key = mapping, source, table, key
         self.family = family or mapping  # the name point ids derive from (MappingConfig.family)
@@ -206,6 +207,7 @@ class Checker:
         self.state, self.digest_columns = state, digest_columns
         self.resolver = resolver  # finds conflicts: points edited in the sink by others
         self.kept = kept or {}  # sink values a conflict policy keeps over the source's
+        self.vectors = vectors  # full mode: points whose vector others changed (conflicts)
         self.chunker = chunker  # a chunked mapping: each record is the set of its chunk points
         if chunker is not None:
             stored = CHUNK_FIELDS if chunker.config.store_text else CHUNK_FIELDS[:-1]
@@ -384,6 +386,7 @@ class Checker:
         held = await self._points_of(suspects) if self.chunker is not None and suspects else None
         for start in range(0, len(suspects), _COMPARE_PAGE):
             drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE], held)
+        drift += await self._vector_conflicts(drift)
         differing = sum(1 for a, b in zip(src_buckets, snk_buckets, strict=True) if a != b)
         return self._report(
             "full",
@@ -647,6 +650,20 @@ class Checker:
             await self.state.log_conflicts(logged)
         return [marked.get(d.point_id, d) for d in drift]
 
+    async def _vector_conflicts(self, drift: list[Drift]) -> list[Drift]:
+        """Points whose vector someone else changed: logged (once while open), and stale."""
+        if self.vectors is None:
+            return []
+        found = await self.vectors()
+        if found:
+            await self.state.log_conflicts([c for _, _, c in found])
+        drifted = {d.key for d in drift}
+        return [
+            Drift(category="stale", key=key, point_id=pid, conflict=True)
+            for key, pid, _ in found
+            if key not in drifted
+        ]
+
     async def confirm(self, report: CheckReport) -> None:
         """Keep only the drift that is still there: compare the drifted records again
         (after a streaming sync applied what was in flight when the check read them)."""
@@ -660,6 +677,7 @@ class Checker:
             or d.category == KNOWN
             or (d.category, d.key) in still
             or key_text(d.key) in known
+            or (d.conflict and d.category == "stale")  # a vector: compare_keys reads none
         ]
         report.drift = kept
         report.counts = {c: 0 for c in (*CATEGORIES, KNOWN)}

@@ -609,11 +609,13 @@ class MappingConfig(_Frozen):
         description="a model per kind of record: each embedder chosen runs as a copy of the "
         "mapping with its own collection, named <mapping>.<embedder> after the first",
     )
-    conflicts: Literal["source_wins", "latest_wins", "merge"] = Field(
+    conflicts: Literal["source_wins", "latest_wins", "merge", "keep_both"] = Field(
         default="source_wins",
-        description="a payload field edited in the sink by someone else: source_wins "
-        "overwrites it (nothing extra read); latest_wins keeps the newer side by "
-        "conflict_timestamp; merge keeps a field only the sink changed (docs/conflicts.md)",
+        description="a payload field or vector edited in the sink by someone else: "
+        "source_wins overwrites it (nothing extra read); latest_wins keeps the newer side by "
+        "conflict_timestamp; merge keeps what only the sink changed; keep_both keeps a "
+        "foreign vector as the named vector 'foreign' beside the source's (Qdrant sinks; "
+        "payload fields as source_wins) (docs/conflicts.md)",
     )
     conflict_timestamp: str | None = Field(
         default=None, description="latest_wins: the payload field that says which side is newer"
@@ -748,10 +750,15 @@ class MappingConfig(_Frozen):
                 )
         if self.conflicts != "source_wins" and self.chunking is not None:
             raise ValueError(f'conflicts = "{self.conflicts}" and chunking cannot be combined yet')
-        if self.write_back and self.conflicts == "source_wins":
+        if self.write_back and self.conflicts in ("source_wins", "keep_both"):
             raise ValueError(
                 'write_back carries sink edits a policy keeps: set conflicts = "merge" or '
-                '"latest_wins" with it (source_wins keeps none)'
+                f'"latest_wins" with it ({self.conflicts} keeps no payload field)'
+            )
+        if self.conflicts == "keep_both" and self.vectors:
+            raise ValueError(
+                'conflicts = "keep_both" and named vectors ([[mappings.vectors]]) cannot be '
+                'combined yet: use conflicts = "merge" or "latest_wins" with them'
             )
 
     @property
@@ -917,6 +924,8 @@ class Config(_Frozen):
             _graph_collection(where, m, self.sinks.get(m.sink))
             _edges(where, m, self)
             _vectors(where, m, self.sinks.get(m.sink))
+            for name in m.sinks or (m.sink,):
+                _keep_both(where, m, name, self.sinks.get(name))
             _sparse(where, m, self.embedders)
             source = self.sources.get(m.source)
             if m.write_back and not isinstance(source, SqliteSourceConfig | PostgresSourceConfig):
@@ -956,6 +965,16 @@ def _vectors(where: str, m: MappingConfig, sink: SinkConfig | None) -> None:
         raise ValueError(
             f"{where}: named vectors need a Qdrant sink (qdrant-edge or qdrant); sink "
             f"{m.sink!r} ({kind}) stores one vector per point: declare one mapping per vector"
+        )
+
+
+def _keep_both(where: str, m: MappingConfig, name: str, sink: SinkConfig | None) -> None:
+    if m.conflicts == "keep_both" and not isinstance(sink, QdrantEdgeSinkConfig | QdrantSinkConfig):
+        kind = getattr(sink, "kind", "?")
+        raise ValueError(
+            f'{where}: conflicts = "keep_both" keeps a foreign vector as a second named vector, '
+            f"which needs a Qdrant sink (qdrant-edge or qdrant); sink {name!r} is {kind}: "
+            'use conflicts = "merge", "latest_wins" or "source_wins" with it'
         )
 
 

@@ -51,7 +51,7 @@ from .config import (
     SparseEmbedderConfig,
     SurrealDBSourceConfig,
 )
-from .conflicts import Resolver, resolve_manually
+from .conflicts import Resolver, layout_for, parts_of, resolve_manually, vector_conflicts
 from .embed.base import Embedder
 from .embed.named import NamedVectors, layout_of, stored_layout
 from .errors import ConfigError, RetryableError, VectorsyncError, classify, describe
@@ -1113,6 +1113,8 @@ class Engine:
             )
         )
         schema = _digest(self.sync_part(cfg, made["model"], made["dimension"], made["distance"]))
+        # a policy that resolves conflicts: its vectors are compared too (full mode)
+        kept = await self.state.kept(m.name) if m.conflicts != "source_wins" else None
         return Checker(
             mapping=m.name,
             source=self.sources[m.source],
@@ -1131,7 +1133,20 @@ class Engine:
             family=m.family,
             select=m.row_filter,
             resolver=Resolver(m),
-            kept=await self.state.kept(m.name) if m.conflicts != "source_wins" else None,
+            kept=kept,
+            vectors=None
+            if kept is None
+            else partial(
+                vector_conflicts,
+                Resolver(m),
+                sink=sink,
+                collection=collection,
+                state=self.state,
+                state_name=m.name,
+                model_id=made["model"],
+                parts=parts_of(stored_layout(made), made["dimension"], made["distance"]),
+                kept=kept,
+            ),
         )
 
     async def check(
@@ -1527,7 +1542,7 @@ class Engine:
                             name=live.collection,
                             dimension=made.dimension,
                             distance=made.distance,
-                            vectors=layout_of(made),
+                            vectors=stored_layout(live.definition) or layout_of(made),
                         )
                     )
                     return made, sink, live.collection
@@ -1535,7 +1550,7 @@ class Engine:
                 name=m.collection_name,
                 dimension=embedder.dimension,
                 distance=embedder.distance,
-                vectors=layout_of(embedder),
+                vectors=layout_for(m, embedder),
             )
             await sink.ensure_collection(spec)
         return embedder, sink, m.collection_name

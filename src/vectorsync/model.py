@@ -185,6 +185,9 @@ class Point:
     vector: list[float]
     payload: dict[str, Any]
     sparse: Mapping[str, SparseVector] = field(default_factory=dict)  # named sparse vectors
+    # named dense vectors beside the concatenation (sinks.base.VectorSpec.extra): the
+    # foreign vector conflicts' keep_both keeps
+    extra: Mapping[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,6 +207,7 @@ class SinkRecord:
     id: str
     payload: dict[str, Any]
     vector: list[float] | None = field(default=None, repr=False)
+    extra: dict[str, list[float]] = field(default_factory=dict, repr=False)  # Point.extra
 
 
 ConditionOp = Literal["eq", "ne", "gt", "gte", "lt", "lte"]

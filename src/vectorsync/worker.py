@@ -31,7 +31,17 @@ from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
 from .chunking import Chunker, chunk_point_id
 from .config import MappingConfig
-from .conflicts import Conflict, Kept, Resolver, apply_kept
+from .conflicts import (
+    FOREIGN,
+    KEPT_VECTOR,
+    Conflict,
+    Kept,
+    Resolver,
+    VectorResolution,
+    apply_kept,
+    combined,
+    vector_parts,
+)
 from .embed.base import Embedder, Metered
 from .embed.named import NamedVectors
 from .errors import (
@@ -153,6 +163,18 @@ class _Upsert:
     text: str
     vector: list[float] | None = None
     fresh: bool = True  # a point the record did not have (deleted if the record is refused)
+    extra: dict[str, list[float]] = field(default_factory=dict)  # keep_both's foreign vector
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Seen:
+    """What a batch read to resolve conflicts, and the text hash a record has now."""
+
+    held: Mapping[str, SinkRecord]  # point id → the point as it is
+    kept: Mapping[str, Kept]  # key → sink values kept earlier
+    bases: Mapping[str, list[float]]  # text hash → the vector last written
+    text_hash: str
+    unsettled: set[str]  # keys an uncommitted batch planned
 
 
 @dataclass(slots=True, kw_only=True)
@@ -267,6 +289,7 @@ class SourceWorker:
         # with what the earlier one will have written (not with stale committed state).
         self._overlay: dict[tuple[str, str], RecordState | None] = {}
         self._inflight_vectors: dict[str, list[float]] = {}
+        self._inflight_foreign: dict[str, list[float]] = {}  # point id → keep_both's, unsettled
         self._pending_dlq: dict[str, set[str]] = {}
         self.totals: dict[str, int] = {}
         self.stats = stats or SourceStats()
@@ -788,11 +811,17 @@ class SourceWorker:
         resolver = self._resolvers.get(m.name)
         kept: dict[str, Kept] = {}
         held: dict[str, SinkRecord] = {}
+        bases: dict[str, list[float]] = {}
+        unsettled: set[str] = set()
         if resolver is not None:  # the points as they are now, to find others' edits
             kept = await self.state.kept(m.name, work.keys)
             ids = [st.point_id for st in states.values()]
-            read = partial(m.sink.retrieve, m.collection, ids)
+            read = partial(m.sink.retrieve, m.collection, ids, with_vectors=True)
             held = {r.id: r for r in await self._retry(f"read {m.collection}", read, self._stop)}
+            bases = await self._last_vectors(m, list(states.values()))
+            # planned by a batch not committed yet: its point may not hold that write yet,
+            # so what it holds is no evidence of someone else's edit (a later write or check is)
+            unsettled = {k for k in work.keys if (m.name, k) in self._overlay}
         for key, change in keyed.items():
             skey = str(key)
             state = states.get(skey)
@@ -830,8 +859,12 @@ class SourceWorker:
             # go to the sink as one call (sinks.base.same_updates)
             version = max(batch.position, state.source_version if state else 0)
             fields, fields_hash = rendered.payload, rendered.payload_hash
+            vec: VectorResolution | None = None
             if resolver is not None:
-                fields = self._resolved(work, resolver, key, rendered.payload, state, held, kept)
+                seen = _Seen(
+                    held=held, kept=kept, bases=bases, text_hash=text_hash, unsettled=unsettled
+                )
+                fields, vec = self._resolved(work, resolver, key, rendered.payload, state, seen)
                 fields_hash = payload_hash(fields)
             payload = {
                 **fields,
@@ -868,9 +901,21 @@ class SourceWorker:
                     self._plan_state(batch, (m.name, skey), chunked)
                 continue
             work.done.append(skey)
-            if state is None or state.text_hash != text_hash:
+            rec = held.get(new.point_id)
+            # a vector conflict: keep the sink's (no vector written), or write the source's
+            action = vec.action if vec is not None else None
+            if state is None or (
+                action != "keep" and (state.text_hash != text_hash or action is not None)
+            ):
                 work.inserted += state is None
-                work.text_changed += 1
+                work.text_changed += state is None or state.text_hash != text_hash
+                foreign = vec.foreign if vec is not None else None
+                if foreign is None:  # keep_both: a kept foreign vector stays
+                    foreign = self._inflight_foreign.get(new.point_id)
+                if foreign is None and rec is not None:
+                    foreign = rec.extra.get(FOREIGN)
+                if foreign is not None:
+                    self._inflight_foreign[new.point_id] = foreign
                 work.upserts.append(
                     _Upsert(
                         key=key,
@@ -879,13 +924,14 @@ class SourceWorker:
                         text_hash=text_hash,
                         payload=payload,
                         text=rendered.text,
+                        extra={FOREIGN: foreign} if foreign is not None else {},
                     )
                 )
-            elif (state.payload_hash, state.schema_version) != (
+            elif state.text_hash != text_hash or (state.payload_hash, state.schema_version) != (
                 new.payload_hash,
                 new.schema_version,
             ):
-                if (rec := held.get(new.point_id)) is not None:  # to what the point holds
+                if rec is not None:  # to what the point holds
                     update = _payload_update(new.point_id, _ours(rec.payload, payload), payload)
                     if not update.set and not update.unset:
                         work.state_only.append(new)
@@ -978,6 +1024,18 @@ class SourceWorker:
         work.state_only.append(st)
         return st
 
+    async def _last_vectors(
+        self, m: MappingRuntime, states: Sequence[RecordState]
+    ) -> dict[str, list[float]]:
+        """The vectors last written for these records, by text hash: an in-flight batch's,
+        else the embedding cache's (a vector conflict is found by comparing with them)."""
+        hashes = {st.text_hash for st in states}
+        found = {h: self._inflight_vectors[h] for h in hashes if h in self._inflight_vectors}
+        missing = sorted(hashes - set(found))
+        if missing:
+            found.update(await self.state.cached_vectors(m.embedder.model_id, missing))
+        return found
+
     def _resolved(
         self,
         work: _MappingWork,
@@ -985,19 +1043,45 @@ class SourceWorker:
         key: Key,
         source: dict[str, Any],
         state: RecordState | None,
-        held: Mapping[str, SinkRecord],
-        kept: Mapping[str, Kept],
-    ) -> dict[str, Any]:
+        seen: _Seen,
+    ) -> tuple[dict[str, Any], VectorResolution | None]:
         """A record's payload fields by the mapping's conflict policy: the source's, with
         the sink values kept earlier over it, and the sink edits found now resolved (see
-        conflicts). What is kept, logged and written back is noted in ``work``."""
+        conflicts), and what becomes of its vector. What is kept, logged and written back
+        is noted in ``work``."""
         skey = str(key)
-        fields, still = apply_kept(source, kept.get(skey))
-        rec = held.get(state.point_id) if state is not None else None
+        before = dict(seen.kept.get(skey) or {})
+        marker = before.pop(KEPT_VECTOR, None)
+        fields, still = apply_kept(source, before)
+        rec = seen.held.get(state.point_id) if state is not None else None
+        if skey in seen.unsettled:
+            rec = None
+        vec = None
         if state is not None and rec is not None:
             res = resolver.resolve(skey, state.payload, fields, rec.payload)
-            if res is not None:
+            vec = resolver.resolve_vector(
+                base=seen.bases.get(state.text_hash),
+                sink=rec,
+                parts=vector_parts(work.mapping.embedder),
+                text_hash=seen.text_hash,
+                text_changed=state.text_hash != seen.text_hash,
+                kept=marker,
+                source_payload=fields,  # the source's side, before resolution
+            )
+            if vec is not None and vec.kept is not None:
+                still[KEPT_VECTOR] = vec.kept
+            if vec is not None and vec.logged is not None:
+                template = Conflict(
+                    mapping=resolver.mapping,
+                    key=skey,
+                    policy=resolver.policy,
+                    resolution="",
+                    fields={},
+                )
+                work.conflicts.append(combined(res.conflict if res else None, vec, template))
+            elif res is not None:
                 work.conflicts.append(res.conflict)
+            if res is not None:
                 fields = res.payload
                 still.update((f, (v, source.get(f))) for f, (v, _) in res.kept.items())
                 back = {f: still.pop(f)[0] for f in list(still) if f in resolver.columns}
@@ -1005,9 +1089,9 @@ class SourceWorker:
                     work.write_back.append((key, back))
                 else:
                     still.update((f, (v, source.get(f))) for f, v in back.items())
-        if still != kept.get(skey, {}):
+        if still != seen.kept.get(skey, {}):
             work.kept[skey] = still or None
-        return fields
+        return fields, vec
 
     def _withdraw(self, work: _MappingWork, skey: str) -> list[str]:
         """Take a record out of the batch (it is dead-lettered: its state stays as it was);
@@ -1185,6 +1269,7 @@ class SourceWorker:
                 vector=u.vector or [],
                 payload=u.payload,
                 sparse=sparse(u.text) if sparse is not None else {},
+                extra=u.extra,
             )
             for u in work.upserts
         ]
@@ -1390,6 +1475,8 @@ class SourceWorker:
             flying[work.mapping.name] = flying.get(work.mapping.name, 1) - 1
             for u in work.upserts:
                 self._inflight_vectors.pop(u.text_hash, None)
+                if u.extra and self._inflight_foreign.get(u.id) is u.extra.get(FOREIGN):
+                    del self._inflight_foreign[u.id]
             if work.deferred:
                 self._outages.behind.add(work.mapping.name)
             pending = self._pending_dlq.setdefault(work.mapping.name, set())

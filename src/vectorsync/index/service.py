@@ -24,8 +24,9 @@ from ..backoff import retrying
 from ..check import Checker
 from ..chunking import chunker_for, chunking_definition
 from ..config import ChunkingConfig, EmbedderConfig, MappingConfig
+from ..conflicts import layout_for
 from ..embed.base import Embedder
-from ..embed.named import layout_of
+from ..embed.named import layout_of, stored_layout
 from ..errors import ConfigError, PermanentError, RecordError
 from ..events import IndexSwapped, ReindexStarted
 from ..model import Key, content_hash, key_text, point_id
@@ -73,9 +74,11 @@ def index_definition(m: MappingConfig, embedder: Embedder, embedder_cfg: Any) ->
     chunking = chunking_definition(m.chunking, embedder_cfg)
     if chunking is not None:  # absent otherwise: versions made before chunking stay valid
         definition["chunking"] = chunking
-    layout = layout_of(embedder)
-    if layout:  # likewise: named vectors (embed.named)
+    layout = layout_for(m, embedder)
+    if layout:  # likewise: named vectors (embed.named), keep_both's (conflicts)
         definition["vectors"] = [dataclasses.asdict(v) for v in layout]
+    if m.conflicts == "keep_both":  # its points have named vectors: a version of its own
+        definition["keep_both"] = True
     return definition
 
 
@@ -98,6 +101,8 @@ def version_config(m: MappingConfig, definition: Mapping[str, Any]) -> MappingCo
 
 def index_digest(definition: Mapping[str, Any]) -> str:
     made = {k: definition.get(k) for k in INDEX_KEYS if k != "chunking"}
+    if definition.get("keep_both"):  # absent otherwise: older versions keep their digest
+        made["keep_both"] = True
     chunking = definition.get("chunking")
     if chunking:
         made["chunking"] = {k: v for k, v in chunking.items() if k != "tokenizer"}
@@ -220,7 +225,7 @@ class IndexService:
             dimension=embedder.dimension,
             distance=embedder.distance,
             indexes={**indexes, "_vs_key": "keyword" if e.is_text_key(m) else "integer"},
-            vectors=layout_of(embedder),
+            vectors=stored_layout(version.definition) or layout_of(embedder),
         )
         await retrying(
             f"{m.sink}: open collection {spec.name}",

@@ -21,6 +21,7 @@ __all__ = [
     "Sink",
     "Sized",
     "VectorSpec",
+    "extra_vectors",
     "index_type_for",
     "join_vectors",
     "named_vectors",
@@ -39,6 +40,9 @@ class VectorSpec:
     dimension: int
     distance: Distance
     sparse: bool = False  # a sparse vector (embed.sparse): the sink weighs terms by IDF
+    # outside the concatenation: written where a point carries it (Point.extra), e.g. the
+    # foreign vector conflicts' keep_both keeps; points without one have none
+    extra: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +62,7 @@ def named_vectors(
     """A point's vectors by name, sparse ones as ``sparse`` makes them (the client's type)."""
     named = split_vector(layout, point.vector)
     named.update((n, sparse(v)) for n, v in point.sparse.items())
+    named.update((n, list(v)) for n, v in point.extra.items())
     return named
 
 
@@ -66,8 +71,8 @@ def split_vector(layout: Sequence[VectorSpec], vector: Sequence[float]) -> dict[
     out: dict[str, Any] = {}
     at = 0
     for v in layout:
-        if v.sparse:
-            continue  # not part of the concatenation: Point.sparse holds it
+        if v.sparse or v.extra:
+            continue  # not part of the concatenation: Point.sparse / Point.extra hold it
         out[v.name] = list(vector[at : at + v.dimension])
         at += v.dimension
     return out
@@ -75,7 +80,12 @@ def split_vector(layout: Sequence[VectorSpec], vector: Sequence[float]) -> dict[
 
 def join_vectors(layout: Sequence[VectorSpec], named: Mapping[str, Sequence[float]]) -> list[float]:
     """Named vectors as read from a sink, concatenated in the layout's order."""
-    return [x for v in layout if not v.sparse for x in named.get(v.name, ())]
+    return [x for v in layout if not (v.sparse or v.extra) for x in named.get(v.name, ())]
+
+
+def extra_vectors(layout: Sequence[VectorSpec], named: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The vectors outside the concatenation (``VectorSpec.extra``) a point read holds."""
+    return {v.name: list(named[v.name]) for v in layout if v.extra and named.get(v.name)}
 
 
 @dataclass(frozen=True, slots=True)

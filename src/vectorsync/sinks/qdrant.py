@@ -14,6 +14,7 @@ from .base import (
     CollectionSpec,
     Hit,
     VectorSpec,
+    extra_vectors,
     join_vectors,
     named_vectors,
     same_updates,
@@ -373,7 +374,9 @@ def _shape(params: Any) -> Any:
 
 
 def _record(pid: Any, payload: Any, vector: Any, layout: tuple[VectorSpec, ...]) -> SinkRecord:
+    extra: dict[str, list[float]] = {}
     if isinstance(vector, dict) and layout:
+        extra = extra_vectors(layout, vector)
         vector = join_vectors(layout, vector)
     vec = [float(x) for x in vector] if isinstance(vector, list) else None
-    return SinkRecord(id=str(pid), payload=dict(payload or {}), vector=vec)
+    return SinkRecord(id=str(pid), payload=dict(payload or {}), vector=vec, extra=extra)

@@ -44,6 +44,7 @@ from .base import (
     CollectionSpec,
     Hit,
     VectorSpec,
+    extra_vectors,
     join_vectors,
     named_vectors,
     same_updates,
@@ -549,6 +550,8 @@ def _sparse(v: SparseVector) -> Any:
 
 def _record(r: Any, with_vectors: bool, layout: tuple[VectorSpec, ...]) -> SinkRecord:
     vector = None
+    extra: dict[str, list[float]] = {}
     if with_vectors and r.vector is not None:
         vector = join_vectors(layout, r.vector) if layout else list(r.vector)
-    return SinkRecord(id=str(r.id), payload=dict(r.payload or {}), vector=vector)
+        extra = extra_vectors(layout, r.vector) if layout else {}
+    return SinkRecord(id=str(r.id), payload=dict(r.payload or {}), vector=vector, extra=extra)
