@@ -224,6 +224,54 @@ def run(
     err.print(_summary(result), highlight=False)
 
 
+@app.command()
+def capture(
+    config: ConfigOption = None, log_format: LogFormatOption = None, verbose: VerboseOption = False
+) -> None:
+    """Scale-out: publish every source's changes to the [bus] (one active capture per
+    source; another one started stands by and takes over when it dies)."""
+    _scaled_role(config, log_format, verbose, lambda engine, stop: engine.capture(stop))
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None, log_format: LogFormatOption = None, verbose: VerboseOption = False
+) -> None:
+    """Scale-out: apply a fair share of the [bus] partitions (re-read, embed, write) beside
+    any number of other workers, on any machine sharing the PostgreSQL state store."""
+    _scaled_role(config, log_format, verbose, lambda engine, stop: engine.work(stop))
+
+
+def _scaled_role(
+    config: Path | None,
+    log_format: str | None,
+    verbose: bool,
+    role: Callable[[Engine, asyncio.Event], Awaitable[None]],
+) -> None:
+    if log_format:
+        os.environ["VECTORSYNC_LOG_FORMAT"] = log_format
+    _setup_logging(verbose)
+    cfg = _config(config)
+
+    async def call(stop: asyncio.Event) -> None:
+        async with Engine.open(cfg) as engine:
+            await role(engine, stop)
+
+    _execute(call)
+
+
+def _print_scaleout(scaled: dict[str, Any]) -> None:
+    holders = ", ".join(f"{s}: {h or 'none'}" for s, h in scaled["capture"].items())
+    _say(f"capture: {holders}; workers alive: {', '.join(scaled['workers']) or 'none'}")
+    table = Table("source", "partition", "worker", "depth", "behind")
+    for source, parts in scaled["partitions"].items():
+        for p, v in parts.items():
+            table.add_row(
+                source, p, v["worker"] or "-", str(v["depth"]), "yes" if v["behind"] else ""
+            )
+    out.print(table)
+
+
 async def _run(
     cfg: Config, once: bool, stop: asyncio.Event, phase: stopping.Phase, *, http: bool = False
 ) -> RunResult:
@@ -424,13 +472,16 @@ def status(
 ) -> None:
     """Per mapping: applied position, lag, record and dead-letter counts."""
 
-    async def work(engine: Engine) -> list[dict[str, Any]]:
-        return [asdict(s) for s in await engine.status()]
+    async def work(engine: Engine) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        scaled = await engine.scaleout_status() if engine.config.bus is not None else None
+        return [asdict(s) for s in await engine.status()], scaled.as_dict() if scaled else None
 
-    rows = _with_engine(config, verbose, work)
+    rows, scaled = _with_engine(config, verbose, work)
     if as_json:
-        _print_json({"mappings": rows})
+        _print_json({"mappings": rows, **({"scaleout": scaled} if scaled else {})})
         return
+    if scaled is not None:
+        _print_scaleout(scaled)
     table = Table(
         "mapping",
         "source → sink",

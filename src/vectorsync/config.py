@@ -883,6 +883,27 @@ class SyncConfig(_Frozen):
     )
 
 
+class BusConfig(_Frozen):
+    """Scale-out mode (``vectorsync capture`` + ``vectorsync worker``): the change bus."""
+
+    kind: Literal["redis"] = "redis"
+    url: str = Field(
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis Streams, e.g. redis://127.0.0.1:6379/0 (appendonly yes, "
+        "appendfsync always)",
+    )
+    partitions: int = Field(
+        default=8, ge=1, le=1024, description="changes are split by key hash; one worker each"
+    )
+    heartbeat: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="seconds between lease renewals; a dead holder on another host is taken "
+        "over after 6 of them (on this host at once)",
+    )
+
+
 class HttpConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
@@ -894,6 +915,7 @@ class Config(_Frozen):
     state: StateConfig = Field(default_factory=StateConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    bus: BusConfig | None = None
     sources: dict[str, SourceConfig]
     sinks: dict[str, SinkConfig]
     embedders: dict[str, EmbedderConfig]

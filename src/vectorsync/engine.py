@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
+from .bus.base import Bus
 from .check import KNOWN, Checker, CheckReport
 from .chunking import chunker_for
 from .config import (
@@ -77,6 +78,8 @@ from .preflight import preflight
 from .redact import redact, redact_value, register_secrets
 from .related import Relation, resolve
 from .render import Renderer, template_columns
+from .scaleout import ScaleOutStatus, build_bus, run_capture, run_workers
+from .scaleout import status as scaleout_status
 from .search import Where, conditions, nearest
 from .sinks.base import CollectionSpec, Hit, IndexType, Maintained, Sink, Sized, index_type_for
 from .sources.base import Source, TableSpec
@@ -983,6 +986,38 @@ class Engine:
         for source in {e.source for e in await self.state.journaled()} & set(self.sources):
             await recover_writes(self, source)  # writes of the write API a crash cut off
         return failed
+
+    # -- scale-out (scaleout.py) -----------------------------------------------------------
+    async def capture(self, stop: asyncio.Event | None = None) -> None:
+        """``vectorsync capture``: publish every source's changes to the [bus] (or stand by
+        for a source another capture holds) until ``stop`` is set."""
+        await self._on_bus(run_capture, stop or asyncio.Event())
+
+    async def work(self, stop: asyncio.Event | None = None) -> None:
+        """``vectorsync worker``: apply this worker's share of the bus partitions until
+        ``stop`` is set."""
+        await self._on_bus(run_workers, stop or asyncio.Event())
+
+    async def scaleout_status(self) -> ScaleOutStatus:
+        """The capture holders, the workers alive and every partition's holder and depth."""
+        bus = build_bus(self)
+        await bus.open()
+        try:
+            return await scaleout_status(self, bus)
+        finally:
+            await bus.close()
+
+    async def _on_bus(
+        self,
+        role: Callable[[Engine, Bus, asyncio.Event], Awaitable[None]],
+        stop: asyncio.Event,
+    ) -> None:
+        bus = build_bus(self)
+        await bus.open()
+        try:
+            await role(self, bus, stop)
+        finally:
+            await bus.close()
 
     def writer(
         self,

@@ -1,0 +1,66 @@
+"""The bus port: a durable, partitioned log of change keys per source.
+
+A change goes to the partition of its key's hash, so one key's changes stay in order in
+one partition, and one worker (the partition's lease holder) applies them. A partition's
+entries are numbered by increasing integer positions; a worker's position in a partition
+is committed in the state store with the record states it wrote (exactly-once effect: a
+worker that dies re-reads from its last commit, which the level-triggered apply makes
+harmless). The capture's own position is stored in the bus atomically with the entries it
+publishes, so a capture that restarts neither skips nor repeats a change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import xxhash
+
+from ..model import Change, Key
+
+__all__ = ["Bus", "partition_of"]
+
+
+def partition_of(key: Key, partitions: int) -> int:
+    """The partition of a key (every process computes the same)."""
+    return xxhash.xxh3_64_intdigest(str(key).encode()) % partitions
+
+
+class Bus(Protocol):
+    partitions: int
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def captured(self, source: str) -> tuple[str, int]:
+        """(epoch, position) of the source's capture as last published (("", 0): none)."""
+        ...
+
+    async def publish(
+        self, source: str, epoch: str, position: int, parts: Mapping[int, Sequence[Change]]
+    ) -> None:
+        """Append each partition's changes and record (epoch, position) as captured, all
+        or nothing; durable when it returns."""
+        ...
+
+    async def read(self, source: str, partition: int, after: int, limit: int) -> list[Change]:
+        """Changes after ``after`` in the partition, whole entries (about ``limit``), each
+        change's ``position`` the position of its entry."""
+        ...
+
+    async def head(self, source: str, partition: int) -> int:
+        """The position of the partition's newest entry (0: none)."""
+        ...
+
+    async def wait(self, source: str, partition: int, after: int, timeout: float) -> None:
+        """Return when an entry after ``after`` arrives, or after ``timeout`` seconds."""
+        ...
+
+    async def trim(self, source: str, partition: int, upto: int) -> None:
+        """Drop the entries at or before ``upto`` (applied and committed)."""
+        ...
+
+    async def depth(self, source: str, partition: int) -> int:
+        """Entries the partition holds (not yet trimmed)."""
+        ...

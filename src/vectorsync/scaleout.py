@@ -1,0 +1,454 @@
+"""Scale-out mode: capture and apply split over a durable, partitioned change bus.
+
+``vectorsync capture`` reads each source's change capture and publishes the change keys to
+the bus, partitioned by key hash (bus/base.py); a standby capture waits on the source's
+``capture:<source>`` lease and takes over when the holder dies. The source is acknowledged
+only after the bus has the changes (and the capture's position, in the same transaction).
+
+``vectorsync worker`` processes share the partitions: each worker beats a ``worker:<id>``
+lease, counts the live workers and holds its fair share of ``partition:<source>:<n>``
+leases; each partition it holds runs the usual level-triggered pipeline (re-read, render,
+embed, write, record state) on :class:`PartitionSource`, whose positions are the
+partition's and whose commits are fenced by the partition's lease, so one key is applied by
+one worker at a time and a worker that lost its lease writes nothing more. A worker killed
+mid-batch leaves its partitions' positions at their last commit; whoever takes them over
+re-reads from there.
+
+Not yet in this mode: related fields (their fan-out would apply keys of other partitions)
+and re-index backfills; both are refused or skipped with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .bus.base import Bus, partition_of
+from .errors import ConfigError
+from .model import Change, Key
+from .related import RelatedRecord, Relation
+from .sources.base import Backlog, Source, TableSpec
+from .state.leases import LeaseHeld, LeaseLost, pid_alive
+from .worker import MappingRuntime, SourceWorker
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["PartitionSource", "ScaleOutStatus", "build_bus", "run_capture", "run_workers", "status"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_bus(engine: Engine) -> Bus:
+    cfg = engine.config.bus
+    if cfg is None:
+        raise ConfigError(
+            'scale-out mode needs a bus: add [bus] with url = "redis://host:6379" (see '
+            "docs/scale-out.md), or use `vectorsync run` (all in one process)"
+        )
+    from .bus.redis import RedisBus
+
+    return RedisBus(cfg.url, partitions=cfg.partitions)
+
+
+class PartitionSource:
+    """One partition of a source's changes as a :class:`~vectorsync.sources.base.Source`:
+    changes and positions come from the bus; rows, scans and relations from the source."""
+
+    def __init__(self, source: Source, bus: Bus, partition: int) -> None:
+        self.inner = source
+        self.bus = bus
+        self.partition = partition
+        self.name = f"{source.name}#{partition}"  # its positions and in-flight records
+        self._last = 0
+
+    async def open(self) -> None:  # the engine opened the source and the bus
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def columns(self, table: str) -> dict[str, str]:
+        return await self.inner.columns(table)
+
+    async def check_key(self, spec: TableSpec) -> None:
+        await self.inner.check_key(spec)
+
+    async def setup(self, tables: Sequence[TableSpec]) -> list[str]:
+        return await self.inner.setup(tables)
+
+    async def teardown(self) -> None:
+        await self.inner.teardown()
+
+    async def epoch(self) -> str:
+        return (await self.bus.captured(self.inner.name))[0]
+
+    async def resnapshot(self, spec: TableSpec) -> None:
+        await self.inner.resnapshot(spec)  # the capture publishes what it enqueues
+
+    async def enqueue(self, table: str, keys: Sequence[Key]) -> None:
+        await self.inner.enqueue(table, keys)
+
+    async def head(self) -> int:
+        return await self.bus.head(self.inner.name, self.partition)
+
+    async def read_changes(self, after: int, limit: int) -> list[Change]:
+        changes = await self.bus.read(self.inner.name, self.partition, after, limit)
+        self._last = changes[-1].position if changes else max(self._last, after)
+        return changes
+
+    async def wait(self, timeout: float) -> None:
+        await self.bus.wait(self.inner.name, self.partition, self._last, timeout)
+
+    async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
+        return await self.inner.fetch(table, key, keys)
+
+    def scan(
+        self, table: str, key: str, *, page: int = 5000, after: Key | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        return self.inner.scan(table, key, page=page, after=after)
+
+    async def related(
+        self, owner: TableSpec, rel: Relation, keys: Sequence[Key]
+    ) -> dict[Key, list[RelatedRecord]]:
+        return await self.inner.related(owner, rel, keys)
+
+    async def dependents(
+        self, owner: TableSpec, rel: Relation, related_keys: Sequence[Key]
+    ) -> list[Key]:
+        return await self.inner.dependents(owner, rel, related_keys)
+
+    async def ack(self, position: int) -> None:
+        await self.bus.trim(self.inner.name, self.partition, position)  # applied: ours only
+
+    async def backlog(self, after: int) -> Backlog:
+        depth = await self.bus.depth(self.inner.name, self.partition)
+        return Backlog(changes=depth, oldest_committed_at=None)
+
+
+def _refuse_related(engine: Engine) -> None:
+    for m in engine.config.mappings:
+        if m.related:
+            raise ConfigError(
+                f"mapping {m.name!r}: related fields are not supported in scale-out mode yet "
+                "(their fan-out would apply keys of other workers' partitions); use "
+                "`vectorsync run`, or move the related values into the mapped table (a view)"
+            )
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+# -- capture -------------------------------------------------------------------------------
+async def run_capture(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
+    """Publish every source's changes to the bus until ``stop`` is set; per source, as the
+    holder of its capture lease or as a standby waiting for it."""
+    _refuse_related(engine)
+    runtimes = await engine.prepare()  # `vectorsync setup`: capture installed, snapshots
+    tasks = [
+        asyncio.create_task(_capture(engine, bus, name, runtimes, stop)) for name in engine.sources
+    ]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _hold(engine: Engine, lease: str, stop: asyncio.Event, *, standby: str) -> int | None:
+    """Take the lease, waiting as a standby while another live process holds it."""
+    said = False
+    while not stop.is_set():
+        try:
+            return await engine.state.acquire_lease(lease, engine.instance_id, ttl=_ttl(engine))
+        except LeaseHeld as exc:
+            if not said:
+                logger.info("%s: %s", standby, exc, extra={"action": "standby", "lease": lease})
+                said = True
+        await _wait(stop, _beat(engine))
+    return None
+
+
+def _beat(engine: Engine) -> float:
+    return engine.config.bus.heartbeat if engine.config.bus is not None else 1.0
+
+
+def _ttl(engine: Engine) -> float:
+    return _beat(engine) * 6
+
+
+async def _renewing(engine: Engine, leases: dict[str, int], lost: asyncio.Event) -> None:
+    """Renew the leases every beat; one taken over is dropped and ``lost`` set."""
+    while True:
+        await asyncio.sleep(_beat(engine))
+        for name, token in list(leases.items()):
+            try:
+                await engine.state.renew_lease(name, engine.instance_id, token, ttl=_ttl(engine))
+            except LeaseLost as exc:
+                logger.warning("%s", exc, extra={"action": "lease_lost", "lease": name})
+                leases.pop(name, None)
+                lost.set()
+            except Exception as exc:  # the next beat may get through
+                logger.warning("renewing %s failed: %s", name, exc, extra={"action": "heartbeat"})
+
+
+async def _capture(
+    engine: Engine, bus: Bus, name: str, runtimes: Sequence[MappingRuntime], stop: asyncio.Event
+) -> None:
+    lease = f"capture:{name}"
+    token = await _hold(engine, lease, stop, standby=f"capture of {name!r} on standby")
+    if token is None:
+        return
+    logger.info("capturing %s", name, extra={"action": "capture_start", "source": name})
+    leases, lost = {lease: token}, asyncio.Event()
+    beat = asyncio.create_task(_renewing(engine, leases, lost))
+    source = engine.sources[name]
+    by_table: dict[str, list[MappingRuntime]] = {}
+    for r in runtimes:
+        if r.config.source == name:
+            by_table.setdefault(r.config.table, []).append(r)
+    partitions = bus.partitions
+    batch = engine.config.sync.batch_size
+    poll = getattr(engine.config.sources.get(name), "poll_interval", 0.2)
+    try:
+        epoch = await source.epoch()
+        published, position = await bus.captured(name)
+        if published != epoch:
+            position = 0  # capture installed anew: its feed from the start
+        while not stop.is_set() and not lost.is_set():
+            changes = await source.read_changes(position, batch)
+            if not changes:
+                await source.wait(poll)
+                now = await source.epoch()
+                if now != epoch:
+                    epoch, position = now, 0
+                continue
+            parts: dict[int, list[Change]] = {}
+            for c in changes:
+                for one in await _expanded(engine, c, by_table.get(c.table, [])):
+                    parts.setdefault(partition_of(one.key, partitions), []).append(one)
+            last = changes[-1].position
+            if lost.is_set():
+                break
+            await bus.publish(name, epoch, last, parts)
+            await source.ack(last)  # durable in the bus: the source may release it
+            position = last
+    finally:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await engine.state.release_lease(lease, engine.instance_id)
+
+
+async def _expanded(
+    engine: Engine, change: Change, mappings: Sequence[MappingRuntime]
+) -> list[Change]:
+    """A TRUNCATE as a re-check of every key its table's mappings hold (each key to its
+    own partition); any other change as it is."""
+    if change.op != "truncate":
+        return [change]
+    keys: dict[Key, None] = {}
+    for m in mappings:
+        for skey in await engine.state.keys(m.name):
+            keys[m.native_key(skey)] = None
+    return [
+        Change(
+            table=change.table,
+            key=k,
+            op="delete",
+            position=change.position,
+            committed_at=change.committed_at,
+        )
+        for k in keys
+    ]
+
+
+# -- workers -------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Held:
+    token: int
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+
+async def _alive_workers(engine: Engine) -> list[str]:
+    host, now = socket.gethostname(), time.time()
+    return sorted(
+        lease.name.removeprefix("worker:")
+        for lease in await engine.state.leases()
+        if lease.name.startswith("worker:")
+        and lease.expires_at > now
+        and (lease.host != host or pid_alive(lease.pid))
+    )
+
+
+async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
+    """Apply the partitions this worker holds until ``stop`` is set, rebalancing as workers
+    come and go."""
+    _refuse_related(engine)
+    runtimes = await engine.prepare()
+    await engine.recover()
+    me = f"worker:{engine.instance_id}"
+    sqlite = engine.state.url.startswith("sqlite")
+    if sqlite and [w for w in await _alive_workers(engine) if w != engine.instance_id]:
+        raise ConfigError(
+            "another vectorsync worker is running on this SQLite state store: several "
+            "workers need a shared state store; set [state] url = "
+            '"postgresql://…" (every worker and the capture on the same one)'
+        )
+    leases = {me: await engine.state.acquire_lease(me, engine.instance_id, ttl=_ttl(engine))}
+    lost = asyncio.Event()
+    beat = asyncio.create_task(_renewing(engine, leases, lost))
+    held: dict[tuple[str, int], _Held] = {}
+    slots = [(name, p) for name in engine.sources for p in range(bus.partitions)]
+    try:
+        while not stop.is_set():
+            if me not in leases:
+                raise LeaseLost(f"worker {engine.instance_id}: its lease was taken over")
+            for slot, h in list(held.items()):  # a partition lost, or its pipeline ended
+                name = _partition_lease(*slot)
+                if name not in leases or h.task.done():
+                    await _drop(engine, held, slot, leases)
+            alive = await _alive_workers(engine)
+            fair = math.ceil(len(slots) / max(1, len(alive)))
+            for slot in sorted(held, reverse=True)[: max(0, len(held) - fair)]:
+                await _drop(engine, held, slot, leases)  # to make room for a newcomer
+            rank = alive.index(engine.instance_id) if engine.instance_id in alive else 0
+            order = slots[rank * fair :] + slots[: rank * fair]  # each starts elsewhere
+            for slot in order:
+                if len(held) >= fair:
+                    break
+                if slot in held:
+                    continue
+                name = _partition_lease(*slot)
+                try:
+                    token = await engine.state.acquire_lease(
+                        name, engine.instance_id, ttl=_ttl(engine)
+                    )
+                except LeaseHeld:
+                    continue
+                leases[name] = token
+                held[slot] = _start(engine, bus, runtimes, slot, token)
+                logger.info(
+                    "worker %s took partition %d of %s",
+                    engine.instance_id,
+                    slot[1],
+                    slot[0],
+                    extra={"action": "partition_taken", "source": slot[0], "partition": slot[1]},
+                )
+            await _wait(stop, _beat(engine))
+    finally:
+        for slot in list(held):
+            await _drop(engine, held, slot, leases)
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await engine.state.release_lease(me, engine.instance_id)
+
+
+def _partition_lease(source: str, partition: int) -> str:
+    return f"partition:{source}:{partition}"
+
+
+def _start(
+    engine: Engine,
+    bus: Bus,
+    runtimes: Sequence[MappingRuntime],
+    slot: tuple[str, int],
+    token: int,
+) -> _Held:
+    name, partition = slot
+    source = PartitionSource(engine.sources[name], bus, partition)
+    cfg = engine.config
+    worker = SourceWorker(
+        source,
+        [r for r in runtimes if r.config.source == name],
+        engine.state,
+        batch_size=cfg.sync.batch_size,
+        max_in_flight=cfg.sync.max_in_flight,
+        poll_interval=getattr(cfg.sources.get(name), "poll_interval", 0.2),
+        embedding_cache=cfg.state.embedding_cache,
+        backoff=engine.backoff,
+        lease=(_partition_lease(*slot), engine.instance_id, token),
+        outage_after=cfg.sync.sink_outage_after,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(once=False, stop=stop))
+    return _Held(token=token, stop=stop, task=task)
+
+
+async def _drop(
+    engine: Engine,
+    held: dict[tuple[str, int], _Held],
+    slot: tuple[str, int],
+    leases: dict[str, int],
+) -> None:
+    """Stop a partition's pipeline (it finishes what it began) and let its lease go."""
+    h = held.pop(slot)
+    h.stop.set()
+    results = await asyncio.gather(h.task, return_exceptions=True)
+    name = _partition_lease(*slot)
+    if name in leases:
+        leases.pop(name)
+        with contextlib.suppress(Exception):
+            await engine.state.release_lease(name, engine.instance_id)
+    if isinstance(results[0], BaseException) and not isinstance(
+        results[0], asyncio.CancelledError | LeaseLost
+    ):
+        logger.error(
+            "partition %d of %s stopped: %s",
+            slot[1],
+            slot[0],
+            results[0],
+            extra={"action": "partition_failed", "source": slot[0], "partition": slot[1]},
+        )
+
+
+# -- status --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScaleOutStatus:
+    capture: dict[str, str | None]  # source → holder (None: no capture running)
+    workers: list[str]
+    partitions: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "capture": self.capture,
+            "workers": self.workers,
+            "partitions": {
+                s: {str(p): v for p, v in parts.items()} for s, parts in self.partitions.items()
+            },
+        }
+
+
+async def status(engine: Engine, bus: Bus) -> ScaleOutStatus:
+    """Who captures, which workers live, and per partition its holder, lag and depth."""
+    now = time.time()
+    live = {lease.name: lease for lease in await engine.state.leases() if lease.expires_at > now}
+    capture = {
+        name: (live[f"capture:{name}"].holder if f"capture:{name}" in live else None)
+        for name in engine.sources
+    }
+    parts: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in engine.sources:
+        epoch, _ = await bus.captured(name)
+        for p in range(bus.partitions):
+            lease = live.get(_partition_lease(name, p))
+            head = await bus.head(name, p)
+            done = await engine.state.position(f"{name}#{p}", epoch) if epoch else 0
+            parts.setdefault(name, {})[p] = {
+                "worker": lease.holder if lease else None,
+                "depth": await bus.depth(name, p),
+                "behind": head > done,
+            }
+    return ScaleOutStatus(capture=capture, workers=await _alive_workers(engine), partitions=parts)

@@ -1,0 +1,107 @@
+"""Scale-out mode: a capture and workers over Redis Streams (a real, durable Redis the
+test starts), PostgreSQL as the shared state store and pgvector as the sink many
+processes write."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import App, check, load, write_config
+from tests.redis_server import RedisServer, redis_server
+from vectorsync.engine import Engine
+from vectorsync.errors import ConfigError
+
+
+@pytest.fixture
+def bus() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def sapp(workdir: Path) -> Iterator[App]:
+    application = App(workdir / "app.db")
+    try:
+        yield application
+    finally:
+        application.close()
+
+
+def scaled(workdir: Path, bus: RedisServer, state: str, sink: str, partitions: int = 4) -> Path:
+    cfg = write_config(workdir, sink=sink, batch_size=50)
+    text = cfg.read_text().replace('url = "sqlite:///.vectorsync/state.db"', f'url = "{state}"')
+    text += f'\n[bus]\nurl = "{bus.url}"\npartitions = {partitions}\nheartbeat = 0.2\n'
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.fixture
+def sink(pgvector: Any, pgvector_schema: str) -> str:
+    return f'kind = "pgvector"\nurl = "{pgvector.url}"\nschema_name = "{pgvector_schema}"'
+
+
+async def converged(cfg: Path, app: App, deadline: float = 120) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            await check(cfg, app)
+            return
+        except AssertionError:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def role(cfg: Path, which: str) -> AsyncIterator[Engine]:
+    """An engine playing ``capture`` or ``worker`` in this process until the block ends."""
+    stop = asyncio.Event()
+    async with Engine.open(load(cfg)) as engine:
+        task = asyncio.create_task(
+            getattr(engine, "capture" if which == "capture" else "work")(stop)
+        )
+        try:
+            yield engine
+        finally:
+            stop.set()
+            await task
+
+
+async def test_a_capture_and_two_workers_share_the_partitions_and_converge(
+    workdir: Path, bus: RedisServer, pg_url: str, sink: str, sapp: App
+) -> None:
+    for k in range(1, 201):
+        sapp.insert(k)
+    cfg = scaled(workdir, bus, pg_url, sink)
+    async with role(cfg, "capture"), role(cfg, "worker") as one, role(cfg, "worker"):
+        await converged(cfg, sapp)
+        for k in range(1, 41):
+            sapp.update(k, body=f"edited {k}")
+        for k in range(41, 51):
+            sapp.delete(k)
+        for k in range(201, 221):
+            sapp.insert(k)
+        sapp.update(60, author="bob")
+        await converged(cfg, sapp)
+        status = (await one.scaleout_status()).as_dict()
+    assert len(status["workers"]) == 2
+    holders = [v["worker"] for v in status["partitions"]["app"].values()]
+    assert sorted(holders.count(w) for w in status["workers"]) == [2, 2]
+
+
+async def test_several_workers_on_sqlite_state_are_refused(
+    workdir: Path, bus: RedisServer, sink: str, sapp: App
+) -> None:
+    sapp.insert(1)
+    cfg = scaled(workdir, bus, "sqlite:///.vectorsync/state.db", sink)
+    async with role(cfg, "worker"):
+        async with Engine.open(load(cfg)) as engine:
+            with pytest.raises(ConfigError, match=r"shared state store.*postgresql"):
+                await engine.work(asyncio.Event())
