@@ -101,7 +101,6 @@ async def test_several_workers_on_sqlite_state_are_refused(
 ) -> None:
     sapp.insert(1)
     cfg = scaled(workdir, bus, "sqlite:///.vectorsync/state.db", sink)
-    async with role(cfg, "worker"):
-        async with Engine.open(load(cfg)) as engine:
-            with pytest.raises(ConfigError, match=r"shared state store.*postgresql"):
-                await engine.work(asyncio.Event())
+    async with role(cfg, "worker"), Engine.open(load(cfg)) as engine:
+        with pytest.raises(ConfigError, match=r"shared state store.*postgresql"):
+            await engine.work(asyncio.Event())
