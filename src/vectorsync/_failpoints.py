@@ -25,8 +25,11 @@ Cycle = Literal[
 ]
 POINTS: tuple[Cycle, ...] = get_args(Cycle)
 # Points of optional paths, killed at by their own tests (a mapping's write_back, the
-# write API between its journal, the source write and the sinks).
-Optional = Literal["after_write_back", "writer_after_journal", "writer_after_source"]
+# write API between its journal, the source write and the sinks, scale-out's capture
+# between publishing to the bus and acknowledging the source).
+Optional = Literal[
+    "after_write_back", "writer_after_journal", "writer_after_source", "capture_after_publish"
+]
 OPTIONAL: tuple[Optional, ...] = get_args(Optional)
 Failpoint = Cycle | Optional
 

@@ -26,12 +26,15 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import _failpoints
+from .backoff import retrying
 from .bus.base import Bus, partition_of
-from .errors import ConfigError
+from .errors import ConfigError, RetryableError
 from .model import Change, Key
 from .related import RelatedRecord, Relation
 from .sources.base import Backlog, Source, TableSpec
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["PartitionSource", "ScaleOutStatus", "build_bus", "run_capture", "run_workers", "status"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def build_bus(engine: Engine) -> Bus:
@@ -105,7 +109,10 @@ class PartitionSource:
         return changes
 
     async def wait(self, timeout: float) -> None:
-        await self.bus.wait(self.inner.name, self.partition, self._last, timeout)
+        try:
+            await self.bus.wait(self.inner.name, self.partition, self._last, timeout)
+        except RetryableError:  # the bus is away: the next read retries and says so
+            await asyncio.sleep(timeout)
 
     async def fetch(self, table: str, key: str, keys: Sequence[Key]) -> dict[Key, dict[str, Any]]:
         return await self.inner.fetch(table, key, keys)
@@ -153,7 +160,7 @@ async def run_capture(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
     """Publish every source's changes to the bus until ``stop`` is set; per source, as the
     holder of its capture lease or as a standby waiting for it."""
     _refuse_related(engine)
-    runtimes = await engine.prepare()  # `vectorsync setup`: capture installed, snapshots
+    runtimes = await _prepared(engine, stop)  # `vectorsync setup`: capture, snapshots
     tasks = [
         asyncio.create_task(_capture(engine, bus, name, runtimes, stop)) for name in engine.sources
     ]
@@ -177,6 +184,20 @@ async def _hold(engine: Engine, lease: str, stop: asyncio.Event, *, standby: str
                 said = True
         await _wait(stop, _beat(engine))
     return None
+
+
+async def _prepared(engine: Engine, stop: asyncio.Event) -> list[MappingRuntime]:
+    """``engine.prepare()`` one process at a time (captures and workers start together:
+    installing capture and registering a mapping's schema twice at once would race)."""
+    while True:
+        token = await _hold(engine, "setup", stop, standby="waiting for another setup")
+        if token is None:
+            raise asyncio.CancelledError
+        try:
+            return await engine.prepare()
+        finally:
+            with contextlib.suppress(Exception):
+                await engine.state.release_lease("setup", engine.instance_id)
 
 
 def _beat(engine: Engine) -> float:
@@ -221,15 +242,21 @@ async def _capture(
     batch = engine.config.sync.batch_size
     poll = getattr(engine.config.sources.get(name), "poll_interval", 0.2)
     try:
-        epoch = await source.epoch()
-        published, position = await bus.captured(name)
-        if published != epoch:
-            position = 0  # capture installed anew: its feed from the start
+
+        def retried(what: str, call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+            return retrying(f"{name}: {what}", call, engine.backoff, stop)
+
+        epoch = await retried("read the capture epoch", source.epoch)
+        published, position = await retried("read the bus", partial(bus.captured, name))
+        if published != epoch:  # capture installed anew: its feed from the start
+            position = 0
+            await retried("publish to the bus", partial(bus.publish, name, epoch, 0, {}))
         while not stop.is_set() and not lost.is_set():
-            changes = await source.read_changes(position, batch)
+            read = partial(source.read_changes, position, batch)
+            changes = await retried("read changes", read)
             if not changes:
                 await source.wait(poll)
-                now = await source.epoch()
+                now = await retried("read the capture epoch", source.epoch)
                 if now != epoch:
                     epoch, position = now, 0
                 continue
@@ -240,8 +267,10 @@ async def _capture(
             last = changes[-1].position
             if lost.is_set():
                 break
-            await bus.publish(name, epoch, last, parts)
-            await source.ack(last)  # durable in the bus: the source may release it
+            await retried("publish to the bus", partial(bus.publish, name, epoch, last, parts))
+            _failpoints.hit("capture_after_publish")
+            # durable in the bus: the source may release it
+            await retried("acknowledge the source", partial(source.ack, last))
             position = last
     finally:
         beat.cancel()
@@ -296,7 +325,7 @@ async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
     """Apply the partitions this worker holds until ``stop`` is set, rebalancing as workers
     come and go."""
     _refuse_related(engine)
-    runtimes = await engine.prepare()
+    runtimes = await _prepared(engine, stop)
     await engine.recover()
     me = f"worker:{engine.instance_id}"
     sqlite = engine.state.url.startswith("sqlite")
@@ -328,8 +357,8 @@ async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
             for slot in order:
                 if len(held) >= fair:
                     break
-                if slot in held:
-                    continue
+                if slot in held or not await _published(bus, slot[0]):
+                    continue  # held, or no capture has published that source yet
                 name = _partition_lease(*slot)
                 try:
                     token = await engine.state.acquire_lease(
@@ -354,6 +383,15 @@ async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
         await asyncio.gather(beat, return_exceptions=True)
         with contextlib.suppress(Exception):
             await engine.state.release_lease(me, engine.instance_id)
+
+
+async def _published(bus: Bus, source: str) -> bool:
+    """Whether a capture has published this source (False while the bus is away)."""
+    try:
+        return bool((await bus.captured(source))[0])
+    except RetryableError as exc:
+        logger.warning("%s", exc, extra={"action": "bus_unavailable", "source": source})
+        return False
 
 
 def _partition_lease(source: str, partition: int) -> str:

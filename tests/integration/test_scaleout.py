@@ -42,6 +42,12 @@ def scaled(workdir: Path, bus: RedisServer, state: str, sink: str, partitions: i
     return cfg
 
 
+async def setup(cfg: Path) -> None:
+    """`vectorsync setup`, as an operator runs it before starting the roles."""
+    async with Engine.open(load(cfg)) as engine:
+        await engine.prepare()
+
+
 @pytest.fixture
 def sink(pgvector: Any, pgvector_schema: str) -> str:
     return f'kind = "pgvector"\nurl = "{pgvector.url}"\nschema_name = "{pgvector_schema}"'
@@ -80,6 +86,7 @@ async def test_a_capture_and_two_workers_share_the_partitions_and_converge(
     for k in range(1, 201):
         sapp.insert(k)
     cfg = scaled(workdir, bus, pg_url, sink)
+    await setup(cfg)
     async with role(cfg, "capture"), role(cfg, "worker") as one, role(cfg, "worker"):
         await converged(cfg, sapp)
         for k in range(1, 41):
