@@ -1441,7 +1441,18 @@ class Engine:
             "dead_letters": figures["dead_letters_pending"],
             "checks": checks,
             "conflicts": await self.state.conflict_counts(),
+            "scaleout": await self._scaleout_figures(),
         }
+
+    async def _scaleout_figures(self) -> dict[str, Any] | None:
+        """Scale-out's holders and partitions (None without a [bus]; the bus's error while
+        it is away)."""
+        if self.config.bus is None:
+            return None
+        try:
+            return (await self.scaleout_status()).as_dict()
+        except RetryableError as exc:
+            return {"error": str(exc)}
 
     async def targets(self) -> dict[str, tuple[int, int]]:
         """Per source: (applied position, head position)."""

@@ -165,6 +165,7 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
             if key in e:
                 family.add_metric([embedder], e[key])
         yield family
+    yield from _scaleout(stats.get("scaleout"), gauge)
     errors = counter("vectorsync_errors", "Errors logged, by type", labels=["type"])
     for kind, n in stats["errors_by_type"].items():
         errors.add_metric([kind], n)
@@ -223,3 +224,35 @@ def _families(stats: dict[str, Any], counter: Any, gauge: Any, histogram: Any) -
             drift.add_metric([mapping, category], n)
     yield consistent
     yield drift
+
+
+def _scaleout(scaled: dict[str, Any] | None, gauge: Any) -> Iterator[Any]:
+    """Scale-out mode: the capture per source, the workers alive, each partition's depth
+    (entries not yet applied) and whether a worker holds it."""
+    if not scaled or "error" in scaled:
+        return
+    capture = gauge(
+        "vectorsync_capture_active", "1 while a capture holds the source", labels=["source"]
+    )
+    for source, holder in scaled["capture"].items():
+        capture.add_metric([source], 1 if holder else 0)
+    yield capture
+    yield gauge(
+        "vectorsync_workers_alive", "Workers beating their lease", value=len(scaled["workers"])
+    )
+    depth = gauge(
+        "vectorsync_bus_depth",
+        "Entries of a bus partition not yet applied",
+        labels=["source", "partition"],
+    )
+    held = gauge(
+        "vectorsync_partition_held",
+        "1 while a worker holds the partition",
+        labels=["source", "partition"],
+    )
+    for source, parts in scaled["partitions"].items():
+        for p, v in parts.items():
+            depth.add_metric([source, str(p)], v["depth"])
+            held.add_metric([source, str(p)], 1 if v["worker"] else 0)
+    yield depth
+    yield held

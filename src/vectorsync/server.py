@@ -192,7 +192,10 @@ def create_app(
         return _json({"ready": not problems, "problems": problems}, 503 if problems else 200)
 
     async def status(_: Request) -> Response:
-        return _json({"mappings": [asdict(s) for s in await engine.status()]})
+        found: dict[str, Any] = {"mappings": [asdict(s) for s in await engine.status()]}
+        if engine.config.bus is not None:  # scale-out: capture holders, workers, partitions
+            found["scaleout"] = (await engine.stats())["scaleout"]
+        return _json(found)
 
     async def runs(request: Request) -> Response:
         limit = _int_param(request, "limit", 20, MAX_LIMIT)

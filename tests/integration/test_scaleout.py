@@ -17,6 +17,7 @@ from tests.helpers import App, check, load, write_config
 from tests.redis_server import RedisServer, redis_server
 from vectorsync.engine import Engine
 from vectorsync.errors import ConfigError
+from vectorsync.metrics import prometheus_text
 
 
 @pytest.fixture
@@ -98,7 +99,12 @@ async def test_a_capture_and_two_workers_share_the_partitions_and_converge(
         sapp.update(60, author="bob")
         await converged(cfg, sapp)
         status = (await one.scaleout_status()).as_dict()
+        metrics = (await prometheus_text(one)).decode()
     assert len(status["workers"]) == 2
+    assert "vectorsync_workers_alive 2.0" in metrics
+    assert 'vectorsync_capture_active{source="app"} 1.0' in metrics
+    assert metrics.count("vectorsync_bus_depth{") == 4
+    assert 'vectorsync_partition_held{partition="0",source="app"} 1.0' in metrics
     holders = [v["worker"] for v in status["partitions"]["app"].values()]
     assert sorted(holders.count(w) for w in status["workers"]) == [2, 2]
 
