@@ -23,6 +23,7 @@ import dataclasses
 import math
 import random
 import time
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,7 +46,7 @@ from .model import (
     row_digest,
 )
 from .render import Rendered, Renderer
-from .sinks.base import Sink
+from .sinks.base import PayloadScan, Sink
 from .sources.base import Source
 from .state.store import StateStore
 
@@ -155,6 +156,33 @@ def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, floa
 
 _bucket = key_bucket
 _COMPARE_PAGE = 2000  # drifted keys compared record by record per round trip
+# full: fine buckets of the key hash, a multiple of BUCKETS (a fine bucket's low bits are
+# its digest bucket), ~4 records each at 1M records: 2 MiB per side
+_FINE = 1 << 18
+_FINE_ROWS = _FINE // BUCKETS
+
+
+def _fine(key: Key) -> int:
+    """The fine bucket of a key: ``key_bucket`` is its low bits."""
+    return xxhash.xxh3_64_intdigest(str(key).encode()) & (_FINE - 1)
+
+
+def _fold(fine: array[int]) -> list[int]:
+    """The digest buckets of fine buckets: each XORs the fine buckets of its low bits
+    (one row of BUCKETS words at a time, as one big integer)."""
+    width = 8 * BUCKETS
+    raw = fine.tobytes()
+    acc = 0
+    for row in range(_FINE_ROWS):
+        acc ^= int.from_bytes(raw[row * width : (row + 1) * width], "little")
+    return list(array("Q", acc.to_bytes(width, "little")))
+
+
+def _differing(a: array[int], b: array[int]) -> set[int]:
+    """The fine buckets where two sides differ."""
+    if a == b:
+        return set()
+    return {i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y}
 
 
 def _merkle_root(buckets: Sequence[int]) -> str:
@@ -323,69 +351,66 @@ class Checker:
 
     # -- modes ------------------------------------------------------------------------------
     async def full(self) -> CheckReport:
-        """Every record of both sides, in memory bounded by one 64-bit digest per source
-        record: the source pass keeps each rendered record's digest, the sink pass strikes
-        off every point whose digest matches, and only what is left (the drift) is read
-        again and compared record by record."""
+        """Every record of both sides, in memory bounded by the digest buckets, not by the
+        records: each side XOR-folds every record's digest into fine buckets of its key hash
+        (a fixed array of 64-bit words per side), a source pass then a sink pass of each
+        point's bookkeeping fields. Only when fine buckets differ are both sides read once
+        more, for the keys of those buckets alone, and those compared record by record."""
         started = time.monotonic()
         known = await self._known()
-        src_buckets, snk_buckets = [0] * BUCKETS, [0] * BUCKETS
-        unmatched: dict[Key, int] = {}  # source digests no point has matched yet
+        src = array("Q", bytes(8 * _FINE))
         unrenderable: set[Key] = set()
         present: list[Key] = []
         records = 0
+        name, render, digest_of = self.key, self.renderer.render, self._record_digest
         async for row in self._rows():
             records += 1
-            key = row[self.key]
-            if key_text(key) in known:
+            key = row[name]
+            if known and key_text(key) in known:
                 present.append(key)
                 continue
             try:
-                rendered = self.renderer.render(row)
-                digest = self._record_digest(key, rendered)
+                digest = digest_of(key, render(row))
             except RecordError:  # cannot be synced as it is
                 unrenderable.add(key)
                 continue
-            src_buckets[_bucket(key)] ^= digest
-            unmatched[key] = digest
-        points, foreign, differ, pointed = 0, [], [], set()
-        folded: dict[Key, int] = {}  # chunked: each record's chunk digests, XORed
-        async for record in self.sink.scroll(self.collection, page=2000):
-            points += 1
-            key = record.payload.get("_vs_key")
-            if key is None or (self.chunker is None and record.id != point_id(self.family, key)):
-                foreign.append(record.id)
-            elif key in unrenderable:
-                pointed.add(key)
-            elif key_text(key) not in known:
-                entry = self._sink_entry(record.payload, record.id)
-                if self.chunker is not None:
-                    digest = _chunk_digest(key, entry)
-                    snk_buckets[_bucket(key)] ^= digest
-                    folded[key] = folded.get(key, 0) ^ digest
+            src[_fine(key)] ^= digest
+        snk = array("Q", bytes(8 * _FINE))
+        points, foreign, pointed = 0, [], set()
+        family, chunked, fields = self.family, self.chunker is not None, self.payload_fields
+        async for page in self._payload_pages():
+            points += len(page)
+            for pid, payload in page:
+                key = payload.get("_vs_key")
+                if key is None or (not chunked and pid != point_id(family, key)):
+                    foreign.append(pid)
                     continue
-                digest = entry.digest(key)
-                snk_buckets[_bucket(key)] ^= digest
-                if unmatched.get(key) == digest:
-                    del unmatched[key]
+                if key in unrenderable:
+                    pointed.add(key)
+                    continue
+                if known and key_text(key) in known:
+                    continue
+                text_hash = payload.get("_vs_text_hash")
+                phash = payload_hash({f: payload.get(f) for f in fields})
+                schema = payload.get("_vs_schema")
+                if chunked:
+                    digest = _chunk_digest(key, _Entry(text_hash, phash, schema, pid))
                 else:
-                    differ.append(key)
-        for key, digest in folded.items():
-            if unmatched.get(key) == digest:
-                del unmatched[key]
-            else:
-                differ.append(key)
-        del folded
+                    digest = _digest(key, text_hash, phash, schema)
+                snk[_fine(key)] ^= digest
         drift = self._known_drift(present)
         for key in unrenderable:  # the sync would dead-letter it (and keep its point)
             category: Category = "stale" if key in pointed else "missing"
             drift.append(Drift(category=category, key=key, point_id=point_id(self.family, key)))
         drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
-        suspects = list(dict.fromkeys([*differ, *unmatched]))
-        del unmatched, differ
-        held = await self._points_of(suspects) if self.chunker is not None and suspects else None
-        for start in range(0, len(suspects), _COMPARE_PAGE):
-            drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE], held)
+        src_buckets, snk_buckets = _fold(src), _fold(snk)
+        wanted = _differing(src, snk)
+        del src, snk
+        if wanted:
+            suspects = await self._suspects(wanted, known, unrenderable, set(foreign))
+            held = await self._points_of(suspects) if chunked and suspects else None
+            for start in range(0, len(suspects), _COMPARE_PAGE):
+                drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE], held)
         drift += await self._vector_conflicts(drift)
         differing = sum(1 for a, b in zip(src_buckets, snk_buckets, strict=True) if a != b)
         return self._report(
@@ -402,6 +427,43 @@ class Checker:
                 "unrenderable": len(unrenderable),
             },
         )
+
+    async def _payload_pages(
+        self, fields: Sequence[str] | None = None
+    ) -> AsyncIterator[Sequence[tuple[str, Mapping[str, Any]]]]:
+        """Every point's id and bookkeeping payload, a page at a time."""
+        if fields is None:
+            fields = ("_vs_key", "_vs_text_hash", "_vs_schema", *self.payload_fields)
+        if isinstance(self.sink, PayloadScan):
+            async for page in self.sink.scroll_payloads(self.collection, fields, page=5000):
+                yield page
+            return
+        pairs: list[tuple[str, Mapping[str, Any]]] = []
+        async for record in self.sink.scroll(self.collection, page=2000):
+            pairs.append((record.id, record.payload))
+            if len(pairs) >= 2000:
+                yield pairs
+                pairs = []
+        if pairs:
+            yield pairs
+
+    async def _suspects(
+        self, wanted: set[int], known: set[str], unrenderable: set[Key], foreign: set[str]
+    ) -> list[Key]:
+        """The keys of the fine buckets that differ, from both sides (source order first):
+        the only records a full check compares one by one."""
+        found: dict[Key, None] = {}
+        for key in await self._keys():
+            if _fine(key) in wanted and key not in unrenderable and key_text(key) not in known:
+                found[key] = None
+        async for page in self._payload_pages(("_vs_key",)):
+            for pid, payload in page:
+                held = payload.get("_vs_key")
+                if held is None or pid in foreign or held in unrenderable:
+                    continue
+                if _fine(held) in wanted and key_text(held) not in known:
+                    found[held] = None
+        return list(found)
 
     def _compare(self, key: Key, src: _Entry | None, snk: _Entry | None) -> Drift | None:
         if src is None and snk is None:

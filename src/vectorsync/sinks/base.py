@@ -18,6 +18,7 @@ __all__ = [
     "IndexType",
     "Maintained",
     "NamedSearch",
+    "PayloadScan",
     "Sink",
     "Sized",
     "VectorSpec",
@@ -255,6 +256,19 @@ class Maintained(Protocol):
     async def maintain(self, collection: str) -> list[str]:
         """Do the store's housekeeping on a (physical) collection; what was done, one line
         each, naming the operation ([] when nothing needed doing)."""
+        ...
+
+
+@runtime_checkable
+class PayloadScan(Protocol):
+    """A sink that reads every point's bookkeeping cheaper than ``scroll``: plain
+    ``(id, payload)`` pairs a page at a time, no vectors (what a full check reads)."""
+
+    def scroll_payloads(
+        self, collection: str, fields: Sequence[str], *, page: int = 5000
+    ) -> AsyncIterator[list[tuple[str, Mapping[str, Any]]]]:
+        """Every point of a collection, a page at a time: its id and a payload holding at
+        least the fields named that the point has (possibly more)."""
         ...
 
 

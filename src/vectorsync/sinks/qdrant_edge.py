@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -365,6 +365,30 @@ class QdrantEdgeSink:
             records, next_offset = self._shard(collection).scroll(request)
         layout = self._layout(collection)
         return [_record(r, with_vectors, layout) for r in records], next_offset
+
+    async def scroll_payloads(
+        self, collection: str, fields: Sequence[str], *, page: int = 5000
+    ) -> AsyncIterator[list[tuple[str, Mapping[str, Any]]]]:
+        """(id, payload) pairs a page at a time: no record objects, no copies. Whole
+        payloads: qdrant-edge 0.9 reads a payload selection slower than all of it (1M
+        points: 8.1 s for 6 of 8 fields, 10.7 s for one, 6.5 s for all)."""
+        offset: Any = None
+        while True:
+            pairs, offset = await self._lane.run(self._payload_page, collection, offset, page)
+            if pairs:
+                yield pairs
+            if offset is None:
+                return
+
+    def _payload_page(
+        self, collection: str, offset: Any, page: int
+    ) -> tuple[list[tuple[str, Mapping[str, Any]]], Any]:
+        import qdrant_edge as qe
+
+        request = qe.ScrollRequest(offset=offset, limit=page, with_payload=True, with_vector=False)
+        with wrap_errors(f"scroll {collection!r}"):
+            records, next_offset = self._shard(collection).scroll(request)
+        return [(str(r.id), r.payload or {}) for r in records], next_offset
 
     async def count(self, collection: str) -> int:
         return await self._lane.run(self._count, collection)
