@@ -6,7 +6,8 @@ python bench/bench_scaleout.py --embedder hash --records 20000
 python bench/bench_scaleout.py --embedder sentence-transformers --records 3000
 
 Figures go to bench/results/scaleout-<embedder>.json. Every process shares the machine's
-cores with Redis and both PostgreSQL servers; a MiniLM worker runs one torch thread.
+cores with Redis and both PostgreSQL servers; a MiniLM worker runs one torch thread and
+one model call at a time (``threads = 1``, ``concurrency = 1``: one core's worth).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ url = "{sink}"
 schema_name = "{schema}"
 [embedders.default]
 kind = "{embedder}"
+{one_thread}
 [[mappings]]
 name = "docs"
 source = "app"
@@ -75,53 +77,55 @@ def _start(folder: Path, role: str, log: str) -> subprocess.Popen[bytes]:
         )
 
 
-async def _status(folder: Path) -> dict[str, Any]:
-    async with Engine.open(load_config(folder / "vectorsync.toml")) as engine:
-        return (await engine.scaleout_status()).as_dict()
-
-
-def _until(folder: Path, done: Any, what: str, deadline: float = 3600) -> None:
+async def _until(check: Any, what: str, deadline: float = 3600) -> None:
     end = time.monotonic() + deadline
-    while not done(asyncio.run(_status(folder))):
+    while not await check():
         if time.monotonic() > end:
             raise TimeoutError(what)
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
 
 
-async def _captured_all(folder: Path) -> bool:
-    """Whether the capture has published everything the source holds."""
+async def _timed(
+    folder: Path, workers: int, procs: list[subprocess.Popen[bytes]]
+) -> tuple[float, float]:
+    """Workers up and holding every partition, then the capture started: (seconds until
+    it published the backlog, seconds until the workers applied it). One observing engine
+    polls (opening one per poll would take a core's share)."""
     from vectorsync.scaleout import build_bus
 
     async with Engine.open(load_config(folder / "vectorsync.toml")) as engine:
         bus = build_bus(engine)
         await bus.open()
         try:
-            head = await engine.sources["app"].head()
-            return head > 0 and (await bus.captured("app"))[1] >= head
-        finally:
-            await bus.close()
-
-
-async def _first_publish(folder: Path) -> None:
-    """The capture's epoch on the bus, with nothing captured yet (what a capture publishes
-    first), so the workers take their partitions before the timed capture starts."""
-    from vectorsync.scaleout import build_bus
-
-    async with Engine.open(load_config(folder / "vectorsync.toml")) as engine:
-        bus = build_bus(engine)
-        await bus.open()
-        try:
+            # the capture's epoch first, so the workers take their partitions before the
+            # timed capture starts (what a capture publishes first)
             await bus.publish("app", await engine.sources["app"].epoch(), 0, {})
+            procs += [_start(folder, "worker", f"worker-{i}.log") for i in range(workers)]
+
+            async def ready() -> bool:
+                status = (await engine.scaleout_status()).as_dict()
+                held = [v["worker"] for v in status["partitions"]["app"].values()]
+                return len(status["workers"]) == workers and all(held)
+
+            await _until(ready, "every worker up, every partition held")
+            head = await engine.sources["app"].head()
+            started = time.perf_counter()
+            procs.append(_start(folder, "capture", "capture.log"))
+
+            async def published() -> bool:
+                return (await bus.captured("app"))[1] >= head
+
+            await _until(published, "the capture publishes the backlog")
+            publish_s = time.perf_counter() - started
+
+            async def applied() -> bool:
+                status = (await engine.scaleout_status()).as_dict()
+                return _applied(status)
+
+            await _until(applied, "the workers apply the backlog")
+            return publish_s, time.perf_counter() - started
         finally:
             await bus.close()
-
-
-def _wait_published(folder: Path, deadline: float = 3600) -> None:
-    end = time.monotonic() + deadline
-    while not asyncio.run(_captured_all(folder)):
-        if time.monotonic() > end:
-            raise TimeoutError("the capture publishes the backlog")
-        time.sleep(0.1)
 
 
 def _applied(status: dict[str, Any]) -> bool:
@@ -162,7 +166,13 @@ def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
         state = pg.create_database(f"scaleout_{workers}")
         (folder / "vectorsync.toml").write_text(
             CONFIG.format(
-                state=state, sink=vec.url, schema=f"s{workers}", embedder=embedder, bus=bus.url
+                state=state,
+                sink=vec.url,
+                schema=f"s{workers}",
+                embedder=embedder,
+                bus=bus.url,
+                # one torch thread, one call at a time: a worker is one core's worth
+                one_thread="threads = 1\nconcurrency = 1" if embedder != "hash" else "",
             )
         )
 
@@ -171,22 +181,9 @@ def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
                 await engine.prepare()
 
         asyncio.run(setup())
-        procs = []
+        procs: list[subprocess.Popen[bytes]] = []
         try:
-            procs += [_start(folder, "worker", f"worker-{i}.log") for i in range(workers)]
-
-            def ready(status: dict[str, Any]) -> bool:
-                held = [v["worker"] for v in status["partitions"]["app"].values()]
-                return len(status["workers"]) == workers and all(held)
-
-            asyncio.run(_first_publish(folder))  # the workers wait for a capture's epoch
-            _until(folder, ready, "every worker up, every partition held")
-            started = time.perf_counter()
-            procs.append(_start(folder, "capture", "capture.log"))
-            _wait_published(folder)
-            publish_s = time.perf_counter() - started
-            _until(folder, _applied, "the workers apply the backlog")
-            apply_s = time.perf_counter() - started
+            publish_s, apply_s = asyncio.run(_timed(folder, workers, procs))
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)

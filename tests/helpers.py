@@ -425,6 +425,9 @@ def write_config(
         f"sinks = {['vectors', *also]!r}".replace("'", '"') if also else 'sink = "vectors"',
         extra_mapping,
     ]
+    bus = folder / "bus.toml"  # scale-out tests leave their [bus] here (sync_once uses it)
+    if bus.exists():
+        lines += ["[bus]", bus.read_text()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -524,13 +527,18 @@ def load(path: Path) -> Config:
 
 
 async def sync_once(config_path: Path, embedder: HashEmbedder | None = None) -> dict[str, int]:
-    """``run --once`` in-process; the run's counts plus the number of changes read."""
+    """``run --once`` in-process (with a [bus]: ``capture --once`` then ``worker --once``);
+    the run's counts plus the number of changes read."""
     from vectorsync.engine import Engine
 
     config = load(config_path)
     embedders = {"default": embedder} if embedder else None
     async with Engine.open(config, embedders=embedders) as engine:
-        result = await engine.run(once=True)
+        if config.bus is not None:  # scale-out: through the bus, capture then worker
+            await engine.capture(once=True)
+            result = await engine.work(once=True)
+        else:
+            result = await engine.run(once=True)
     return {"changes": result.changes, **result.counts}
 
 

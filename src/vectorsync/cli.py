@@ -224,40 +224,52 @@ def run(
     err.print(_summary(result), highlight=False)
 
 
+RoleOnceOption = Annotated[
+    bool, typer.Option("--once", help="what is there now (committed / on the bus), then exit")
+]
+
+
 @app.command()
 def capture(
-    config: ConfigOption = None, log_format: LogFormatOption = None, verbose: VerboseOption = False
+    config: ConfigOption = None,
+    once: RoleOnceOption = False,
+    log_format: LogFormatOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Scale-out: publish every source's changes to the [bus] (one active capture per
     source; another one started stands by and takes over when it dies)."""
-    _scaled_role(config, log_format, verbose, lambda engine, stop: engine.capture(stop))
+    _scaled_role(config, log_format, verbose, lambda e, stop: e.capture(stop, once=once))
 
 
 @app.command()
 def worker(
-    config: ConfigOption = None, log_format: LogFormatOption = None, verbose: VerboseOption = False
+    config: ConfigOption = None,
+    once: RoleOnceOption = False,
+    log_format: LogFormatOption = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Scale-out: apply a fair share of the [bus] partitions (re-read, embed, write) beside
     any number of other workers, on any machine sharing the PostgreSQL state store."""
-    _scaled_role(config, log_format, verbose, lambda engine, stop: engine.work(stop))
+    result = _scaled_role(config, log_format, verbose, lambda e, stop: e.work(stop, once=once))
+    err.print(_summary(result), highlight=False)
 
 
 def _scaled_role(
     config: Path | None,
     log_format: str | None,
     verbose: bool,
-    role: Callable[[Engine, asyncio.Event], Awaitable[None]],
-) -> None:
+    role: Callable[[Engine, asyncio.Event], Awaitable[T]],
+) -> T:
     if log_format:
         os.environ["VECTORSYNC_LOG_FORMAT"] = log_format
     _setup_logging(verbose)
     cfg = _config(config)
 
-    async def call(stop: asyncio.Event) -> None:
+    async def call(stop: asyncio.Event) -> T:
         async with Engine.open(cfg) as engine:
-            await role(engine, stop)
+            return await role(engine, stop)
 
-    _execute(call)
+    return _execute(call)
 
 
 def _print_scaleout(scaled: dict[str, Any]) -> None:

@@ -26,7 +26,6 @@ from sqlalchemy.engine import make_url
 
 from ._tasks import gather_or_fail
 from .backoff import Backoff, retrying
-from .bus.base import Bus
 from .check import KNOWN, Checker, CheckReport
 from .chunking import chunker_for
 from .config import (
@@ -988,15 +987,29 @@ class Engine:
         return failed
 
     # -- scale-out (scaleout.py) -----------------------------------------------------------
-    async def capture(self, stop: asyncio.Event | None = None) -> None:
+    async def capture(self, stop: asyncio.Event | None = None, *, once: bool = False) -> None:
         """``vectorsync capture``: publish every source's changes to the [bus] (or stand by
-        for a source another capture holds) until ``stop`` is set."""
-        await self._on_bus(run_capture, stop or asyncio.Event())
+        for a source another capture holds) until ``stop`` is set; ``once``: what was
+        committed before the call, then return."""
+        bus = build_bus(self)
+        await bus.open()
+        try:
+            await run_capture(self, bus, stop or asyncio.Event(), once=once)
+        finally:
+            await bus.close()
 
-    async def work(self, stop: asyncio.Event | None = None) -> None:
+    async def work(self, stop: asyncio.Event | None = None, *, once: bool = False) -> RunResult:
         """``vectorsync worker``: apply this worker's share of the bus partitions until
-        ``stop`` is set."""
-        await self._on_bus(run_workers, stop or asyncio.Event())
+        ``stop`` is set; ``once``: every partition up to what the bus holds, then return."""
+        bus = build_bus(self)
+        await bus.open()
+        started = time.monotonic()
+        try:
+            totals = await run_workers(self, bus, stop or asyncio.Event(), once=once)
+        finally:
+            await bus.close()
+        changes = totals.pop("changes", 0)
+        return RunResult(changes=changes, counts=totals, seconds=time.monotonic() - started)
 
     async def scaleout_status(self) -> ScaleOutStatus:
         """The capture holders, the workers alive and every partition's holder and depth."""
@@ -1004,18 +1017,6 @@ class Engine:
         await bus.open()
         try:
             return await scaleout_status(self, bus)
-        finally:
-            await bus.close()
-
-    async def _on_bus(
-        self,
-        role: Callable[[Engine, Bus, asyncio.Event], Awaitable[None]],
-        stop: asyncio.Event,
-    ) -> None:
-        bus = build_bus(self)
-        await bus.open()
-        try:
-            await role(self, bus, stop)
         finally:
             await bus.close()
 

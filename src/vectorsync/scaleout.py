@@ -156,13 +156,15 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 
 # -- capture -------------------------------------------------------------------------------
-async def run_capture(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
+async def run_capture(engine: Engine, bus: Bus, stop: asyncio.Event, *, once: bool = False) -> None:
     """Publish every source's changes to the bus until ``stop`` is set; per source, as the
-    holder of its capture lease or as a standby waiting for it."""
+    holder of its capture lease or as a standby waiting for it. ``once``: what the source
+    committed before the call, then return (another capture holding it is an error)."""
     _refuse_related(engine)
     runtimes = await _prepared(engine, stop)  # `vectorsync setup`: capture, snapshots
     tasks = [
-        asyncio.create_task(_capture(engine, bus, name, runtimes, stop)) for name in engine.sources
+        asyncio.create_task(_capture(engine, bus, name, runtimes, stop, once=once))
+        for name in engine.sources
     ]
     try:
         await asyncio.gather(*tasks)
@@ -224,10 +226,21 @@ async def _renewing(engine: Engine, leases: dict[str, int], lost: asyncio.Event)
 
 
 async def _capture(
-    engine: Engine, bus: Bus, name: str, runtimes: Sequence[MappingRuntime], stop: asyncio.Event
+    engine: Engine,
+    bus: Bus,
+    name: str,
+    runtimes: Sequence[MappingRuntime],
+    stop: asyncio.Event,
+    *,
+    once: bool,
 ) -> None:
     lease = f"capture:{name}"
-    token = await _hold(engine, lease, stop, standby=f"capture of {name!r} on standby")
+    if once:
+        token: int | None = await engine.state.acquire_lease(
+            lease, engine.instance_id, ttl=_ttl(engine)
+        )
+    else:
+        token = await _hold(engine, lease, stop, standby=f"capture of {name!r} on standby")
     if token is None:
         return
     logger.info("capturing %s", name, extra={"action": "capture_start", "source": name})
@@ -251,9 +264,14 @@ async def _capture(
         if published != epoch:  # capture installed anew: its feed from the start
             position = 0
             await retried("publish to the bus", partial(bus.publish, name, epoch, 0, {}))
+        target = await retried("read the source's head", source.head) if once else None
         while not stop.is_set() and not lost.is_set():
+            if target is not None and position >= target:
+                return  # once: everything committed before the call is on the bus
             read = partial(source.read_changes, position, batch)
             changes = await retried("read changes", read)
+            if target is not None:
+                changes = [c for c in changes if c.position <= target]
             if not changes:
                 await source.wait(poll)
                 now = await retried("read the capture epoch", source.epoch)
@@ -308,6 +326,7 @@ class _Held:
     token: int
     stop: asyncio.Event
     task: asyncio.Task[None]
+    worker: SourceWorker
 
 
 async def _alive_workers(engine: Engine) -> list[str]:
@@ -321,12 +340,17 @@ async def _alive_workers(engine: Engine) -> list[str]:
     )
 
 
-async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
+async def run_workers(
+    engine: Engine, bus: Bus, stop: asyncio.Event, *, once: bool = False
+) -> dict[str, int]:
     """Apply the partitions this worker holds until ``stop`` is set, rebalancing as workers
-    come and go."""
+    come and go; the counts of what it applied. ``once``: every partition, up to what the
+    bus holds at the call, then return (another worker running is an error)."""
     _refuse_related(engine)
     runtimes = await _prepared(engine, stop)
     await engine.recover()
+    if once:
+        return await _work_once(engine, bus, runtimes, stop)
     me = f"worker:{engine.instance_id}"
     sqlite = engine.state.url.startswith("sqlite")
     if sqlite and [w for w in await _alive_workers(engine) if w != engine.instance_id]:
@@ -340,6 +364,7 @@ async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
     beat = asyncio.create_task(_renewing(engine, leases, lost))
     held: dict[tuple[str, int], _Held] = {}
     slots = [(name, p) for name in engine.sources for p in range(bus.partitions)]
+    totals: dict[str, int] = {}
     try:
         while not stop.is_set():
             if me not in leases:
@@ -347,11 +372,11 @@ async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
             for slot, h in list(held.items()):  # a partition lost, or its pipeline ended
                 name = _partition_lease(*slot)
                 if name not in leases or h.task.done():
-                    await _drop(engine, held, slot, leases)
+                    await _drop(engine, held, slot, leases, totals)
             alive = await _alive_workers(engine)
             fair = math.ceil(len(slots) / max(1, len(alive)))
             for slot in sorted(held, reverse=True)[: max(0, len(held) - fair)]:
-                await _drop(engine, held, slot, leases)  # to make room for a newcomer
+                await _drop(engine, held, slot, leases, totals)  # to make room for a newcomer
             rank = alive.index(engine.instance_id) if engine.instance_id in alive else 0
             order = slots[rank * fair :] + slots[: rank * fair]  # each starts elsewhere
             for slot in order:
@@ -378,11 +403,43 @@ async def run_workers(engine: Engine, bus: Bus, stop: asyncio.Event) -> None:
             await _wait(stop, _beat(engine))
     finally:
         for slot in list(held):
-            await _drop(engine, held, slot, leases)
+            await _drop(engine, held, slot, leases, totals)
         beat.cancel()
         await asyncio.gather(beat, return_exceptions=True)
         with contextlib.suppress(Exception):
             await engine.state.release_lease(me, engine.instance_id)
+    return totals
+
+
+async def _work_once(
+    engine: Engine, bus: Bus, runtimes: Sequence[MappingRuntime], stop: asyncio.Event
+) -> dict[str, int]:
+    leases: dict[str, int] = {}
+    workers: list[SourceWorker] = []
+    try:
+        for name in engine.sources:
+            if not await _published(bus, name):
+                continue  # nothing captured yet: nothing to apply
+            for p in range(bus.partitions):
+                lease = _partition_lease(name, p)
+                leases[lease] = await engine.state.acquire_lease(
+                    lease, engine.instance_id, ttl=_ttl(engine)
+                )
+                workers.append(_worker(engine, bus, runtimes, (name, p), leases[lease]))
+        await asyncio.gather(*(w.run(once=True, stop=stop) for w in workers))
+    finally:
+        for lease in leases:
+            with contextlib.suppress(Exception):
+                await engine.state.release_lease(lease, engine.instance_id)
+    totals: dict[str, int] = {}
+    for w in workers:
+        _add(totals, w.totals)
+    return totals
+
+
+def _add(totals: dict[str, int], more: dict[str, int]) -> None:
+    for k, n in more.items():
+        totals[k] = totals.get(k, 0) + n
 
 
 async def _published(bus: Bus, source: str) -> bool:
@@ -405,10 +462,23 @@ def _start(
     slot: tuple[str, int],
     token: int,
 ) -> _Held:
+    worker = _worker(engine, bus, runtimes, slot, token)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(once=False, stop=stop))
+    return _Held(token=token, stop=stop, task=task, worker=worker)
+
+
+def _worker(
+    engine: Engine,
+    bus: Bus,
+    runtimes: Sequence[MappingRuntime],
+    slot: tuple[str, int],
+    token: int,
+) -> SourceWorker:
     name, partition = slot
     source = PartitionSource(engine.sources[name], bus, partition)
     cfg = engine.config
-    worker = SourceWorker(
+    return SourceWorker(
         source,
         [r for r in runtimes if r.config.source == name],
         engine.state,
@@ -420,9 +490,6 @@ def _start(
         lease=(_partition_lease(*slot), engine.instance_id, token),
         outage_after=cfg.sync.sink_outage_after,
     )
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(once=False, stop=stop))
-    return _Held(token=token, stop=stop, task=task)
 
 
 async def _drop(
@@ -430,11 +497,13 @@ async def _drop(
     held: dict[tuple[str, int], _Held],
     slot: tuple[str, int],
     leases: dict[str, int],
+    totals: dict[str, int],
 ) -> None:
     """Stop a partition's pipeline (it finishes what it began) and let its lease go."""
     h = held.pop(slot)
     h.stop.set()
     results = await asyncio.gather(h.task, return_exceptions=True)
+    _add(totals, h.worker.totals)
     name = _partition_lease(*slot)
     if name in leases:
         leases.pop(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 from tests.helpers import App, load
 from tests.integration.test_scaleout import converged, scaled, setup
 from tests.redis_server import RedisServer, redis_server
+from vectorsync._failpoints import POINTS
 from vectorsync._processes import stop_process
 from vectorsync.engine import Engine
 
@@ -192,3 +194,26 @@ def test_the_bus_server_killed_and_restarted_mid_stream_loses_nothing(
     bus.start()
     asyncio.run(converged(cfg, sapp, deadline=300))
     assert all(p.poll() is None for p, _ in roles.procs)  # every role lived through it
+
+
+@pytest.mark.parametrize("point", [p for p in POINTS if p != "after_redo_inflight"])
+def test_a_worker_killed_at_each_failpoint_is_taken_over(
+    workdir: Path,
+    bus: RedisServer,
+    pg_url: str,
+    sink: str,
+    sapp: App,
+    roles: Roles,
+    point: str,
+) -> None:
+    rng = random.Random(POINTS.index(point))  # type: ignore[arg-type]
+    sapp.random_ops(rng, 300)
+    cfg = scaled(workdir, bus, pg_url, sink, partitions=4)
+    asyncio.run(setup(cfg))
+    roles.start("capture")
+    doomed = roles.start("worker", failpoint=f"{point}:2")
+    doomed.wait(timeout=120)  # it dies the second time it passes the point
+    assert doomed.returncode == -9 and f"failpoint {point} fired" in roles.log(doomed)
+    roles.start("worker")  # takes over every partition from their last commits
+    sapp.random_ops(rng, 100)
+    asyncio.run(converged(cfg, sapp, deadline=300))
