@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import RetryableError
+from ..errors import ConfigError, RetryableError
 from ..model import Change
 from ..redact import redact
 
@@ -78,7 +78,12 @@ class RedisBus:
             raise RetryableError(f"bus {redact(self.url)}: {what}: {exc}") from exc
 
     async def open(self) -> None:
-        import redis.asyncio as aredis
+        try:
+            import redis.asyncio as aredis
+        except ImportError:
+            raise ConfigError(
+                "the [bus] needs the bus extra: pip install 'vectorsync[bus]'"
+            ) from None
 
         self._redis = aredis.from_url(self.url)
         with self._errors("connect"):
