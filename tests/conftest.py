@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import App, GraphApp, PgApp, SurrealApp
 from tests.pgserver import PgServer
 from tests.pgvector_server import PgvectorServer, pgvector_server
+from tests.redis_server import RedisServer, redis_server
 from vectorsync.chroma_server import ChromaServer, chroma_server
 from vectorsync.falkordb_server import FalkorDBServer, falkordb_server
 
@@ -205,3 +206,27 @@ def model2vec_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stderr
     assert f"saved {out}" in done.stderr and not (out / "stale.txt").exists()
     return out
+
+
+# -- scale-out (tests/integration/test_scaleout.py, tests/e2e/test_scaleout_crash.py) -------
+@pytest.fixture
+def bus() -> Iterator[RedisServer]:
+    """A durable Redis (append-only, fsync always) of the test's own, for the bus."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def sapp(workdir: Path) -> Iterator[App]:
+    """The SQLite application the scale-out tests write (workers re-read it)."""
+    application = App(workdir / "app.db")
+    try:
+        yield application
+    finally:
+        application.close()
+
+
+@pytest.fixture
+def sink(pgvector: PgvectorServer, pgvector_schema: str) -> str:
+    """A sink many processes write: pgvector, in the test's own schema."""
+    return f'kind = "pgvector"\nurl = "{pgvector.url}"\nschema_name = "{pgvector_schema}"'

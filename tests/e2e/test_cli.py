@@ -135,17 +135,15 @@ def test_json_logs_carry_action_mapping_and_counts(workdir: Path, app: App) -> N
     assert bad.returncode == 2 and "use text or json" in bad.stderr
 
 
-def test_graph_demo_runs_and_stops_its_falkordb(workdir: Path) -> None:
-    import re
-    import socket
-
+def _demo(workdir: Path, flag: str) -> str:
+    """``vectorsync demo <flag>`` on the hash embedder, its output (it must succeed)."""
     done = subprocess.run(
         [
             sys.executable,
             "-m",
             "vectorsync",
             "demo",
-            "--graph",
+            flag,
             "--embedder",
             "hash",
             "--records",
@@ -159,7 +157,14 @@ def test_graph_demo_runs_and_stops_its_falkordb(workdir: Path) -> None:
         env={**os.environ, "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stderr
-    out = done.stdout
+    return done.stdout
+
+
+def test_graph_demo_runs_and_stops_its_falkordb(workdir: Path) -> None:
+    import re
+    import socket
+
+    out = _demo(workdir, "--graph")
     assert "only the records built from what changed" in out
     [chunks] = re.findall(r"chunks\s+│\s+0\s+│\s+(\d+)\s+│", out)  # none embedded
     assert int(chunks) >= 2  # the retitled module's chunks and the edges' chunks
@@ -171,27 +176,7 @@ def test_graph_demo_runs_and_stops_its_falkordb(workdir: Path) -> None:
 def test_surrealdb_demo_writes_through_the_api_and_proves_the_sync(workdir: Path) -> None:
     import re
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vectorsync",
-            "demo",
-            "--surrealdb",
-            "--embedder",
-            "hash",
-            "--records",
-            "400",
-            "--dir",
-            str(workdir / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+    out = _demo(workdir, "--surrealdb")
     searched = out[out.index("3. A strong write") : out.index("4. Through")]
     assert "notes.parse_json" in searched  # found right after the strong write returned
     [row] = re.findall(r"chunks\s+│\s+(\d+)\s+│\s+(\d+)\s+│\s+(\d+)\s+│", out)

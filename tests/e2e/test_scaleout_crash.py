@@ -21,32 +21,12 @@ import pytest
 
 from tests.helpers import App, load
 from tests.integration.test_scaleout import converged, scaled, setup
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer
 from vectorsync._failpoints import POINTS
 from vectorsync._processes import stop_process
 from vectorsync.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def bus() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-@pytest.fixture
-def sapp(workdir: Path) -> Iterator[App]:
-    application = App(workdir / "app.db")
-    try:
-        yield application
-    finally:
-        application.close()
-
-
-@pytest.fixture
-def sink(pgvector: Any, pgvector_schema: str) -> str:
-    return f'kind = "pgvector"\nurl = "{pgvector.url}"\nschema_name = "{pgvector_schema}"'
 
 
 class Roles:
@@ -83,8 +63,12 @@ class Roles:
         found = []
         for proc, log in self.procs:  # each line tagged with its process
             for line in log.read_text(errors="replace").splitlines():
-                if line.startswith("{"):
+                if not line.startswith("{"):
+                    continue
+                try:
                     found.append({**json.loads(line), "_pid": proc.pid})
+                except json.JSONDecodeError:  # the line being written as we read
+                    continue
         return found
 
     def log(self, proc: subprocess.Popen[bytes]) -> str:

@@ -7,32 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.helpers import App, check, load, write_config
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer
 from vectorsync.engine import Engine
 from vectorsync.errors import ConfigError
 from vectorsync.metrics import prometheus_text
-
-
-@pytest.fixture
-def bus() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
-
-
-@pytest.fixture
-def sapp(workdir: Path) -> Iterator[App]:
-    application = App(workdir / "app.db")
-    try:
-        yield application
-    finally:
-        application.close()
 
 
 def scaled(workdir: Path, bus: RedisServer, state: str, sink: str, partitions: int = 4) -> Path:
@@ -47,11 +31,6 @@ async def setup(cfg: Path) -> None:
     """`vectorsync setup`, as an operator runs it before starting the roles."""
     async with Engine.open(load(cfg)) as engine:
         await engine.prepare()
-
-
-@pytest.fixture
-def sink(pgvector: Any, pgvector_schema: str) -> str:
-    return f'kind = "pgvector"\nurl = "{pgvector.url}"\nschema_name = "{pgvector_schema}"'
 
 
 async def converged(cfg: Path, app: App, deadline: float = 120) -> None:
