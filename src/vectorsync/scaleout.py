@@ -14,8 +14,10 @@ one worker at a time and a worker that lost its lease writes nothing more. A wor
 mid-batch leaves its partitions' positions at their last commit; whoever takes them over
 re-reads from there.
 
-Not yet in this mode: related fields (their fan-out would apply keys of other partitions)
-and re-index backfills; both are refused or skipped with a message.
+Related fields: a partition's worker fans a changed related record out to the records built
+from it, and hands those of other partitions to them through the bus (``forward``), so
+every key is still applied by its own partition. Not yet in this mode: re-index backfills
+(use ``vectorsync run`` for a rebuild).
 """
 
 from __future__ import annotations
@@ -132,22 +134,21 @@ class PartitionSource:
     ) -> list[Key]:
         return await self.inner.dependents(owner, rel, related_keys)
 
+    def owns(self, key: Key) -> bool:
+        return partition_of(key, self.bus.partitions) == self.partition
+
+    async def forward(self, changes: Sequence[Change]) -> None:
+        parts: dict[int, list[Change]] = {}
+        for c in changes:
+            parts.setdefault(partition_of(c.key, self.bus.partitions), []).append(c)
+        await self.bus.forward(self.inner.name, parts)
+
     async def ack(self, position: int) -> None:
         await self.bus.trim(self.inner.name, self.partition, position)  # applied: ours only
 
     async def backlog(self, after: int) -> Backlog:
         depth = await self.bus.depth(self.inner.name, self.partition)
         return Backlog(changes=depth, oldest_committed_at=None)
-
-
-def _refuse_related(engine: Engine) -> None:
-    for m in engine.config.mappings:
-        if m.related:
-            raise ConfigError(
-                f"mapping {m.name!r}: related fields are not supported in scale-out mode yet "
-                "(their fan-out would apply keys of other workers' partitions); use "
-                "`vectorsync run`, or move the related values into the mapped table (a view)"
-            )
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -160,7 +161,6 @@ async def run_capture(engine: Engine, bus: Bus, stop: asyncio.Event, *, once: bo
     """Publish every source's changes to the bus until ``stop`` is set; per source, as the
     holder of its capture lease or as a standby waiting for it. ``once``: what the source
     committed before the call, then return (another capture holding it is an error)."""
-    _refuse_related(engine)
     runtimes = await _prepared(engine, stop)  # `vectorsync setup`: capture, snapshots
     tasks = [
         asyncio.create_task(_capture(engine, bus, name, runtimes, stop, once=once))
@@ -346,7 +346,6 @@ async def run_workers(
     """Apply the partitions this worker holds until ``stop`` is set, rebalancing as workers
     come and go; the counts of what it applied. ``once``: every partition, up to what the
     bus holds at the call, then return (another worker running is an error)."""
-    _refuse_related(engine)
     runtimes = await _prepared(engine, stop)
     await engine.recover()
     if once:
@@ -415,8 +414,9 @@ async def _work_once(
     engine: Engine, bus: Bus, runtimes: Sequence[MappingRuntime], stop: asyncio.Event
 ) -> dict[str, int]:
     leases: dict[str, int] = {}
-    workers: list[SourceWorker] = []
+    totals: dict[str, int] = {}
     try:
+        slots = []
         for name in engine.sources:
             if not await _published(bus, name):
                 continue  # nothing captured yet: nothing to apply
@@ -425,16 +425,28 @@ async def _work_once(
                 leases[lease] = await engine.state.acquire_lease(
                     lease, engine.instance_id, ttl=_ttl(engine)
                 )
-                workers.append(_worker(engine, bus, runtimes, (name, p), leases[lease]))
-        await asyncio.gather(*(w.run(once=True, stop=stop) for w in workers))
+                slots.append((name, p))
+        # rounds until no partition has entries left: a round's fan-out may hand keys to
+        # partitions that already finished it
+        while slots and not stop.is_set():
+            workers = [
+                _worker(engine, bus, runtimes, s, leases[_partition_lease(*s)]) for s in slots
+            ]
+            await asyncio.gather(*(w.run(once=True, stop=stop) for w in workers))
+            for w in workers:
+                _add(totals, w.totals)
+            slots = [s for s in slots if await _behind(engine, bus, *s)]
     finally:
         for lease in leases:
             with contextlib.suppress(Exception):
                 await engine.state.release_lease(lease, engine.instance_id)
-    totals: dict[str, int] = {}
-    for w in workers:
-        _add(totals, w.totals)
     return totals
+
+
+async def _behind(engine: Engine, bus: Bus, source: str, partition: int) -> bool:
+    epoch, _ = await bus.captured(source)
+    done = await engine.state.position(f"{source}#{partition}", epoch)
+    return await bus.head(source, partition) > done
 
 
 def _add(totals: dict[str, int], more: dict[str, int]) -> None:
@@ -489,6 +501,7 @@ def _worker(
         backoff=engine.backoff,
         lease=(_partition_lease(*slot), engine.instance_id, token),
         outage_after=cfg.sync.sink_outage_after,
+        router=source,  # fanned-out keys of other partitions go to them
     )
 
 
@@ -551,11 +564,9 @@ async def status(engine: Engine, bus: Bus) -> ScaleOutStatus:
         epoch, _ = await bus.captured(name)
         for p in range(bus.partitions):
             lease = live.get(_partition_lease(name, p))
-            head = await bus.head(name, p)
-            done = await engine.state.position(f"{name}#{p}", epoch) if epoch else 0
             parts.setdefault(name, {})[p] = {
                 "worker": lease.holder if lease else None,
                 "depth": await bus.depth(name, p),
-                "behind": head > done,
+                "behind": bool(epoch) and await _behind(engine, bus, name, p),
             }
     return ScaleOutStatus(capture=capture, workers=await _alive_workers(engine), partitions=parts)

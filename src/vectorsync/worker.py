@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from . import _failpoints
 from ._tasks import gather_or_fail
@@ -235,6 +235,16 @@ class BatchReport:
 _DONE = object()
 
 
+class Router(Protocol):
+    """Where a key belongs when several workers share a source (scale-out's partitions)."""
+
+    def owns(self, key: Key) -> bool: ...
+
+    async def forward(self, changes: Sequence[Change]) -> None:
+        """Hand changes of keys this worker does not own to the workers that do."""
+        ...
+
+
 class SourceWorker:
     def __init__(
         self,
@@ -258,8 +268,10 @@ class SourceWorker:
         expiring: Callable[[], bool] | None = None,
         on_expired: Callable[[], Awaitable[Sequence[MappingRuntime]]] | None = None,
         outage_after: float = 5.0,
+        router: Router | None = None,
     ) -> None:
         self.source = source
+        self._router = router  # scale-out: fanned-out keys of other partitions go there
         self._outages = Outages(outage_after)
         self.run_id = run_id
         self.lease = lease  # (name, holder, token): fences every batch commit
@@ -749,7 +761,9 @@ class SourceWorker:
     async def _fan_out(self, by_table: dict[str, dict[Key, Change]]) -> None:
         """A changed related record re-syncs the records built from it: those related to
         it now (the relation reversed at the source) and those last built from it (the
-        state store and in-flight batches), which covers deleted records and edges."""
+        state store and in-flight batches), which covers deleted records and edges. With
+        a ``router`` (scale-out), keys of other partitions are handed to them instead."""
+        elsewhere: list[Change] = []
         for table, keyed in list(by_table.items()):
             # a snapshot of a related table needs no fan-out: its dependents are
             # snapshotted too (a new relation changes the mapping's schema version)
@@ -771,14 +785,25 @@ class SourceWorker:
                 last = max(changed.values(), key=lambda c: c.position)
                 target = by_table.setdefault(m.config.table, {})
                 for key in [*found, *stored, *planned]:
-                    if key not in target:
-                        target[key] = Change(
-                            table=m.config.table,
-                            key=key,
-                            op="update",
-                            position=last.position,
-                            committed_at=last.committed_at,
-                        )
+                    if key in target:
+                        continue
+                    change = Change(
+                        table=m.config.table,
+                        key=key,
+                        op="update",
+                        position=last.position,
+                        committed_at=last.committed_at,
+                    )
+                    if self._router is None or self._router.owns(key):
+                        target[key] = change
+                    else:
+                        elsewhere.append(change)
+        if elsewhere and self._router is not None:  # applied by their partitions' workers
+            await self._retry(
+                "hand fanned-out keys to their partitions",
+                partial(self._router.forward, elsewhere),
+                self._stop,
+            )
 
     async def _truncated(self, change: Change) -> dict[tuple[str, Key], Change]:
         """A TRUNCATE re-checks every key the table's mappings hold: the re-read finds them

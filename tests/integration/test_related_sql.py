@@ -60,6 +60,11 @@ many = true
 
 @pytest.fixture
 def db(workdir: Path) -> sqlite3.Connection:
+    return documents_and_chunks(workdir)
+
+
+def documents_and_chunks(workdir: Path) -> sqlite3.Connection:
+    """Three documents of five chunks each, and the project's config."""
     conn = sqlite3.connect(workdir / "app.db", isolation_level=None)
     conn.execute("CREATE TABLE documents (id INTEGER PRIMARY KEY, title TEXT, tags TEXT)")
     conn.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, doc_id INTEGER, body TEXT)")

@@ -9,14 +9,17 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import App, check, load, write_config
+from tests.helpers import App, check, load, sync_once, write_config
+from tests.integration.test_related_sql import CONFIG, _points, documents_and_chunks
 from tests.redis_server import RedisServer
 from vectorsync.engine import Engine
 from vectorsync.errors import ConfigError
 from vectorsync.metrics import prometheus_text
+from vectorsync.model import point_id
 
 
 def scaled(workdir: Path, bus: RedisServer, state: str, sink: str, partitions: int = 4) -> Path:
@@ -77,7 +80,18 @@ async def test_a_capture_and_two_workers_share_the_partitions_and_converge(
             sapp.insert(k)
         sapp.update(60, author="bob")
         await converged(cfg, sapp)
-        status = (await one.scaleout_status()).as_dict()
+
+        async def balanced() -> dict[str, Any]:  # the share settles within a few beats
+            end = time.monotonic() + 60
+            while True:
+                status = (await one.scaleout_status()).as_dict()
+                holders = [v["worker"] for v in status["partitions"]["app"].values()]
+                counts = sorted(holders.count(w) for w in status["workers"])
+                if counts == [2, 2] or time.monotonic() > end:
+                    return status
+                await asyncio.sleep(0.1)
+
+        status = await balanced()
         metrics = (await prometheus_text(one)).decode()
     assert len(status["workers"]) == 2
     assert "vectorsync_workers_alive 2.0" in metrics
@@ -96,3 +110,27 @@ async def test_several_workers_on_sqlite_state_are_refused(
     async with role(cfg, "worker"), Engine.open(load(cfg)) as engine:
         with pytest.raises(ConfigError, match=r"shared state store.*postgresql"):
             await engine.work(asyncio.Event())
+
+
+async def test_related_fields_fan_out_across_partitions(workdir: Path, bus: RedisServer) -> None:
+    """A document's chunks live in other partitions than the document: the document's
+    worker hands them to theirs, and every record built from a change is re-synced."""
+    db = documents_and_chunks(workdir)
+    cfg = workdir / "vectorsync.toml"
+    cfg.write_text(f'{CONFIG}\n[bus]\nurl = "{bus.url}"\npartitions = 4\nheartbeat = 0.2\n')
+    await sync_once(cfg)
+    db.execute("UPDATE documents SET title = 'retitled' WHERE id = 2")
+    db.execute("UPDATE chunks SET doc_id = 1 WHERE id = 305")  # moved: both documents change
+    counts = await sync_once(cfg)
+    # re-embedded: document 2 and its five chunks, chunk 305 (a document title is in a
+    # chunk's text); documents 1 and 3 change their chunk list only
+    assert (counts["embedded"], counts["payload_only"]) == (7, 2)
+    chunks = await _points(workdir, "chunks")
+    assert {chunks[point_id("chunks", 200 + c)]["doc_title"] for c in range(1, 6)} == {"retitled"}
+    docs = await _points(workdir, "documents")
+    assert docs[point_id("documents", 1)]["chunk_ids"] == [101, 102, 103, 104, 105, 305]
+    assert docs[point_id("documents", 3)]["chunk_ids"] == [301, 302, 303, 304]
+    async with Engine.open(load(cfg)) as engine:
+        for mapping in ("chunks", "documents"):
+            report = await engine.check(mapping, mode="full")
+            assert report.consistent, (mapping, report.counts)

@@ -44,6 +44,11 @@ class Bus(Protocol):
         or nothing; durable when it returns."""
         ...
 
+    async def forward(self, source: str, parts: Mapping[int, Sequence[Change]]) -> None:
+        """Append changes to partitions without moving the capture's position (a worker
+        hands over fanned-out keys of other partitions); durable when it returns."""
+        ...
+
     async def read(self, source: str, partition: int, after: int, limit: int) -> list[Change]:
         """Changes after ``after`` in the partition, whole entries (about ``limit``), each
         change's ``position`` the position of its entry."""

@@ -118,15 +118,25 @@ class RedisBus:
     async def publish(
         self, source: str, epoch: str, position: int, parts: Mapping[int, Sequence[Change]]
     ) -> None:
+        pipe = self._entries(source, parts)
+        pipe.hset(self._captured(source), mapping={"epoch": epoch, "position": position})
+        with self._errors("publish changes"):
+            await pipe.execute()
+
+    async def forward(self, source: str, parts: Mapping[int, Sequence[Change]]) -> None:
+        pipe = self._entries(source, parts)
+        with self._errors("hand changes to their partitions"):
+            await pipe.execute()
+
+    def _entries(self, source: str, parts: Mapping[int, Sequence[Change]]) -> Any:
+        """A transaction appending one entry per partition."""
         pipe = self._r.pipeline(transaction=True)
         for partition, changes in sorted(parts.items()):
             body = orjson.dumps(
                 [[c.table, c.key, c.op, c.position, c.committed_at, c.relation] for c in changes]
             )
             pipe.xadd(self._stream(source, partition), {"c": body})
-        pipe.hset(self._captured(source), mapping={"epoch": epoch, "position": position})
-        with self._errors("publish changes"):
-            await pipe.execute()
+        return pipe
 
     async def read(self, source: str, partition: int, after: int, limit: int) -> list[Change]:
         key = self._stream(source, partition)
