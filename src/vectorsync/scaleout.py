@@ -40,7 +40,7 @@ from .errors import ConfigError, RetryableError
 from .model import Change, Key
 from .related import RelatedRecord, Relation
 from .sources.base import Backlog, Source, TableSpec
-from .state.leases import LeaseHeld, LeaseLost, pid_alive
+from .state.leases import Lease, LeaseHeld, LeaseLost, pid_alive
 from .worker import MappingRuntime, SourceWorker
 
 if TYPE_CHECKING:
@@ -151,6 +151,30 @@ class PartitionSource:
         return Backlog(changes=depth, oldest_committed_at=None)
 
 
+async def _refuse_beside_run(engine: Engine) -> None:
+    """A `vectorsync run` applying a source and workers applying it would interleave."""
+    for lease in await _live(engine, "source:"):
+        source = lease.name.removeprefix("source:")
+        if source in engine.sources:
+            raise ConfigError(
+                f"source {source!r} is being synced by `vectorsync run` (pid {lease.pid} on "
+                f"{lease.host}); stop it first: scale-out roles and `run` do not mix"
+            )
+
+
+async def _live(engine: Engine, prefix: str) -> list[Lease]:
+    """The leases named ``prefix…`` whose holder lives (unexpired; on this host, its
+    process still there)."""
+    host, now = socket.gethostname(), time.time()
+    return [
+        lease
+        for lease in await engine.state.leases()
+        if lease.name.startswith(prefix)
+        and lease.expires_at > now
+        and (lease.host != host or pid_alive(lease.pid))
+    ]
+
+
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
@@ -161,6 +185,7 @@ async def run_capture(engine: Engine, bus: Bus, stop: asyncio.Event, *, once: bo
     """Publish every source's changes to the bus until ``stop`` is set; per source, as the
     holder of its capture lease or as a standby waiting for it. ``once``: what the source
     committed before the call, then return (another capture holding it is an error)."""
+    await _refuse_beside_run(engine)
     runtimes = await _prepared(engine, stop)  # `vectorsync setup`: capture, snapshots
     tasks = [
         asyncio.create_task(_capture(engine, bus, name, runtimes, stop, once=once))
@@ -330,14 +355,7 @@ class _Held:
 
 
 async def _alive_workers(engine: Engine) -> list[str]:
-    host, now = socket.gethostname(), time.time()
-    return sorted(
-        lease.name.removeprefix("worker:")
-        for lease in await engine.state.leases()
-        if lease.name.startswith("worker:")
-        and lease.expires_at > now
-        and (lease.host != host or pid_alive(lease.pid))
-    )
+    return sorted(lease.name.removeprefix("worker:") for lease in await _live(engine, "worker:"))
 
 
 async def run_workers(
@@ -346,6 +364,7 @@ async def run_workers(
     """Apply the partitions this worker holds until ``stop`` is set, rebalancing as workers
     come and go; the counts of what it applied. ``once``: every partition, up to what the
     bus holds at the call, then return (another worker running is an error)."""
+    await _refuse_beside_run(engine)
     runtimes = await _prepared(engine, stop)
     await engine.recover()
     if once:

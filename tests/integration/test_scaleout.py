@@ -134,3 +134,25 @@ async def test_related_fields_fan_out_across_partitions(workdir: Path, bus: Redi
         for mapping in ("chunks", "documents"):
             report = await engine.check(mapping, mode="full")
             assert report.consistent, (mapping, report.counts)
+
+
+async def test_scale_out_roles_beside_a_running_run_are_refused(
+    workdir: Path, bus: RedisServer, pg_url: str, sink: str, sapp: App
+) -> None:
+    sapp.insert(1)
+    cfg = scaled(workdir, bus, pg_url, sink)
+    async with Engine.open(load(cfg)) as running:
+        stop = asyncio.Event()
+        run = asyncio.create_task(running.run(stop=stop))
+        end = time.monotonic() + 60
+        while not [x for x in await running.state.leases() if x.name == "source:app"]:
+            assert time.monotonic() < end, "the run takes its source lease"
+            await asyncio.sleep(0.05)
+        try:
+            async with Engine.open(load(cfg)) as engine:
+                for role in (engine.work, engine.capture):
+                    with pytest.raises(ConfigError, match="synced by `vectorsync run`"):
+                        await role(asyncio.Event())
+        finally:
+            stop.set()
+            await run
