@@ -216,15 +216,14 @@ async def _hold(engine: Engine, lease: str, stop: asyncio.Event, *, standby: str
 async def _prepared(engine: Engine, stop: asyncio.Event) -> list[MappingRuntime]:
     """``engine.prepare()`` one process at a time (captures and workers start together:
     installing capture and registering a mapping's schema twice at once would race)."""
-    while True:
-        token = await _hold(engine, "setup", stop, standby="waiting for another setup")
-        if token is None:
-            raise asyncio.CancelledError
-        try:
-            return await engine.prepare()
-        finally:
-            with contextlib.suppress(Exception):
-                await engine.state.release_lease("setup", engine.instance_id)
+    token = await _hold(engine, "setup", stop, standby="waiting for another setup")
+    if token is None:  # stopped while waiting
+        raise asyncio.CancelledError
+    try:
+        return await engine.prepare()
+    finally:
+        with contextlib.suppress(Exception):
+            await engine.state.release_lease("setup", engine.instance_id)
 
 
 def _beat(engine: Engine) -> float:
