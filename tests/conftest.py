@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import App, GraphApp, PgApp, SurrealApp
+from tests.kafka_server import KafkaServer, kafka_server
 from tests.pgserver import PgServer
 from tests.pgvector_server import PgvectorServer, pgvector_server
 from tests.redis_server import RedisServer, redis_server
@@ -213,6 +214,13 @@ def model2vec_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bus() -> Iterator[RedisServer]:
     """A durable Redis (append-only, fsync always) of the test's own, for the bus."""
     with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def kafka() -> Iterator[KafkaServer]:
+    """A Kafka-protocol broker (Tansu, memory storage) of the test's own, for the bus."""
+    with kafka_server() as server:
         yield server
 
 

@@ -886,15 +886,23 @@ class SyncConfig(_Frozen):
 class BusConfig(_Frozen):
     """Scale-out mode (``vectorsync capture`` + ``vectorsync worker``): the change bus."""
 
-    kind: Literal["redis"] = "redis"
+    kind: Literal["redis", "kafka"] = "redis"
     url: str = Field(
-        pattern=r"^(redis|rediss|unix)://",
-        description="Redis Streams, e.g. redis://127.0.0.1:6379/0 (appendonly yes, "
-        "appendfsync always)",
+        pattern=r"^(redis|rediss|unix|kafka)://",
+        description="Redis Streams: redis://127.0.0.1:6379/0 (appendonly yes, appendfsync "
+        "always); kafka: kafka://host:9092[,host2:9092] (the Kafka protocol, aiokafka)",
     )
     partitions: int = Field(
         default=8, ge=1, le=1024, description="changes are split by key hash; one worker each"
     )
+
+    @model_validator(mode="after")
+    def _url_fits_kind(self) -> BusConfig:
+        if (self.kind == "kafka") != self.url.startswith("kafka://"):
+            form = "kafka://host:9092" if self.kind == "kafka" else "redis://host:6379"
+            raise ValueError(f"bus kind {self.kind!r} takes a url like {form}")
+        return self
+
     heartbeat: float = Field(
         default=1.0,
         gt=0,

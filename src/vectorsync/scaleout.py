@@ -59,6 +59,10 @@ def build_bus(engine: Engine) -> Bus:
             'scale-out mode needs a bus: add [bus] with url = "redis://host:6379" (see '
             "docs/scale-out.md), or use `vectorsync run` (all in one process)"
         )
+    if cfg.kind == "kafka":
+        from .bus.kafka import KafkaBus
+
+        return KafkaBus(cfg.url, partitions=cfg.partitions)
     from .bus.redis import RedisBus
 
     return RedisBus(cfg.url, partitions=cfg.partitions)
@@ -147,7 +151,7 @@ class PartitionSource:
         await self.bus.trim(self.inner.name, self.partition, position)  # applied: ours only
 
     async def backlog(self, after: int) -> Backlog:
-        depth = await self.bus.depth(self.inner.name, self.partition)
+        depth = await self.bus.depth(self.inner.name, self.partition, after)
         return Backlog(changes=depth, oldest_committed_at=None)
 
 
@@ -582,9 +586,10 @@ async def status(engine: Engine, bus: Bus) -> ScaleOutStatus:
         epoch, _ = await bus.captured(name)
         for p in range(bus.partitions):
             lease = live.get(_partition_lease(name, p))
+            done = await engine.state.position(f"{name}#{p}", epoch) if epoch else 0
             parts.setdefault(name, {})[p] = {
                 "worker": lease.holder if lease else None,
-                "depth": await bus.depth(name, p),
-                "behind": bool(epoch) and await _behind(engine, bus, name, p),
+                "depth": await bus.depth(name, p, done),
+                "behind": await bus.head(name, p) > done,
             }
     return ScaleOutStatus(capture=capture, workers=await _alive_workers(engine), partitions=parts)

@@ -104,17 +104,32 @@ def _status(cfg: Path) -> dict[str, Any]:
     return asyncio.run(read())
 
 
+@pytest.mark.parametrize("broker", ["redis", "kafka"])
 def test_kill_9_of_one_of_three_workers_under_load(
-    workdir: Path, bus: RedisServer, pg_url: str, sink: str, sapp: App, roles: Roles
+    workdir: Path,
+    broker: str,
+    request: pytest.FixtureRequest,
+    pg_url: str,
+    sink: str,
+    sapp: App,
+    roles: Roles,
 ) -> None:
-    with sapp.transaction():
-        for k in range(1, 3001):
-            sapp.insert(k)
+    bus = request.getfixturevalue("bus" if broker == "redis" else "kafka")
     cfg = scaled(workdir, bus, pg_url, sink, partitions=6)
     cfg.write_text(cfg.read_text().replace("[sync]", "[sync]\nmax_in_flight = 1"))
     asyncio.run(setup(cfg))
     roles.start("capture")
     workers = [roles.start("worker") for _ in range(3)]
+
+    def balanced() -> bool:  # each worker holds 2 of the 6 partitions
+        status = _status(cfg)
+        held = [v["worker"] for v in status["partitions"]["app"].values()]
+        return len(status["workers"]) == 3 and all(held.count(w) == 2 for w in status["workers"])
+
+    wait_until(balanced, "three workers share the partitions")
+    with sapp.transaction():  # then the load: about 1,000 rows for each worker
+        for k in range(1, 3001):
+            sapp.insert(k)
     wait_until(lambda: len({c["_pid"] for c in commits(roles)}) == 3, "all three workers commit")
     victim = workers[0]
     held = len(

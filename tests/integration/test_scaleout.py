@@ -22,10 +22,13 @@ from vectorsync.metrics import prometheus_text
 from vectorsync.model import point_id
 
 
-def scaled(workdir: Path, bus: RedisServer, state: str, sink: str, partitions: int = 4) -> Path:
+def scaled(workdir: Path, bus: Any, state: str, sink: str, partitions: int = 4) -> Path:
+    """The project on a bus (a Redis or a Kafka-protocol server: its ``url`` says which)."""
     cfg = write_config(workdir, sink=sink, batch_size=50)
     text = cfg.read_text().replace('url = "sqlite:///.vectorsync/state.db"', f'url = "{state}"')
-    text += f'\n[bus]\nurl = "{bus.url}"\npartitions = {partitions}\nheartbeat = 0.2\n'
+    kind = "kafka" if bus.url.startswith("kafka://") else "redis"
+    text += f'\n[bus]\nkind = "{kind}"\nurl = "{bus.url}"\npartitions = {partitions}\n'
+    text += "heartbeat = 0.2\n"
     cfg.write_text(text)
     return cfg
 

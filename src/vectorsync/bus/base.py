@@ -66,6 +66,7 @@ class Bus(Protocol):
         """Drop the entries at or before ``upto`` (applied and committed)."""
         ...
 
-    async def depth(self, source: str, partition: int) -> int:
-        """Entries the partition holds (not yet trimmed)."""
+    async def depth(self, source: str, partition: int, after: int = 0) -> int:
+        """Entries of the partition not yet applied: after ``after``, the partition's
+        applied position (a bus that trims at each ack may count what it holds)."""
         ...

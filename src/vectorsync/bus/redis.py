@@ -174,6 +174,6 @@ class RedisBus:
         with self._errors(f"trim partition {partition}"):
             await self._r.xtrim(self._stream(source, partition), minid=entry_id(upto + 1))
 
-    async def depth(self, source: str, partition: int) -> int:
+    async def depth(self, source: str, partition: int, after: int = 0) -> int:  # trimmed at ack
         with self._errors(f"read partition {partition}"):
             return int(await self._r.xlen(self._stream(source, partition)))
