@@ -14,16 +14,39 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import orjson
 import xxhash
 
 from ..model import Change, Key
 
-__all__ = ["Bus", "partition_of"]
+__all__ = ["Bus", "decode", "encode", "partition_of"]
 
 
 def partition_of(key: Key, partitions: int) -> int:
     """The partition of a key (every process computes the same)."""
     return xxhash.xxh3_64_intdigest(str(key).encode()) % partitions
+
+
+def encode(changes: Sequence[Change]) -> bytes:
+    """One bus entry: the changes of one publish for one partition."""
+    return orjson.dumps(
+        [[c.table, c.key, c.op, c.position, c.committed_at, c.relation] for c in changes]
+    )
+
+
+def decode(entry: bytes, position: int) -> list[Change]:
+    """An entry's changes, each at the entry's ``position`` in its partition."""
+    return [
+        Change(
+            table=table,
+            key=key,
+            op=op,
+            position=position,
+            committed_at=committed_at,
+            relation=relation,
+        )
+        for table, key, op, _, committed_at, relation in orjson.loads(entry)
+    ]
 
 
 class Bus(Protocol):

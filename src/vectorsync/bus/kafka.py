@@ -23,6 +23,7 @@ import orjson
 from ..errors import ConfigError, RetryableError
 from ..model import Change
 from ..redact import redact
+from .base import decode, encode
 
 __all__ = ["KafkaBus"]
 
@@ -163,9 +164,7 @@ class KafkaBus:
             sent = [
                 await self._producer.send(
                     self._topic(source),
-                    orjson.dumps(
-                        [[c.table, c.key, c.op, c.position, c.committed_at, c.relation] for c in cs]
-                    ),
+                    encode(cs),
                     partition=p,
                 )
                 for p, cs in sorted(parts.items())
@@ -187,17 +186,7 @@ class KafkaBus:
                 got = await reader.getmany(tp, timeout_ms=5000, max_records=16)
         out: list[Change] = []
         for record in got.get(tp, []):
-            for table, k, op, _, committed_at, relation in orjson.loads(record.value):
-                out.append(
-                    Change(
-                        table=table,
-                        key=k,
-                        op=op,
-                        position=record.offset + 1,
-                        committed_at=committed_at,
-                        relation=relation,
-                    )
-                )
+            out.extend(decode(record.value, record.offset + 1))
             if len(out) >= limit:
                 break
         return out

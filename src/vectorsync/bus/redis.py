@@ -20,11 +20,10 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import orjson
-
 from ..errors import ConfigError, RetryableError
 from ..model import Change
 from ..redact import redact
+from .base import decode, encode
 
 __all__ = ["RedisBus", "entry_id", "entry_position"]
 
@@ -132,10 +131,7 @@ class RedisBus:
         """A transaction appending one entry per partition."""
         pipe = self._r.pipeline(transaction=True)
         for partition, changes in sorted(parts.items()):
-            body = orjson.dumps(
-                [[c.table, c.key, c.op, c.position, c.committed_at, c.relation] for c in changes]
-            )
-            pipe.xadd(self._stream(source, partition), {"c": body})
+            pipe.xadd(self._stream(source, partition), {"c": encode(changes)})
         return pipe
 
     async def read(self, source: str, partition: int, after: int, limit: int) -> list[Change]:
@@ -144,18 +140,7 @@ class RedisBus:
             entries = await self._r.xrange(key, min=f"({entry_id(after)}", count=_ENTRIES)
         out: list[Change] = []
         for eid, fields in entries:
-            position = entry_position(eid)
-            for table, k, op, _, committed_at, relation in orjson.loads(fields[b"c"]):
-                out.append(
-                    Change(
-                        table=table,
-                        key=k,
-                        op=op,
-                        position=position,
-                        committed_at=committed_at,
-                        relation=relation,
-                    )
-                )
+            out.extend(decode(fields[b"c"], entry_position(eid)))
             if len(out) >= limit:
                 break
         return out
