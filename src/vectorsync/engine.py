@@ -1442,10 +1442,10 @@ class Engine:
             "dead_letters": figures["dead_letters_pending"],
             "checks": checks,
             "conflicts": await self.state.conflict_counts(),
-            "scaleout": await self._scaleout_figures(),
+            "scaleout": await self.scaleout_figures(),
         }
 
-    async def _scaleout_figures(self) -> dict[str, Any] | None:
+    async def scaleout_figures(self) -> dict[str, Any] | None:
         """Scale-out's holders and partitions (None without a [bus]; the bus's error while
         it is away)."""
         if self.config.bus is None:

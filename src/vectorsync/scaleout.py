@@ -400,10 +400,11 @@ async def run_workers(
                 await _drop(engine, held, slot, leases, totals)  # to make room for a newcomer
             rank = alive.index(engine.instance_id) if engine.instance_id in alive else 0
             order = slots[rank * fair :] + slots[: rank * fair]  # each starts elsewhere
+            published = {name for name in engine.sources if await _published(bus, name)}
             for slot in order:
                 if len(held) >= fair:
                     break
-                if slot in held or not await _published(bus, slot[0]):
+                if slot in held or slot[0] not in published:
                     continue  # held, or no capture has published that source yet
                 name = _partition_lease(*slot)
                 try:

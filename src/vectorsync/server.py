@@ -194,7 +194,7 @@ def create_app(
     async def status(_: Request) -> Response:
         found: dict[str, Any] = {"mappings": [asdict(s) for s in await engine.status()]}
         if engine.config.bus is not None:  # scale-out: capture holders, workers, partitions
-            found["scaleout"] = (await engine.stats())["scaleout"]
+            found["scaleout"] = await engine.scaleout_figures()
         return _json(found)
 
     async def runs(request: Request) -> Response:
