@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import _failpoints
 from .backoff import retrying
 from .bus.base import Bus, partition_of
+from .embed.base import Loadable
 from .errors import ConfigError, RetryableError
 from .model import Change, Key
 from .related import RelatedRecord, Relation
@@ -372,6 +373,9 @@ async def run_workers(
     await engine.recover()
     if once:
         return await _work_once(engine, bus, runtimes, stop)
+    for embedder in engine.embedders.values():  # weights loaded before taking any partition
+        if isinstance(embedder, Loadable):
+            await embedder.load()
     me = f"worker:{engine.instance_id}"
     sqlite = engine.state.url.startswith("sqlite")
     if sqlite and [w for w in await _alive_workers(engine) if w != engine.instance_id]:

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from ..sinks.base import Distance
 
-__all__ = ["Embedder", "Metered"]
+__all__ = ["Embedder", "Loadable", "Metered"]
 
 
 class Embedder(Protocol):
@@ -39,4 +39,14 @@ class Metered(Protocol):
 
     async def embed_metered(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         """``embed``, and the tokens the endpoint counted for it."""
+        ...
+
+
+@runtime_checkable
+class Loadable(Protocol):
+    """An embedder whose weights load at its first call: a process that will embed for
+    long (a worker) loads them with :meth:`load` before it takes any work."""
+
+    async def load(self) -> None:
+        """Load the weights now (once per process; a no-op when loaded)."""
         ...

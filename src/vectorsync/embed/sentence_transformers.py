@@ -172,6 +172,11 @@ class SentenceTransformersEmbedder:
     def loaded(self) -> bool:
         return self._model is not None
 
+    async def load(self) -> None:
+        async with self._loading:
+            if self._model is None:
+                await asyncio.to_thread(self._load)
+
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """Vectors of ``texts`` in order. Hand it many texts at once: they are sorted by
         length (longest first), cut into batches of ``batch_size`` that pad little, and the
@@ -181,9 +186,8 @@ class SentenceTransformersEmbedder:
         loop = asyncio.get_running_loop()
         vectors: list[list[float]] = [[] for _ in texts]
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        await self.load()
         async with self._loading:
-            if self._model is None:
-                await asyncio.to_thread(self._load)
             assert self._pool is not None
             pool = self._pool
             if not self._settled:
