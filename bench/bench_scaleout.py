@@ -4,6 +4,7 @@ rate and the raw Redis rate for entries of the same size, measured in the same r
 
 python bench/bench_scaleout.py --embedder hash --records 20000
 python bench/bench_scaleout.py --embedder sentence-transformers --records 3000
+python bench/bench_scaleout.py --latency 2000 --workers 2   # commit -> written, worker mode
 
 Figures go to bench/results/scaleout-<embedder>.json. Every process shares the machine's
 cores with Redis and both PostgreSQL servers; a MiniLM worker runs one torch thread and
@@ -14,16 +15,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import random
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,7 +36,7 @@ from tests.pgserver import pg_server
 from tests.pgvector_server import pgvector_server
 from tests.redis_server import redis_server
 
-from bench_sync import WORK, _write
+from bench_sync import WORK, _write, percentile_ms
 from vectorsync._processes import stop_process
 from vectorsync.config import load_config
 from vectorsync.engine import Engine
@@ -68,12 +73,16 @@ heartbeat = 0.5
 """
 
 
-def _start(folder: Path, role: str, log: str) -> subprocess.Popen[bytes]:
+def _start(folder: Path, role: str, log: str, *flags: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
     env["OMP_NUM_THREADS"] = "1"
     with (folder / log).open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "vectorsync", role], cwd=folder, env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "vectorsync", role, *flags],
+            cwd=folder,
+            env=env,
+            stdout=out,
+            stderr=out,
         )
 
 
@@ -85,12 +94,24 @@ async def _until(check: Any, what: str, deadline: float = 3600) -> None:
         await asyncio.sleep(0.2)
 
 
+def _cpu_s(proc: subprocess.Popen[bytes]) -> float:
+    times = psutil.Process(proc.pid).cpu_times()
+    return times.user + times.system
+
+
+def _machine_busy_s() -> float:
+    times = psutil.cpu_times()
+    return times.user + times.system + times.nice + times.irq + times.softirq
+
+
 async def _timed(
     folder: Path, workers: int, procs: list[subprocess.Popen[bytes]]
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, float]]:
     """Workers up and holding every partition, then the capture started: (seconds until
-    it published the backlog, seconds until the workers applied it). One observing engine
-    polls (opening one per poll would take a core's share)."""
+    it published the backlog, seconds until the workers applied it, CPU seconds spent in
+    that window by the workers, the capture and everything else on the machine: Redis,
+    both PostgreSQL servers, this observer). One observing engine polls (opening one per
+    poll would take a core's share)."""
     from vectorsync.scaleout import build_bus
 
     async with Engine.open(load_config(folder / "vectorsync.toml")) as engine:
@@ -109,6 +130,8 @@ async def _timed(
 
             await _until(ready, "every worker up, every partition held")
             head = await engine.sources["app"].head()
+            worker_cpu = sum(_cpu_s(p) for p in procs)
+            busy = _machine_busy_s()
             started = time.perf_counter()
             procs.append(_start(folder, "capture", "capture.log"))
 
@@ -123,7 +146,14 @@ async def _timed(
                 return _applied(status)
 
             await _until(applied, "the workers apply the backlog")
-            return publish_s, time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            cpu = {
+                "workers": sum(_cpu_s(p) for p in procs[:-1]) - worker_cpu,
+                "capture": _cpu_s(procs[-1]),
+                "machine": _machine_busy_s() - busy,
+            }
+            cpu["other"] = cpu["machine"] - cpu["workers"] - cpu["capture"]
+            return publish_s, elapsed, cpu
         finally:
             await bus.close()
 
@@ -147,8 +177,11 @@ def _raw_redis(url: str, entries: int, body: bytes) -> float:
     return entries / (time.perf_counter() - started)
 
 
-def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
-    folder = WORK / f"scaleout-{embedder}-{workers}"
+@contextlib.contextmanager
+def _deployment(name: str, embedder: str, n: int) -> Iterator[tuple[Path, str]]:
+    """A folder with ``n`` records in a SQLite source, a PostgreSQL state store, a pgvector
+    sink and a durable Redis bus of its own, prepared: (the folder, the bus URL)."""
+    folder = WORK / name
     subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.mkdir(parents=True)
     db = sqlite3.connect(folder / "app.db")
@@ -163,12 +196,11 @@ def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
     db.commit()
     db.close()
     with pg_server() as pg, pgvector_server() as vec, redis_server() as bus:
-        state = pg.create_database(f"scaleout_{workers}")
         (folder / "vectorsync.toml").write_text(
             CONFIG.format(
-                state=state,
+                state=pg.create_database("scaleout"),
                 sink=vec.url,
-                schema=f"s{workers}",
+                schema="bench",
                 embedder=embedder,
                 bus=bus.url,
                 # one torch thread, one call at a time: a worker is one core's worth
@@ -181,16 +213,25 @@ def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
                 await engine.prepare()
 
         asyncio.run(setup())
+        yield folder, bus.url
+
+
+def _stopped(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        stop_process(p, timeout=30)
+
+
+def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
+    with _deployment(f"scaleout-{embedder}-{workers}", embedder, n) as (folder, bus):
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            publish_s, apply_s = asyncio.run(_timed(folder, workers, procs))
+            publish_s, apply_s, cpu = asyncio.run(_timed(folder, workers, procs))
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                stop_process(p, timeout=30)
+            _stopped(procs)
         change = [["docs", 123456, "insert", 123456, 1.0e9, None]]
-        raw = _raw_redis(bus.url, 2000, orjson.dumps(change * (200 // 8)))
+        raw = _raw_redis(bus, 2000, orjson.dumps(change * (200 // 8)))
     return {
         "workers": workers,
         "records": n,
@@ -199,7 +240,122 @@ def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
         "capture_publish_changes_per_s": round(n / publish_s, 1),
         "raw_redis_entries_per_s": round(raw, 1),
         "raw_redis_changes_per_s": round(raw * (200 // 8), 1),
+        # CPU seconds in the timed window, and what they leave of the machine's cores
+        "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
+        "cpu_ms_per_record": {k: round(1000 * v / n, 2) for k, v in cpu.items()},
+        "cores_busy": round(cpu["machine"] / apply_s, 2),
     }
+
+
+def _writer(db: Path, n: int, rate: float, seconds: float) -> dict[str, float]:
+    """Commit ``rate`` changes/s for ``seconds`` to the SQLite source: every 10 ms a
+    transaction of rate/100 updates, half of them text edits (re-embedded), half
+    metadata-only."""
+    per_txn = max(2, int(rate / 100))
+    rng = random.Random(7)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    done = 0
+    started = tick = time.monotonic()
+    while time.monotonic() - started < seconds:
+        keys = rng.sample(range(1, n + 1), per_txn)
+        half = per_txn // 2
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "UPDATE docs SET body = body || ' +' WHERE id = ?", [(k,) for k in keys[:half]]
+        )
+        conn.executemany(
+            "UPDATE docs SET published = published + 1 WHERE id = ?", [(k,) for k in keys[half:]]
+        )
+        conn.execute("COMMIT")
+        done += per_txn
+        tick += 0.01
+        time.sleep(max(0.0, tick - time.monotonic()))  # the writer's own pace, not a wait
+    elapsed = time.monotonic() - started
+    conn.close()
+    return {"changes": done, "seconds": elapsed}
+
+
+async def _latencies(
+    folder: Path,
+    workers: int,
+    procs: list[subprocess.Popen[bytes]],
+    rate: float,
+    seconds: float,
+    n: int,
+) -> tuple[dict[str, float], list[tuple[int, float]]]:
+    """The capture and ``workers`` workers through the initial backlog, then a writer at
+    ``rate`` changes/s for ``seconds``: what it wrote, and each batch the workers
+    committed meanwhile as (changes, latency of its oldest change)."""
+    from vectorsync.scaleout import build_bus
+
+    async with Engine.open(load_config(folder / "vectorsync.toml")) as engine:
+        bus = build_bus(engine)
+        await bus.open()
+        try:
+            logs = [folder / f"worker-{i}.log" for i in range(workers)]
+            procs += [
+                _start(folder, "worker", log.name, "-v", "--log-format", "json") for log in logs
+            ]
+            procs.append(_start(folder, "capture", "capture.log"))
+
+            async def caught_up(head: int) -> bool:
+                if (await bus.captured("app"))[1] < head:
+                    return False
+                return _applied((await engine.scaleout_status()).as_dict())
+
+            head = await engine.sources["app"].head()
+            await _until(lambda: caught_up(head), "the initial backlog applied")
+            offsets = [log.stat().st_size for log in logs]
+            wrote = await asyncio.to_thread(_writer, folder / "app.db", n, rate, seconds)
+            head = await engine.sources["app"].head()
+            await _until(lambda: caught_up(head), "the writer's changes applied")
+        finally:
+            await bus.close()
+    batches = []
+    for log, offset in zip(logs, offsets, strict=True):
+        with log.open("rb") as f:
+            f.seek(offset)
+            for line in f.read().splitlines():
+                if line.startswith(b"{"):
+                    entry = orjson.loads(line)
+                    if entry.get("action") == "batch_commit" and entry["changes"]:
+                        batches.append((entry["changes"], entry["latency_max_s"]))
+    return wrote, batches
+
+
+def latency(rate: float, seconds: float, n: int, workers: int) -> None:
+    with _deployment("scaleout-latency", "hash", n) as (folder, _):
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            wrote, batches = asyncio.run(_latencies(folder, workers, procs, rate, seconds, n))
+        finally:
+            _stopped(procs)
+    # each change counted at its batch's oldest change: an upper bound per change
+    latencies = sorted(lat for changes, lat in batches for _ in range(changes))
+    _write(
+        f"scaleout-latency-{int(rate)}",
+        {
+            "records": n,
+            "workers": workers,
+            "bus": "redis streams (appendfsync always), 8 partitions",
+            "source": "sqlite",
+            "state": "postgresql",
+            "sink": "pgvector",
+            "mix": "half text edits (hash embedder), half metadata-only",
+            "measure": "source commit -> batch written and state committed, each change at "
+            "its batch's oldest change (an upper bound)",
+            "target_changes_per_s": rate,
+            "achieved_changes_per_s": round(wrote["changes"] / wrote["seconds"], 1),
+            "seconds": round(wrote["seconds"], 1),
+            "changes_measured": len(latencies),
+            "batches": len(batches),
+            "p50_ms": percentile_ms(latencies, 0.50),
+            "p90_ms": percentile_ms(latencies, 0.90),
+            "p99_ms": percentile_ms(latencies, 0.99),
+            "max_ms": round(latencies[-1] * 1000, 1),
+        },
+    )
 
 
 def main() -> None:
@@ -207,7 +363,12 @@ def main() -> None:
     parser.add_argument("--embedder", default="hash")
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--latency", type=float, metavar="RATE", help="commit -> written at RATE/s")
+    parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args()
+    if args.latency:
+        latency(args.latency, args.seconds, args.records, args.workers[-1])
+        return
     runs = [one(args.embedder, args.records, w) for w in args.workers]
     base = runs[0]["records_per_s"]
     for r in runs:

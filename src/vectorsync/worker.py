@@ -1522,9 +1522,11 @@ class SourceWorker:
 
     def _report(self, batch: _Batch, target: int | None) -> None:
         now = time.time()
+        oldest = now
         for committed_at in batch.committed_at:
             if committed_at:
                 self.stats.latency.observe(max(0.0, now - committed_at))
+                oldest = min(oldest, committed_at)
         if batch.changes:
             self.stats.batch_sizes.observe(batch.changes)
         counts: dict[str, int] = {}
@@ -1542,6 +1544,7 @@ class SourceWorker:
                 "source": self.source.name,
                 "position": batch.position,
                 "changes": batch.changes,
+                "latency_max_s": round(now - oldest, 4),  # source commit → written, oldest
                 **counts,
             },
         )

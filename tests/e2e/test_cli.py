@@ -128,6 +128,7 @@ def test_json_logs_carry_action_mapping_and_counts(workdir: Path, app: App) -> N
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     batch = [line for line in lines if line.get("action") == "batch_commit"]
     assert batch and batch[0]["changes"] == 10 and batch[0]["upserted"] == 9
+    assert 0 < batch[0]["latency_max_s"] < 3600  # from the rows' commit, seconds ago
     letter = [line for line in lines if line.get("action") == "dead_letter"]
     assert letter[0]["mapping"] == "articles" and letter[0]["key"] == "3"
     assert all({"ts", "level", "logger", "message"} <= set(line) for line in lines)

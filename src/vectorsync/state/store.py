@@ -421,11 +421,11 @@ class StateStore:
                 s.embedding_cache,
                 ("model", "text_hash", "vector", "created_at"),
                 ("model", "text_hash"),
-                [(m, h, encode_vector(v), now) for h, (m, v) in batch.vectors.items()],
+                # in key order: commits side by side take these rows' locks in one order
+                sorted((m, h, encode_vector(v), now) for h, (m, v) in batch.vectors.items()),
             )
             self._apply_backlog(conn, batch, now)
             self._apply_dead_letters(conn, batch, now)
-            self._apply_counters(conn, batch.counters)
             conflict_log.log(conn, batch.conflicts)
             conflict_log.set_kept(conn, batch.kept)
             for checkpoint in batch.checkpoints:
@@ -439,6 +439,7 @@ class StateStore:
             conn.execute(
                 delete(j).where(j.c.source == batch.source, j.c.position <= batch.position)
             )
+            self._apply_counters(conn, batch.counters)  # last: see there
 
     def _apply_records(self, conn: Connection, batch: BatchCommit) -> None:
         t = s.record_state
@@ -584,12 +585,12 @@ class StateStore:
                 run_log.resolve_record_errors(conn, mapping, chunk)
 
     def _apply_counters(self, conn: Connection, counters: Mapping[tuple[str, str], int]) -> None:
-        t = s.mapping_counters
-        for (mapping, name), n in counters.items():
-            where = and_(t.c.mapping == mapping, t.c.name == name)
-            updated = conn.execute(t.update().where(where).values(value=t.c.value + n))
-            if updated.rowcount == 0:
-                conn.execute(t.insert().values(mapping=mapping, name=name, value=n))
+        """Add ``counters`` in one statement, in key order, last in the batch's transaction:
+        every batch of every worker adds to these few rows, so each holds their row locks
+        only while it commits (and always takes them in the same order)."""
+        rows = sorted((m, name, n) for (m, name), n in counters.items() if n)
+        if rows:
+            conn.exec_driver_sql(_add_counters_sql(conn.dialect.name), rows)
 
     # -- schema registry ----------------------------------------------------------------
     async def register_schema(
@@ -1100,6 +1101,16 @@ def _upsert_sql(dialect: str, table: str, columns: tuple[str, ...], keys: tuple[
     conflict = ", ".join(f'"{k}"' for k in keys)
     action = f"DO UPDATE SET {update}" if update else "DO NOTHING"
     return f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ({conflict}) {action}'
+
+
+@functools.cache
+def _add_counters_sql(dialect: str) -> str:
+    mark = "%s" if dialect == "postgresql" else "?"
+    return (
+        f'INSERT INTO "mapping_counters" ("mapping", "name", "value") VALUES ({mark}, {mark}, '
+        f'{mark}) ON CONFLICT ("mapping", "name") DO UPDATE SET "value" = '
+        '"mapping_counters"."value" + excluded."value"'
+    )
 
 
 @functools.cache
