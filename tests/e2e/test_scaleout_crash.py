@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers import App, load
 from tests.integration.test_scaleout import converged, scaled, setup
+from tests.kafka_server import KafkaServer
 from tests.redis_server import RedisServer
 from vectorsync._failpoints import POINTS
 from vectorsync._processes import stop_process
@@ -186,9 +187,20 @@ def test_kill_9_of_the_capture_its_standby_takes_over(
     assert took["source"] == "app"
 
 
+@pytest.mark.parametrize("broker", ["redis", "kafka"])
 def test_the_bus_server_killed_and_restarted_mid_stream_loses_nothing(
-    workdir: Path, bus: RedisServer, pg_url: str, sink: str, sapp: App, roles: Roles
+    workdir: Path,
+    broker: str,
+    request: pytest.FixtureRequest,
+    pg_url: str,
+    sink: str,
+    sapp: App,
+    roles: Roles,
 ) -> None:
+    # Redis: append-only, fsync always; Kafka: Tansu on S3 storage (an emulator that lives on)
+    bus: RedisServer | KafkaServer = request.getfixturevalue(
+        "bus" if broker == "redis" else "durable_kafka"
+    )
     with sapp.transaction():
         for k in range(1, 1001):
             sapp.insert(k)
@@ -198,13 +210,15 @@ def test_the_bus_server_killed_and_restarted_mid_stream_loses_nothing(
     roles.start("worker")
     roles.start("worker")
     wait_until(lambda: commits(roles), "a first commit")
-    bus.kill()  # SIGKILL: what it acknowledged is in its append-only file
+    bus.kill()  # SIGKILL: what it acknowledged is in its durable storage
     for k in range(1001, 1201):
         sapp.insert(k)
     for k in range(1, 101):
         sapp.update(k, body=f"edited while the bus was down {k}")
     bus.start()
+    restarted = time.monotonic()
     asyncio.run(converged(cfg, sapp, deadline=300))
+    print(f"{broker}: converged {time.monotonic() - restarted:.1f}s after the restart")  # notes
     assert all(p.poll() is None for p, _ in roles.procs)  # every role lived through it
 
 

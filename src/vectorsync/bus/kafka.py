@@ -9,12 +9,19 @@ recorded position — entries twice on the bus, which the level-triggered apply 
 harmless (nothing is lost). Entries are kept by the topic's retention (the bus does not
 delete records: not every Kafka-protocol broker supports it); a worker's applied position
 lives in the state store, so ``depth`` counts the entries after it.
+
+A partition's end is the high watermark of a fetch answered after the call, not a
+ListOffsets answer: Tansu 0.6 answers ListOffsets with the base offset + 1 of the batch it
+stored last by modification time (to the second on S3), so a burst of entries within one
+second reads as its first. Readers fetch only while a call reads (paused otherwise): an
+idle bus sends the broker no fetches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +46,8 @@ class KafkaBus:
         self._topics: set[str] = set()
         # a consumer's position is shared by its callers: one seek-and-fetch at a time
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._ends: dict[tuple[str, int], int] = {}  # the last high watermarks seen
+        self.fetch_timeout = 10.0  # seconds for a fetch answer (the broker is away past it)
 
     def __repr__(self) -> str:
         return f"KafkaBus({redact(self.url)!r}, partitions={self.partitions})"
@@ -103,7 +112,7 @@ class KafkaBus:
         self._topics.add(source)
 
     async def _reader(self, topic: str, partition: int) -> Any:
-        """A consumer assigned to one partition (no group: positions are ours)."""
+        """A consumer assigned to one partition (no group: positions are ours), paused."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         found = self._readers.get((topic, partition))
@@ -115,37 +124,66 @@ class KafkaBus:
                 fetch_max_wait_ms=20,  # a read answers at once (wait() does the waiting)
             )
             await found.start()
-            found.assign([TopicPartition(topic, partition)])
+            tp = TopicPartition(topic, partition)
+            found.assign([tp])
+            found.pause(tp)
             self._readers[(topic, partition)] = found
         return found
 
     def _lock(self, topic: str, partition: int) -> asyncio.Lock:
         return self._locks.setdefault((topic, partition), asyncio.Lock())
 
-    async def _end(self, topic: str, partition: int) -> int:
+    async def _fetch(
+        self, topic: str, partition: int, offset: int, *, records: bool = True, want: bool = False
+    ) -> tuple[int, list[Any]]:
+        """(the partition's high watermark, the records from ``offset`` on), as fetches
+        answered after the call tell: ``records``, the first answer that brings some, else
+        two answers (the first may answer a fetch sent before the call); ``want``, records
+        are known to be there: wait for them."""
         from aiokafka import TopicPartition
+        from aiokafka.errors import KafkaTimeoutError
 
         tp = TopicPartition(topic, partition)
         reader = await self._reader(topic, partition)
-        return int((await reader.end_offsets([tp]))[tp])
+        async with self._lock(topic, partition):
+            reader.seek(tp, offset)
+            reader.resume(tp)
+            try:
+                seen, answers = reader.last_poll_timestamp(tp), 0
+                end = time.monotonic() + self.fetch_timeout
+                while want or answers < 2:
+                    got = (await reader.getmany(tp, timeout_ms=0, max_records=16)).get(tp)
+                    got = [r for r in got or [] if r.offset >= offset]  # not a reset's
+                    if got and records:
+                        return self._high(tp, reader), got
+                    if got:  # only the end is wanted: fetch from there
+                        reader.seek(tp, max(offset, self._high(tp, reader)))
+                    if time.monotonic() > end:
+                        raise KafkaTimeoutError(f"no fetch answer for {tp} in time")
+                    await asyncio.sleep(0.005)  # aiokafka signals no answer without records
+                    if reader.last_poll_timestamp(tp) != seen:
+                        seen, answers = reader.last_poll_timestamp(tp), answers + 1
+                return self._high(tp, reader), []
+            finally:
+                reader.pause(tp)
+
+    def _high(self, tp: Any, reader: Any) -> int:
+        high = int(reader.highwater(tp))
+        self._ends[(tp.topic, tp.partition)] = high
+        return high
+
+    async def _end(self, topic: str, partition: int) -> int:
+        known = self._ends.get((topic, partition), 0)  # fetched from there, answers are small
+        return (await self._fetch(topic, partition, known, records=False))[0]
 
     async def captured(self, source: str) -> tuple[str, int]:
-        from aiokafka import TopicPartition
-
         await self._ensure(source)
         topic = self._topic(source) + ".captured"
         with self._errors("read the capture position"):
             end = await self._end(topic, 0)
             if end == 0:
                 return "", 0
-            reader = await self._reader(topic, 0)
-            tp = TopicPartition(topic, 0)
-            async with self._lock(topic, 0):
-                reader.seek(tp, end - 1)
-                got = await reader.getmany(tp, timeout_ms=5000)
-        records = got.get(tp, [])
-        if not records:
-            raise RetryableError(f"bus {redact(self.url)}: the capture position did not arrive")
+            _, records = await self._fetch(topic, 0, end - 1, want=True)
         epoch, position = orjson.loads(records[-1].value)
         return str(epoch), int(position)
 
@@ -172,20 +210,12 @@ class KafkaBus:
             await asyncio.gather(*sent)  # every entry acknowledged by the broker
 
     async def read(self, source: str, partition: int, after: int, limit: int) -> list[Change]:
-        from aiokafka import TopicPartition
-
         await self._ensure(source)
-        topic = self._topic(source)
-        tp = TopicPartition(topic, partition)
         with self._errors(f"read partition {partition}"):
-            if await self._end(topic, partition) <= after:
-                return []
-            reader = await self._reader(topic, partition)
-            async with self._lock(topic, partition):
-                reader.seek(tp, after)  # position after = offset after - 1 applied
-                got = await reader.getmany(tp, timeout_ms=5000, max_records=16)
+            # position after = offset after - 1 applied
+            _, records = await self._fetch(self._topic(source), partition, after)
         out: list[Change] = []
-        for record in got.get(tp, []):
+        for record in records:
             out.extend(decode(record.value, record.offset + 1))
             if len(out) >= limit:
                 break
