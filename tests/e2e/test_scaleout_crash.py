@@ -25,7 +25,9 @@ from tests.kafka_server import KafkaServer
 from tests.redis_server import RedisServer
 from vectorsync._failpoints import POINTS
 from vectorsync._processes import stop_process
+from vectorsync.bus.kafka import KafkaBus
 from vectorsync.engine import Engine
+from vectorsync.model import Change
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -220,6 +222,45 @@ def test_the_bus_server_killed_and_restarted_mid_stream_loses_nothing(
     asyncio.run(converged(cfg, sapp, deadline=300))
     print(f"{broker}: converged {time.monotonic() - restarted:.1f}s after the restart")  # notes
     assert all(p.poll() is None for p, _ in roles.procs)  # every role lived through it
+
+
+async def test_the_kafka_bus_on_durable_storage_keeps_its_end_through_a_restart(
+    durable_kafka: KafkaServer,
+) -> None:
+    """What the trial above relies on, at the bus: bursts of entries (many within one
+    second, the resolution of S3's modification times; one stored object each, which the
+    broker lists at each fetch) all read back, head and capture position included, before
+    and after the broker is killed and started again."""
+
+    def entry(k: int) -> dict[int, list[Change]]:
+        return {0: [Change(table="t", key=k, op="upsert", position=k)]}
+
+    async def check(bus: KafkaBus) -> None:
+        assert await bus.captured("app") == ("e", 150)
+        assert await bus.head("app", 0) == 150 and await bus.head("app", 1) == 0
+        read, after = [], 0
+        while got := await bus.read("app", 0, after, 100):
+            read += [c.key for c in got]
+            after = got[-1].position
+        assert read == list(range(1, 151)) and after == 150
+        assert await bus.read("app", 0, 150, 100) == []
+
+    bus = KafkaBus(durable_kafka.url, partitions=2)
+    await bus.open()
+    try:
+        for k in range(1, 151):
+            await bus.publish("app", "e", k, entry(k))
+        await check(bus)
+    finally:
+        await bus.close()
+    durable_kafka.kill()
+    durable_kafka.start()
+    bus = KafkaBus(durable_kafka.url, partitions=2)
+    await bus.open()
+    try:
+        await check(bus)
+    finally:
+        await bus.close()
 
 
 @pytest.mark.parametrize("point", [p for p in POINTS if p != "after_redo_inflight"])
