@@ -38,7 +38,7 @@ __all__ = ["KafkaBus"]
 # Tansu on S3 answers a fetch with the batches it read within the fetch's max wait, and
 # one stored batch takes it tens of ms (a listing of the partition's objects, then a GET):
 # records come through a patient reader, the end (any answer carries it) a quick one.
-_QUICK_MS = 20
+_QUICK_MS = 5
 _PATIENT_MS = 500
 
 
@@ -162,7 +162,7 @@ class KafkaBus:
                         reader.seek(tp, max(offset, int(reader.highwater(tp))))  # to the end
                     if time.monotonic() > end:
                         raise KafkaTimeoutError(f"no fetch answer for {tp} in time")
-                    await asyncio.sleep(0.005)  # aiokafka signals no answer without records
+                    await asyncio.sleep(0.002)  # aiokafka signals no answer without records
                     if reader.last_poll_timestamp(tp) != seen:
                         seen, answers = reader.last_poll_timestamp(tp), answers + 1
             finally:
