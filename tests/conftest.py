@@ -225,6 +225,14 @@ def kafka() -> Iterator[KafkaServer]:
 
 
 @pytest.fixture
+def durable_kafka() -> Iterator[KafkaServer]:
+    """A Kafka-protocol broker (Tansu, ``s3://`` storage on a moto S3 emulator of the test's
+    own) that a test can kill and start again without losing what it acknowledged."""
+    with kafka_server(durable=True) as server:
+        yield server
+
+
+@pytest.fixture
 def sapp(workdir: Path) -> Iterator[App]:
     """The SQLite application the scale-out tests write (workers re-read it)."""
     application = App(workdir / "app.db")

@@ -9,12 +9,20 @@ recorded position — entries twice on the bus, which the level-triggered apply 
 harmless (nothing is lost). Entries are kept by the topic's retention (the bus does not
 delete records: not every Kafka-protocol broker supports it); a worker's applied position
 lives in the state store, so ``depth`` counts the entries after it.
+
+A partition's end is the high watermark of a fetch answered after the call, not a
+ListOffsets answer: Tansu 0.6 answers ListOffsets with the base offset + 1 of the batch it
+stored last by modification time (to the second on S3), so a burst of entries within one
+second reads as its first. A read first reads the end, then waits for the records it
+knows are there. Readers fetch only while a call reads (paused otherwise): an idle bus
+sends the broker no fetches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +35,12 @@ from .base import decode, encode
 
 __all__ = ["KafkaBus"]
 
+# Tansu on S3 answers a fetch with the batches it read within the fetch's max wait, and
+# one stored batch takes it tens of ms (a listing of the partition's objects, then a GET):
+# records come through a patient reader, the end (any answer carries it) a quick one.
+_QUICK_MS = 5
+_PATIENT_MS = 500
+
 
 class KafkaBus:
     def __init__(self, url: str, *, partitions: int) -> None:
@@ -35,10 +49,13 @@ class KafkaBus:
         self._servers = url.removeprefix("kafka://")
         self._producer: Any = None
         self._admin: Any = None
-        self._readers: dict[tuple[str, int], Any] = {}
+        self._readers: dict[tuple[str, int, int], Any] = {}
         self._topics: set[str] = set()
         # a consumer's position is shared by its callers: one seek-and-fetch at a time
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._ends: dict[tuple[str, int], int] = {}  # the last high watermarks seen
+        self._next: dict[tuple[str, int], int] = {}  # where the patient readers are
+        self.fetch_timeout = 10.0  # seconds for a fetch answer (the broker is away past it)
 
     def __repr__(self) -> str:
         return f"KafkaBus({redact(self.url)!r}, partitions={self.partitions})"
@@ -102,50 +119,88 @@ class KafkaBus:
                     await self._admin.create_topics([topic])
         self._topics.add(source)
 
-    async def _reader(self, topic: str, partition: int) -> Any:
-        """A consumer assigned to one partition (no group: positions are ours)."""
+    async def _reader(self, topic: str, partition: int, wait_ms: int) -> Any:
+        """A consumer assigned to one partition (no group: positions are ours), paused
+        between calls; ``wait_ms``: how long the broker may gather records for a fetch."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        found = self._readers.get((topic, partition))
+        found = self._readers.get((topic, partition, wait_ms))
         if found is None:
             found = AIOKafkaConsumer(
                 bootstrap_servers=self._servers,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
-                fetch_max_wait_ms=20,  # a read answers at once (wait() does the waiting)
+                fetch_max_wait_ms=wait_ms,
             )
             await found.start()
-            found.assign([TopicPartition(topic, partition)])
-            self._readers[(topic, partition)] = found
+            tp = TopicPartition(topic, partition)
+            found.assign([tp])
+            found.pause(tp)
+            self._readers[(topic, partition, wait_ms)] = found
         return found
 
     def _lock(self, topic: str, partition: int) -> asyncio.Lock:
         return self._locks.setdefault((topic, partition), asyncio.Lock())
 
     async def _end(self, topic: str, partition: int) -> int:
+        """The partition's high watermark, as two fetch answers after the call tell (the
+        first may answer a fetch sent before it), from the last one seen (small answers)."""
         from aiokafka import TopicPartition
+        from aiokafka.errors import KafkaTimeoutError
 
         tp = TopicPartition(topic, partition)
-        reader = await self._reader(topic, partition)
-        return int((await reader.end_offsets([tp]))[tp])
+        reader = await self._reader(topic, partition, _QUICK_MS)
+        async with self._lock(topic, partition):
+            offset = self._ends.get((topic, partition), 0)
+            reader.seek(tp, offset)
+            reader.resume(tp)
+            try:
+                seen, answers = reader.last_poll_timestamp(tp), 0
+                end = time.monotonic() + self.fetch_timeout
+                while answers < 2:
+                    if (await reader.getmany(tp, timeout_ms=0)).get(tp):  # not wanted:
+                        reader.seek(tp, max(offset, int(reader.highwater(tp))))  # to the end
+                    if time.monotonic() > end:
+                        raise KafkaTimeoutError(f"no fetch answer for {tp} in time")
+                    await asyncio.sleep(0.002)  # aiokafka signals no answer without records
+                    if reader.last_poll_timestamp(tp) != seen:
+                        seen, answers = reader.last_poll_timestamp(tp), answers + 1
+            finally:
+                reader.pause(tp)
+            self._ends[(topic, partition)] = high = int(reader.highwater(tp))
+            return high
+
+    async def _records(self, topic: str, partition: int, offset: int) -> list[Any]:
+        """The records from ``offset`` on (the caller saw the end past it), up to 16."""
+        from aiokafka import TopicPartition
+        from aiokafka.errors import KafkaTimeoutError
+
+        tp = TopicPartition(topic, partition)
+        reader = await self._reader(topic, partition, _PATIENT_MS)
+        async with self._lock(topic, partition):
+            if self._next.get((topic, partition)) != offset:  # else: what it fetched on
+                reader.seek(tp, offset)
+            reader.resume(tp)
+            try:
+                end = time.monotonic() + self.fetch_timeout
+                while (left := end - time.monotonic()) > 0:
+                    got = await reader.getmany(tp, timeout_ms=int(left * 1000), max_records=16)
+                    found = [r for r in got.get(tp, []) if r.offset >= offset]  # not a reset's
+                    if found:
+                        self._next[(topic, partition)] = found[-1].offset + 1
+                        return found
+            finally:
+                reader.pause(tp)
+        raise KafkaTimeoutError(f"no records of {tp} from offset {offset} in time")
 
     async def captured(self, source: str) -> tuple[str, int]:
-        from aiokafka import TopicPartition
-
         await self._ensure(source)
         topic = self._topic(source) + ".captured"
         with self._errors("read the capture position"):
             end = await self._end(topic, 0)
             if end == 0:
                 return "", 0
-            reader = await self._reader(topic, 0)
-            tp = TopicPartition(topic, 0)
-            async with self._lock(topic, 0):
-                reader.seek(tp, end - 1)
-                got = await reader.getmany(tp, timeout_ms=5000)
-        records = got.get(tp, [])
-        if not records:
-            raise RetryableError(f"bus {redact(self.url)}: the capture position did not arrive")
+            records = await self._records(topic, 0, end - 1)
         epoch, position = orjson.loads(records[-1].value)
         return str(epoch), int(position)
 
@@ -172,20 +227,15 @@ class KafkaBus:
             await asyncio.gather(*sent)  # every entry acknowledged by the broker
 
     async def read(self, source: str, partition: int, after: int, limit: int) -> list[Change]:
-        from aiokafka import TopicPartition
-
         await self._ensure(source)
         topic = self._topic(source)
-        tp = TopicPartition(topic, partition)
         with self._errors(f"read partition {partition}"):
             if await self._end(topic, partition) <= after:
                 return []
-            reader = await self._reader(topic, partition)
-            async with self._lock(topic, partition):
-                reader.seek(tp, after)  # position after = offset after - 1 applied
-                got = await reader.getmany(tp, timeout_ms=5000, max_records=16)
+            # position after = offset after - 1 applied
+            records = await self._records(topic, partition, after)
         out: list[Change] = []
-        for record in got.get(tp, []):
+        for record in records:
             out.extend(decode(record.value, record.offset + 1))
             if len(out) >= limit:
                 break
