@@ -86,16 +86,21 @@ def _start(folder: Path, role: str, log: str, *flags: str) -> subprocess.Popen[b
         )
 
 
-async def _until(check: Any, what: str, deadline: float = 3600) -> None:
+async def _until(check: Any, what: str, deadline: float = 3600, every: float = 0.5) -> None:
     end = time.monotonic() + deadline
     while not await check():
         if time.monotonic() > end:
             raise TimeoutError(what)
-        await asyncio.sleep(0.5)  # the observer polls: its own CPU is on the machine too
+        await asyncio.sleep(every)  # the observer polls: its own CPU is on the machine too
 
 
 def _cpu_s(proc: subprocess.Popen[bytes]) -> float:
     times = psutil.Process(proc.pid).cpu_times()
+    return times.user + times.system
+
+
+def _own_cpu_s() -> float:
+    times = psutil.Process().cpu_times()
     return times.user + times.system
 
 
@@ -107,11 +112,12 @@ def _machine_busy_s() -> float:
 async def _timed(
     folder: Path, workers: int, procs: list[subprocess.Popen[bytes]]
 ) -> tuple[float, float, dict[str, float]]:
-    """Workers up and holding every partition, then the capture started: (seconds until
-    it published the backlog, seconds until the workers applied it, CPU seconds spent in
-    that window by the workers, the capture and everything else on the machine: Redis,
-    both PostgreSQL servers, this observer). One observing engine polls (opening one per
-    poll would take a core's share)."""
+    """Workers up and holding every partition, then the capture started; from its first
+    publish (a process start is not the workers' work): (seconds until it published the
+    backlog, seconds until the workers applied it, CPU seconds spent in that window by the
+    workers, the capture, this observer and everything else on the machine: Redis, both
+    PostgreSQL servers). One observing engine polls (opening one per poll would take a
+    core's share)."""
     from vectorsync.scaleout import build_bus
 
     async with Engine.open(load_config(folder / "vectorsync.toml")) as engine:
@@ -130,10 +136,15 @@ async def _timed(
 
             await _until(ready, "every worker up, every partition held")
             head = await engine.sources["app"].head()
-            worker_cpu = sum(_cpu_s(p) for p in procs)
-            busy = _machine_busy_s()
-            started = time.perf_counter()
             procs.append(_start(folder, "capture", "capture.log"))
+
+            async def publishing() -> bool:
+                return (await bus.captured("app"))[1] > 0
+
+            await _until(publishing, "the capture's first publish", every=0.02)
+            started = time.perf_counter()
+            worker_cpu, capture_cpu = sum(_cpu_s(p) for p in procs[:-1]), _cpu_s(procs[-1])
+            busy, observer = _machine_busy_s(), _own_cpu_s()
 
             async def published() -> bool:
                 return (await bus.captured("app"))[1] >= head
@@ -149,10 +160,11 @@ async def _timed(
             elapsed = time.perf_counter() - started
             cpu = {
                 "workers": sum(_cpu_s(p) for p in procs[:-1]) - worker_cpu,
-                "capture": _cpu_s(procs[-1]),
+                "capture": _cpu_s(procs[-1]) - capture_cpu,
+                "observer": _own_cpu_s() - observer,  # this process, polling the status
                 "machine": _machine_busy_s() - busy,
             }
-            cpu["other"] = cpu["machine"] - cpu["workers"] - cpu["capture"]
+            cpu["other"] = cpu["machine"] - cpu["workers"] - cpu["capture"] - cpu["observer"]
             return publish_s, elapsed, cpu
         finally:
             await bus.close()

@@ -19,6 +19,7 @@ import socket
 import time
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from sqlalchemy import Connection, delete, select, text, update
 
@@ -89,8 +90,10 @@ def _alive(tag: str) -> bool:
 def _row(conn: Connection, name: str) -> Lease | None:
     t = s.leases
     r = conn.execute(select(t).where(t.c.name == name)).first()
-    if r is None:
-        return None
+    return None if r is None else _lease(r)
+
+
+def _lease(r: Any) -> Lease:
     return Lease(
         name=r.name,
         holder=r.holder,
@@ -173,8 +176,7 @@ def release(conn: Connection, name: str, holder: str) -> None:
 
 
 def holders(conn: Connection) -> list[Lease]:
-    leases = [_row(conn, name) for (name,) in conn.execute(select(s.leases.c.name))]
-    return [lease for lease in leases if lease is not None]
+    return [_lease(r) for r in conn.execute(select(s.leases))]
 
 
 def _lost(conn: Connection, name: str) -> LeaseLost:
