@@ -589,8 +589,8 @@ class StateStore:
         every batch of every worker adds to these few rows, so each holds their row locks
         only while it commits (and always takes them in the same order)."""
         rows = sorted((m, name, n) for (m, name), n in counters.items() if n)
-        if rows:
-            conn.exec_driver_sql(_add_counters_sql(conn.dialect.name), rows)
+        columns = ("mapping", "name", "value")
+        _upsert_rows(conn, s.mapping_counters, columns, columns[:2], rows, add=("value",))
 
     # -- schema registry ----------------------------------------------------------------
     async def register_schema(
@@ -1082,35 +1082,34 @@ def _upsert_rows(
     columns: Sequence[str],
     keys: Sequence[str],
     rows: list[tuple[Any, ...]],
+    *,
+    add: Sequence[str] = (),
 ) -> None:
     """Insert or update ``rows`` (values in ``columns`` order) in one driver-level
     ``executemany``: SQLAlchemy's compiled insert costs ~10 µs a row in parameter
-    processing, the driver's own loop a fraction of it (bench/bench_pipeline.py)."""
+    processing, the driver's own loop a fraction of it (bench/bench_pipeline.py). The
+    ``add`` columns of a row already there are added to, not replaced."""
     if not rows:
         return
-    sql = _upsert_sql(conn.dialect.name, table.name, tuple(columns), tuple(keys))
+    sql = _upsert_sql(conn.dialect.name, table.name, tuple(columns), tuple(keys), tuple(add))
     conn.exec_driver_sql(sql, rows)
 
 
 @functools.cache
-def _upsert_sql(dialect: str, table: str, columns: tuple[str, ...], keys: tuple[str, ...]) -> str:
+def _upsert_sql(
+    dialect: str, table: str, columns: tuple[str, ...], keys: tuple[str, ...], add: tuple[str, ...]
+) -> str:
     mark = "%s" if dialect == "postgresql" else "?"
     names = ", ".join(f'"{c}"' for c in columns)
     marks = ", ".join(mark for _ in columns)
-    update = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in keys)
+    update = ", ".join(
+        f'"{c}" = "{table}"."{c}" + excluded."{c}"' if c in add else f'"{c}" = excluded."{c}"'
+        for c in columns
+        if c not in keys
+    )
     conflict = ", ".join(f'"{k}"' for k in keys)
     action = f"DO UPDATE SET {update}" if update else "DO NOTHING"
     return f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ({conflict}) {action}'
-
-
-@functools.cache
-def _add_counters_sql(dialect: str) -> str:
-    mark = "%s" if dialect == "postgresql" else "?"
-    return (
-        f'INSERT INTO "mapping_counters" ("mapping", "name", "value") VALUES ({mark}, {mark}, '
-        f'{mark}) ON CONFLICT ("mapping", "name") DO UPDATE SET "value" = '
-        '"mapping_counters"."value" + excluded."value"'
-    )
 
 
 @functools.cache
