@@ -1,9 +1,10 @@
 """Scale-out throughput: 1, 2 and 4 ``vectorsync worker`` processes applying the same
 backlog from Redis Streams (PostgreSQL state, pgvector sink), beside the capture's publish
-rate and the raw Redis rate for entries of the same size, measured in the same run.
+rate and, for MiniLM, as many bare model processes on the same texts, in the same run (the
+bus alone beside its raw client: bench_bus.py).
 
 python bench/bench_scaleout.py --embedder hash --records 20000
-python bench/bench_scaleout.py --embedder sentence-transformers --records 3000
+python bench/bench_scaleout.py --embedder sentence-transformers --records 6000
 python bench/bench_scaleout.py --latency 2000 --workers 2   # commit -> written, worker mode
 
 Figures go to bench/results/scaleout-<embedder>.json. Every process shares the machine's
@@ -94,13 +95,9 @@ async def _until(check: Any, what: str, deadline: float = 3600, every: float = 0
         await asyncio.sleep(every)  # the observer polls: its own CPU is on the machine too
 
 
-def _cpu_s(proc: subprocess.Popen[bytes]) -> float:
-    times = psutil.Process(proc.pid).cpu_times()
-    return times.user + times.system
-
-
-def _own_cpu_s() -> float:
-    times = psutil.Process().cpu_times()
+def _cpu_s(proc: subprocess.Popen[bytes] | None = None) -> float:
+    """CPU seconds of ``proc`` (this process when None)."""
+    times = psutil.Process(None if proc is None else proc.pid).cpu_times()
     return times.user + times.system
 
 
@@ -144,7 +141,7 @@ async def _timed(
             await _until(publishing, "the capture's first publish", every=0.02)
             started = time.perf_counter()
             worker_cpu, capture_cpu = sum(_cpu_s(p) for p in procs[:-1]), _cpu_s(procs[-1])
-            busy, observer = _machine_busy_s(), _own_cpu_s()
+            busy, observer = _machine_busy_s(), _cpu_s()
 
             async def published() -> bool:
                 return (await bus.captured("app"))[1] >= head
@@ -161,7 +158,7 @@ async def _timed(
             cpu = {
                 "workers": sum(_cpu_s(p) for p in procs[:-1]) - worker_cpu,
                 "capture": _cpu_s(procs[-1]) - capture_cpu,
-                "observer": _own_cpu_s() - observer,  # this process, polling the status
+                "observer": _cpu_s() - observer,  # this process, polling the status
                 "machine": _machine_busy_s() - busy,
             }
             cpu["other"] = cpu["machine"] - cpu["workers"] - cpu["capture"] - cpu["observer"]
@@ -174,25 +171,10 @@ def _applied(status: dict[str, Any]) -> bool:
     return all(v["depth"] == 0 for v in status["partitions"]["app"].values())
 
 
-def _raw_redis(url: str, entries: int, body: bytes) -> float:
-    import redis
-
-    r = redis.Redis.from_url(url)
-    started = time.perf_counter()
-    pipe = r.pipeline(transaction=True)
-    for i in range(entries):
-        pipe.xadd("bench:raw", {"c": body})
-        if i % 8 == 7:
-            pipe.execute()
-            pipe = r.pipeline(transaction=True)
-    pipe.execute()
-    return entries / (time.perf_counter() - started)
-
-
 @contextlib.contextmanager
-def _deployment(name: str, embedder: str, n: int) -> Iterator[tuple[Path, str]]:
+def _deployment(name: str, embedder: str, n: int) -> Iterator[Path]:
     """A folder with ``n`` records in a SQLite source, a PostgreSQL state store, a pgvector
-    sink and a durable Redis bus of its own, prepared: (the folder, the bus URL)."""
+    sink and a durable Redis bus of its own, prepared: the folder."""
     folder = WORK / name
     subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.mkdir(parents=True)
@@ -225,7 +207,7 @@ def _deployment(name: str, embedder: str, n: int) -> Iterator[tuple[Path, str]]:
                 await engine.prepare()
 
         asyncio.run(setup())
-        yield folder, bus.url
+        yield folder
 
 
 RAW_MODEL = """\
@@ -284,22 +266,18 @@ def _stopped(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
     raw_model = _raw_model(workers, n) if embedder == "sentence-transformers" else None
-    with _deployment(f"scaleout-{embedder}-{workers}", embedder, n) as (folder, bus):
+    with _deployment(f"scaleout-{embedder}-{workers}", embedder, n) as folder:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             publish_s, apply_s, cpu = asyncio.run(_timed(folder, workers, procs))
         finally:
             _stopped(procs)
-        change = [["docs", 123456, "insert", 123456, 1.0e9, None]]
-        raw = _raw_redis(bus, 2000, orjson.dumps(change * (200 // 8)))
     return {
         "workers": workers,
         "records": n,
         "seconds": round(apply_s, 1),
         "records_per_s": round(n / apply_s, 1),
         "capture_publish_changes_per_s": round(n / publish_s, 1),
-        "raw_redis_entries_per_s": round(raw, 1),
-        "raw_redis_changes_per_s": round(raw * (200 // 8), 1),
         # CPU seconds in the timed window, and what they leave of the machine's cores
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "cpu_ms_per_record": {k: round(1000 * v / n, 2) for k, v in cpu.items()},
@@ -386,7 +364,7 @@ async def _latencies(
 
 
 def latency(rate: float, seconds: float, n: int, workers: int) -> None:
-    with _deployment("scaleout-latency", "hash", n) as (folder, _):
+    with _deployment("scaleout-latency", "hash", n) as folder:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             wrote, batches = asyncio.run(_latencies(folder, workers, procs, rate, seconds, n))
