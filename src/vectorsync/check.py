@@ -18,6 +18,7 @@ dead-letters it and keeps its point.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import math
@@ -39,6 +40,7 @@ from .model import (
     Key,
     SinkRecord,
     content_hash,
+    dumps,
     key_bucket,
     key_text,
     payload_hash,
@@ -68,13 +70,12 @@ class _Entry:
     schema: str | None
     point_id: str
 
-    def digest(self, key: Key) -> int:
-        return _digest(key, self.text_hash, self.payload_hash, self.schema)
 
-
-def _digest(key: Key, text_hash: str | None, payload_hash: str, schema: str | None) -> int:
-    """What a record is, in 64 bits: the same for a source row and its point when in sync."""
-    return xxhash.xxh3_64_intdigest(f"{key}\x1f{text_hash}\x1f{payload_hash}\x1f{schema}".encode())
+def _digest(key: Key, text_hash: str | None, schema: str | None, values: list[Any]) -> int:
+    """What a record is, in 64 bits: the same for a source row and its point when in sync.
+    ``values``: the payload fields compared, in the mapping's order (JSON-equal values are
+    equal, as ``payload_hash`` has it); one serialisation and one hash per record."""
+    return xxhash.xxh3_64_intdigest(dumps([str(key), text_hash, schema, *values]))
 
 
 def _chunk_digest(key: Key, entry: _Entry) -> int:
@@ -297,7 +298,9 @@ class Checker:
         """A source record's digest: its point's, or the XOR of its chunk points'."""
         text_hash = content_hash(self.model_id, rendered.text)
         if self.chunker is None:
-            return _digest(key, text_hash, self._payload_hash(key, rendered), self.schema_version)
+            fields = self._fields(key, rendered) if key_text(key) in self.kept else rendered.payload
+            values = [fields.get(f) for f in self.payload_fields]
+            return _digest(key, text_hash, self.schema_version, values)
         digest = 0
         for entry, _ in self._chunk_entries(key, rendered).values():
             digest ^= _chunk_digest(key, entry)
@@ -353,11 +356,50 @@ class Checker:
     async def full(self) -> CheckReport:
         """Every record of both sides, in memory bounded by the digest buckets, not by the
         records: each side XOR-folds every record's digest into fine buckets of its key hash
-        (a fixed array of 64-bit words per side), a source pass then a sink pass of each
-        point's bookkeeping fields. Only when fine buckets differ are both sides read once
-        more, for the keys of those buckets alone, and those compared record by record."""
+        (a fixed array of 64-bit words per side), the source pass and the sink pass of each
+        point's bookkeeping fields side by side. Only when fine buckets differ are both sides
+        read once more, for the keys of those buckets alone, and those compared record by
+        record."""
         started = time.monotonic()
         known = await self._known()
+        (src, records, unrenderable, present), (snk, points, foreign) = await asyncio.gather(
+            self._source_digests(known), self._sink_digests(known)
+        )
+        drift = self._known_drift(present)
+        drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
+        src_buckets, snk_buckets = _fold(src), _fold(snk)
+        wanted = _differing(src, snk)
+        del src, snk
+        pointed: set[Key] = set()  # unrenderable keys that have a point (their bucket differs)
+        if wanted:
+            suspects = await self._suspects(wanted, known, unrenderable, set(foreign), pointed)
+            held = await self._points_of(suspects) if self.chunker and suspects else None
+            for start in range(0, len(suspects), _COMPARE_PAGE):
+                drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE], held)
+        for key in unrenderable:  # the sync would dead-letter it (and keep its point)
+            category: Category = "stale" if key in pointed else "missing"
+            drift.append(Drift(category=category, key=key, point_id=point_id(self.family, key)))
+        drift += await self._vector_conflicts(drift)
+        differing = sum(1 for a, b in zip(src_buckets, snk_buckets, strict=True) if a != b)
+        return self._report(
+            "full",
+            started,
+            drift,
+            records,
+            points,
+            {
+                "source_root": _merkle_root(src_buckets),
+                "sink_root": _merkle_root(snk_buckets),
+                "buckets": BUCKETS,
+                "buckets_differing": differing,
+                "unrenderable": len(unrenderable),
+            },
+        )
+
+    async def _source_digests(self, known: set[str]) -> tuple[array[int], int, set[Key], list[Key]]:
+        """The source side of a full check: fine buckets of record digests, the number of
+        records, the keys that cannot be rendered (nothing folded in for them) and those
+        with an open dead letter."""
         src = array("Q", bytes(8 * _FINE))
         unrenderable: set[Key] = set()
         present: list[Key] = []
@@ -375,8 +417,15 @@ class Checker:
                 unrenderable.add(key)
                 continue
             src[_fine(key)] ^= digest
+        return src, records, unrenderable, present
+
+    async def _sink_digests(self, known: set[str]) -> tuple[array[int], int, list[str]]:
+        """The sink side of a full check: fine buckets of point digests, the number of
+        points and the ids of foreign points (no key of this mapping's). A point of an
+        unrenderable row is folded in like any: its bucket differs and ``_suspects`` finds
+        it."""
         snk = array("Q", bytes(8 * _FINE))
-        points, foreign, pointed = 0, [], set()
+        points, foreign = 0, []
         family, chunked, fields = self.family, self.chunker is not None, self.payload_fields
         async for page in self._payload_pages():
             points += len(page)
@@ -385,48 +434,17 @@ class Checker:
                 if key is None or (not chunked and pid != point_id(family, key)):
                     foreign.append(pid)
                     continue
-                if key in unrenderable:
-                    pointed.add(key)
-                    continue
                 if known and key_text(key) in known:
                     continue
                 text_hash = payload.get("_vs_text_hash")
-                phash = payload_hash({f: payload.get(f) for f in fields})
                 schema = payload.get("_vs_schema")
                 if chunked:
+                    phash = payload_hash({f: payload.get(f) for f in fields})
                     digest = _chunk_digest(key, _Entry(text_hash, phash, schema, pid))
                 else:
-                    digest = _digest(key, text_hash, phash, schema)
+                    digest = _digest(key, text_hash, schema, [payload.get(f) for f in fields])
                 snk[_fine(key)] ^= digest
-        drift = self._known_drift(present)
-        for key in unrenderable:  # the sync would dead-letter it (and keep its point)
-            category: Category = "stale" if key in pointed else "missing"
-            drift.append(Drift(category=category, key=key, point_id=point_id(self.family, key)))
-        drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
-        src_buckets, snk_buckets = _fold(src), _fold(snk)
-        wanted = _differing(src, snk)
-        del src, snk
-        if wanted:
-            suspects = await self._suspects(wanted, known, unrenderable, set(foreign))
-            held = await self._points_of(suspects) if chunked and suspects else None
-            for start in range(0, len(suspects), _COMPARE_PAGE):
-                drift += await self.compare_keys(suspects[start : start + _COMPARE_PAGE], held)
-        drift += await self._vector_conflicts(drift)
-        differing = sum(1 for a, b in zip(src_buckets, snk_buckets, strict=True) if a != b)
-        return self._report(
-            "full",
-            started,
-            drift,
-            records,
-            points,
-            {
-                "source_root": _merkle_root(src_buckets),
-                "sink_root": _merkle_root(snk_buckets),
-                "buckets": BUCKETS,
-                "buckets_differing": differing,
-                "unrenderable": len(unrenderable),
-            },
-        )
+        return snk, points, foreign
 
     async def _payload_pages(
         self, fields: Sequence[str] | None = None
@@ -448,10 +466,16 @@ class Checker:
             yield pairs
 
     async def _suspects(
-        self, wanted: set[int], known: set[str], unrenderable: set[Key], foreign: set[str]
+        self,
+        wanted: set[int],
+        known: set[str],
+        unrenderable: set[Key],
+        foreign: set[str],
+        pointed: set[Key],
     ) -> list[Key]:
         """The keys of the fine buckets that differ, from both sides (source order first):
-        the only records a full check compares one by one."""
+        the only records a full check compares one by one. Unrenderable keys seen with a
+        point are added to ``pointed``."""
         found: dict[Key, None] = {}
         for key in await self._keys():
             if _fine(key) in wanted and key not in unrenderable and key_text(key) not in known:
@@ -459,7 +483,10 @@ class Checker:
         async for page in self._payload_pages(("_vs_key",)):
             for pid, payload in page:
                 held = payload.get("_vs_key")
-                if held is None or pid in foreign or held in unrenderable:
+                if held is None or pid in foreign:
+                    continue
+                if held in unrenderable:
+                    pointed.add(held)
                     continue
                 if _fine(held) in wanted and key_text(held) not in known:
                     found[held] = None

@@ -372,6 +372,7 @@ class QdrantEdgeSink:
         """(id, payload) pairs a page at a time: no record objects, no copies. Whole
         payloads: qdrant-edge 0.9 reads a payload selection slower than all of it (1M
         points: 8.1 s for 6 of 8 fields, 10.7 s for one, 6.5 s for all)."""
+        await self._lane.run(self._read_ahead, collection)
         offset: Any = None
         while True:
             pairs, offset = await self._lane.run(self._payload_page, collection, offset, page)
@@ -379,6 +380,24 @@ class QdrantEdgeSink:
                 yield pairs
             if offset is None:
                 return
+
+    def _read_ahead(self, collection: str) -> None:
+        """Read a collection's payload files once, in file order, into the page cache when
+        they fit in half the memory available: a scroll reads payloads in id order, at
+        random places of those files, and from a cold cache that is most of its time (1M
+        points: 9.4 s cold, 4.2 s after 260 MB read ahead in 0.6 s). A hint: a file that
+        cannot be read is skipped, and the scroll reads what it needs itself."""
+        name = folders.link_target(self.path, collection) or collection
+        files = sorted((self.path / name / "segments").glob("*/payload_storage/*"))
+        with contextlib.suppress(OSError):
+            sizes = sum(f.stat().st_size for f in files)
+            if sizes > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2:
+                return
+            buffer = bytearray(_MIB)
+            for file in files:
+                with file.open("rb", buffering=0) as f:
+                    while f.readinto(buffer):
+                        pass
 
     def _payload_page(
         self, collection: str, offset: Any, page: int
