@@ -389,15 +389,17 @@ class QdrantEdgeSink:
         cannot be read is skipped, and the scroll reads what it needs itself."""
         name = folders.link_target(self.path, collection) or collection
         files = sorted((self.path / name / "segments").glob("*/payload_storage/*"))
-        with contextlib.suppress(OSError):
-            sizes = sum(f.stat().st_size for f in files)
-            if sizes > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2:
-                return
-            buffer = bytearray(_MIB)
-            for file in files:
-                with file.open("rb", buffering=0) as f:
-                    while f.readinto(buffer):
-                        pass
+        sizes = 0
+        for file in files:
+            with contextlib.suppress(OSError):
+                sizes += file.stat().st_size
+        if sizes > os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2:
+            return
+        buffer = bytearray(_MIB)
+        for file in files:
+            with contextlib.suppress(OSError), file.open("rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
 
     def _payload_page(
         self, collection: str, offset: Any, page: int
