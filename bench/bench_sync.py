@@ -1,7 +1,8 @@
 """Skeleton benchmarks; figures go to bench/results/<name>.json.
 
 python bench/bench_sync.py content    # end-to-end content changes ÷ raw embedder rate
-python bench/bench_sync.py metadata   # metadata-only changes/s, SQLite → qdrant-edge
+python bench/bench_sync.py metadata   # metadata-only changes/s, SQLite → qdrant-edge, beside
+                                      # qdrant-edge set_payload alone on the same shard
 python bench/bench_sync.py metadata --conflicts merge   # the same under a conflict policy
 python bench/bench_sync.py rss        # peak RSS syncing 100k records (hash embedder)
 python bench/bench_sync.py all
@@ -183,13 +184,17 @@ async def bench_metadata(n: int, conflicts: str = "source_wins") -> None:
         db.execute("UPDATE docs SET author = 'author-' || id, published = published + 1")
         db.commit()
         db.close()
+        result_cpu = time.process_time()
         result = await engine.run(once=True)
+        result_cpu = time.process_time() - result_cpu
         db = sqlite3.connect(folder / "app.db")  # one value for every row: a status flip
         db.execute("UPDATE docs SET tags = 'archived'")
         db.commit()
         db.close()
         same = await engine.run(once=True)
+        sink_alone = await _edge_payloads_alone(engine, n) if conflicts == "source_wins" else {}
     assert result.counts.get("payload_only") == n and not result.counts.get("embedded")
+    rate = n / result.seconds
     assert same.counts.get("payload_only") == n and not same.counts.get("embedded")
     _write(
         name,
@@ -202,8 +207,44 @@ async def bench_metadata(n: int, conflicts: str = "source_wins") -> None:
             "same_value_changes_per_s": round(same.changes / same.seconds, 1),
             "goal_per_s": 25000,
             "embedded": result.counts.get("embedded", 0),
+            "cpu_us_per_change": round(result_cpu / n * 1e6, 1),
+            **sink_alone,
+            **(
+                {"ratio_over_sink_alone": round(rate / sink_alone["sink_alone_per_s"], 3)}
+                if sink_alone
+                else {}
+            ),
         },
     )
+
+
+async def _edge_payloads_alone(engine: Engine, n: int) -> dict[str, Any]:
+    """The same kind of change made with qdrant-edge's own API on the run's own shard (its
+    points and payload indexes): one ``set_payload`` per point of the fields a distinct
+    metadata change sets (the mapped fields that changed and ``_vs_version``), after the
+    ``retrieve`` that finds which points exist. What the sink allows, nothing else."""
+    import qdrant_edge as qe
+
+    from vectorsync.model import point_id
+    from vectorsync.sinks.qdrant_edge import QdrantEdgeSink
+
+    sink = engine.sinks["vectors"]
+    assert isinstance(sink, QdrantEdgeSink)
+    [collection] = await sink.collections()
+    shard = sink._shard(collection)  # the same shard, written with qdrant-edge's own API
+    ids: list[Any] = [point_id("docs", i) for i in range(1, n + 1)]
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(0, n, 1000):
+        shard.retrieve(ids[i : i + 1000], with_payload=False, with_vector=False)
+    for i, pid in enumerate(ids, 1):
+        fields = {"author": f"raw-{i}", "published": 2030, "_vs_version": 10**9 + i}
+        shard.update(qe.UpdateOperation.set_payload([pid], fields))
+    seconds, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "sink_alone_per_s": round(n / seconds, 1),
+        "sink_alone_cpu_us_per_change": round(cpu_s / n * 1e6, 1),
+        "sink_alone": "qdrant-edge set_payload per point (3 fields, 2 indexed) + retrieve",
+    }
 
 
 async def _rss_child(n: int) -> None:

@@ -847,6 +847,7 @@ class SourceWorker:
         batch: _Batch,
     ) -> None:
         m = work.mapping
+        family, selects = m.config.family, m.config.row_filter  # read once, not per record
         work.keys = [str(k) for k in keyed]
         states = await self._states(m.name, work.keys)
         now = time.time()
@@ -875,12 +876,12 @@ class SourceWorker:
                 error = RecordError(why, kind="invalid_key")
                 work.failed.append(_dead_letter(m.name, row[m.config.key], change, error, None))
                 row = None
-            if row is not None and not m.config.selects(row):
+            if row is not None and selects is not None and not selects(row):
                 row = None  # another copy's record (embedder_by): gone from this one
             if row is None:
                 # Delete even without state: a crash after a sink write but before the state
                 # commit leaves a point that no state row knows of.
-                work.deletes.append((skey, point_id(m.config.family, key)))
+                work.deletes.append((skey, point_id(family, key)))
                 if state is not None and state.chunks is not None:
                     work.drops.extend((skey, pid) for pid in state.point_ids)
                 self._plan_state(batch, (m.name, skey), None)
@@ -921,7 +922,7 @@ class SourceWorker:
                 key=skey,
                 point_id=state.point_id
                 if state and state.point_id
-                else point_id(m.config.family, key),
+                else point_id(family, key),
                 text_hash=text_hash,
                 payload_hash=fields_hash,
                 source_version=version,
@@ -1020,9 +1021,9 @@ class SourceWorker:
             work.state_only.append(st)
             return st
         chunks = m.chunker.split(text)
-        model = m.embedder.model_id
+        model, family = m.embedder.model_id, m.config.family
         refs = tuple(
-            (chunk_point_id(m.config.family, key, c), content_hash(model, c.text), c.start, c.end)
+            (chunk_point_id(family, key, c), content_hash(model, c.text), c.start, c.end)
             for c in chunks
         )
         st = replace(new, chunks=refs)
