@@ -40,6 +40,7 @@ from tests.redis_server import redis_server
 from bench_sync import WORK, _write, percentile_ms
 from vectorsync._processes import stop_process
 from vectorsync.config import load_config
+from vectorsync.embed.sentence_transformers import DEFAULT_BATCH_SIZE
 from vectorsync.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ model.encode(texts[:32])
 print("ready", flush=True)
 sys.stdin.readline()
 started = time.perf_counter()
-model.encode(texts, batch_size=32)
+model.encode(texts, batch_size=int(sys.argv[2]))  # the workers' batch size
 print(time.perf_counter() - started, flush=True)
 """
 
@@ -236,7 +237,7 @@ def _raw_model(processes: int, n: int) -> float:
     share = n // processes
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RAW_MODEL, str(share)],
+            [sys.executable, "-c", RAW_MODEL, str(share), str(DEFAULT_BATCH_SIZE)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -920,9 +920,7 @@ class SourceWorker:
             new = RecordState(
                 mapping=m.name,
                 key=skey,
-                point_id=state.point_id
-                if state and state.point_id
-                else point_id(family, key),
+                point_id=state.point_id if state and state.point_id else point_id(family, key),
                 text_hash=text_hash,
                 payload_hash=fields_hash,
                 source_version=version,
