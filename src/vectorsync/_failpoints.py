@@ -26,9 +26,14 @@ Cycle = Literal[
 POINTS: tuple[Cycle, ...] = get_args(Cycle)
 # Points of optional paths, killed at by their own tests (a mapping's write_back, the
 # write API between its journal, the source write and the sinks, scale-out's capture
-# between publishing to the bus and acknowledging the source).
+# between publishing to the bus and acknowledging the source, a full check's folding
+# process after folding a page of source rows).
 Optional = Literal[
-    "after_write_back", "writer_after_journal", "writer_after_source", "capture_after_publish"
+    "after_write_back",
+    "writer_after_journal",
+    "writer_after_source",
+    "capture_after_publish",
+    "check_fold_page",
 ]
 OPTIONAL: tuple[Optional, ...] = get_args(Optional)
 Failpoint = Cycle | Optional

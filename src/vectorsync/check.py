@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -32,27 +33,31 @@ from typing import Any, Literal
 import rbloom
 import xxhash
 
-from .chunking import CHUNK_FIELDS, Chunker, chunk_point_id
-from .conflicts import Conflict, Kept, Resolver, apply_kept
+from . import check_fold
+from .check_fold import Entry, RecordDigests, chunk_digest, fine_bucket
+from .check_fold import buckets as fine_buckets
+from .check_fold import digest as record_digest
+from .chunking import Chunker
+from .conflicts import Conflict, Kept, Resolver
 from .errors import RecordError
 from .model import (
     DIGEST_BUCKETS,
     Key,
     SinkRecord,
-    content_hash,
-    dumps,
     key_bucket,
     key_text,
     payload_hash,
     point_id,
     row_digest,
 )
-from .render import Rendered, Renderer
+from .render import Renderer
 from .sinks.base import PayloadScan, Sink
 from .sources.base import Source
 from .state.store import StateStore
 
 __all__ = ["CATEGORIES", "KNOWN", "CheckReport", "Checker", "Drift", "wilson_interval"]
+
+logger = logging.getLogger(__name__)
 
 Category = Literal["missing", "orphaned", "outdated", "stale", "payload_mismatch", "dead_lettered"]
 # drift: what makes a check inconsistent; dead_lettered records are known and reported apart
@@ -61,29 +66,6 @@ KNOWN: Category = "dead_lettered"
 BUCKETS = DIGEST_BUCKETS
 _LOW31 = (1 << 31) - 1
 _REPORTED_KEYS = 1000  # keys listed per category in a report (counts are always exact)
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    text_hash: str | None
-    payload_hash: str
-    schema: str | None
-    point_id: str
-
-
-def _digest(key: Key, text_hash: str | None, schema: str | None, values: list[Any]) -> int:
-    """What a record is, in 64 bits: the same for a source row and its point when in sync.
-    ``values``: the payload fields compared, in the mapping's order (JSON-equal values are
-    equal, as ``payload_hash`` has it); one serialisation and one hash per record."""
-    return xxhash.xxh3_64_intdigest(dumps([str(key), text_hash, schema, *values]))
-
-
-def _chunk_digest(key: Key, entry: _Entry) -> int:
-    """What one chunk point of a record is; a chunked record's digest XORs its chunks'."""
-    return xxhash.xxh3_64_intdigest(
-        f"{key}\x1f{entry.point_id}\x1f{entry.text_hash}\x1f{entry.payload_hash}"
-        f"\x1f{entry.schema}".encode()
-    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,15 +139,8 @@ def wilson_interval(hits: int, n: int, z: float = 1.959964) -> tuple[float, floa
 
 _bucket = key_bucket
 _COMPARE_PAGE = 2000  # drifted keys compared record by record per round trip
-# full: fine buckets of the key hash, a multiple of BUCKETS (a fine bucket's low bits are
-# its digest bucket), ~4 records each at 1M records: 2 MiB per side
-_FINE = 1 << 18
-_FINE_ROWS = _FINE // BUCKETS
-
-
-def _fine(key: Key) -> int:
-    """The fine bucket of a key: ``key_bucket`` is its low bits."""
-    return xxhash.xxh3_64_intdigest(str(key).encode()) & (_FINE - 1)
+_FOLD_PAGE = 2000  # source rows folded per page (apart: per message to the process)
+_FINE_ROWS = check_fold.FINE // BUCKETS
 
 
 def _fold(fine: array[int]) -> list[int]:
@@ -238,77 +213,21 @@ class Checker:
         self.kept = kept or {}  # sink values a conflict policy keeps over the source's
         self.vectors = vectors  # full mode: points whose vector others changed (conflicts)
         self.chunker = chunker  # a chunked mapping: each record is the set of its chunk points
-        if chunker is not None:
-            stored = CHUNK_FIELDS if chunker.config.store_text else CHUNK_FIELDS[:-1]
-            self.payload_fields = (*self.payload_fields, *stored)
+        self.digests = RecordDigests(
+            renderer=renderer,
+            model_id=model_id,
+            schema_version=schema_version,
+            payload_fields=payload_fields,
+            family=self.family,
+            kept=self.kept,
+            chunker=chunker,
+        )
+        self.payload_fields = self.digests.payload_fields  # with a chunk's own fields
 
     # -- reading each side ----------------------------------------------------------------
-    def _source_entry(self, row: Mapping[str, Any]) -> _Entry | None:
-        try:
-            rendered = self.renderer.render(row)
-        except RecordError:
-            return None  # cannot be synced as it is
-        return _Entry(
-            text_hash=content_hash(self.model_id, rendered.text),
-            payload_hash=self._payload_hash(row[self.key], rendered),
-            schema=self.schema_version,
-            point_id=point_id(self.family, row[self.key]),
-        )
-
-    def _chunk_entries(
-        self, key: Key, rendered: Rendered
-    ) -> dict[str, tuple[_Entry, dict[str, Any]]]:
-        """A chunked record's points as the sync writes them: point id → (entry, the
-        payload fields compared)."""
-        assert self.chunker is not None
-        chunks = self.chunker.split(rendered.text)
-        entries = {}
-        for c in chunks:
-            fields = {
-                **rendered.payload,
-                "chunk_index": c.index,
-                "chunk_count": len(chunks),
-                "chunk_start": c.start,
-                "chunk_end": c.end,
-            }
-            if self.chunker.config.store_text:
-                fields["chunk_text"] = c.text
-            pid = chunk_point_id(self.family, key, c)
-            entry = _Entry(
-                text_hash=content_hash(self.model_id, c.text),
-                payload_hash=payload_hash(fields),
-                schema=self.schema_version,
-                point_id=pid,
-            )
-            entries[pid] = (entry, fields)
-        return entries
-
-    def _fields(self, key: Key, rendered: Rendered) -> dict[str, Any]:
-        """The payload fields the sync writes for a record: the source's, with the sink
-        values its conflict policy keeps."""
-        kept = self.kept.get(key_text(key))
-        return apply_kept(rendered.payload, kept)[0] if kept else dict(rendered.payload)
-
-    def _payload_hash(self, key: Key, rendered: Rendered) -> str:
-        if key_text(key) not in self.kept:
-            return rendered.payload_hash
-        return payload_hash(self._fields(key, rendered))
-
-    def _record_digest(self, key: Key, rendered: Rendered) -> int:
-        """A source record's digest: its point's, or the XOR of its chunk points'."""
-        text_hash = content_hash(self.model_id, rendered.text)
-        if self.chunker is None:
-            fields = self._fields(key, rendered) if key_text(key) in self.kept else rendered.payload
-            values = [fields.get(f) for f in self.payload_fields]
-            return _digest(key, text_hash, self.schema_version, values)
-        digest = 0
-        for entry, _ in self._chunk_entries(key, rendered).values():
-            digest ^= _chunk_digest(key, entry)
-        return digest
-
-    def _sink_entry(self, payload: Mapping[str, Any], pid: str) -> _Entry:
+    def _sink_entry(self, payload: Mapping[str, Any], pid: str) -> Entry:
         fields = {f: payload.get(f) for f in self.payload_fields}
-        return _Entry(
+        return Entry(
             text_hash=payload.get("_vs_text_hash"),
             payload_hash=payload_hash(fields),
             schema=payload.get("_vs_schema"),
@@ -362,9 +281,10 @@ class Checker:
         record."""
         started = time.monotonic()
         known = await self._known()
-        (src, records, unrenderable, present), (snk, points, foreign) = await asyncio.gather(
-            self._source_digests(known), self._sink_digests(known)
-        )
+        (
+            (src, records, unrenderable, present, folded),
+            (snk, points, foreign),
+        ) = await asyncio.gather(self._source_digests(known), self._sink_digests(known))
         drift = self._known_drift(present)
         drift += [Drift(category="orphaned", key=None, point_id=pid) for pid in foreign]
         src_buckets, snk_buckets = _fold(src), _fold(snk)
@@ -393,38 +313,58 @@ class Checker:
                 "buckets": BUCKETS,
                 "buckets_differing": differing,
                 "unrenderable": len(unrenderable),
+                "source_folded": folded,
             },
         )
 
-    async def _source_digests(self, known: set[str]) -> tuple[array[int], int, set[Key], list[Key]]:
+    async def _source_digests(
+        self, known: set[str]
+    ) -> tuple[array[int], int, set[Key], list[Key], str]:
         """The source side of a full check: fine buckets of record digests, the number of
         records, the keys that cannot be rendered (nothing folded in for them) and those
-        with an open dead letter."""
-        src = array("Q", bytes(8 * _FINE))
-        unrenderable: set[Key] = set()
+        with an open dead letter, and where they were folded ("apart" or "here"). A large
+        mapping's rows are folded in a process of its own (``check_fold``), beside the
+        sink side read here."""
+        apart = await self.sink.count(self.collection) >= check_fold.APART_RECORDS
+        try:
+            return await self._fold_source(known, apart=apart)
+        except check_fold.ProcessLost as exc:  # it ended with its buckets: all again, here
+            logger.warning(
+                "%s; the check folds the source of %r again itself",
+                exc,
+                self.mapping,
+                extra={"action": "check_fold_here", "mapping": self.mapping},
+            )
+            return await self._fold_source(known, apart=False)
+
+    async def _fold_source(
+        self, known: set[str], *, apart: bool
+    ) -> tuple[array[int], int, set[Key], list[Key], str]:
         present: list[Key] = []
         records = 0
-        name, render, digest_of = self.key, self.renderer.render, self._record_digest
-        async for row in self._rows():
-            records += 1
-            key = row[name]
-            if known and key_text(key) in known:
-                present.append(key)
-                continue
-            try:
-                digest = digest_of(key, render(row))
-            except RecordError:  # cannot be synced as it is
-                unrenderable.add(key)
-                continue
-            src[_fine(key)] ^= digest
-        return src, records, unrenderable, present
+        page: list[tuple[Key, Mapping[str, Any]]] = []
+        name = self.key
+        async with check_fold.SourceFold(self.digests, apart=apart) as fold:
+            async for row in self._rows():
+                records += 1
+                key = row[name]
+                if known and key_text(key) in known:
+                    present.append(key)
+                    continue
+                page.append((key, row))
+                if len(page) >= _FOLD_PAGE:
+                    await fold.add(page)
+                    page = []
+            await fold.add(page)
+            src, unrenderable = await fold.result()
+        return src, records, unrenderable, present, "apart" if fold.pages_apart else "here"
 
     async def _sink_digests(self, known: set[str]) -> tuple[array[int], int, list[str]]:
         """The sink side of a full check: fine buckets of point digests, the number of
         points and the ids of foreign points (no key of this mapping's). A point of an
         unrenderable row is folded in like any: its bucket differs and ``_suspects`` finds
         it."""
-        snk = array("Q", bytes(8 * _FINE))
+        snk = fine_buckets()
         points, foreign = 0, []
         family, chunked, fields = self.family, self.chunker is not None, self.payload_fields
         async for page in self._payload_pages():
@@ -440,10 +380,10 @@ class Checker:
                 schema = payload.get("_vs_schema")
                 if chunked:
                     phash = payload_hash({f: payload.get(f) for f in fields})
-                    digest = _chunk_digest(key, _Entry(text_hash, phash, schema, pid))
+                    digest = chunk_digest(key, Entry(text_hash, phash, schema, pid))
                 else:
-                    digest = _digest(key, text_hash, schema, [payload.get(f) for f in fields])
-                snk[_fine(key)] ^= digest
+                    digest = record_digest(key, text_hash, schema, [payload.get(f) for f in fields])
+                snk[fine_bucket(key)] ^= digest
         return snk, points, foreign
 
     async def _payload_pages(
@@ -478,7 +418,11 @@ class Checker:
         point are added to ``pointed``."""
         found: dict[Key, None] = {}
         for key in await self._keys():
-            if _fine(key) in wanted and key not in unrenderable and key_text(key) not in known:
+            if (
+                fine_bucket(key) in wanted
+                and key not in unrenderable
+                and key_text(key) not in known
+            ):
                 found[key] = None
         async for page in self._payload_pages(("_vs_key",)):
             for pid, payload in page:
@@ -488,11 +432,11 @@ class Checker:
                 if held in unrenderable:
                     pointed.add(held)
                     continue
-                if _fine(held) in wanted and key_text(held) not in known:
+                if fine_bucket(held) in wanted and key_text(held) not in known:
                     found[held] = None
         return list(found)
 
-    def _compare(self, key: Key, src: _Entry | None, snk: _Entry | None) -> Drift | None:
+    def _compare(self, key: Key, src: Entry | None, snk: Entry | None) -> Drift | None:
         if src is None and snk is None:
             return None
         if snk is None:
@@ -638,7 +582,9 @@ class Checker:
                 if row is not None:
                     with contextlib.suppress(RecordError):
                         rendered = self.renderer.render(row)
-                        expected.update((pid, key) for pid in self._chunk_entries(key, rendered))
+                        expected.update(
+                            (pid, key) for pid in self.digests.chunk_entries(key, rendered)
+                        )
             held = {k: [] for k in keys}
             for rec in await self.sink.retrieve(self.collection, list(expected)):
                 held[expected[rec.id]].append(rec)
@@ -651,7 +597,7 @@ class Checker:
                 continue
             try:
                 rendered = self.renderer.render(row)
-                entries = self._chunk_entries(key, rendered)
+                entries = self.digests.chunk_entries(key, rendered)
             except RecordError:  # unrenderable, not yet known
                 category: Category = "stale" if points else "missing"
                 pid = point_id(self.family, key)
@@ -693,13 +639,13 @@ class Checker:
         drift: list[Drift] = []
         for pid, key in ids.items():
             row = rows.get(key)
-            src = self._source_entry(row) if row is not None else None
+            src = self.digests.entry(row, key) if row is not None else None
             rec = found.get(pid)
             snk = self._sink_entry(rec.payload, pid) if rec is not None else None
             d = self._compare(key, src, snk)
             if d is not None and d.category == "payload_mismatch" and row is not None:
                 assert rec is not None
-                wanted = self._fields(key, self.renderer.render(row))
+                wanted = self.digests.fields(key, self.renderer.render(row))
                 if _close(wanted, {f: rec.payload.get(f) for f in self.payload_fields}):
                     d = None  # float noise only
             if d is None and row is not None and src is None:  # unrenderable, not yet known
@@ -730,7 +676,7 @@ class Checker:
             state, rec, row = states.get(key_text(d.key)), found.get(d.point_id), rows.get(d.key)
             if state is None or rec is None or row is None:
                 continue
-            source = self._fields(d.key, self.renderer.render(row))
+            source = self.digests.fields(d.key, self.renderer.render(row))
             res = resolver.resolve(key_text(d.key), state.payload, source, rec.payload)
             if res is not None and resolver.edited(state.payload, rec.payload):
                 logged.append(dataclasses.replace(res.conflict, detected="check"))

@@ -91,6 +91,7 @@ class Chunker:
             ) from exc
 
         self.config = config
+        self.tokenizer = tokenizer
         kind = MarkdownSplitter if config.splitter == "markdown" else TextSplitter
         size, overlap = config.size, config.overlap
         self.measure = "chars"
@@ -108,6 +109,10 @@ class Chunker:
             self.measure = f"tokens estimated as {_CHARS_PER_TOKEN} characters"
         else:
             self._splitter = kind(size, overlap=overlap)
+
+    def __reduce__(self) -> tuple[type[Chunker], tuple[ChunkingConfig, Path | None]]:
+        """Pickled as its settings (the splitter is rebuilt where it loads)."""
+        return Chunker, (self.config, self.tokenizer)
 
     def definition(self) -> dict[str, Any]:
         """What the chunks are cut by: part of the index version's digest."""

@@ -95,8 +95,12 @@ class Renderer:
                 f"{exc.message}"
             ) from exc
 
+    def __reduce__(self) -> tuple[type[Renderer], tuple[MappingConfig, dict[str, IndexType]]]:
+        """Pickled as its settings (the compiled template is rebuilt where it loads)."""
+        return Renderer, (self._mapping, self._index_types)
+
     def render(self, row: Row) -> Rendered:
-        if any(type(value) is InvalidText for value in row.values()):
+        if InvalidText in map(type, row.values()):  # (types compare by identity)
             name, bad = next((n, v) for n, v in row.items() if type(v) is InvalidText)
             raise RecordError(
                 f"column {name!r} is not valid UTF-8 ({bytes(bad)[:40]!r}); fix the row's encoding",

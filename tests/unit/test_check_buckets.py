@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 from array import array
 
-from vectorsync.check import _FINE, BUCKETS, _differing, _fine, _fold
+from vectorsync.check import BUCKETS, _differing, _fold
+from vectorsync.check_fold import FINE as _FINE
+from vectorsync.check_fold import fine_bucket as _fine
 from vectorsync.model import key_bucket
 
 
