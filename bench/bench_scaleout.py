@@ -5,6 +5,7 @@ bus alone beside its raw client: bench_bus.py).
 
 python bench/bench_scaleout.py --embedder hash --records 20000
 python bench/bench_scaleout.py --embedder sentence-transformers --records 6000
+python bench/bench_scaleout.py --embedder sentence-transformers --records 6000 --no-hnsw
 python bench/bench_scaleout.py --latency 2000 --workers 2   # commit -> written, worker mode
 
 Figures go to bench/results/scaleout-<embedder>.json. Every process shares the machine's
@@ -57,6 +58,7 @@ poll_interval = 0.05
 kind = "pgvector"
 url = "{sink}"
 schema_name = "{schema}"
+{hnsw}
 [embedders.default]
 kind = "{embedder}"
 {one_thread}
@@ -173,9 +175,10 @@ def _applied(status: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _deployment(name: str, embedder: str, n: int) -> Iterator[Path]:
+def _deployment(name: str, embedder: str, n: int, *, hnsw: bool = True) -> Iterator[Path]:
     """A folder with ``n`` records in a SQLite source, a PostgreSQL state store, a pgvector
-    sink and a durable Redis bus of its own, prepared: the folder."""
+    sink (with or without its HNSW index) and a durable Redis bus of its own, prepared:
+    the folder."""
     folder = WORK / name
     subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.mkdir(parents=True)
@@ -200,6 +203,9 @@ def _deployment(name: str, embedder: str, n: int) -> Iterator[Path]:
                 bus=bus.url,
                 # one torch thread, one call at a time: a worker is one core's worth
                 one_thread="threads = 1\nconcurrency = 1" if embedder != "hash" else "",
+                # without it: a bulk load (docs/sinks.md), the sink's server no longer
+                # maintains an HNSW graph on the workers' cores
+                hnsw="" if hnsw else "hnsw = false",
             )
         )
 
@@ -265,9 +271,9 @@ def _stopped(procs: list[subprocess.Popen[bytes]]) -> None:
         stop_process(p, timeout=30)
 
 
-def one(embedder: str, n: int, workers: int) -> dict[str, Any]:
+def one(embedder: str, n: int, workers: int, *, hnsw: bool = True) -> dict[str, Any]:
     raw_model = _raw_model(workers, n) if embedder == "sentence-transformers" else None
-    with _deployment(f"scaleout-{embedder}-{workers}", embedder, n) as folder:
+    with _deployment(f"scaleout-{embedder}-{workers}", embedder, n, hnsw=hnsw) as folder:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             publish_s, apply_s, cpu = asyncio.run(_timed(folder, workers, procs))
@@ -405,11 +411,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--latency", type=float, metavar="RATE", help="commit -> written at RATE/s")
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--no-hnsw",
+        action="store_true",
+        help="the pgvector sink without its HNSW index (a bulk load): results/...-no-hnsw.json",
+    )
     args = parser.parse_args()
     if args.latency:
         latency(args.latency, args.seconds, args.records, args.workers[-1])
         return
-    runs = [one(args.embedder, args.records, w) for w in args.workers]
+    runs = [one(args.embedder, args.records, w, hnsw=not args.no_hnsw) for w in args.workers]
     base = runs[0]["records_per_s"]
     for r in runs:
         r["speedup_over_1"] = round(r["records_per_s"] / base, 2)
@@ -420,12 +431,13 @@ def main() -> None:
             )
             r["records_per_s_over_raw_model"] = round(r["records_per_s"] / raw, 3)
     _write(
-        f"scaleout-{'minilm' if args.embedder != 'hash' else 'hash'}",
+        f"scaleout-{'minilm' if args.embedder != 'hash' else 'hash'}"
+        + ("-no-hnsw" if args.no_hnsw else ""),
         {
             "embedder": args.embedder,
             "bus": "redis streams (appendfsync always), 8 partitions",
             "state": "postgresql",
-            "sink": "pgvector",
+            "sink": "pgvector" + (" without its HNSW index (hnsw = false)" if args.no_hnsw else ""),
             "runs": runs,
             "goal": "2 workers >= 1.7x of 1 (embedder-bound); 4 workers not below 2",
         },

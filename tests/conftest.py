@@ -36,6 +36,24 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the trials marked slow (random-moment kills, a rate limit watched for "
+        "two minutes, a second model...); the default run leaves them out to stay near 20 min",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow trial: run it with `scripts/test --slow`")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """``source_kind`` by ``sink_kind``: every source kind with qdrant-edge (all_sources),
     and SQLite with every other sink kind (all_sinks)."""

@@ -20,8 +20,6 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
-
 from tests.helpers import App, wait_for, write_config
 from vectorsync.falkordb_server import free_port
 
@@ -104,7 +102,6 @@ def open_browser(pw: Playwright) -> Browser:
     )
 
 
-@pytest.mark.slow
 def test_dashboard_shows_live_data_and_replays_a_dead_letter(workdir: Path, app: App) -> None:
     from playwright.sync_api import sync_playwright
 

@@ -9,8 +9,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "<<<vectorsync-quickstart>>> "
 
@@ -42,7 +40,6 @@ def commands(block: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow
 def test_the_quick_start_works_verbatim_in_an_empty_folder(tmp_path: Path) -> None:
     steps = commands(quick_start_block())
     # one shell runs the block as printed; a marker before each command splits its output

@@ -213,7 +213,6 @@ class Reader:
                 await asyncio.wait_for(self.stop.wait(), 0.05)
 
 
-@pytest.mark.slow
 async def test_a_dimension_change_reindexes_without_downtime_and_rolls_back(
     workdir: Path, app: App
 ) -> None:
