@@ -253,6 +253,8 @@ class SourceFold:
             await proc.wait()
 
     async def add(self, page: Page) -> None:
+        if not page:  # nothing to fold: no message, and not a page folded apart
+            return
         if self._proc is None:
             self.unrenderable.update(self.digests.fold(page, self.here))
             return
